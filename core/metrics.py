@@ -1,0 +1,164 @@
+"""Task metrics, computed with scikit-learn and scipy.
+
+The trainer, ``tuneserve evaluate`` and the service's ``/evaluate`` all call :func:`evaluate`, so a
+number means the same thing wherever it is reported. Inputs are targets and post-processed scores
+(probabilities or values), never raw model outputs; memory is what those arrays take, nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+from sklearn import metrics as skm
+
+from core.tasks import Task
+
+CLASSIFICATION_METRICS = (
+    "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_micro", "recall_micro",
+    "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted", "roc_auc", "log_loss",
+)
+MULTILABEL_METRICS = (
+    "subset_accuracy", "hamming_loss", "f1_micro", "f1_macro", "roc_auc_macro", "ndcg", "lrap",
+)
+REGRESSION_METRICS = ("mse", "rmse", "mae", "r2", "pearson", "spearman")
+
+METRIC_NAMES: dict[Task, tuple[str, ...]] = {
+    Task.CLASSIFICATION: CLASSIFICATION_METRICS,
+    Task.MULTILABEL: MULTILABEL_METRICS,
+    Task.REGRESSION: REGRESSION_METRICS,
+}
+
+
+@dataclass
+class Evaluation:
+    """Flat metrics (name -> number; undefined metrics are left out), plus per-class detail."""
+
+    metrics: dict[str, float]
+    per_class: dict[str, dict[str, float]] | None = None
+    confusion_matrix: list[list[int]] | None = None
+    n: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def evaluate(
+    task: Task,
+    targets: np.ndarray,
+    scores: np.ndarray,
+    labels: Sequence[str] | None = None,
+    *,
+    threshold: float = 0.5,
+    ndcg_k: int = 5,
+) -> Evaluation:
+    """Score predictions against targets.
+
+    Args:
+        task: the task.
+        targets: class ids (n,), multi-hot rows (n, L), or values (n,).
+        scores: class probabilities (n, C), label probabilities (n, L), or predicted values (n,).
+        labels: ordered label names (classification and multi-label).
+        threshold: probability at which a multi-label label is predicted.
+        ndcg_k: cut-off for NDCG in multi-label ranking.
+
+    Returns:
+        An :class:`Evaluation`. A metric that is undefined on this data (ROC-AUC with one class
+        present, correlation of a constant) is omitted and the reason is listed in ``notes``.
+    """
+    targets = np.asarray(targets)
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(targets) != len(scores):
+        raise ValueError(f"{len(targets)} targets but {len(scores)} predictions")
+    if len(targets) == 0:
+        raise ValueError("cannot evaluate zero examples")
+    if task is Task.CLASSIFICATION:
+        result = _classification(targets.astype(np.int64), scores, list(labels or []))
+    elif task is Task.MULTILABEL:
+        result = _multilabel(targets.astype(np.int64), scores, list(labels or []), threshold, ndcg_k)
+    else:
+        result = _regression(targets.astype(np.float64), scores.reshape(-1))
+    result.n = int(len(targets))
+    result.metrics = {k: float(v) for k, v in result.metrics.items() if v is not None and math.isfinite(v)}
+    return result
+
+
+def _classification(y: np.ndarray, proba: np.ndarray, labels: list[str]) -> Evaluation:
+    num_classes = proba.shape[1]
+    ids = list(range(num_classes))
+    pred = proba.argmax(axis=1)
+    m: dict[str, float] = {"accuracy": skm.accuracy_score(y, pred)}
+    for avg in ("macro", "micro", "weighted"):
+        p, r, f, _ = skm.precision_recall_fscore_support(y, pred, labels=ids, average=avg, zero_division=0)
+        m[f"precision_{avg}"], m[f"recall_{avg}"], m[f"f1_{avg}"] = p, r, f
+    notes: list[str] = []
+    present = np.unique(y)
+    if len(present) < 2:
+        notes.append("roc_auc undefined: only one class present in the targets")
+    elif num_classes == 2:
+        m["roc_auc"] = skm.roc_auc_score(y, proba[:, 1])
+    elif len(present) == num_classes:
+        m["roc_auc"] = skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=ids)
+    else:
+        notes.append("roc_auc undefined: not every class is present in the targets")
+    m["log_loss"] = skm.log_loss(y, np.clip(proba, 1e-15, 1.0), labels=ids)
+    p, r, f, support = skm.precision_recall_fscore_support(y, pred, labels=ids, average=None, zero_division=0)
+    names = labels or [str(i) for i in ids]
+    per_class = {
+        names[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+        for i in ids
+    }
+    cm = skm.confusion_matrix(y, pred, labels=ids).tolist()
+    return Evaluation(metrics=m, per_class=per_class, confusion_matrix=cm, notes=notes)
+
+
+def _multilabel(y: np.ndarray, proba: np.ndarray, labels: list[str], threshold: float, k: int) -> Evaluation:
+    pred = (proba >= threshold).astype(np.int64)
+    m: dict[str, float] = {
+        "subset_accuracy": skm.accuracy_score(y, pred),
+        "hamming_loss": skm.hamming_loss(y, pred),
+        "f1_micro": skm.f1_score(y, pred, average="micro", zero_division=0),
+        "f1_macro": skm.f1_score(y, pred, average="macro", zero_division=0),
+    }
+    notes: list[str] = []
+    # ROC-AUC per label is defined only where both outcomes occur; average over those labels.
+    both = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    if both:
+        m["roc_auc_macro"] = float(np.mean([skm.roc_auc_score(y[:, j], proba[:, j]) for j in both]))
+        if len(both) < y.shape[1]:
+            notes.append(f"roc_auc_macro averaged over {len(both)} of {y.shape[1]} labels (others single-valued)")
+    else:
+        notes.append("roc_auc_macro undefined: no label has both outcomes in the targets")
+    has_positive = y.sum(axis=1) > 0
+    if has_positive.any():
+        m["ndcg"] = skm.ndcg_score(y[has_positive], proba[has_positive], k=min(k, y.shape[1]))
+        m["lrap"] = skm.label_ranking_average_precision_score(y[has_positive], proba[has_positive])
+    p, r, f, support = skm.precision_recall_fscore_support(y, pred, average=None, zero_division=0)
+    names = labels or [str(j) for j in range(y.shape[1])]
+    per_class = {
+        names[j]: {"precision": float(p[j]), "recall": float(r[j]), "f1": float(f[j]), "support": int(support[j])}
+        for j in range(y.shape[1])
+    }
+    return Evaluation(metrics=m, per_class=per_class, notes=notes)
+
+
+def _regression(y: np.ndarray, pred: np.ndarray) -> Evaluation:
+    mse = skm.mean_squared_error(y, pred)
+    m: dict[str, float] = {
+        "mse": mse,
+        "rmse": math.sqrt(mse),
+        "mae": skm.mean_absolute_error(y, pred),
+    }
+    notes: list[str] = []
+    if len(y) >= 2:
+        m["r2"] = skm.r2_score(y, pred)
+    if len(y) >= 2 and np.ptp(y) > 0 and np.ptp(pred) > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m["pearson"] = stats.pearsonr(y, pred).statistic
+            m["spearman"] = stats.spearmanr(y, pred).statistic
+    else:
+        notes.append("pearson/spearman undefined: targets or predictions are constant")
+    return Evaluation(metrics=m, notes=notes)

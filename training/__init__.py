@@ -1,0 +1,1 @@
+"""Everything that needs torch: configuration, data, models, the Accelerate loop, artifacts, the CLI."""

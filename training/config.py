@@ -1,0 +1,204 @@
+"""The run configuration: one typed pydantic model, every default defined here and only here.
+
+A YAML file is validated against :class:`Config`; ``--set key.path=value`` overrides are applied to
+the raw YAML before validation, so they go through exactly the same checks. Unknown keys are
+rejected with their full path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.errors import ConfigError
+from core.metrics import METRIC_NAMES
+from core.tasks import Task
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(_Strict):
+    train: str = Field(description="Training data: a file (csv, tsv, jsonl, json, parquet), a directory of such "
+                       "files, a demo set (vader:movie, vader:amazon, vader:nyt, vader:tweets) or a Hub data set name.")
+    validation: str | None = Field(None, description="Validation data; carved from train (stratified, seeded) when null.")
+    test: str | None = Field(None, description="Test data; carved from train (stratified, seeded) when null.")
+    text: str = Field("text", description="Column holding the input text.")
+    text_pair: str | None = Field(None, description="Column holding the second text, for pair tasks.")
+    label: str = Field("label", description="Column holding the label (class, list of classes, or number).")
+    label_delimiter: str | None = Field(None, description="Multi-label only: split a string label on this delimiter.")
+    drop_missing_labels: bool = Field(False, description="Drop rows whose label is null or empty (counted in the "
+                                      "log) instead of failing on them.")
+    validation_size: float = Field(0.1, gt=0, lt=0.5, description="Fraction of train carved out when validation is null.")
+    test_size: float = Field(0.1, gt=0, lt=0.5, description="Fraction of train carved out when test is null.")
+    max_train_examples: int | None = Field(None, gt=0, description="Keep a seeded sample of this many training rows.")
+    max_eval_examples: int | None = Field(None, gt=0, description="Keep a seeded sample of this many validation and test rows.")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, gt=0, description="Rank of the LoRA update matrices.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="Module names to adapt; 'auto' = every linear layer inside the encoder blocks.")
+
+
+class FreezeConfig(_Strict):
+    layers: int | None = Field(None, ge=0, description="method=freeze: freeze the embeddings and only the bottom N "
+                               "encoder layers; null freezes the whole encoder.")
+
+
+class EarlyStoppingConfig(_Strict):
+    metric: str = Field("auto", description="Validation metric to watch; 'auto' = f1_macro (classification), "
+                        "f1_micro (multilabel), r2 (regression). 'loss' is also accepted.")
+    patience: int | None = Field(2, ge=1, description="Evaluations without improvement before stopping; null = never stop early.")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(32, gt=0, description="Examples per optimizer micro-step, per process.")
+    eval_batch_size: int = Field(128, gt=0)
+    lr: float | Literal["auto"] = Field("auto", description="Peak learning rate; 'auto' = 5e-5 (full), 5e-4 (lora), 1e-3 (freeze).")
+    scheduler: Literal["linear", "cosine", "constant", "exponential"] = Field("linear", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of optimizer steps spent warming up linearly.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay (not applied to biases and LayerNorm weights).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Classification only.")
+    grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
+    max_length: int = Field(128, gt=2, description="Tokens kept per example, special tokens included.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="'auto' = bf16 on a CUDA device that supports it, fp16 on other CUDA devices, fp32 on CPU.")
+    seed: int = 42
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    class_weights: Literal["auto", "none"] = Field(
+        "auto", description="'auto' weighs classes by inverse training frequency (pos_weight for multilabel).")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Multi-label decision threshold on each label's probability.")
+    eval_every: Literal["epoch"] | int = Field("epoch", description="'epoch' or a number of optimizer steps.")
+    save_every: Literal["epoch"] | int = Field("epoch", description="'epoch' or a number of optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (the newest ones).")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together (seeded) to cut padding.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _steps_positive(self) -> TrainConfig:
+        for name in ("eval_every", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value <= 0:
+                raise ValueError(f"{name} must be 'epoch' or a positive number of steps, got {value}")
+        return self
+
+
+DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "freeze": 1e-3}
+
+
+class Config(_Strict):
+    task: Task = Field(Task.CLASSIFICATION, description="classification | multilabel | regression")
+    model: str = Field("minilm", description="'minilm' (the bundled all-MiniLM-L6-v2), a local directory, or a Hub model id.")
+    name: str | None = Field(None, description="Model name in the artifact and model store; default: the output directory's name.")
+    data: DataConfig
+    method: Literal["full", "lora", "freeze"] = Field("lora", description="What is trained: everything, LoRA adapters + head, or the head only.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = Field("runs/tuneserve", description="Checkpoints go to OUTPUT_DIR/checkpoints, the artifact to OUTPUT_DIR/artifact.")
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> Config:
+        metric = self.train.early_stopping.metric
+        allowed = ("auto", "loss", *METRIC_NAMES[self.task])
+        if metric not in allowed:
+            raise ValueError(f"train.early_stopping.metric {metric!r} is not a {self.task.value} metric; choose one of {list(allowed)}")
+        if self.data.label_delimiter is not None and self.task is not Task.MULTILABEL:
+            raise ValueError("data.label_delimiter only applies to task: multilabel")
+        if self.train.label_smoothing and self.task is not Task.CLASSIFICATION:
+            raise ValueError("train.label_smoothing only applies to task: classification")
+        return self
+
+    @property
+    def lr(self) -> float:
+        return DEFAULT_LR[self.method] if self.train.lr == "auto" else float(self.train.lr)
+
+    @property
+    def monitor(self) -> str:
+        metric = self.train.early_stopping.metric
+        return self.task.default_metric if metric == "auto" else metric
+
+    @property
+    def run_name(self) -> str:
+        return self.name or Path(self.output_dir).resolve().name
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.path=value`` override to raw YAML data; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    path, _, text = assignment.partition("=")
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {assignment!r}: empty key in {path!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({exc})") from None
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: '{'.'.join(keys[:depth + 1])}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> Config:
+    """Load, override and validate a run configuration.
+
+    Raises:
+        ConfigError: unreadable YAML, an unknown key, or an invalid value; the message names the
+            file and the field's full path.
+    """
+    source = str(path) if path is not None else "config"
+    if raw is None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) if path is not None else {}
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of keys to values")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + _describe(exc)) from None
+
+
+_UNION_TAG = re.compile(r"^(float|int|str|bool|list\[.*\]|literal\[.*\]|function-.*)$")
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per offending field; the alternatives of a union are joined with 'or'."""
+    by_field: dict[str, list[str]] = {}
+    for error in exc.errors():
+        loc = [str(p) for p in error["loc"] if not _UNION_TAG.match(str(p))]
+        where = ".".join(loc)
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "is required"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+        by_field.setdefault(where, []).append(message)
+    return "; ".join(
+        (f"'{where}': " if where else "") + " or ".join(dict.fromkeys(messages))
+        for where, messages in by_field.items()
+    )
