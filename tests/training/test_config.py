@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from core.errors import ConfigError
+from training.config import load_config
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"sentiment-lora.yaml", "sentiment-full.yaml", "sentiment-regression.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_opens_with_its_command(path):
+    cfg = load_config(path)
+    assert path.read_text().splitlines()[0] == f"# tuneserve train configs/{path.name}"
+    assert cfg.data.train.startswith("vader:")
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(Path(CONFIGS[0]), ["train.epochs=1", "lora.r=4", "train.eval_every=50", "data.test=t.csv"])
+    assert (cfg.train.epochs, cfg.lora.r, cfg.train.eval_every, cfg.data.test) == (1, 4, 50, "t.csv")
+    minimal = load_config(raw={"data": {"train": "x.csv"}})
+    assert minimal.method == "lora" and minimal.lr == 5e-4 and minimal.monitor == "f1_macro"
+    assert load_config(raw={"data": {"train": "x"}, "method": "full"}).lr == 5e-5
+    assert load_config(raw={"task": "regression", "data": {"train": "x"}}).monitor == "r2"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"data": {"train": "x"}, "train": {"epoch": 3}}, "'train.epoch': unknown key"),
+    ({"data": {"train": "x", "colum": "t"}}, "'data.colum': unknown key"),
+    ({"data": {"train": "x"}, "method": "prefix"}, "'method'"),
+    ({"data": {"train": "x"}, "train": {"lr": "fast"}}, "'train.lr'"),
+    ({"data": {"train": "x"}, "train": {"batch_size": 0}}, "'train.batch_size'"),
+    ({}, "'data': is required"),
+    ({"data": {"train": "x"}, "train": {"early_stopping": {"metric": "r2"}}}, "not a classification metric"),
+    ({"data": {"train": "x", "label_delimiter": ","}}, "only applies to task: multilabel"),
+])
+def test_invalid_configs_name_the_field(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(raw=raw)
+
+
+def test_bad_override_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(raw={"data": {"train": "x"}}, overrides=["train.epochs"])
+    with pytest.raises(ConfigError, match="'train.epochs' is a value"):
+        load_config(raw={"data": {"train": "x"}, "train": {"epochs": 1}}, overrides=["train.epochs.x=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")

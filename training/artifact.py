@@ -1,0 +1,115 @@
+"""Publishing the artifact: merged weights, adapter, tokenizer, manifest, model card and plots.
+
+Everything is written to a temporary directory first and swapped into ``OUTPUT_DIR/artifact`` only
+when complete, so a crash leaves the previous artifact as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
+from core.tasks import Task
+from training.card import model_card
+from training.modeling import merged_model, save_tokenizer_and_model
+from training.report import plot_confusion, plot_curves, plot_per_label, plot_regression
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT = "artifact"
+PACKAGES = ("tuneserve", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "scikit-learn",
+            "numpy", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
+    """Write the artifact for a finished run and swap it into place. Returns its directory."""
+    output_dir = Path(cfg.output_dir)
+    final = output_dir / ARTIFACT
+    tmp = output_dir / f".{ARTIFACT}-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    if cfg.method == "lora":
+        model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)  # the adapter alone, before merging
+        built.tokenizer.save_pretrained(tmp / ADAPTER_DIR)
+    plain = merged_model(model)
+    plain.config.name_or_path = cfg.run_name
+    save_tokenizer_and_model(plain, built.tokenizer, tmp / MODEL_DIR)
+
+    monitor = cfg.monitor
+    manifest = Manifest(
+        name=cfg.run_name,
+        task=cfg.task,
+        problem_type=cfg.task.problem_type,
+        labels=data.labels,
+        text_fields=[cfg.data.text] + ([cfg.data.text_pair] if cfg.data.text_pair else []),
+        label_field=cfg.data.label,
+        max_length=cfg.train.max_length,
+        postprocess=cfg.task.postprocess,
+        threshold=cfg.train.threshold if cfg.task is Task.MULTILABEL else None,
+        base_model=cfg.model if cfg.model != "minilm" else "sentence-transformers/all-MiniLM-L6-v2",
+        method=cfg.method,
+        trainable_parameters=built.trainable_parameters,
+        total_parameters=built.total_parameters,
+        metrics=result.metrics,
+        baselines=result.baselines,
+        primary_metric=monitor,
+        per_class=result.test.per_class,
+        confusion_matrix=result.test.confusion_matrix,
+        training={**training, "lora_target_modules": built.target_modules, "head_modules": built.head_modules},
+        provenance={
+            "seed": cfg.train.seed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "packages": package_versions(),
+            "data_hashes": data.hashes,
+            "git_sha": git_sha(),
+            "config": cfg.model_dump(mode="json"),
+        },
+    )
+    write_manifest(manifest, tmp)
+    (tmp / "README.md").write_text(model_card(manifest))
+
+    report = tmp / "report"
+    report.mkdir()
+    plot_curves(training["history"], monitor, report / "curves.png")
+    if cfg.task is Task.CLASSIFICATION:
+        plot_confusion(result.test.confusion_matrix, data.labels, report / "confusion_matrix.png")
+    elif cfg.task is Task.REGRESSION:
+        plot_regression(result.test_targets, result.test_scores, report / "predicted_vs_true.png")
+    else:
+        plot_per_label(result.test.per_class, report / "per_label_f1.png")
+
+    # Swap into place: the old artifact stays whole until the new one is complete.
+    old = output_dir / f".{ARTIFACT}-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("artifact written to %s", final)
+    return final

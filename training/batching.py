@@ -1,0 +1,105 @@
+"""Tokenized examples, length-grouped batches and dynamic padding.
+
+Padding tokens are wasted work: batches are padded only to their own longest example, and examples of
+similar length are batched together (seeded, so a run and its resumption see the same order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from core.encoding import encode
+from core.tasks import Task
+
+
+class EncodedSplit(torch.utils.data.Dataset):
+    """Token ids per example plus the target; padding happens later, per batch."""
+
+    def __init__(self, features: dict[str, list[list[int]]], targets: np.ndarray):
+        self.features = features
+        self.targets = targets
+        self.lengths = [len(ids) for ids in features["input_ids"]]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {key: values[i] for key, values in self.features.items()}
+        item["labels"] = self.targets[i]
+        return item
+
+
+def encode_split(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None, targets: np.ndarray, *,
+                 max_length: int, desc: str, disable: bool = False, chunk: int = 2048) -> EncodedSplit:
+    """Tokenize a split in chunks (with a progress bar) through the shared :func:`core.encoding.encode`."""
+    features: dict[str, list] = {}
+    for start in tqdm(range(0, len(texts), chunk), desc=f"tokenize {desc}", unit="chunk", disable=disable, leave=False):
+        stop = start + chunk
+        batch = encode(tokenizer, texts[start:stop], pairs[start:stop] if pairs is not None else None, max_length=max_length)
+        for key, values in batch.items():
+            features.setdefault(key, []).extend(values)
+    return EncodedSplit(features, targets)
+
+
+class LengthGroupedBatchSampler:
+    """Seeded batches of indices; with ``group_by_length``, each batch holds examples of similar length.
+
+    The data is shuffled, cut into mega-batches of ``batch_size * 50`` examples, each mega-batch is sorted
+    by length and cut into batches, and the batches are shuffled (the idea of transformers'
+    ``LengthGroupedSampler``). Without ``shuffle`` the batches follow length order (for evaluation).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 group_by_length: bool = True, mega_batch_factor: int = 50):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.mega = batch_size * mega_batch_factor
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = np.argsort(-self.lengths, kind="stable") if self.group_by_length else np.arange(n)
+            yield from (order[i:i + self.batch_size].tolist() for i in range(0, n, self.batch_size))
+            return
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)
+        if self.group_by_length:
+            chunks = [order[i:i + self.mega] for i in range(0, n, self.mega)]
+            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+        batches = [order[i:i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+        if self.group_by_length:
+            # The last batch is the only short one; keep it last so batch shapes stay predictable.
+            head = [batches[i] for i in rng.permutation(len(batches) - 1)] if len(batches) > 1 else []
+            batches = head + batches[-1:]
+        yield from batches
+
+
+class Collator:
+    """Pads a list of examples to the longest one and stacks the targets with the task's dtype."""
+
+    def __init__(self, tokenizer, task: Task, pad_to_multiple_of: int | None = None):
+        self.tokenizer = tokenizer
+        self.dtype = torch.long if task is Task.CLASSIFICATION else torch.float32
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        targets = [e.pop("labels") for e in examples]
+        batch = self.tokenizer.pad(examples, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
+                                   return_tensors="pt")
+        batch["labels"] = torch.as_tensor(np.asarray(targets), dtype=self.dtype)
+        return dict(batch)

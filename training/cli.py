@@ -1,0 +1,176 @@
+"""The ``tuneserve`` command line: train, evaluate, predict, data.
+
+Errors a user can act on (bad config, bad data, a broken artifact) are printed as one message and
+exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from core.errors import TuneserveError
+
+
+def _table(columns: dict[str, dict[str, float]], names: list[str]) -> str:
+    heads = list(columns)
+    width = max([len(n) for n in names] + [6])
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{h:>14}" for h in heads)]
+    for name in names:
+        cells = [columns[h].get(name) for h in heads]
+        if all(c is None for c in cells):
+            continue
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{'—':>14}" if c is None else f"{c:>14.4f}" for c in cells))
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from core.metrics import METRIC_NAMES
+    from training.config import load_config
+    from training.train import train
+
+    cfg = load_config(args.config, args.set)
+    result = train(cfg, resume=args.resume)
+    if result.artifact_dir is None:  # not the main process
+        return 0
+    print(f"\ntest metrics ({len(result.test_targets)} examples) beside the baselines:")
+    print(_table({"model": result.metrics["test"], **result.baselines}, [*METRIC_NAMES[cfg.task], "loss"]))
+    print(f"\nartifact: {result.artifact_dir}")
+    return 0
+
+
+def _load_labelled(artifact, data: str, text: str | None, text_pair: str | None, label: str | None):
+    """Read a labelled file with the artifact's columns (overridable) and map labels through its label set."""
+    from training.config import DataConfig
+    from training.data import attach_targets, load_split
+
+    manifest = artifact.manifest
+    cfg = DataConfig(train=data, text=text or manifest.text_fields[0],
+                     text_pair=text_pair or (manifest.text_fields[1] if manifest.has_pair else None),
+                     label=label or manifest.label_field,
+                     label_delimiter=manifest.provenance.get("config", {}).get("data", {}).get("label_delimiter"))
+    split = load_split(data, "evaluate", cfg, manifest.task)
+    attach_targets(split, manifest.task, manifest.labels, cfg.label)
+    return split
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from core.metrics import METRIC_NAMES, evaluate
+    from training.inference import load_artifact, predict_scores
+
+    artifact = load_artifact(args.artifact)
+    manifest = artifact.manifest
+    split = _load_labelled(artifact, args.data, args.text, args.text_pair, args.label)
+    scores = predict_scores(artifact, split.texts, split.pairs, batch_size=args.batch_size, progress=True)
+    result = evaluate(manifest.task, split.targets, scores, manifest.labels, threshold=manifest.threshold or 0.5)
+    recorded = manifest.metrics.get("test", {})
+    print(f"{args.data}: {result.n} examples")
+    print(_table({"this data": result.metrics, "at training (test)": recorded}, list(METRIC_NAMES[manifest.task])))
+    for note in result.notes:
+        print(f"note: {note}")
+    if args.output:
+        report = {"n": result.n, "metrics": result.metrics, "per_class": result.per_class,
+                  "confusion_matrix": result.confusion_matrix, "training_metrics": recorded,
+                  "delta": {k: v - recorded[k] for k, v in result.metrics.items() if k in recorded},
+                  "notes": result.notes}
+        Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        print(f"written to {args.output}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from core.tasks import Task
+    from training.inference import load_artifact, predict_scores
+
+    artifact = load_artifact(args.artifact)
+    manifest = artifact.manifest
+    pairs = args.pair if args.pair else None
+    if manifest.has_pair and (pairs is None or len(pairs) != len(args.texts)):
+        raise TuneserveError(f"this model takes text pairs: give --pair once per text ({len(args.texts)} times)")
+    scores = predict_scores(artifact, args.texts, pairs)
+    for i, text in enumerate(args.texts):
+        if manifest.task is Task.REGRESSION:
+            out = {"value": round(float(scores[i]), 4)}
+        elif manifest.task is Task.CLASSIFICATION:
+            best = int(scores[i].argmax())
+            out = {"label": manifest.labels[best], "score": round(float(scores[i][best]), 4)}
+        else:
+            out = {"labels": [n for n, p in zip(manifest.labels, scores[i]) if p >= manifest.threshold],
+                   "scores": {n: round(float(p), 4) for n, p in zip(manifest.labels, scores[i])}}
+        print(json.dumps({"text": text, **out}, ensure_ascii=False))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from training.demo_data import demo_path
+
+    source = demo_path(args.name)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / source.name
+    shutil.copyfile(source, target)
+    with target.open() as fh:
+        rows = sum(1 for _ in fh)
+    print(f"{args.name}: {rows} rows written to {target} (fields: id, text, rating, polarity)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneserve", description="Fine-tune a transformer, measure it, serve it.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune, evaluate against baselines and write the artifact")
+    p.add_argument("config", help="run configuration (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value, e.g. --set train.epochs=1 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score an artifact on labelled data with the training metrics")
+    p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
+    p.add_argument("--data", required=True, help="labelled file (csv, tsv, jsonl, json, parquet) or demo set")
+    p.add_argument("--output", help="write the full report as JSON here")
+    p.add_argument("--text", help="text column (default: as at training)")
+    p.add_argument("--text-pair", help="second text column (default: as at training)")
+    p.add_argument("--label", help="label column (default: as at training)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="print predictions for a few texts")
+    p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
+    p.add_argument("texts", nargs="+", help="texts to classify")
+    p.add_argument("--pair", action="append", help="second text, once per text, for pair models")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("data", help="write a demo data set as JSONL")
+    p.add_argument("name", help="vader:movie | vader:amazon | vader:nyt | vader:tweets")
+    p.add_argument("--output", required=True, help="directory to write <name>.jsonl into")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except TuneserveError as exc:
+        print(f"tuneserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tuneserve {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Running a published artifact with PyTorch: what ``tuneserve evaluate`` and ``predict`` use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from core.encoding import encode
+from core.errors import ArtifactError
+from core.manifest import MODEL_DIR, Manifest, read_manifest
+from core.tasks import postprocess
+
+
+@dataclass
+class LoadedArtifact:
+    directory: Path
+    manifest: Manifest
+    model: torch.nn.Module
+    tokenizer: object
+
+
+def load_artifact(directory: str | Path, device: str = "cpu") -> LoadedArtifact:
+    """Load manifest, tokenizer and safetensors weights of an artifact (nothing is unpickled)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    model_dir = directory / MODEL_DIR
+    if not (model_dir / "model.safetensors").is_file():
+        raise ArtifactError(f"{directory}: {MODEL_DIR}/model.safetensors is missing")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{directory}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
+    model.to(device).eval()
+    return LoadedArtifact(directory, manifest, model, tokenizer)
+
+
+@torch.no_grad()
+def predict_logits(artifact: LoadedArtifact, texts: Sequence[str], pairs: Sequence[str] | None = None, *,
+                   batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Raw model outputs in input order; batches are formed by length to cut padding."""
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), artifact.model.config.num_labels), dtype=np.float32)
+    device = next(artifact.model.parameters()).device
+    for start in tqdm(range(0, len(texts), batch_size), desc="predict", unit="batch", disable=not progress, leave=False):
+        pick = order[start:start + batch_size]
+        batch = encode(artifact.tokenizer, [texts[i] for i in pick],
+                       [pairs[i] for i in pick] if pairs is not None else None,
+                       max_length=artifact.manifest.max_length, padding="longest", return_tensors="pt")
+        out[pick] = artifact.model(**batch.to(device)).logits.float().cpu().numpy()
+    return out
+
+
+def predict_scores(artifact: LoadedArtifact, texts: Sequence[str], pairs: Sequence[str] | None = None, **kwargs) -> np.ndarray:
+    return postprocess(predict_logits(artifact, texts, pairs, **kwargs), artifact.manifest.postprocess)

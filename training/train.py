@@ -1,0 +1,283 @@
+"""The training recipe: one flat loop with Accelerate, from config to published artifact.
+
+Read it top to bottom: set up, load and check data, build the model, train with periodic evaluation,
+early stopping and checkpoints, restore the best weights, score the test split beside the baselines,
+and publish the artifact. Runs unchanged on one process or under ``accelerate launch`` / ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from core.baselines import score_baselines
+from core.errors import TrainingError
+from core.metrics import Evaluation, evaluate
+from core.tasks import Task, is_better, postprocess
+from training.batching import Collator, LengthGroupedBatchSampler, encode_split
+from training.checkpoint import latest_checkpoint, read_state, save_checkpoint
+from training.config import Config
+from training.data import load_dataset
+from training.modeling import build_model, optimizer_groups, trainable_state
+from training.precision import DeviceFacts, choose_mixed_precision
+
+logger = logging.getLogger(__name__)
+
+BEST_WEIGHTS = "best.safetensors"
+
+
+@dataclass
+class RunResult:
+    artifact_dir: Path | None
+    metrics: dict[str, dict[str, float]]
+    baselines: dict[str, dict[str, float]]
+    test: Evaluation
+    test_targets: np.ndarray
+    test_scores: np.ndarray
+
+
+def make_loss(cfg: Config, targets: np.ndarray, num_outputs: int):
+    """The task's loss, with class weights (single-label) or pos_weight (multi-label) from training frequencies."""
+    weight = None
+    if cfg.train.class_weights == "auto" and cfg.task is Task.CLASSIFICATION:
+        counts = np.bincount(targets, minlength=num_outputs).astype(np.float64)
+        weight = torch.tensor(len(targets) / (num_outputs * np.maximum(counts, 1)), dtype=torch.float32)
+    if cfg.train.class_weights == "auto" and cfg.task is Task.MULTILABEL:
+        positives = targets.sum(axis=0)
+        weight = torch.tensor(np.where(positives > 0, (len(targets) - positives) / np.maximum(positives, 1), 1.0),
+                              dtype=torch.float32)
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        w = weight.to(logits.device) if weight is not None else None
+        if cfg.task is Task.CLASSIFICATION:
+            return F.cross_entropy(logits, labels, weight=w, label_smoothing=cfg.train.label_smoothing)
+        if cfg.task is Task.MULTILABEL:
+            return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=w)
+        return F.mse_loss(logits.squeeze(-1), labels)
+
+    return loss_fn
+
+
+def make_scheduler(name: str, optimizer, warmup: int, total: int):
+    """Linear warmup, then linear / cosine / constant / exponential (to 1% of the peak at the end)."""
+    if name == "exponential":
+        decay = 0.01 ** (1.0 / max(1, total - warmup))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup else decay ** (step - warmup))
+    hf_name = "constant_with_warmup" if name == "constant" else name
+    return get_scheduler(hf_name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+@torch.no_grad()
+def run_evaluation(model, dataloader, accelerator, cfg: Config, labels, loss_fn, desc: str
+                   ) -> tuple[Evaluation, np.ndarray, np.ndarray]:
+    """Evaluate on every process; ``gather_for_metrics`` drops the samples DDP padding duplicated.
+
+    Returns:
+        The evaluation, and the gathered targets and scores (in the loader's order).
+    """
+    model.eval()
+    all_logits, all_targets = [], []
+    for batch in tqdm(dataloader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        targets = batch.pop("labels")
+        logits = model(**batch).logits
+        logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
+        all_logits.append(logits.cpu())
+        all_targets.append(targets.cpu())
+    logits, targets = torch.cat(all_logits), torch.cat(all_targets)
+    loss = float(loss_fn(logits, targets))
+    scores = postprocess(logits.numpy(), cfg.task.postprocess)
+    result = evaluate(cfg.task, targets.numpy(), scores, labels, threshold=cfg.train.threshold)
+    result.metrics["loss"] = loss
+    model.train()
+    return result, targets.numpy(), scores
+
+
+def train(cfg: Config, *, resume: bool = False) -> RunResult:
+    """Fine-tune, evaluate and publish ``OUTPUT_DIR/artifact``. See the module docstring for the flow."""
+    from training.artifact import publish_artifact  # imports matplotlib; keep it off the import path of tests that don't need it
+
+    started = time.time()
+    output_dir = Path(cfg.output_dir)
+    tc = cfg.train
+
+    # -- set-up: device, precision, processes -------------------------------------------------------
+    facts = DeviceFacts.detect()
+    precision = choose_mixed_precision(tc.mixed_precision, facts)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum, cpu=not facts.cuda)
+    set_seed(tc.seed)
+    main = accelerator.is_main_process
+    accelerator.print(f"device {accelerator.device}, {accelerator.num_processes} process(es), precision {precision}")
+
+    # -- data: read and check on the main process first, so a download or cache write happens once ----
+    with accelerator.main_process_first():
+        data = load_dataset(cfg.data, cfg.task, tc.seed)
+    built = build_model(cfg, data.labels)
+    model, tokenizer = built.model, built.tokenizer
+    encoded = {
+        split.name: encode_split(tokenizer, split.texts, split.pairs, split.targets, max_length=tc.max_length,
+                                 desc=split.name, disable=not accelerator.is_local_main_process)
+        for split in (data.train, data.validation, data.test)
+    }
+    collate = Collator(tokenizer, cfg.task, pad_to_multiple_of=8 if precision != "no" else None)
+    train_sampler = LengthGroupedBatchSampler(encoded["train"].lengths, tc.batch_size, seed=tc.seed,
+                                              group_by_length=tc.group_by_length)
+
+    def loader(split: str, sampler) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(encoded[split], batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=tc.num_workers)
+
+    train_dl = loader("train", train_sampler)
+    eval_dls = {name: loader(name, LengthGroupedBatchSampler(encoded[name].lengths, tc.eval_batch_size, shuffle=False))
+                for name in ("validation", "test")}
+
+    # -- optimizer and schedule ---------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(optimizer_groups(model, tc.weight_decay), lr=cfg.lr)
+    model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(
+        model, optimizer, train_dl, eval_dls["validation"], eval_dls["test"])
+    steps_per_epoch = math.ceil(len(train_dl) / tc.grad_accum)
+    total_steps = steps_per_epoch * tc.epochs
+    # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process).
+    scheduler = make_scheduler(tc.scheduler, optimizer, round(tc.warmup_ratio * total_steps), total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    loss_fn = make_loss(cfg, data.train.targets, 1 if cfg.task is Task.REGRESSION else len(data.labels))
+    monitor = cfg.monitor
+
+    # -- state that checkpoints carry ---------------------------------------------------------------
+    state = {"epoch": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
+             "history": {"train_loss": [], "validation": []}}
+    if resume:
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            raise TrainingError(f"--resume: no checkpoint under {output_dir / 'checkpoints'}")
+        accelerator.load_state(str(checkpoint))
+        state = read_state(checkpoint)
+        accelerator.print(f"resumed from {checkpoint} (epoch {state['epoch']}, step {state['step']})")
+
+    def validate() -> bool:
+        """Evaluate, keep the best weights, and say whether early stopping should end the run."""
+        result, _, _ = run_evaluation(model, val_dl, accelerator, cfg, data.labels, loss_fn, "validate")
+        value = result.metrics.get(monitor)
+        state["history"]["validation"].append({"step": state["step"], "epoch": state["epoch"], **result.metrics})
+        if value is not None and is_better(monitor, value, state["best"]):
+            state.update(best=value, best_step=state["step"], bad_evals=0)
+            if main:
+                tmp = output_dir / f".{BEST_WEIGHTS}.tmp"
+                save_file(trainable_state(accelerator.unwrap_model(model)), str(tmp))
+                tmp.replace(output_dir / BEST_WEIGHTS)
+        else:
+            state["bad_evals"] += 1
+        accelerator.print(f"step {state['step']}: validation {monitor} {value:.4f} (best {state['best']:.4f} at step {state['best_step']})"
+                          if value is not None else f"step {state['step']}: validation {monitor} undefined")
+        patience = tc.early_stopping.patience
+        return patience is not None and state["bad_evals"] >= patience
+
+    def checkpoint() -> None:
+        save_checkpoint(accelerator, output_dir, state["step"], state, tc.keep_checkpoints)
+
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    model.train()
+    start_epoch = state["epoch"]
+    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    for epoch in range(start_epoch, tc.epochs):
+        if state["stopped_early"]:
+            break
+        train_sampler.set_epoch(epoch)
+        done_in_epoch = state["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+        batches = accelerator.skip_first_batches(train_dl, done_in_epoch * tc.grad_accum) if done_in_epoch else train_dl
+        window_loss, window_n, window_start = 0.0, 0, time.time()
+        for batch in batches:
+            with accelerator.accumulate(model):
+                targets = batch.pop("labels")
+                logits = model(**batch).logits
+                loss = loss_fn(logits, targets)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step {state['step'] + 1}; "
+                                        "lower train.lr or check the data. No artifact was published from this run.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += loss.item()
+            window_n += targets.shape[0]
+            if not accelerator.sync_gradients:
+                continue
+            # One optimizer step done.
+            scheduler.step()
+            state["step"] += 1
+            mean_loss = window_loss / tc.grad_accum
+            state["history"]["train_loss"].append({"step": state["step"], "loss": mean_loss,
+                                                   "lr": scheduler.get_last_lr()[0]})
+            progress.update(1)
+            progress.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4f}",
+                                 samples_per_s=f"{window_n * accelerator.num_processes / (time.time() - window_start):.0f}")
+            window_loss, window_n, window_start = 0.0, 0, time.time()
+            if isinstance(tc.eval_every, int) and state["step"] % tc.eval_every == 0:
+                state["stopped_early"] = validate()
+            if isinstance(tc.save_every, int) and state["step"] % tc.save_every == 0:
+                checkpoint()
+            if state["stopped_early"]:
+                break
+        if not state["stopped_early"]:
+            state["epoch"] = epoch + 1
+            if tc.eval_every == "epoch":
+                state["stopped_early"] = validate()
+        if tc.save_every == "epoch" or state["stopped_early"]:
+            checkpoint()
+        if state["stopped_early"]:
+            accelerator.print(f"early stopping: no {monitor} improvement in {tc.early_stopping.patience} evaluations")
+            break
+    progress.close()
+    evaluated = state["history"]["validation"]
+    if not evaluated or evaluated[-1]["step"] != state["step"]:
+        validate()  # the final weights are a candidate for "best" too
+
+    # -- restore the best weights and score the test split ------------------------------------------
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    best = load_file(str(output_dir / BEST_WEIGHTS))
+    with torch.no_grad():
+        for name, param in unwrapped.named_parameters():
+            if name in best:
+                param.copy_(best[name].to(param.device, param.dtype))
+    validation = next(v for v in state["history"]["validation"] if v["step"] == state["best_step"])
+    test, test_targets, test_scores = run_evaluation(model, test_dl, accelerator, cfg, data.labels, loss_fn, "test")
+    metrics = {"validation": {k: v for k, v in validation.items() if k not in ("step", "epoch")}, "test": test.metrics}
+
+    # -- baselines and the artifact (main process only) ---------------------------------------------
+    result = RunResult(artifact_dir=None, metrics=metrics, baselines={}, test=test, test_targets=test_targets,
+                       test_scores=test_scores)
+    if main:
+        result.baselines = score_baselines(
+            cfg.task, (data.train.texts, data.train.pairs, data.train.targets),
+            (data.test.texts, data.test.pairs, data.test.targets), data.labels, threshold=tc.threshold, seed=tc.seed)
+        training_info = {
+            "epochs_run": state["epoch"], "steps": state["step"], "best_step": state["best_step"],
+            "stopped_early": state["stopped_early"], "steps_per_epoch": steps_per_epoch,
+            "num_processes": accelerator.num_processes, "mixed_precision": precision,
+            "device": str(accelerator.device), "lr": cfg.lr, "seconds": round(time.time() - started, 1),
+            "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
+            "history": state["history"],
+        }
+        result.artifact_dir = publish_artifact(cfg, unwrapped, built, data, result, training_info)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
