@@ -137,8 +137,11 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
                                               group_by_length=tc.group_by_length)
 
     def loader(split: str, sampler) -> torch.utils.data.DataLoader:
+        # A private generator: starting an iterator would otherwise draw from the global RNG that dropout
+        # uses, and a run resumed mid-epoch (one more iterator) would no longer match an uninterrupted one.
         return torch.utils.data.DataLoader(encoded[split], batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=tc.num_workers)
+                                           num_workers=tc.num_workers,
+                                           generator=torch.Generator().manual_seed(tc.seed))
 
     train_dl = loader("train", train_sampler)
     eval_dls = {name: loader(name, LengthGroupedBatchSampler(encoded[name].lengths, tc.eval_batch_size, shuffle=False))
@@ -199,9 +202,11 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
     for epoch in range(start_epoch, tc.epochs):
         if state["stopped_early"]:
             break
-        train_sampler.set_epoch(epoch)
         done_in_epoch = state["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
         batches = accelerator.skip_first_batches(train_dl, done_in_epoch * tc.grad_accum) if done_in_epoch else train_dl
+        # The batch order is a function of (seed, epoch); Accelerate's loaders pass the epoch on to the
+        # sampler, and a resumed run must tell them which epoch it is in.
+        batches.set_epoch(epoch)
         window_loss, window_n, window_start = 0.0, 0, time.time()
         for batch in batches:
             with accelerator.accumulate(model):

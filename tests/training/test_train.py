@@ -1,0 +1,153 @@
+"""The training loop on a tiny model: learning, every task and method, the artifact, resume, failure."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from core.errors import TrainingError
+from core.manifest import read_manifest
+from training import checkpoint as checkpoint_module
+from training.checkpoint import list_checkpoints
+from training.config import load_config
+from training.inference import load_artifact, predict_scores
+from training.train import train
+
+
+def test_full_finetune_learns_and_publishes_a_complete_artifact(base_config):
+    base_config["train"]["epochs"] = 3
+    result = train(load_config(raw=base_config))
+    art = result.artifact_dir
+    assert result.metrics["test"]["accuracy"] >= 0.9  # the sentiment word decides the label
+    assert result.metrics["test"]["accuracy"] > result.baselines["majority"]["accuracy"] + 0.3
+    for name in ("manifest.json", "README.md", "model/model.safetensors", "model/config.json",
+                 "model/tokenizer.json", "report/curves.png", "report/confusion_matrix.png"):
+        assert (art / name).is_file(), name
+    assert not list(art.rglob("*.bin")) and not list(art.rglob("*.pkl"))  # nothing to unpickle
+    manifest = read_manifest(art)
+    assert manifest.labels == ["negative", "positive"] and manifest.postprocess == "softmax"
+    assert set(manifest.metrics) == {"validation", "test"} and set(manifest.baselines) == {"majority", "tfidf_logreg"}
+    assert manifest.provenance["seed"] == 42 and "transformers" in manifest.provenance["packages"]
+    assert manifest.provenance["config"]["method"] == "full" and manifest.provenance["data_hashes"]["train"].startswith("sha256:")
+    assert "| accuracy |" in (art / "README.md").read_text()
+    # The saved model reproduces the test metric the trainer reported.
+    loaded = load_artifact(art)
+    rows = [json.loads(line) for line in open(base_config["data"]["test"])]
+    scores = predict_scores(loaded, [r["text"] for r in rows])
+    accuracy = np.mean([manifest.labels[i] == r["label"] for i, r in zip(scores.argmax(1), rows)])
+    assert accuracy == pytest.approx(result.metrics["test"]["accuracy"])
+
+
+def test_lora_multilabel_saves_adapter_and_merged_model(base_config):
+    base_config.update(task="multilabel", method="lora")
+    base_config["data"]["label"] = "topics"
+    base_config["train"]["epochs"] = 1
+    result = train(load_config(raw=base_config))
+    art = result.artifact_dir
+    manifest = read_manifest(art)
+    assert manifest.task.value == "multilabel" and manifest.postprocess == "sigmoid" and manifest.threshold == 0.5
+    assert {"f1_micro", "hamming_loss", "lrap", "ndcg"} <= set(manifest.metrics["test"])
+    assert (art / "adapter" / "adapter_model.safetensors").is_file()
+    assert "classifier" in manifest.training["head_modules"] and manifest.training["lora_target_modules"]
+    merged = load_file(str(art / "model" / "model.safetensors"))
+    assert not any("lora" in key for key in merged)  # merged: a plain transformers checkpoint
+    assert manifest.trainable_parameters < manifest.total_parameters / 2
+
+
+def test_adapter_reload_matches_merged_model(base_config):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    import torch
+
+    base_config.update(method="lora")
+    base_config["train"]["epochs"] = 1
+    art = train(load_config(raw=base_config)).artifact_dir
+    manifest = read_manifest(art)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_config["model"], num_labels=2, id2label=dict(enumerate(manifest.labels)),
+        label2id={n: i for i, n in enumerate(manifest.labels)})
+    adapted = PeftModel.from_pretrained(base, art / "adapter").eval()
+    merged = load_artifact(art)
+    texts = ["a great plot", "dull acting and the music was awful", "honestly quite superb"]
+    batch = merged.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(adapted(**batch).logits, merged.model(**batch).logits, atol=1e-4)
+
+
+def test_regression_with_frozen_encoder(base_config):
+    base_config.update(task="regression", method="freeze")
+    base_config["data"]["label"] = "score"
+    result = train(load_config(raw=base_config))
+    manifest = read_manifest(result.artifact_dir)
+    assert manifest.labels is None and manifest.postprocess == "identity"
+    assert {"mse", "mae", "r2", "pearson", "spearman"} <= set(manifest.metrics["test"])
+    assert set(manifest.baselines) == {"mean", "tfidf_ridge"}
+    assert (result.artifact_dir / "report" / "predicted_vs_true.png").is_file()
+    head = sum(p for p in [manifest.trainable_parameters])
+    assert head < 0.01 * manifest.total_parameters  # only the pooler and the head train
+
+
+def test_freeze_bottom_layers_only(base_config):
+    from training.modeling import build_model
+
+    base_config.update(method="freeze", freeze={"layers": 1})
+    built = build_model(load_config(raw=base_config), ["negative", "positive"])
+    trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
+    assert any(".layer.1." in n for n in trainable) and not any(".layer.0." in n for n in trainable)
+    assert not any("embeddings" in n for n in trainable) and any(n.startswith("classifier") for n in trainable)
+
+
+def test_early_stopping_and_checkpoint_pruning(base_config):
+    base_config["train"].update(epochs=6, lr=1e-9, eval_every=5, save_every=5, keep_checkpoints=2,
+                                early_stopping={"metric": "loss", "patience": 1})
+    result = train(load_config(raw=base_config))
+    manifest = read_manifest(result.artifact_dir)
+    assert manifest.training["stopped_early"] is True
+    assert manifest.training["epochs_run"] < 6
+    assert len(list_checkpoints(base_config["output_dir"])) == 2
+
+
+@pytest.mark.parametrize("save_every", ["epoch", 7], ids=["after-epoch-1", "mid-epoch"])
+def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(base_config, tmp_path, monkeypatch, save_every):
+    base_config["train"]["save_every"] = save_every
+    straight = dict(base_config, output_dir=str(tmp_path / "straight"))
+    expected = train(load_config(raw=straight))
+
+    interrupted = dict(base_config, output_dir=str(tmp_path / "interrupted"))
+    real_save = checkpoint_module.save_checkpoint
+
+    def crash_after_first_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash right after the first checkpoint")
+
+    monkeypatch.setattr("training.train.save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(raw=interrupted))
+    assert not (tmp_path / "interrupted" / "artifact").exists()
+    monkeypatch.setattr("training.train.save_checkpoint", real_save)
+    resumed = train(load_config(raw=interrupted), resume=True)
+
+    assert resumed.metrics["test"] == pytest.approx(expected.metrics["test"], abs=1e-6)
+    a = load_file(str(expected.artifact_dir / "model" / "model.safetensors"))
+    b = load_file(str(resumed.artifact_dir / "model" / "model.safetensors"))
+    assert all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_non_finite_loss_stops_without_touching_the_previous_artifact(base_config, tmp_path):
+    good = train(load_config(raw=base_config))
+    before = (good.artifact_dir / "model" / "model.safetensors").read_bytes()
+    rows = [dict(r, score=1e30) for r in map(json.loads, open(base_config["data"]["train"]))]
+    path = tmp_path / "huge.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad = dict(base_config, task="regression")
+    bad["data"] = dict(base_config["data"], train=str(path), label="score")
+    with pytest.raises(TrainingError, match="loss became inf.*No artifact was published"):
+        train(load_config(raw=bad))
+    assert (good.artifact_dir / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_resume_without_checkpoint_is_a_clear_error(base_config):
+    with pytest.raises(TrainingError, match="no checkpoint under"):
+        train(load_config(raw=base_config), resume=True)
