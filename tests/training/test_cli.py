@@ -1,0 +1,91 @@
+"""The command line as a user runs it: one subprocess per command, real files, real exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from core.manifest import read_manifest
+
+
+def tuneserve(*args, cwd=None, timeout=300):
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model, data_dir):
+    """One run through `tuneserve train`, shared by the tests below."""
+    directory = tmp_path_factory.mktemp("cli")
+    config = {
+        "model": tiny_model, "method": "full", "output_dir": str(directory / "run"),
+        "data": {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "validation.jsonl"),
+                 "test": str(data_dir / "test.jsonl")},
+        "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 32},
+    }
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = tuneserve("train", str(path), "--set", "train.seed=7")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return directory / "run" / "artifact", result.stdout
+
+
+def test_train_prints_metrics_beside_baselines(trained):
+    artifact, stdout = trained
+    header = next(line for line in stdout.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "model", "majority", "tfidf_logreg"]
+    assert any(line.startswith("accuracy") for line in stdout.splitlines())
+    assert read_manifest(artifact).provenance["seed"] == 7  # the --set override reached the run
+
+
+def test_evaluate_reproduces_the_recorded_test_metrics(trained, data_dir, tmp_path):
+    artifact, _ = trained
+    out = tmp_path / "report.json"
+    result = tuneserve("evaluate", str(artifact), "--data", str(data_dir / "test.jsonl"), "--output", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    recorded = read_manifest(artifact).metrics["test"]
+    assert report["n"] == 60
+    assert report["metrics"]["accuracy"] == pytest.approx(recorded["accuracy"])
+    assert report["metrics"]["f1_macro"] == pytest.approx(recorded["f1_macro"])
+    assert abs(report["delta"]["accuracy"]) < 1e-9
+    assert len(report["confusion_matrix"]) == 2
+
+
+def test_predict_prints_one_json_line_per_text(trained):
+    artifact, _ = trained
+    result = tuneserve("predict", str(artifact), "a superb and lovely film", "dreadful, tedious acting")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["label"] for line in lines] == ["positive", "negative"]
+    assert all(0.5 <= line["score"] <= 1 for line in lines)
+
+
+def test_errors_are_one_line_without_traceback(trained, tmp_path):
+    artifact, _ = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine", "label": "neutral"}) + "\n")
+    result = tuneserve("evaluate", str(artifact), "--data", str(bad))
+    assert result.returncode == 2
+    assert "row 1, column 'label': label 'neutral' never appears in the training data" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {train: x.csv}\ntrain: {epochz: 1}\n")
+    result = tuneserve("train", str(config))
+    assert result.returncode == 2 and "'train.epochz': unknown key" in result.stderr and "Traceback" not in result.stderr
+
+    result = tuneserve("evaluate", str(tmp_path), "--data", str(bad))
+    assert result.returncode == 2 and "no manifest.json" in result.stderr
+
+
+def test_data_command_writes_the_demo_set(tmp_path):
+    result = tuneserve("data", "vader:tweets", "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "tweets.jsonl").read_text().splitlines()]
+    assert len(rows) == 4200
+    assert set(rows[0]) == {"id", "text", "rating", "polarity"} and -4 <= rows[0]["rating"] <= 4

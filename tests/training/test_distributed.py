@@ -1,0 +1,51 @@
+"""Two processes on the CPU (torchrun, gloo): DDP trains and the gathered metrics are exact."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from core.manifest import read_manifest
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, tiny_model, data_dir):
+    config = {
+        "model": tiny_model, "method": "lora", "output_dir": str(tmp_path / "run"),
+        # 60 test examples with eval batches of 16 do not split evenly over 2 processes:
+        # gather_for_metrics must drop the samples DDP padding duplicated.
+        "data": {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "validation.jsonl"),
+                 "test": str(data_dir / "test.jsonl")},
+        "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "max_length": 32},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    with socket.socket() as probe:  # a free port for the rendezvous on 127.0.0.1
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", port,
+         "-m", "training.cli", "train", str(path)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    artifact = tmp_path / "run" / "artifact"
+    manifest = read_manifest(artifact)
+    assert manifest.training["num_processes"] == 2
+    # 240 training examples, batch 8 per process, 2 processes -> 15 optimizer steps per epoch.
+    assert manifest.training["steps_per_epoch"] == 15
+    assert sum(row["support"] for row in manifest.per_class.values()) == 60
+
+    out = tmp_path / "single.json"
+    single = subprocess.run(
+        [sys.executable, "-m", "training.cli", "evaluate", str(artifact), "--data", str(data_dir / "test.jsonl"),
+         "--output", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    report = json.loads(out.read_text())
+    for name in ("accuracy", "f1_macro", "roc_auc", "log_loss"):
+        assert report["metrics"][name] == pytest.approx(manifest.metrics["test"][name], abs=1e-5), name
