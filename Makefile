@@ -20,7 +20,7 @@ install: $(BIN)/tuneserve
 
 # The main job: fine-tune the bundled model on the demo data and write the artifact.
 demo: install
-	$(BIN)/tuneserve train $(CONFIG)
+	$(BIN)/tuneserve train $(CONFIG) --overwrite
 
 # The whole test suite (unit, integration with the real model, two-process DDP).
 test: install

@@ -1,4 +1,4 @@
-"""The ``tuneserve`` command line: train, evaluate, predict, data.
+"""The ``tuneserve`` command line: train, evaluate, predict, config, data.
 
 Errors a user can act on (bad config, bad data, a broken artifact) are printed as one message and
 exit with status 2, without a traceback.
@@ -35,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.train import train
 
     cfg = load_config(args.config, args.set)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if result.artifact_dir is None:  # not the main process
         return 0
     print(f"\ntest metrics ({len(result.test_targets)} examples) beside the baselines:")
@@ -120,6 +120,21 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from training.config import load_config, reference_table
+
+    if args.reference:
+        print(reference_table())
+        return 0
+    if not args.config:
+        raise TuneserveError("give a config file to check, or --reference for the table of every key")
+    cfg = load_config(args.config, args.set)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneserve", description="Fine-tune a transformer, measure it, serve it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -129,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run configuration (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value, e.g. --set train.epochs=1 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="start afresh although output_dir holds checkpoints of an earlier run")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score an artifact on labelled data with the training metrics")
@@ -147,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", help="texts to classify")
     p.add_argument("--pair", action="append", help="second text, once per text, for pair models")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("config", help="validate a config and print it with every default filled in")
+    p.add_argument("config", nargs="?", help="run configuration (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a value")
+    p.add_argument("--reference", action="store_true", help="print the table of every key, its default and meaning")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("data", help="write a demo data set as JSONL")
     p.add_argument("name", help="vader:movie | vader:amazon | vader:nyt | vader:tweets")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -60,9 +60,9 @@ class EarlyStoppingConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(3, gt=0)
+    epochs: int = Field(3, gt=0, description="Passes over the training data (early stopping may end sooner).")
     batch_size: int = Field(32, gt=0, description="Examples per optimizer micro-step, per process.")
-    eval_batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(128, gt=0, description="Examples per forward pass in evaluation, per process.")
     lr: float | Literal["auto"] = Field("auto", description="Peak learning rate; 'auto' = 5e-5 (full), 5e-4 (lora), 1e-3 (freeze).")
     scheduler: Literal["linear", "cosine", "constant", "exponential"] = Field("linear", description="Decay after warmup.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of optimizer steps spent warming up linearly.")
@@ -73,7 +73,7 @@ class TrainConfig(_Strict):
     max_length: int = Field(128, gt=2, description="Tokens kept per example, special tokens included.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="'auto' = bf16 on a CUDA device that supports it, fp16 on other CUDA devices, fp32 on CPU.")
-    seed: int = 42
+    seed: int = Field(42, description="Seeds weights of the new head, dropout, batch order and data splits.")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     class_weights: Literal["auto", "none"] = Field(
         "auto", description="'auto' weighs classes by inverse training frequency (pos_weight for multilabel).")
@@ -202,3 +202,23 @@ def _describe(exc: ValidationError) -> str:
         (f"'{where}': " if where else "") + " or ".join(dict.fromkeys(messages))
         for where, messages in by_field.items()
     )
+
+
+def reference_table() -> str:
+    """The config reference as a Markdown table (README.md holds a copy; a test keeps them equal)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            nested = [t for t in (field.annotation, *get_args(field.annotation))
+                      if isinstance(t, type) and issubclass(t, BaseModel)]
+            if nested:
+                walk(nested[0], f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else field.get_default(call_default_factory=True)
+            default = getattr(default, "value", default)
+            text = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | `{'null' if default is None else default}` | {text} |")
+
+    walk(Config, "")
+    return "\n".join(rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from core.errors import TrainingError
 from core.metrics import Evaluation, evaluate
 from core.tasks import Task, is_better, postprocess
 from training.batching import Collator, LengthGroupedBatchSampler, encode_split
-from training.checkpoint import latest_checkpoint, read_state, save_checkpoint
+from training.checkpoint import CHECKPOINTS, latest_checkpoint, read_state, save_checkpoint
 from training.config import Config
 from training.data import load_dataset
 from training.modeling import build_model, optimizer_groups, trainable_state
@@ -106,8 +107,19 @@ def run_evaluation(model, dataloader, accelerator, cfg: Config, labels, loss_fn,
     return result, targets.numpy(), scores
 
 
-def train(cfg: Config, *, resume: bool = False) -> RunResult:
-    """Fine-tune, evaluate and publish ``OUTPUT_DIR/artifact``. See the module docstring for the flow."""
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Fine-tune, evaluate and publish ``OUTPUT_DIR/artifact``. See the module docstring for the flow.
+
+    Args:
+        cfg: the validated run configuration.
+        resume: continue from the newest checkpoint in ``OUTPUT_DIR/checkpoints``.
+        overwrite: start afresh even though ``OUTPUT_DIR`` holds checkpoints of an earlier run (they are
+            removed; the earlier artifact stays until this run publishes its own).
+
+    Raises:
+        TrainingError: a fresh run would mix with an earlier run's checkpoints, there is nothing to
+            resume, or the loss became non-finite.
+    """
     from training.artifact import publish_artifact  # imports matplotlib; keep it off the import path of tests that don't need it
 
     started = time.time()
@@ -121,6 +133,21 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
     set_seed(tc.seed)
     main = accelerator.is_main_process
     accelerator.print(f"device {accelerator.device}, {accelerator.num_processes} process(es), precision {precision}")
+
+    # -- the output directory: never mix two runs' checkpoints --------------------------------------
+    resume_from = latest_checkpoint(output_dir)
+    if resume and resume_from is None:
+        raise TrainingError(f"--resume: no checkpoint under {output_dir / CHECKPOINTS}")
+    if not resume and resume_from is not None:
+        if not overwrite:
+            raise TrainingError(f"{output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                                "or --overwrite to start again (its artifact stays until the new one is written)")
+        accelerator.wait_for_everyone()
+        if main:
+            shutil.rmtree(output_dir / CHECKPOINTS)
+            (output_dir / BEST_WEIGHTS).unlink(missing_ok=True)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
 
     # -- data: read and check on the main process first, so a download or cache write happens once ----
     with accelerator.main_process_first():
@@ -161,14 +188,11 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
 
     # -- state that checkpoints carry ---------------------------------------------------------------
     state = {"epoch": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
-             "history": {"train_loss": [], "validation": []}}
+             "train_seconds": 0.0, "train_samples": 0, "history": {"train_loss": [], "validation": []}}
     if resume:
-        checkpoint = latest_checkpoint(output_dir)
-        if checkpoint is None:
-            raise TrainingError(f"--resume: no checkpoint under {output_dir / 'checkpoints'}")
-        accelerator.load_state(str(checkpoint))
-        state = read_state(checkpoint)
-        accelerator.print(f"resumed from {checkpoint} (epoch {state['epoch']}, step {state['step']})")
+        accelerator.load_state(str(resume_from))
+        state = read_state(resume_from)
+        accelerator.print(f"resumed from {resume_from} (epoch {state['epoch']}, step {state['step']})")
 
     def validate() -> bool:
         """Evaluate, keep the best weights, and say whether early stopping should end the run."""
@@ -191,8 +215,6 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
     def checkpoint() -> None:
         save_checkpoint(accelerator, output_dir, state["step"], state, tc.keep_checkpoints)
 
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     # -- the loop -----------------------------------------------------------------------------------
     model.train()
@@ -208,6 +230,7 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
         # sampler, and a resumed run must tell them which epoch it is in.
         batches.set_epoch(epoch)
         window_loss, window_n, window_start = 0.0, 0, time.time()
+        tick = time.perf_counter()  # training time excludes evaluation and checkpointing
         for batch in batches:
             with accelerator.accumulate(model):
                 targets = batch.pop("labels")
@@ -223,6 +246,7 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
                 optimizer.zero_grad(set_to_none=True)
             window_loss += loss.item()
             window_n += targets.shape[0]
+            state["train_samples"] += targets.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             # One optimizer step done.
@@ -235,12 +259,14 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
             progress.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4f}",
                                  samples_per_s=f"{window_n * accelerator.num_processes / (time.time() - window_start):.0f}")
             window_loss, window_n, window_start = 0.0, 0, time.time()
+            state["train_seconds"] += time.perf_counter() - tick
             if isinstance(tc.eval_every, int) and state["step"] % tc.eval_every == 0:
                 state["stopped_early"] = validate()
             if isinstance(tc.save_every, int) and state["step"] % tc.save_every == 0:
                 checkpoint()
             if state["stopped_early"]:
                 break
+            tick = time.perf_counter()
         if not state["stopped_early"]:
             state["epoch"] = epoch + 1
             if tc.eval_every == "epoch":
@@ -258,12 +284,16 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
     # -- restore the best weights and score the test split ------------------------------------------
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    best = load_file(str(output_dir / BEST_WEIGHTS))
-    with torch.no_grad():
-        for name, param in unwrapped.named_parameters():
-            if name in best:
-                param.copy_(best[name].to(param.device, param.dtype))
-    validation = next(v for v in state["history"]["validation"] if v["step"] == state["best_step"])
+    if state["best_step"] is None:  # the monitored metric was never defined: keep the final weights
+        state["best_step"] = state["step"]
+        accelerator.print(f"validation {monitor} was undefined at every evaluation; keeping the final weights")
+    else:
+        best = load_file(str(output_dir / BEST_WEIGHTS))
+        with torch.no_grad():
+            for name, param in unwrapped.named_parameters():
+                if name in best:
+                    param.copy_(best[name].to(param.device, param.dtype))
+    validation = next(v for v in reversed(state["history"]["validation"]) if v["step"] == state["best_step"])
     test, test_targets, test_scores = run_evaluation(model, test_dl, accelerator, cfg, data.labels, loss_fn, "test")
     metrics = {"validation": {k: v for k, v in validation.items() if k not in ("step", "epoch")}, "test": test.metrics}
 
@@ -279,6 +309,8 @@ def train(cfg: Config, *, resume: bool = False) -> RunResult:
             "stopped_early": state["stopped_early"], "steps_per_epoch": steps_per_epoch,
             "num_processes": accelerator.num_processes, "mixed_precision": precision,
             "device": str(accelerator.device), "lr": cfg.lr, "seconds": round(time.time() - started, 1),
+            "train_seconds": round(state["train_seconds"], 2),
+            "train_samples_per_second": round(state["train_samples"] / max(state["train_seconds"], 1e-9), 2),
             "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
             "history": state["history"],
         }

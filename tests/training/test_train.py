@@ -144,10 +144,22 @@ def test_non_finite_loss_stops_without_touching_the_previous_artifact(base_confi
     bad = dict(base_config, task="regression")
     bad["data"] = dict(base_config["data"], train=str(path), label="score")
     with pytest.raises(TrainingError, match="loss became inf.*No artifact was published"):
-        train(load_config(raw=bad))
+        train(load_config(raw=bad), overwrite=True)
     assert (good.artifact_dir / "model" / "model.safetensors").read_bytes() == before
+    assert read_manifest(good.artifact_dir).task.value == "classification"
 
 
 def test_resume_without_checkpoint_is_a_clear_error(base_config):
     with pytest.raises(TrainingError, match="no checkpoint under"):
         train(load_config(raw=base_config), resume=True)
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(base_config):
+    base_config["train"]["epochs"] = 1
+    train(load_config(raw=base_config))
+    with pytest.raises(TrainingError, match="pass --resume to continue it, or --overwrite"):
+        train(load_config(raw=base_config))
+    base_config["train"]["epochs"] = 2
+    result = train(load_config(raw=base_config), overwrite=True)
+    assert [p.name for p in list_checkpoints(base_config["output_dir"])] == ["step-00000015", "step-00000030"]
+    assert read_manifest(result.artifact_dir).training["steps"] == 30

@@ -1,0 +1,44 @@
+"""Shared by the benchmark scripts: the machine's matmul rate and writing a section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """Measured fp32 matmul rate of this machine with torch's default thread count (best of 3)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def write_section(name: str, command: str, body: str) -> None:
+    """Replace (or append) the section ``name`` of BENCHMARKS.md."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    section = f"{begin}\n_Command:_ `{command}`  \n_Date:_ {time.strftime('%Y-%m-%d')}  \n_Machine:_ {machine()}\n\n{body.strip()}\n{end}"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\nEach section is written by the script named in its command; rerun it to refresh.\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + f"\n\n{section}\n"
+    BENCHMARKS.write_text(text if text.endswith("\n") else text + "\n")
