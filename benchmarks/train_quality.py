@@ -34,7 +34,8 @@ def main() -> None:
         output = Path(args.output_root) / Path(config).stem
         if not args.reuse:
             print(f"training {config} ...", flush=True)
-            done = subprocess.run([sys.executable, "-m", "training.cli", "train", config, "--set", f"output_dir={output}"],
+            done = subprocess.run([sys.executable, "-m", "training.cli", "train", config, "--overwrite",
+                                   "--set", f"output_dir={output}"],
                                   cwd=ROOT, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")

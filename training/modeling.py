@@ -50,9 +50,14 @@ def _head_modules(model: PreTrainedModel, missing_keys: set[str]) -> list[str]:
     The pooler feeds the classifier in BERT-like models; training it with the head lets LoRA and
     freeze adapt the sentence representation the classifier sees.
     """
-    names = {key.rsplit(".", 2)[0] if key.count(".") >= 2 else key.rsplit(".", 1)[0] for key in missing_keys}
+    prefix = f"{model.base_model_prefix}."
+    heads = set()
+    for key in missing_keys:
+        owner = key.rsplit(".", 1)[0]  # the module that holds the missing tensor
+        # Outside the encoder, take the whole head ("classifier", not "classifier.out_proj").
+        heads.add(owner if owner.startswith(prefix) else owner.split(".")[0])
     module_names = {n for n, _ in model.named_modules()}
-    heads = sorted(n for n in names if n in module_names)
+    heads = sorted(h for h in heads if h in module_names)
     for name, _ in model.named_modules():
         if name.endswith("pooler") and name not in heads:
             heads.append(name)

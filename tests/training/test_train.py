@@ -163,3 +163,24 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(base_config):
     result = train(load_config(raw=base_config), overwrite=True)
     assert [p.name for p in list_checkpoints(base_config["output_dir"])] == ["step-00000015", "step-00000030"]
     assert read_manifest(result.artifact_dir).training["steps"] == 30
+
+
+def test_text_pairs_reach_the_model_as_segment_pairs(base_config, tmp_path):
+    from tests.conftest import make_rows, write_jsonl
+
+    def pairs(n, seed):
+        rows = make_rows(n, seed)
+        # The label depends on the second text only: a model that ignored it could not learn this.
+        return [{"premise": "the reviewer wrote this", "hypothesis": r["text"], "label": r["label"]} for r in rows]
+
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", pairs(n, i))
+             for i, (split, n) in enumerate([("train", 240), ("validation", 60), ("test", 60)])}
+    base_config["data"] = {**{k: str(v) for k, v in files.items()}, "text": "premise", "text_pair": "hypothesis"}
+    base_config["train"].update(epochs=6, early_stopping={"patience": None})
+    result = train(load_config(raw=base_config))
+    manifest = read_manifest(result.artifact_dir)
+    assert manifest.text_fields == ["premise", "hypothesis"] and manifest.has_pair
+    assert result.metrics["test"]["accuracy"] >= 0.9
+    loaded = load_artifact(result.artifact_dir)
+    scores = predict_scores(loaded, ["the reviewer wrote this"] * 2, ["superb and lovely", "dull and tedious"])
+    assert [manifest.labels[i] for i in scores.argmax(1)] == ["positive", "negative"]
