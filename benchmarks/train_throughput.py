@@ -132,7 +132,8 @@ def main() -> None:
         # LoRA: forward (2 FLOPs per parameter per token) + backward through the frozen weights for the
         # input gradients (2 more); attention-score FLOPs are left out, so this slightly understates.
         gflops = 4 * b["non_embedding_params"] * b["tokens"] / b["seconds"] / 1e9
-        lines.append(f"| {r} | {b['samples_per_s']:.1f} | {', '.join(f'{x['samples_per_s']:.1f}' for x in runs[r])} | "
+        rounds = ", ".join(f"{x['samples_per_s']:.1f}" for x in runs[r])
+        lines.append(f"| {r} | {b['samples_per_s']:.1f} | {rounds} | "
                      f"{b['samples_per_s'] / fastest_trainer:.2f}x | {b['accuracy']:.4f} | {gflops:.1f} | {gflops / peak:.0%} |")
     table = "\n".join(lines)
     body = (f"{args.steps} optimizer steps of batch 32 ({args.steps * 32} sentences of vader:movie, one epoch, "
