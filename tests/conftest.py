@@ -73,5 +73,6 @@ def base_config(tiny_model, data_dir, tmp_path) -> dict:
                  "test": str(data_dir / "test.jsonl")},
         "method": "full",
         "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 32},
+        "export": {"onnx": False},  # export has its own tests
         "output_dir": str(tmp_path / "run"),
     }

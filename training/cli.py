@@ -1,4 +1,4 @@
-"""The ``tuneserve`` command line: train, evaluate, predict, config, data.
+"""The ``tuneserve`` command line: train, evaluate, export, register, predict, config, data.
 
 Errors a user can act on (bad config, bad data, a broken artifact) are printed as one message and
 exit with status 2, without a traceback.
@@ -41,6 +41,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\ntest metrics ({len(result.test_targets)} examples) beside the baselines:")
     print(_table({"model": result.metrics["test"], **result.baselines}, [*METRIC_NAMES[cfg.task], "loss"]))
     print(f"\nartifact: {result.artifact_dir}")
+    if result.export:
+        _print_export(result.export)
+    return 0
+
+
+def _print_export(section: dict) -> None:
+    onnx = section["onnx"]
+    fusions = ", ".join(f"{k} {v}" for k, v in onnx.get("fusions", {}).items()) or onnx.get("note", "none")
+    print(f"onnx: {onnx['fp32']} (fusions: {fusions})")
+    for variant, report in section["parity"].items():
+        agreement = f"label agreement {report['label_agreement']:.4%}, " if "label_agreement" in report else ""
+        print(f"  parity {variant}: {agreement}max |score diff| {report['max_abs_diff']:.2e} "
+              f"on {report['examples']} {onnx['held_out']} examples")
+    int8 = section["int8"]
+    if int8["kept"]:
+        print(f"  int8 kept ({int8['method']}): {onnx['int8']}")
+    elif int8["requested"] != "off":
+        print(f"  int8 dropped: {int8['reason']}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import export_artifact
+
+    section = export_artifact(args.artifact, int8=args.int8)
+    _print_export(section)
     return 0
 
 
@@ -135,6 +160,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from training.register import register
+
+    tag = register(args.artifact, args.name)
+    print(tag)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneserve", description="Fine-tune a transformer, measure it, serve it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -159,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="label column (default: as at training)")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export an artifact to ONNX (fp32, int8 if it keeps quality) behind a parity gate")
+    p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
+    p.add_argument("--int8", choices=["auto", "on", "off"], default="auto",
+                   help="auto: keep int8 only if it passes the gate; on: fail if it cannot; off: skip")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("register", help="copy an artifact into the BentoML model store and print its tag")
+    p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
+    p.add_argument("--name", help="model name in the store (default: the artifact's name)")
+    p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("predict", help="print predictions for a few texts")
     p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")

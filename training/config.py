@@ -93,6 +93,14 @@ class TrainConfig(_Strict):
         return self
 
 
+class ExportConfig(_Strict):
+    onnx: bool = Field(True, description="Export to ONNX after training and gate it against PyTorch (tuneserve export does the same later).")
+    int8: Literal["auto", "on", "off"] = Field(
+        "auto", description="Dynamic int8 quantization: 'auto' keeps it only if it passes the gate, 'on' fails the export if it cannot.")
+    int8_min_agreement: float = Field(0.99, gt=0, le=1, description="Label agreement with PyTorch an int8 model must reach.")
+    int8_max_metric_drop: float = Field(0.005, ge=0, description="Largest drop of the primary metric int8 may cause (0.005 = 0.5 points).")
+
+
 DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "freeze": 1e-3}
 
 
@@ -105,6 +113,7 @@ class Config(_Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     output_dir: str = Field("runs/tuneserve", description="Checkpoints go to OUTPUT_DIR/checkpoints, the artifact to OUTPUT_DIR/artifact.")
 
     @model_validator(mode="after")

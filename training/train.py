@@ -47,6 +47,7 @@ class RunResult:
     test: Evaluation
     test_targets: np.ndarray
     test_scores: np.ndarray
+    export: dict | None = None
 
 
 def make_loss(cfg: Config, targets: np.ndarray, num_outputs: int):
@@ -315,6 +316,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             "history": state["history"],
         }
         result.artifact_dir = publish_artifact(cfg, unwrapped, built, data, result, training_info)
+        if cfg.export.onnx:
+            from training.export import HeldOut, export_artifact
+
+            held_out = HeldOut(data.validation.texts, data.validation.pairs, data.validation.targets, "validation")
+            result.export = export_artifact(result.artifact_dir, int8=cfg.export.int8, held_out=held_out,
+                                            min_int8_agreement=cfg.export.int8_min_agreement,
+                                            max_int8_drop=cfg.export.int8_max_metric_drop)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

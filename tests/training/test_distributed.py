@@ -21,6 +21,7 @@ def test_torchrun_two_processes(tmp_path, tiny_model, data_dir):
         "data": {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "validation.jsonl"),
                  "test": str(data_dir / "test.jsonl")},
         "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "max_length": 32},
+        "export": {"onnx": False},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -1,0 +1,144 @@
+"""ONNX export and its parity gate, on tiny models of every task; registration in the BentoML store."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from core.errors import ArtifactError
+from core.manifest import read_manifest
+from core.onnx_runner import OnnxModel, check_external_data
+from training import export as export_module
+from training.config import load_config
+from training.export import ExportError, export_artifact
+from training.inference import load_artifact, predict_logits
+from training.train import train
+
+
+def _train(base_config, **changes):
+    base_config.update(changes)
+    base_config["export"] = {"onnx": True}
+    base_config["train"]["epochs"] = 3
+    return train(load_config(raw=base_config))
+
+
+@pytest.mark.parametrize("task, method, label", [
+    ("classification", "full", "label"),
+    ("classification", "lora", "label"),
+    ("multilabel", "lora", "topics"),
+    ("regression", "full", "score"),
+])
+def test_export_passes_the_gate_for_every_task_and_method(base_config, task, method, label):
+    base_config["data"]["label"] = label
+    result = _train(base_config, task=task, method=method)
+    art = result.artifact_dir
+    section = read_manifest(art).export
+    assert (art / "onnx" / "model.onnx").is_file()
+    fp32 = section["parity"]["onnx"]
+    assert fp32["examples"] == 60 and fp32["max_abs_diff"] < 1e-3
+    if task == "regression":
+        assert "label_agreement" not in fp32 and abs(fp32["metric_delta"]["r2"]) < 1e-3
+    else:
+        assert fp32["label_agreement"] >= 0.999
+    if task == "multilabel":
+        assert set(fp32["label_agreement_per_label"]) == set(read_manifest(art).labels)
+    assert section["onnx"]["fusions"].get("Attention") == 2  # two encoder layers fused
+    assert len(section["selftest"]) == 8
+    # int8 is either kept with a passing report or dropped with the reason.
+    int8 = section["int8"]
+    assert int8["kept"] == (art / "onnx" / "model.int8.onnx").is_file()
+    assert int8["kept"] or int8["reason"]
+    # The ONNX model reproduces the LoRA-merged PyTorch model's labels.
+    loaded = load_artifact(art)
+    texts = ["a superb plot", "dull and tedious acting", "the music was lovely"]
+    ort = OnnxModel(art / "onnx" / "model.onnx").logits(loaded.tokenizer, texts, max_length=32)
+    assert np.allclose(ort, predict_logits(loaded, texts), atol=1e-4)
+
+
+def test_a_corrupted_weight_fails_the_gate_and_keeps_the_previous_export(base_config, monkeypatch):
+    result = _train(base_config)
+    art = result.artifact_dir
+    before = (art / "onnx" / "model.onnx").read_bytes()
+    manifest_before = (art / "manifest.json").read_text()
+    real_optimize = export_module._optimize
+
+    def corrupt(raw, out, config):
+        stats = real_optimize(raw, out, config)
+        model = onnx.load(str(out))
+        for tensor in model.graph.initializer:
+            if "classifier" in tensor.name and tensor.dims and len(tensor.dims) == 2:
+                weights = onnx.numpy_helper.to_array(tensor)
+                tensor.CopyFrom(onnx.numpy_helper.from_array(-weights, tensor.name))  # flips every decision
+        onnx.save(model, str(out))
+        return stats
+
+    monkeypatch.setattr(export_module, "_optimize", corrupt)
+    with pytest.raises(ExportError, match="ONNX fp32 does not match PyTorch.*label agreement"):
+        export_artifact(art)
+    assert (art / "onnx" / "model.onnx").read_bytes() == before
+    assert (art / "manifest.json").read_text() == manifest_before
+    assert not list(art.glob(".onnx-*"))
+
+
+def test_int8_on_fails_when_no_variant_keeps_quality(base_config):
+    result = _train(base_config)
+    with pytest.raises(ExportError, match="--int8 on, but no int8 variant kept quality"):
+        export_module.export_artifact(result.artifact_dir, int8="on", min_int8_agreement=1.01)
+
+
+def test_unknown_architecture_exports_plain_onnx(base_config, monkeypatch):
+    monkeypatch.setattr(export_module, "BERT_LIKE", set())
+    section = _train(base_config).export
+    assert section["onnx"]["optimizer"] is None and "plain ONNX" in section["onnx"]["note"]
+    assert section["parity"]["onnx"]["label_agreement"] >= 0.999
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../outside.bin", "link.bin"])
+def test_external_data_outside_the_model_directory_is_refused(tmp_path, location):
+    from onnx import TensorProto, helper
+
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 16)
+    inner = tmp_path / "model"
+    inner.mkdir()
+    (inner / "link.bin").symlink_to(tmp_path / "outside.bin")
+    tensor = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["logits"])], "g", [],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4])], [tensor])
+    path = inner / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(ArtifactError, match="outside the model's directory"):
+        check_external_data(path)
+
+
+def test_register_puts_the_artifact_in_the_bentoml_store(base_config, tmp_path, monkeypatch):
+    art = _train(base_config).artifact_dir
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # a private store, for the subprocesses too
+    done = subprocess.run([sys.executable, "-m", "training.cli", "register", str(art), "--name", "sentiment-tiny"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tag = done.stdout.strip().splitlines()[-1]
+    assert tag.startswith("sentiment-tiny:")
+    listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list", "-o", "json"], capture_output=True,
+                            text=True, timeout=120)
+    assert tag in listed.stdout
+    import bentoml
+
+    model = bentoml.models.get(tag)
+    assert model.info.labels["task"] == "classification" and "onnx" in model.info.labels["backends"].split(",")
+    assert read_manifest(model.path).export["parity"]["onnx"]["label_agreement"] >= 0.999
+
+
+def test_register_refuses_a_bad_name_and_an_incomplete_artifact(base_config, tmp_path):
+    from training.register import register
+
+    art = _train(base_config).artifact_dir
+    with pytest.raises(ArtifactError, match="BentoML model names"):
+        register(art, "Bad Name!")
+    (art / "onnx" / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="lists onnx/model.onnx, which is missing"):
+        register(art, "ok")

@@ -1,0 +1,248 @@
+"""Export: ONNX fp32 (graph-optimised), int8 only where it keeps quality, and a parity gate that proves it.
+
+Every variant is run over the held-out split with the shared encoding and compared with PyTorch at the
+task level (label agreement, score differences, metric change); the report goes into the manifest under
+``export``. An fp32 export that disagrees fails; an int8 variant that loses quality is dropped, and the
+manifest says why. Files are written to a temporary directory and swapped into ``artifact/onnx`` only
+when the gate has passed, so a failed export leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import ArtifactError, TuneserveError
+from core.manifest import MANIFEST_FILE, MODEL_DIR, Manifest, read_manifest
+from core.metrics import evaluate
+from core.onnx_runner import OnnxModel, check_external_data
+from core.tasks import Task, postprocess
+
+logger = logging.getLogger(__name__)
+
+ONNX_DIR = "onnx"
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+OPSET = 17
+FP32_MIN_AGREEMENT = 0.999
+# HF model types whose graphs onnxruntime.transformers' BERT optimizer knows how to fuse.
+BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet"}
+SELFTEST_EXAMPLES = 8
+
+
+class ExportError(TuneserveError):
+    """The exported model does not match PyTorch closely enough."""
+
+
+@dataclass
+class HeldOut:
+    texts: list[str]
+    pairs: list[str] | None
+    targets: np.ndarray
+    name: str
+
+
+def held_out_from_config(manifest: Manifest) -> HeldOut:
+    """Reload the run's validation split (test when validation is empty) exactly as training carved it."""
+    from training.config import Config
+    from training.data import load_dataset
+
+    cfg = Config.model_validate(manifest.provenance["config"])
+    data = load_dataset(cfg.data, cfg.task, cfg.train.seed)
+    split = data.validation if len(data.validation) else data.test
+    return HeldOut(split.texts, split.pairs, split.targets, split.name)
+
+
+def compare(manifest: Manifest, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> dict:
+    """Task-level comparison of two sets of logits on the same examples."""
+    ref = postprocess(reference, manifest.postprocess)
+    new = postprocess(candidate, manifest.postprocess)
+    labels, threshold = manifest.labels, manifest.threshold or 0.5
+    ref_metrics = evaluate(manifest.task, targets, ref, labels, threshold=threshold).metrics
+    new_metrics = evaluate(manifest.task, targets, new, labels, threshold=threshold).metrics
+    report = {
+        "examples": int(len(targets)),
+        "max_abs_diff": float(np.max(np.abs(ref - new))),
+        "mean_abs_diff": float(np.mean(np.abs(ref - new))),
+        "metrics_torch": ref_metrics,
+        "metrics_onnx": new_metrics,
+        "metric_delta": {k: new_metrics[k] - v for k, v in ref_metrics.items() if k in new_metrics},
+    }
+    if manifest.task is Task.CLASSIFICATION:
+        report["label_agreement"] = float(np.mean(ref.argmax(1) == new.argmax(1)))
+    elif manifest.task is Task.MULTILABEL:
+        same = (ref >= threshold) == (new >= threshold)
+        report["label_agreement"] = float(same.mean())
+        report["label_agreement_per_label"] = {name: float(v) for name, v in zip(labels, same.mean(axis=0))}
+    return report
+
+
+def _gate(manifest: Manifest, report: dict, min_agreement: float, max_drop: float) -> str | None:
+    """Why a variant fails (None when it passes)."""
+    primary = manifest.primary_metric
+    drop = -report["metric_delta"].get(primary, 0.0)
+    if primary in ("loss", "log_loss", "hamming_loss", "mse", "rmse", "mae"):
+        drop = -drop
+    if "label_agreement" in report and report["label_agreement"] < min_agreement:
+        return f"label agreement {report['label_agreement']:.4f} < {min_agreement}"
+    if drop > max_drop:
+        return f"{primary} drops by {drop:.4f} (> {max_drop})"
+    return None
+
+
+def _export_fp32(model, tokenizer, manifest: Manifest, path: Path) -> None:
+    import torch
+
+    from core.encoding import encode
+
+    sample = encode(tokenizer, ["an example sentence", "a second, longer example sentence for the export"],
+                    [ "a pair", "another pair" ] if manifest.has_pair else None,
+                    max_length=manifest.max_length, padding="longest", return_tensors="pt")
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes["logits"] = {0: "batch"}
+    with torch.no_grad():
+        torch.onnx.export(model, (), str(path), kwargs={n: sample[n] for n in names}, input_names=names,
+                          output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+
+
+def _optimize(raw: Path, out: Path, config) -> dict:
+    """Fuse attention, LayerNorm and GELU for BERT-like graphs; copy the graph unchanged otherwise."""
+    if config.model_type not in BERT_LIKE:
+        shutil.copyfile(raw, out)
+        return {"optimizer": None, "note": f"no graph optimizer for model type {config.model_type!r}; plain ONNX exported"}
+    from onnxruntime.transformers import optimizer
+
+    optimized = optimizer.optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,
+                                         hidden_size=config.hidden_size, opt_level=0)
+    optimized.save_model_to_file(str(out))
+    fusions = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    return {"optimizer": "onnxruntime.transformers (bert)", "fusions": fusions}
+
+
+def _int8_attempts(fp32: Path) -> list[tuple[str, dict]]:
+    import onnx
+
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    matmuls = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    # The head and the first and last encoder layers are the usual sources of int8 error.
+    sensitive = [n for n in matmuls if "classifier" in n or "pooler" in n or "layer.0." in n or "layers.0." in n]
+    last = max((int(p.split(".")[0]) for n in matmuls for p in n.split("layer.")[1:2] if p.split(".")[0].isdigit()), default=None)
+    if last is not None:
+        sensitive += [n for n in matmuls if f"layer.{last}." in n]
+    return [("per-tensor", {"per_channel": False}),
+            ("per-channel", {"per_channel": True}),
+            ("per-channel, head and outer layers in fp32", {"per_channel": True, "nodes_to_exclude": sorted(set(sensitive))})]
+
+
+def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held_out: HeldOut | None = None,
+                    min_int8_agreement: float = 0.99, max_int8_drop: float = 0.005) -> dict:
+    """Export an artifact to ONNX, gate every variant against PyTorch, record the report in the manifest.
+
+    Args:
+        artifact_dir: the artifact directory.
+        int8: ``auto`` keeps int8 if it passes the gate, ``on`` fails the export if no int8 variant passes,
+            ``off`` skips it.
+        held_out: examples for the gate; reloaded from the run's config when not given.
+        min_int8_agreement: label agreement an int8 variant must reach.
+        max_int8_drop: largest drop of the primary metric (absolute; 0.005 = 0.5 points) int8 may cause.
+
+    Returns:
+        The ``export`` section written to the manifest.
+
+    Raises:
+        ExportError: fp32 disagrees with PyTorch, or ``int8="on"`` and no int8 variant passes.
+    """
+    import onnx
+    import onnx.checker
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModelForSequenceClassification
+
+    from training.inference import load_artifact, predict_logits
+
+    artifact_dir = Path(artifact_dir)
+    loaded = load_artifact(artifact_dir)
+    manifest, tokenizer = loaded.manifest, loaded.tokenizer
+    held_out = held_out or held_out_from_config(manifest)
+    reference = predict_logits(loaded, held_out.texts, held_out.pairs, batch_size=64)
+
+    tmp = artifact_dir / f".{ONNX_DIR}-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        # Eager attention exports as plain MatMul/Softmax, which the optimizer can fuse into Attention.
+        eager = AutoModelForSequenceClassification.from_pretrained(artifact_dir / MODEL_DIR, attn_implementation="eager").eval()
+        raw = tmp / "model.raw.onnx"
+        _export_fp32(eager, tokenizer, manifest, raw)
+        onnx.checker.check_model(str(raw))
+        graph = _optimize(raw, tmp / FP32_FILE, eager.config)
+        raw.unlink()
+
+        def run(path: Path) -> np.ndarray:
+            check_external_data(path)
+            return OnnxModel(path).logits(tokenizer, held_out.texts, held_out.pairs, max_length=manifest.max_length)
+
+        parity = {"onnx": compare(manifest, reference, run(tmp / FP32_FILE), held_out.targets)}
+        failure = _gate(manifest, parity["onnx"], FP32_MIN_AGREEMENT, 0.001)
+        if failure:
+            raise ExportError(f"{artifact_dir}: ONNX fp32 does not match PyTorch on {held_out.name} "
+                              f"({held_out.name} of {len(held_out.targets)} examples): {failure}; nothing was written")
+
+        int8_report: dict = {"requested": int8, "kept": False, "attempts": []}
+        if int8 != "off":
+            for name, options in _int8_attempts(tmp / FP32_FILE):
+                candidate = tmp / INT8_FILE
+                quantize_dynamic(tmp / FP32_FILE, candidate, weight_type=QuantType.QInt8,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **options)
+                report = compare(manifest, reference, run(candidate), held_out.targets)
+                failure = _gate(manifest, report, min_int8_agreement, max_int8_drop)
+                int8_report["attempts"].append({"method": name, "passed": failure is None, "reason": failure,
+                                                "label_agreement": report.get("label_agreement"),
+                                                "metric_delta": report["metric_delta"].get(manifest.primary_metric)})
+                if failure is None:
+                    parity["onnx-int8"] = report
+                    int8_report.update(kept=True, method=name)
+                    break
+                candidate.unlink()
+            if not int8_report["kept"]:
+                int8_report["reason"] = "no int8 variant kept quality: " + "; ".join(
+                    f"{a['method']}: {a['reason']}" for a in int8_report["attempts"])
+                if int8 == "on":
+                    raise ExportError(f"{artifact_dir}: --int8 on, but {int8_report['reason']}")
+
+        # A few inputs with PyTorch's outputs, for a serving backend to reproduce before it reports ready.
+        pick = list(range(min(SELFTEST_EXAMPLES, len(held_out.texts))))
+        selftest = [{"text": held_out.texts[i], "text_pair": held_out.pairs[i] if held_out.pairs else None,
+                     "scores": np.atleast_1d(postprocess(reference[i:i + 1], manifest.postprocess)[0]).tolist()}
+                    for i in pick]
+        section = {
+            "onnx": {"fp32": f"{ONNX_DIR}/{FP32_FILE}", "int8": f"{ONNX_DIR}/{INT8_FILE}" if int8_report["kept"] else None,
+                     "opset": OPSET, "held_out": held_out.name, **graph},
+            "parity": parity,
+            "int8": int8_report,
+            "selftest": selftest,
+        }
+        # Publish: the onnx/ directory first, then the manifest that points at it (both atomic renames).
+        final = artifact_dir / ONNX_DIR
+        old = artifact_dir / f".{ONNX_DIR}-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        raw_manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
+        raw_manifest["export"] = section
+        staged = artifact_dir / f".{MANIFEST_FILE}.tmp"
+        staged.write_text(json.dumps(raw_manifest, indent=2, allow_nan=False) + "\n")
+        os.replace(staged, artifact_dir / MANIFEST_FILE)
+        read_manifest(artifact_dir)  # still valid
+        return section
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
