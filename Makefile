@@ -18,9 +18,11 @@ $(BIN)/tuneserve: requirements/lock.txt pyproject.toml
 
 install: $(BIN)/tuneserve
 
-# The main job: fine-tune the bundled model on the demo data and write the artifact.
+# The main job: fine-tune the bundled model on the demo data, export it to ONNX behind the parity gate
+# (part of `train`), and register the artifact in the BentoML model store.
 demo: install
 	$(BIN)/tuneserve train $(CONFIG) --overwrite
+	$(BIN)/tuneserve register $$($(BIN)/tuneserve config $(CONFIG) | sed -n 's/^output_dir: //p')/artifact
 
 # The whole test suite (unit, integration with the real model, two-process DDP).
 test: install

@@ -225,10 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our own progress at INFO; libraries (onnxruntime's quantizer logs on the root logger) at WARNING.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for ours in ("training", "core"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ FP32_MIN_AGREEMENT = 0.999
 # HF model types whose graphs onnxruntime.transformers' BERT optimizer knows how to fuse.
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet"}
 SELFTEST_EXAMPLES = 8
+_LAYER = re.compile(r"layers?[._](\d+)[./_]")
 
 
 class ExportError(TuneserveError):
@@ -131,15 +133,17 @@ def _int8_attempts(fp32: Path) -> list[tuple[str, dict]]:
     import onnx
 
     graph = onnx.load(str(fp32), load_external_data=False).graph
-    matmuls = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    matmuls = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm", "Attention")]
+    layer_of = {n: int(m.group(1)) for n in matmuls if (m := _LAYER.search(n))}
+    last = max(layer_of.values(), default=None)
     # The head and the first and last encoder layers are the usual sources of int8 error.
-    sensitive = [n for n in matmuls if "classifier" in n or "pooler" in n or "layer.0." in n or "layers.0." in n]
-    last = max((int(p.split(".")[0]) for n in matmuls for p in n.split("layer.")[1:2] if p.split(".")[0].isdigit()), default=None)
-    if last is not None:
-        sensitive += [n for n in matmuls if f"layer.{last}." in n]
+    sensitive = [n for n in matmuls if "classifier" in n or "pooler" in n or "logits" in n
+                 or layer_of.get(n) in (0, last)]
     return [("per-tensor", {"per_channel": False}),
             ("per-channel", {"per_channel": True}),
-            ("per-channel, head and outer layers in fp32", {"per_channel": True, "nodes_to_exclude": sorted(set(sensitive))})]
+            ("per-channel, head and first/last layers in fp32", {"per_channel": True, "nodes_to_exclude": sorted(set(sensitive))}),
+            ("per-channel, MatMul only (attention in fp32), head and first/last layers in fp32",
+             {"per_channel": True, "op_types_to_quantize": ["MatMul"], "nodes_to_exclude": sorted(set(sensitive))})]
 
 
 def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held_out: HeldOut | None = None,

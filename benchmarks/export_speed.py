@@ -1,0 +1,91 @@
+"""Inference speed of an exported artifact: PyTorch against ONNX Runtime fp32 and int8, same inputs, one process.
+
+Batch 1 latency (p50 over single sentences) and batch 32 throughput on held-out vader:movie sentences, with
+label agreement against PyTorch. Run it on an artifact exported by `tuneserve export`:
+
+    python benchmarks/export_speed.py runs/sentiment-lora/artifact [--n 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact")
+    parser.add_argument("--n", type=int, default=300, help="sentences for batch-1 latency; batch 32 uses 4x as many")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from benchmarks._report import matmul_gflops, write_section
+    from core.onnx_runner import OnnxModel
+    from training.demo_data import demo_path
+    from training.inference import load_artifact, predict_logits
+
+    artifact = load_artifact(args.artifact)
+    manifest = artifact.manifest
+    import json
+
+    rows = [json.loads(line) for line in demo_path("vader:movie").read_text().splitlines()]
+    texts = [r["text"] for r in rows[-4 * args.n:]]  # the file's tail: real sentences of mixed length
+    runners = {"torch eager fp32": lambda batch: predict_logits(artifact, batch, batch_size=32)}
+    threads = torch.get_num_threads()
+    for variant, key in (("ORT fp32 (fused)", "fp32"), ("ORT int8", "int8")):
+        relative = manifest.export.get("onnx", {}).get(key)
+        if relative:
+            model = OnnxModel(Path(args.artifact) / relative, threads=threads)
+            runners[variant] = (lambda m: lambda batch: m.logits(artifact.tokenizer, batch, max_length=manifest.max_length,
+                                                                 batch_size=32))(model)
+    tokens = sum(len(ids) for ids in artifact.tokenizer(texts, truncation=True, max_length=manifest.max_length)["input_ids"])
+    params = sum(p.numel() for n, p in artifact.model.named_parameters() if "embeddings" not in n)
+    peak = matmul_gflops()
+
+    results, reference = {}, None
+    for name, run in runners.items():
+        run(texts[:8])  # warm up
+        latencies = []
+        for text in texts[:args.n]:
+            start = time.perf_counter()
+            run([text])
+            latencies.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        logits = run(texts)
+        seconds = time.perf_counter() - start
+        if reference is None:
+            reference = logits
+        results[name] = {"p50_ms": 1000 * statistics.median(latencies), "per_s": len(texts) / seconds,
+                         "gflops": 2 * params * tokens / seconds / 1e9,
+                         "agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))}
+        print(name, results[name], flush=True)
+
+    base = results["torch eager fp32"]
+    lines = ["| runner | batch 1 p50 | vs torch | batch 32 throughput | vs torch | GFLOP/s (batch 32) | label agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['p50_ms']:.1f} ms | {base['p50_ms'] / r['p50_ms']:.2f}x | {r['per_s']:.0f} /s | "
+                     f"{r['per_s'] / base['per_s']:.2f}x | {r['gflops']:.0f} ({r['gflops'] / peak:.0%} of peak) | "
+                     f"{r['agreement']:.2%} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    int8 = manifest.export.get("int8", {})
+    body = (f"Artifact of `configs/sentiment-lora.yaml` (all-MiniLM-L6-v2, LoRA merged), exported by `tuneserve export`. "
+            f"Batch 1: p50 over {args.n} single sentences; batch 32: {len(texts)} sentences ({tokens:,} tokens), "
+            f"length-sorted batches. Both runtimes with {threads} threads. Measured fp32 matmul rate: {peak:.0f} GFLOP/s; "
+            f"GFLOP/s counts 2 x {params / 1e6:.1f}M non-embedding parameters x real tokens. int8 variant: "
+            f"{int8.get('method') or 'none kept (' + str(int8.get('reason')) + ')'}.\n\n{table}\n")
+    write_section("export-speed", "python benchmarks/export_speed.py runs/sentiment-lora/artifact",
+                  "## Inference: PyTorch vs ONNX Runtime (fp32, int8)\n\n" + body)
+
+
+if __name__ == "__main__":
+    main()
