@@ -7,7 +7,6 @@ when complete, so a crash leaves the previous artifact as it was.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
 from core.tasks import Task
 from training.card import model_card
+from training.files import swap_into_place
 from training.modeling import merged_model, save_tokenizer_and_model
 from training.report import plot_confusion, plot_curves, plot_per_label, plot_regression
 
@@ -104,12 +104,6 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
     else:
         plot_per_label(result.test.per_class, report / "per_label_f1.png")
 
-    # Swap into place: the old artifact stays whole until the new one is complete.
-    old = output_dir / f".{ARTIFACT}-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, final)  # the old artifact stays whole until the new one is complete
     logger.info("artifact written to %s", final)
     return final

@@ -24,6 +24,7 @@ from core.manifest import MANIFEST_FILE, MODEL_DIR, Manifest, read_manifest
 from core.metrics import evaluate
 from core.onnx_runner import OnnxModel, check_external_data
 from core.tasks import Task, postprocess
+from training.files import swap_into_place
 
 logger = logging.getLogger(__name__)
 
@@ -234,13 +235,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
             "selftest": selftest,
         }
         # Publish: the onnx/ directory first, then the manifest that points at it (both atomic renames).
-        final = artifact_dir / ONNX_DIR
-        old = artifact_dir / f".{ONNX_DIR}-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, artifact_dir / ONNX_DIR)
         raw_manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
         raw_manifest["export"] = section
         staged = artifact_dir / f".{MANIFEST_FILE}.tmp"
