@@ -23,7 +23,7 @@ from core.errors import ArtifactError, TuneserveError
 from core.manifest import MANIFEST_FILE, MODEL_DIR, Manifest, read_manifest
 from core.metrics import evaluate
 from core.onnx_runner import OnnxModel, check_external_data
-from core.tasks import Task, postprocess
+from core.tasks import LOWER_IS_BETTER, Task, postprocess
 from training.files import swap_into_place
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _gate(manifest: Manifest, report: dict, min_agreement: float, max_drop: floa
     """Why a variant fails (None when it passes)."""
     primary = manifest.primary_metric
     drop = -report["metric_delta"].get(primary, 0.0)
-    if primary in ("loss", "log_loss", "hamming_loss", "mse", "rmse", "mae"):
+    if primary in LOWER_IS_BETTER:
         drop = -drop
     if "label_agreement" in report and report["label_agreement"] < min_agreement:
         return f"label agreement {report['label_agreement']:.4f} < {min_agreement}"
@@ -105,7 +105,7 @@ def _export_fp32(model, tokenizer, manifest: Manifest, path: Path) -> None:
     from core.encoding import encode
 
     sample = encode(tokenizer, ["an example sentence", "a second, longer example sentence for the export"],
-                    [ "a pair", "another pair" ] if manifest.has_pair else None,
+                    ["a pair", "another pair"] if manifest.has_pair else None,
                     max_length=manifest.max_length, padding="longest", return_tensors="pt")
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
@@ -140,9 +140,11 @@ def _int8_attempts(fp32: Path) -> list[tuple[str, dict]]:
     # The head and the first and last encoder layers are the usual sources of int8 error.
     sensitive = [n for n in matmuls if "classifier" in n or "pooler" in n or "logits" in n
                  or layer_of.get(n) in (0, last)]
+    # From the most quantized (fastest) to the least; the first that passes the gate is kept.
     return [("per-tensor", {"per_channel": False}),
             ("per-channel", {"per_channel": True}),
             ("per-channel, head and first/last layers in fp32", {"per_channel": True, "nodes_to_exclude": sorted(set(sensitive))}),
+            ("per-channel, MatMul only (attention in fp32)", {"per_channel": True, "op_types_to_quantize": ["MatMul"]}),
             ("per-channel, MatMul only (attention in fp32), head and first/last layers in fp32",
              {"per_channel": True, "op_types_to_quantize": ["MatMul"], "nodes_to_exclude": sorted(set(sensitive))})]
 
@@ -198,7 +200,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
         failure = _gate(manifest, parity["onnx"], FP32_MIN_AGREEMENT, 0.001)
         if failure:
             raise ExportError(f"{artifact_dir}: ONNX fp32 does not match PyTorch on {held_out.name} "
-                              f"({held_out.name} of {len(held_out.targets)} examples): {failure}; nothing was written")
+                              f"({len(held_out.targets)} examples): {failure}; nothing was written")
 
         int8_report: dict = {"requested": int8, "kept": False, "attempts": []}
         if int8 != "off":

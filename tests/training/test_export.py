@@ -28,7 +28,9 @@ def _train(base_config, **changes):
     ("classification", "full", "label"),
     ("classification", "lora", "label"),
     ("multilabel", "lora", "topics"),
+    ("multilabel", "full", "topics"),
     ("regression", "full", "score"),
+    ("regression", "lora", "score"),
 ])
 def test_export_passes_the_gate_for_every_task_and_method(base_config, task, method, label):
     base_config["data"]["label"] = label
@@ -142,3 +144,25 @@ def test_register_refuses_a_bad_name_and_an_incomplete_artifact(base_config, tmp
     (art / "onnx" / "model.onnx").unlink()
     with pytest.raises(ArtifactError, match="lists onnx/model.onnx, which is missing"):
         register(art, "ok")
+
+
+def test_a_crash_during_registration_leaves_the_store_as_it_was(base_config, tmp_path, monkeypatch):
+    import bentoml
+
+    from training import register as register_module
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    art = _train(base_config).artifact_dir
+    first = register_module.register(art, "sentiment")
+    real_copytree = register_module.shutil.copytree
+
+    def crash_mid_copy(src, dst, *args, **kwargs):
+        real_copytree(src, dst, *args, **kwargs)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(register_module.shutil, "copytree", crash_mid_copy)
+    with pytest.raises(OSError, match="simulated"):
+        register_module.register(art, "sentiment")
+    tags = [str(m.tag) for m in bentoml.models.list("sentiment")]
+    assert tags == [first]
+    assert read_manifest(bentoml.models.get(first).path).name == read_manifest(art).name
