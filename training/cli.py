@@ -69,7 +69,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_labelled(artifact, data: str, text: str | None, text_pair: str | None, label: str | None):
+def _load_labelled(artifact, data: str, text: str | None, text_pair: str | None, label: str | None,
+                   drop_missing: bool = False):
     """Read a labelled file with the artifact's columns (overridable) and map labels through its label set."""
     from training.config import DataConfig
     from training.data import attach_targets, load_split
@@ -78,7 +79,8 @@ def _load_labelled(artifact, data: str, text: str | None, text_pair: str | None,
     cfg = DataConfig(train=data, text=text or manifest.text_fields[0],
                      text_pair=text_pair or (manifest.text_fields[1] if manifest.has_pair else None),
                      label=label or manifest.label_field,
-                     label_delimiter=manifest.provenance.get("config", {}).get("data", {}).get("label_delimiter"))
+                     label_delimiter=manifest.provenance.get("config", {}).get("data", {}).get("label_delimiter"),
+                     drop_missing_labels=drop_missing)
     split = load_split(data, "evaluate", cfg, manifest.task)
     attach_targets(split, manifest.task, manifest.labels, cfg.label)
     return split
@@ -90,7 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     artifact = load_artifact(args.artifact)
     manifest = artifact.manifest
-    split = _load_labelled(artifact, args.data, args.text, args.text_pair, args.label)
+    split = _load_labelled(artifact, args.data, args.text, args.text_pair, args.label, args.drop_missing_labels)
     scores = predict_scores(artifact, split.texts, split.pairs, batch_size=args.batch_size, progress=True)
     result = evaluate(manifest.task, split.targets, scores, manifest.labels, threshold=manifest.threshold or 0.5)
     recorded = manifest.metrics.get("test", {})
@@ -190,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="text column (default: as at training)")
     p.add_argument("--text-pair", help="second text column (default: as at training)")
     p.add_argument("--label", help="label column (default: as at training)")
+    p.add_argument("--drop-missing-labels", action="store_true", help="skip rows with no label instead of failing")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_evaluate)
 

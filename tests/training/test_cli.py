@@ -89,3 +89,17 @@ def test_data_command_writes_the_demo_set(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "tweets.jsonl").read_text().splitlines()]
     assert len(rows) == 4200
     assert set(rows[0]) == {"id", "text", "rating", "polarity"} and -4 <= rows[0]["rating"] <= 4
+
+
+def test_evaluate_can_skip_unlabelled_rows(trained, data_dir, tmp_path):
+    artifact, _ = trained
+    rows = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()]
+    rows[3]["label"] = None
+    path = tmp_path / "partly.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused = tuneserve("evaluate", str(artifact), "--data", str(path))
+    assert refused.returncode == 2 and "row 4, column 'label': missing label" in refused.stderr
+    out = tmp_path / "r.json"
+    done = tuneserve("evaluate", str(artifact), "--data", str(path), "--drop-missing-labels", "--output", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(out.read_text())["n"] == 59
