@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 
 def encode(
@@ -41,3 +43,38 @@ def encode(
         padding=padding,
         return_tensors=return_tensors,
     )
+
+
+def run_in_length_batches(
+    forward: Callable[[Any], np.ndarray],
+    tokenizer: Any,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None = None,
+    *,
+    max_length: int,
+    batch_size: int,
+    return_tensors: str,
+    progress: bool = False,
+) -> np.ndarray:
+    """Encode and run examples in batches of similar length (less padding); outputs come back in input order.
+
+    Args:
+        forward: maps one encoded batch to its outputs, shape (batch, num_outputs).
+        tokenizer, texts, text_pairs, max_length: as for :func:`encode`.
+        batch_size: examples per forward call.
+        return_tensors: ``"np"`` or ``"pt"``, what ``forward`` takes.
+        progress: show a progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    out: np.ndarray | None = None
+    for start in tqdm(range(0, len(texts), batch_size), desc="predict", unit="batch", disable=not progress, leave=False):
+        pick = order[start:start + batch_size]
+        batch = encode(tokenizer, [texts[i] for i in pick], [text_pairs[i] for i in pick] if text_pairs is not None else None,
+                       max_length=max_length, padding="longest", return_tensors=return_tensors)
+        outputs = np.asarray(forward(batch), dtype=np.float32)
+        if out is None:
+            out = np.zeros((len(texts), outputs.shape[1]), dtype=np.float32)
+        out[pick] = outputs
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.encoding import encode
+from core.encoding import run_in_length_batches
 
 
 class OnnxModel:
@@ -28,19 +28,12 @@ class OnnxModel:
     def logits(self, tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None, *, max_length: int,
                batch_size: int = 64) -> np.ndarray:
         """Raw outputs in input order; batches are formed by length to cut padding."""
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out: np.ndarray | None = None
-        for start in range(0, len(texts), batch_size):
-            pick = order[start:start + batch_size]
-            batch = encode(tokenizer, [texts[i] for i in pick], [pairs[i] for i in pick] if pairs is not None else None,
-                           max_length=max_length, padding="longest", return_tensors="np")
-            feeds = {name: batch[name].astype(np.int64) for name in self.input_names}
-            logits = self.session.run(["logits"], feeds)[0]
-            if out is None:
-                out = np.zeros((len(texts), logits.shape[1]), dtype=np.float32)
-            out[pick] = logits
-        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
+        def forward(batch) -> np.ndarray:
+            return self.session.run(["logits"], {name: batch[name].astype(np.int64) for name in self.input_names})[0]
+
+        return run_in_length_batches(forward, tokenizer, texts, pairs, max_length=max_length, batch_size=batch_size,
+                                     return_tensors="np")
 
 def check_external_data(model_path: str | os.PathLike) -> None:
     """Refuse an ONNX file whose external-data locations leave its directory (absolute, ``..``, symlinks).

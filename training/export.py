@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import ArtifactError, TuneserveError
+from core.errors import TuneserveError
 from core.manifest import MANIFEST_FILE, MODEL_DIR, Manifest, read_manifest
 from core.metrics import evaluate
 from core.onnx_runner import OnnxModel, check_external_data

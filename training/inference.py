@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from core.encoding import encode
+from core.encoding import run_in_length_batches
 from core.errors import ArtifactError
 from core.manifest import MODEL_DIR, Manifest, read_manifest
 from core.tasks import postprocess
@@ -45,16 +44,13 @@ def load_artifact(directory: str | Path, device: str = "cpu") -> LoadedArtifact:
 def predict_logits(artifact: LoadedArtifact, texts: Sequence[str], pairs: Sequence[str] | None = None, *,
                    batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Raw model outputs in input order; batches are formed by length to cut padding."""
-    order = np.argsort([-len(t) for t in texts], kind="stable")
-    out = np.zeros((len(texts), artifact.model.config.num_labels), dtype=np.float32)
     device = next(artifact.model.parameters()).device
-    for start in tqdm(range(0, len(texts), batch_size), desc="predict", unit="batch", disable=not progress, leave=False):
-        pick = order[start:start + batch_size]
-        batch = encode(artifact.tokenizer, [texts[i] for i in pick],
-                       [pairs[i] for i in pick] if pairs is not None else None,
-                       max_length=artifact.manifest.max_length, padding="longest", return_tensors="pt")
-        out[pick] = artifact.model(**batch.to(device)).logits.float().cpu().numpy()
-    return out
+
+    def forward(batch) -> np.ndarray:
+        return artifact.model(**batch.to(device)).logits.float().cpu().numpy()
+
+    return run_in_length_batches(forward, artifact.tokenizer, texts, pairs, max_length=artifact.manifest.max_length,
+                                 batch_size=batch_size, return_tensors="pt", progress=progress)
 
 
 def predict_scores(artifact: LoadedArtifact, texts: Sequence[str], pairs: Sequence[str] | None = None, **kwargs) -> np.ndarray:
