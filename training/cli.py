@@ -111,7 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from core.tasks import Task
+    from core.predictions import shape
     from training.inference import load_artifact, predict_scores
 
     artifact = load_artifact(args.artifact)
@@ -120,16 +120,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if manifest.has_pair and (pairs is None or len(pairs) != len(args.texts)):
         raise TuneserveError(f"this model takes text pairs: give --pair once per text ({len(args.texts)} times)")
     scores = predict_scores(artifact, args.texts, pairs)
-    for i, text in enumerate(args.texts):
-        if manifest.task is Task.REGRESSION:
-            out = {"value": round(float(scores[i]), 4)}
-        elif manifest.task is Task.CLASSIFICATION:
-            best = int(scores[i].argmax())
-            out = {"label": manifest.labels[best], "score": round(float(scores[i][best]), 4)}
-        else:
-            out = {"labels": [n for n, p in zip(manifest.labels, scores[i]) if p >= manifest.threshold],
-                   "scores": {n: round(float(p), 4) for n, p in zip(manifest.labels, scores[i])}}
-        print(json.dumps({"text": text, **out}, ensure_ascii=False))
+    for text, prediction in zip(args.texts, shape(manifest, scores, ndigits=4)):
+        print(json.dumps({"text": text, **prediction}, ensure_ascii=False))
     return 0
 
 

@@ -23,6 +23,7 @@ from core.errors import TuneserveError
 from core.manifest import MANIFEST_FILE, MODEL_DIR, Manifest, read_manifest
 from core.metrics import evaluate
 from core.onnx_runner import OnnxModel, check_external_data
+from core.predictions import decide, margins
 from core.tasks import LOWER_IS_BETTER, Task, postprocess
 from training.files import swap_into_place
 
@@ -60,6 +61,21 @@ def held_out_from_config(manifest: Manifest) -> HeldOut:
     data = load_dataset(cfg.data, cfg.task, cfg.train.seed)
     split = data.validation if len(data.validation) else data.test
     return HeldOut(split.texts, split.pairs, split.targets, split.name)
+
+
+def selftest_examples(manifest: Manifest, scores: np.ndarray, count: int) -> list[int]:
+    """Indices of examples a faithful copy of the model must reproduce: the most clearly decided ones,
+    taken in turn from each predicted label so that every label the model gives is exercised."""
+    by_decision: dict[str, list[int]] = {}
+    for i in np.argsort(-margins(manifest, scores), kind="stable"):
+        by_decision.setdefault(str(decide(manifest, scores[i:i + 1])[0]), []).append(int(i))
+    queues = list(by_decision.values())
+    picked: list[int] = []
+    while len(picked) < min(count, len(scores)):
+        for queue in queues:
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+    return picked
 
 
 def compare(manifest: Manifest, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> dict:
@@ -225,10 +241,10 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
                     raise ExportError(f"{artifact_dir}: --int8 on, but {int8_report['reason']}")
 
         # A few inputs with PyTorch's outputs, for a serving backend to reproduce before it reports ready.
-        pick = list(range(min(SELFTEST_EXAMPLES, len(held_out.texts))))
+        scores = postprocess(reference, manifest.postprocess)
         selftest = [{"text": held_out.texts[i], "text_pair": held_out.pairs[i] if held_out.pairs else None,
-                     "scores": np.atleast_1d(postprocess(reference[i:i + 1], manifest.postprocess)[0]).tolist()}
-                    for i in pick]
+                     "scores": np.atleast_1d(scores[i]).tolist()}
+                    for i in selftest_examples(manifest, scores, SELFTEST_EXAMPLES)]
         section = {
             "onnx": {"fp32": f"{ONNX_DIR}/{FP32_FILE}", "int8": f"{ONNX_DIR}/{INT8_FILE}" if int8_report["kept"] else None,
                      "opset": OPSET, "held_out": held_out.name, **graph},

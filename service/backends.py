@@ -1,0 +1,157 @@
+"""Model backends behind one small protocol: ONNX Runtime (CPU, or CUDA where present) and PyTorch.
+
+A backend turns texts into raw model outputs (logits); everything else (post-processing, labels, metrics)
+comes from core/ as recorded in the artifact. The ONNX backend needs no torch; torch is imported only when
+the torch backend is chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from core.errors import ArtifactError, ConfigError
+from core.manifest import MODEL_DIR, Manifest
+
+logger = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    name: str  # onnx-int8 | onnx | torch-cuda | torch-cpu
+
+    def logits(self, texts: Sequence[str], pairs: Sequence[str] | None) -> np.ndarray:
+        """Raw outputs, shape (len(texts), num_outputs), in input order."""
+        ...
+
+
+def cpu_threads() -> int:
+    """CPU cores this process may run on (respects affinity masks, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def load_tokenizer(artifact_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(artifact_dir / MODEL_DIR)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{artifact_dir}: cannot load the tokenizer from {MODEL_DIR}/ "
+                            f"({str(exc).splitlines()[0][:300]})") from None
+
+
+class OnnxBackend:
+    """ONNX Runtime over the artifact's exported graph (fp32 or the int8 variant the export gate kept)."""
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, *, int8: bool, threads: int, batch_size: int):
+        import onnxruntime as ort
+
+        from core.onnx_runner import OnnxModel, check_external_data
+
+        onnx_files = (manifest.export or {}).get("onnx") or {}
+        relative = onnx_files.get("int8" if int8 else "fp32")
+        if not relative:
+            what = "an int8 variant (the export gate dropped it or int8 was off)" if int8 else "an ONNX export"
+            raise ArtifactError(f"{artifact_dir}: the manifest lists no {what}; run `tuneserve export`")
+        path = artifact_dir / relative
+        if not path.is_file():
+            raise ArtifactError(f"{artifact_dir}: the manifest lists {relative}, which is missing")
+        check_external_data(path)
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        try:
+            self.model = OnnxModel(path, threads=threads, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for a bad file
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+        self.tokenizer = load_tokenizer(artifact_dir)
+        self.max_length = manifest.max_length
+        self.batch_size = batch_size
+        self.name = "onnx-int8" if int8 else "onnx"
+        self.provider = self.model.session.get_providers()[0]
+
+    def logits(self, texts: Sequence[str], pairs: Sequence[str] | None) -> np.ndarray:
+        return self.model.logits(self.tokenizer, texts, pairs, max_length=self.max_length, batch_size=self.batch_size)
+
+
+class TorchBackend:
+    """transformers on CUDA in the precision the model was trained with, or on the CPU in fp32."""
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, *, device: str, threads: int, batch_size: int):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        model_dir = artifact_dir / MODEL_DIR
+        if not (model_dir / "model.safetensors").is_file():
+            raise ArtifactError(f"{artifact_dir}: {MODEL_DIR}/model.safetensors is missing")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("TUNESERVE_DEVICE=cuda, but torch sees no CUDA device")
+        # On CUDA, autocast to the precision the model was trained in (weights stay fp32, as in training).
+        self.autocast_dtype = None
+        if device == "cuda":
+            trained = (manifest.training or {}).get("mixed_precision", "no")
+            self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained)
+        else:
+            torch.set_num_threads(threads)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{artifact_dir}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
+        self.model = model.to(device).eval()
+        self.tokenizer = load_tokenizer(artifact_dir)
+        self.max_length = manifest.max_length
+        self.batch_size = batch_size
+        self.device = device
+        self.name = f"torch-{device}"
+        self._torch = torch
+
+    def logits(self, texts: Sequence[str], pairs: Sequence[str] | None) -> np.ndarray:
+        from core.encoding import run_in_length_batches
+
+        def forward(batch) -> np.ndarray:
+            with self._torch.inference_mode(), self._torch.autocast(
+                    self.device, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                return self.model(**batch.to(self.device)).logits.float().cpu().numpy()
+
+        return run_in_length_batches(forward, self.tokenizer, texts, pairs, max_length=self.max_length,
+                                     batch_size=self.batch_size, return_tensors="pt")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, device: str, threads: int | None,
+                   batch_size: int) -> Backend:
+    """Build the backend the settings ask for.
+
+    ``auto``: torch on CUDA when torch and a GPU are present, otherwise ONNX int8 if the export gate kept it,
+    otherwise ONNX fp32.
+
+    Raises:
+        ArtifactError: the artifact lacks what the chosen backend needs.
+        ConfigError: torch was asked for but is not installed, or CUDA was asked for but is absent.
+    """
+    threads = threads or cpu_threads()
+    if backend == "auto":
+        if device != "cpu" and _cuda_available():
+            backend, device = "torch", "cuda"
+        else:
+            backend = "onnx-int8" if ((manifest.export or {}).get("onnx") or {}).get("int8") else "onnx"
+    if backend == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ConfigError("TUNESERVE_BACKEND=torch, but torch is not installed here; use onnx or onnx-int8") from None
+        device = device if device != "auto" else ("cuda" if _cuda_available() else "cpu")
+        return TorchBackend(artifact_dir, manifest, device=device, threads=threads, batch_size=batch_size)
+    return OnnxBackend(artifact_dir, manifest, int8=backend == "onnx-int8", threads=threads, batch_size=batch_size)

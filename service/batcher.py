@@ -1,0 +1,76 @@
+"""Requests that arrive together share a forward pass.
+
+While one pass runs, new requests queue; when it ends, the next pass takes everything queued (up to
+``max_batch_size`` texts, in arrival order). A lone request runs at once, so there is no batching window
+to wait out, and under load batches form by themselves. Nothing is dropped: a request waits its turn.
+The backend sorts each pass by length, so mixed lengths cost little padding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+import numpy as np
+
+Forward = Callable[[list[str], list[str] | None], np.ndarray]
+
+
+@dataclass
+class _Job:
+    texts: Sequence[str]
+    pairs: Sequence[str] | None
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    def __init__(self, forward: Forward, max_batch_size: int):
+        self.forward = forward
+        self.max_batch_size = max_batch_size
+        self._queue: list[_Job] = []
+        self._running = False
+        self.batch_sizes: list[int] = []  # texts per pass, for tests and benchmarks (last 1000)
+
+    async def __call__(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
+        """Raw outputs for ``texts``, computed together with whatever else is queued."""
+        job = _Job(texts, pairs, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await job.future
+
+    def _take(self) -> list[_Job]:
+        """The next jobs to run together: at least one, then more while they fit in max_batch_size."""
+        jobs = [self._queue.pop(0)]
+        size = len(jobs[0].texts)
+        while self._queue and size + len(self._queue[0].texts) <= self.max_batch_size:
+            size += len(self._queue[0].texts)
+            jobs.append(self._queue.pop(0))
+        return jobs
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                jobs = [j for j in self._take() if not j.future.done()]  # a cancelled request needs no pass
+                if not jobs:
+                    continue
+                texts = [t for j in jobs for t in j.texts]
+                pairs = [p for j in jobs for p in j.pairs] if jobs[0].pairs is not None else None
+                try:
+                    out = await anyio.to_thread.run_sync(self.forward, texts, pairs)
+                except Exception as exc:  # the requests in this pass get the error; later ones still run
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                self.batch_sizes = self.batch_sizes[-999:] + [len(texts)]
+                start = 0
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_result(out[start:start + len(job.texts)])
+                    start += len(job.texts)
+        finally:
+            self._running = False

@@ -1,0 +1,89 @@
+"""Checking request bodies against the model and the service's limits; errors name the field at fault."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from core.labels import LabelError, parse_label, to_targets
+from core.manifest import Manifest
+from core.metrics import Evaluation
+from core.tasks import Task
+from service.schemas import Example
+from service.settings import Settings
+
+
+class RequestError(ValueError):
+    """A request the service cannot answer as sent (HTTP 400)."""
+
+
+def check_texts(field: str, texts: Sequence[str], settings: Settings, *, limit: int) -> None:
+    if not texts:
+        raise RequestError(f"{field}: give at least one text")
+    if len(texts) > limit:
+        raise RequestError(f"{field}: {len(texts)} items; the limit is {limit} per request")
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_chars:
+            raise RequestError(f"{field}[{i}]: {len(text)} characters; the limit is {settings.max_chars}")
+
+
+def check_pairs(manifest: Manifest, texts: Sequence[str], pairs: Sequence[str] | None, field: str) -> None:
+    if manifest.has_pair and pairs is None:
+        raise RequestError(f"{field}: this model scores text pairs ({' + '.join(manifest.text_fields)}); "
+                           "give a second text for every text")
+    if not manifest.has_pair and pairs is not None:
+        raise RequestError(f"{field}: this model takes single texts; leave it out")
+    if pairs is not None and len(pairs) != len(texts):
+        raise RequestError(f"{field}: {len(pairs)} items for {len(texts)} texts; give one per text")
+
+
+def examples_to_inputs(manifest: Manifest, examples: Sequence[Example], settings: Settings
+                       ) -> tuple[list[str], list[str] | None, np.ndarray]:
+    """Texts, second texts and model targets of posted labelled examples.
+
+    Raises:
+        RequestError: a limit is exceeded, a label is missing or malformed (naming ``examples[i]``), or
+            labels are unknown to the model (naming them).
+    """
+    texts = [e.text for e in examples]
+    check_texts("examples", texts, settings, limit=settings.max_examples)
+    pairs = [e.text_pair for e in examples] if manifest.has_pair else None
+    if manifest.has_pair and any(p is None for p in pairs):
+        i = next(i for i, p in enumerate(pairs) if p is None)
+        raise RequestError(f"examples[{i}].text_pair: this model scores text pairs; give one for every example")
+    if not manifest.has_pair and any(e.text_pair is not None for e in examples):
+        i = next(i for i, e in enumerate(examples) if e.text_pair is not None)
+        raise RequestError(f"examples[{i}].text_pair: this model takes single texts; leave it out")
+    key = "labels" if manifest.task is Task.MULTILABEL else "label"
+    parsed = []
+    for i, example in enumerate(examples):
+        value = getattr(example, key)
+        try:
+            parsed.append(parse_label(manifest.task, value))
+        except LabelError as exc:
+            raise RequestError(f"examples[{i}].{key}: {exc}") from None
+    try:
+        targets = to_targets(manifest.task, parsed, manifest.labels)
+    except LabelError as exc:
+        raise RequestError(f"examples: {exc}") from None
+    return texts, pairs, targets
+
+
+def evaluation_body(manifest: Manifest, evaluation: Evaluation) -> dict:
+    """The /evaluate response fields: posted-data metrics beside the training-time test metrics."""
+    metrics = {k: float(v) for k, v in evaluation.metrics.items() if math.isfinite(v)}
+    notes = list(evaluation.notes) + [f"{k} left out: not finite" for k in evaluation.metrics if k not in metrics]
+    training = {k: float(v) for k, v in (manifest.metrics.get("test") or {}).items() if math.isfinite(v)}
+    per_class = {label: {k: float(v) for k, v in row.items() if math.isfinite(v)}
+                 for label, row in (evaluation.per_class or {}).items()} or None
+    return {
+        "n": int(evaluation.n),
+        "metrics": metrics,
+        "per_class": per_class,
+        "confusion_matrix": np.asarray(evaluation.confusion_matrix).tolist() if evaluation.confusion_matrix is not None else None,
+        "training_metrics": training,
+        "delta": {k: metrics[k] - training[k] for k in metrics if k in training},
+        "notes": notes,
+    }

@@ -1,0 +1,50 @@
+"""Request and response types of the HTTP API (they become the OpenAPI schema at /docs.json)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+
+class Example(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: StrictStr = Field(description="The text to score.")
+    text_pair: StrictStr | None = Field(None, description="The second text, for models trained on text pairs.")
+    label: StrictStr | StrictInt | StrictFloat | None = Field(
+        None, description="The true label: a class name (classification) or a number (regression).")
+    labels: list[StrictStr | StrictInt] | None = Field(None, description="The true labels (multi-label).")
+
+
+class ClassPrediction(BaseModel):
+    label: str = Field(description="The most likely class.")
+    score: float = Field(description="Its probability.")
+    scores: dict[str, float] = Field(description="Class probabilities, most likely first (top_k of them).")
+
+
+class MultiLabelPrediction(BaseModel):
+    labels: list[str] = Field(description="Labels whose probability reaches the model's threshold.")
+    scores: dict[str, float] = Field(description="Probability of every label.")
+
+
+class RegressionPrediction(BaseModel):
+    value: float = Field(description="The predicted value.")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[ClassPrediction | MultiLabelPrediction | RegressionPrediction] = Field(
+        description="One prediction per text, in request order.")
+    model: str = Field(description="The model served, as name:version.")
+    backend: str = Field(description="onnx-int8 | onnx | torch-cuda | torch-cpu")
+
+
+class EvaluateResponse(BaseModel):
+    n: int = Field(description="Examples scored.")
+    metrics: dict[str, float] = Field(description="Task metrics on the posted examples (same code as training).")
+    per_class: dict[str, dict[str, float]] | None = Field(None, description="Precision, recall, F1, support per label.")
+    confusion_matrix: list[list[int]] | None = Field(
+        None, description="Rows: true class, columns: predicted class, in the model's label order (classification).")
+    training_metrics: dict[str, float] = Field(description="Test metrics recorded when the model was trained.")
+    delta: dict[str, float] = Field(description="metrics minus training_metrics, for metrics in both.")
+    notes: list[str] = Field(default_factory=list, description="Metrics left out and why.")
+    model: str
+    backend: str

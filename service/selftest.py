@@ -1,0 +1,56 @@
+"""Start-up self-test: the chosen backend must reproduce the outputs PyTorch gave at export time."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core.errors import ArtifactError
+from core.manifest import Manifest
+from core.predictions import decide
+from core.tasks import postprocess
+
+# Score tolerance of backends that compute what PyTorch computed at export, in fp32.
+FP32_TOLERANCE = 1e-3
+# Half precision on CUDA moves probabilities by up to about a percent.
+HALF_TOLERANCE = 3e-2
+
+
+def tolerance(manifest: Manifest, backend_name: str, half_precision: bool = False) -> float:
+    """How far a backend's scores may sit from PyTorch's: for ONNX variants, twice the largest difference the
+    export gate measured on the held-out split (at least the fp32 tolerance)."""
+    if backend_name.startswith("torch"):
+        return HALF_TOLERANCE if half_precision else FP32_TOLERANCE
+    parity = ((manifest.export or {}).get("parity") or {}).get(backend_name) or {}
+    return max(FP32_TOLERANCE, 2.0 * float(parity.get("max_abs_diff", 0.0)))
+
+
+def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -> dict:
+    """Run the manifest's self-test examples through ``backend``.
+
+    Returns:
+        ``{"examples", "max_abs_diff", "tolerance"}`` when every label is equal and every score within tolerance.
+
+    Raises:
+        ArtifactError: naming the first example that differs, or when the artifact records no examples.
+    """
+    samples = (manifest.export or {}).get("selftest") or []
+    if not samples:
+        raise ArtifactError("the artifact records no self-test examples (export it with `tuneserve export`); "
+                            "refusing to serve a model whose outputs cannot be checked")
+    texts = [s["text"] for s in samples]
+    pairs = [s["text_pair"] for s in samples] if manifest.has_pair else None
+    expected = np.array([s["scores"] for s in samples], dtype=np.float64)
+    got = postprocess(backend.logits(texts, pairs), manifest.postprocess).reshape(expected.shape)
+    if not np.all(np.isfinite(got)):
+        raise ArtifactError(f"self-test: backend {backend.name} gives non-finite outputs")
+    tol = tolerance(manifest, backend.name, half_precision)
+    diff = np.abs(got - expected).reshape(len(samples), -1).max(axis=1)
+    want, have = decide(manifest, expected), decide(manifest, got)
+    for i, sample in enumerate(samples):
+        if manifest.task.value != "regression" and want[i] != have[i]:
+            raise ArtifactError(f"self-test: backend {backend.name} predicts {have[i]!r} for example {i} "
+                                f"({sample['text'][:60]!r}); PyTorch predicted {want[i]!r} at export")
+        if diff[i] > tol:
+            raise ArtifactError(f"self-test: backend {backend.name} is {diff[i]:.4g} away from PyTorch's scores on "
+                                f"example {i} ({sample['text'][:60]!r}); tolerance {tol:.4g}")
+    return {"examples": len(samples), "max_abs_diff": float(diff.max()), "tolerance": tol}

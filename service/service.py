@@ -1,0 +1,167 @@
+"""The tuneserve BentoML service: /predict, /evaluate and /metadata over one fine-tuned artifact.
+
+Run it with ``bentoml serve`` from the repository root (bentofile.yaml names this class). The model comes
+from the BentoML store (``TUNESERVE_MODEL``, default ``sentiment-lora:latest``) so that ``bentoml build``
+packages it, or from an artifact directory (``TUNESERVE_ARTIFACT``). Each endpoint validates, calls the
+backend, and shapes the answer with core/ code: post-processing, labels and metrics are the trainer's own.
+The service is ready only after the backend has reproduced the outputs PyTorch gave at export.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from pydantic import Field, StrictStr
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from core.errors import ArtifactError
+from core.manifest import Manifest, read_manifest
+from core.metrics import evaluate as score_examples
+from core.predictions import shape
+from core.tasks import postprocess
+from service.backends import choose_backend
+from service.batcher import MicroBatcher
+from service.middleware import BearerAuthMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware
+from service.requests import RequestError, check_pairs, check_texts, evaluation_body, examples_to_inputs
+from service.schemas import EvaluateResponse, Example, PredictResponse
+from service.selftest import run_selftest
+from service.settings import load_settings
+
+logger = logging.getLogger("tuneserve.service")
+SETTINGS = load_settings()
+
+
+def _bad_request(exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+def _not_finite() -> JSONResponse:
+    # A broken model, not a bad request; JSON must never carry NaN or Infinity.
+    return JSONResponse({"error": "the model produced non-finite outputs for this input"}, status_code=500)
+
+
+def _serving_versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("tuneserve", "bentoml", "onnxruntime", "transformers", "tokenizers", "torch"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+async def _metadata(request: Request) -> JSONResponse:
+    service = bentoml.get_current_service()
+    return JSONResponse(service.metadata())
+
+
+metadata_app = Starlette(routes=[Route("/", _metadata, methods=["GET"])])
+
+
+@bentoml.service(name="tuneserve", traffic={"timeout": 300}, http={"port": 3000})
+class Tuneserve:
+    # Declared at class scope so that `bentoml build` packages the model; resolved only when used.
+    stored_model = bentoml.models.BentoModel(SETTINGS.model)
+
+    def __init__(self) -> None:
+        started = time.perf_counter()
+        self.settings = SETTINGS
+        if self.settings.artifact is not None:
+            directory = Path(self.settings.artifact)
+            self.manifest: Manifest = read_manifest(directory)
+            self.model_tag = f"{self.manifest.name}:local"
+        else:
+            try:
+                stored = self.stored_model
+            except bentoml.exceptions.BentoMLException as exc:
+                raise ArtifactError(f"TUNESERVE_MODEL={self.settings.model}: not in the BentoML store ({exc}); "
+                                    "register one with `tuneserve register`, or set TUNESERVE_ARTIFACT") from None
+            directory = Path(stored.path)
+            self.manifest = read_manifest(directory)
+            self.model_tag = str(stored.tag)
+        self.backend = choose_backend(directory, self.manifest, backend=self.settings.backend,
+                                      device=self.settings.device, threads=self.settings.threads,
+                                      batch_size=self.settings.max_batch_size)
+        self.selftest = run_selftest(self.backend, self.manifest,
+                                     half_precision=getattr(self.backend, "autocast_dtype", None) is not None)
+        self.batcher = MicroBatcher(self.backend.logits, self.settings.max_batch_size)
+        self.startup_seconds = time.perf_counter() - started
+        logger.info("serving %s (%s) with backend %s; self-test passed on %d examples (max diff %.2g) in %.2f s",
+                    self.model_tag, self.manifest.task.value, self.backend.name, self.selftest["examples"],
+                    self.selftest["max_abs_diff"], self.startup_seconds)
+
+    def __is_ready__(self) -> bool:
+        # The constructor raises unless the self-test passed, so an instance is a ready service.
+        return self.selftest is not None
+
+    @bentoml.api
+    async def predict(
+        self,
+        texts: list[StrictStr] = Field(description="Texts to classify or score."),
+        text_pairs: list[StrictStr] | None = Field(None, description="Second texts, one per text (pair models only)."),
+        top_k: int | None = Field(None, ge=1, description="Classification: keep the k most likely labels in scores."),
+    ) -> PredictResponse:
+        """Predict labels (or values) for texts."""
+        try:
+            check_texts("texts", texts, self.settings, limit=self.settings.max_texts)
+            check_pairs(self.manifest, texts, text_pairs, "text_pairs")
+            if text_pairs is not None:
+                check_texts("text_pairs", text_pairs, self.settings, limit=self.settings.max_texts)
+        except RequestError as exc:
+            return _bad_request(exc)
+        scores = postprocess(await self.batcher(texts, text_pairs), self.manifest.postprocess)
+        if not np.all(np.isfinite(scores)):
+            return _not_finite()
+        return PredictResponse(predictions=shape(self.manifest, scores, top_k=top_k), model=self.model_tag,
+                               backend=self.backend.name)
+
+    @bentoml.api
+    async def evaluate(
+        self,
+        examples: list[Example] = Field(description="Labelled examples: text (and text_pair), with label or labels."),
+    ) -> EvaluateResponse:
+        """Score the model on posted labelled data, beside the test metrics recorded at training time."""
+        try:
+            texts, pairs, targets = examples_to_inputs(self.manifest, examples, self.settings)
+        except RequestError as exc:
+            return _bad_request(exc)
+        scores = postprocess(await self.batcher(texts, pairs), self.manifest.postprocess)
+        if not np.all(np.isfinite(scores)):
+            return _not_finite()
+        evaluation = score_examples(self.manifest.task, targets, scores, self.manifest.labels,
+                                    threshold=self.manifest.threshold or 0.5)
+        return EvaluateResponse(**evaluation_body(self.manifest, evaluation), model=self.model_tag,
+                                backend=self.backend.name)
+
+    def metadata(self) -> dict:
+        m = self.manifest
+        export = m.export or {}
+        return {
+            "model": self.model_tag, "name": m.name, "task": m.task.value, "labels": m.labels,
+            "text_fields": m.text_fields, "max_length": m.max_length, "threshold": m.threshold,
+            "base_model": m.base_model, "method": m.method, "primary_metric": m.primary_metric,
+            "metrics": m.metrics, "baselines": m.baselines, "parity": export.get("parity"),
+            "int8": export.get("int8"), "backend": self.backend.name, "selftest": self.selftest,
+            "startup_seconds": round(self.startup_seconds, 3),
+            "versions": {"trained_with": (m.provenance or {}).get("packages"), "serving": _serving_versions()},
+            "limits": {"max_texts": self.settings.max_texts, "max_chars": self.settings.max_chars,
+                       "max_examples": self.settings.max_examples, "max_body_bytes": self.settings.max_body_bytes},
+        }
+
+
+Tuneserve.mount_asgi_app(metadata_app, path="/metadata")
+# The first added is the outermost: auth, then media type, then size, all before BentoML reads the body.
+if SETTINGS.api_key is not None:
+    Tuneserve.add_asgi_middleware(BearerAuthMiddleware, api_key=SETTINGS.api_key.get_secret_value())
+Tuneserve.add_asgi_middleware(JsonOnlyMiddleware)
+Tuneserve.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)

@@ -1,0 +1,41 @@
+"""Service settings, read once from ``TUNESERVE_*`` environment variables into one typed object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import ConfigError
+
+DEFAULT_MODEL = "sentiment-lora:latest"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNESERVE_", extra="ignore", protected_namespaces=())
+
+    backend: Literal["auto", "onnx", "onnx-int8", "torch"] = Field(
+        "auto", description="auto: torch on CUDA when torch and a GPU are present, else ONNX int8 if the artifact "
+                            "kept it, else ONNX fp32.")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Device of the torch backend.")
+    model: str = Field(DEFAULT_MODEL, description="Tag of the model in the BentoML store (name:version).")
+    artifact: Path | None = Field(None, description="Serve this artifact directory instead of a store model.")
+    threads: int | None = Field(None, ge=1, description="Intra-op threads; default: the CPU cores this process may use.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most texts in one forward pass.")
+    max_texts: int = Field(256, ge=1, description="Most texts in one /predict request.")
+    max_chars: int = Field(20_000, ge=1, description="Longest text, in characters.")
+    max_examples: int = Field(10_000, ge=1, description="Most examples in one /evaluate request.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body, in bytes (413 above).")
+    api_key: SecretStr | None = Field(None, description="When set, API routes need 'Authorization: Bearer <key>'.")
+
+
+def load_settings() -> Settings:
+    """Read the settings; an invalid variable raises ConfigError naming it and what it accepts."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "TUNESERVE_" + str(first["loc"][0]).upper() if first["loc"] else "TUNESERVE_*"
+        raise ConfigError(f"{name}: {first['msg']}") from None

@@ -1,0 +1,80 @@
+"""Exported tiny artifacts of each task, and a client for the service running in-process over one of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_rows, write_jsonl
+
+
+def _train_exported(tiny_model: str, directory: Path, **changes) -> Path:
+    from training.config import load_config
+    from training.train import train
+
+    raw = {
+        "model": tiny_model,
+        "data": {"train": str(directory / "train.jsonl"), "validation": str(directory / "validation.jsonl"),
+                 "test": str(directory / "test.jsonl")},
+        "method": "full",
+        "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 32},
+        "output_dir": str(directory / "run"),
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            raw.setdefault(section, {})[field] = value
+        else:
+            raw[key] = value
+    return train(load_config(raw=raw)).artifact_dir
+
+
+@pytest.fixture(scope="session")
+def artifacts(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """name -> exported artifact directory: classification, multilabel, regression, and a text-pair model."""
+    built = {}
+    for name, changes in {
+        "classification": {"task": "classification", "data.label": "label"},
+        "multilabel": {"task": "multilabel", "data.label": "topics"},
+        "regression": {"task": "regression", "data.label": "score"},
+        "pair": {"task": "classification", "data.label": "label", "data.text_pair": "pair"},
+    }.items():
+        directory = tmp_path_factory.mktemp(name)
+        for split, (n, seed) in {"train": (240, 1), "validation": (60, 2), "test": (60, 3)}.items():
+            rows = make_rows(n, seed)
+            for row in rows:
+                row["pair"] = "a note about the " + row["topics"][0]
+            write_jsonl(directory / f"{split}.jsonl", rows)
+        built[name] = _train_exported(tiny_model, directory, **changes)
+    return built
+
+
+@pytest.fixture(scope="session")
+def asgi_app():
+    """The service's ASGI app, built once: BentoML registers its Prometheus metrics when an app is built."""
+    from service import service as service_module
+
+    return service_module.Tuneserve.to_asgi()
+
+
+@pytest.fixture
+def serve(asgi_app, monkeypatch):
+    """serve(artifact_dir, **settings) -> a TestClient whose start-up builds a service instance over the artifact."""
+    from starlette.testclient import TestClient
+
+    from service import service as service_module
+    from service.settings import Settings
+
+    clients = []
+
+    def start(artifact: Path, **settings) -> TestClient:
+        monkeypatch.setattr(service_module, "SETTINGS", Settings(artifact=artifact, **settings))
+        client = TestClient(asgi_app, raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)

@@ -1,0 +1,191 @@
+"""The service in-process (Service.to_asgi() + TestClient): every endpoint, task and error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from core.manifest import read_manifest
+from core.tasks import postprocess
+from tests.conftest import make_rows
+from training.inference import load_artifact, predict_logits
+
+
+def _rows(n=40, seed=7):
+    return make_rows(n, seed)
+
+
+def test_predict_classification_matches_pytorch(artifacts, serve):
+    art = artifacts["classification"]
+    client = serve(art, backend="onnx")
+    texts = ["a superb plot", "dull and tedious acting", "the music was lovely"]
+    r = client.post("/predict", json={"texts": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["backend"] == "onnx" and body["model"].endswith(":local")
+    manifest = read_manifest(art)
+    expected = postprocess(predict_logits(load_artifact(art), texts), manifest.postprocess)
+    for prediction, row in zip(body["predictions"], expected):
+        assert prediction["label"] == manifest.labels[int(row.argmax())]
+        assert prediction["score"] == pytest.approx(float(row.max()), abs=1e-4)
+        assert set(prediction["scores"]) == set(manifest.labels)
+        assert list(prediction["scores"].values()) == sorted(prediction["scores"].values(), reverse=True)
+    top1 = client.post("/predict", json={"texts": texts, "top_k": 1}).json()["predictions"]
+    assert all(len(p["scores"]) == 1 and list(p["scores"]) == [p["label"]] for p in top1)
+
+
+def test_multilabel_and_regression_predictions(artifacts, serve):
+    manifest = read_manifest(artifacts["multilabel"])
+    client = serve(artifacts["multilabel"], backend="onnx")
+    prediction = client.post("/predict", json={"texts": ["the plot and the music"]}).json()["predictions"][0]
+    assert set(prediction["scores"]) == set(manifest.labels)
+    assert prediction["labels"] == [n for n, p in prediction["scores"].items() if p >= manifest.threshold]
+
+    art = artifacts["regression"]
+    client = serve(art, backend="onnx")
+    texts = ["a superb plot", "dull and tedious acting"]
+    values = [p["value"] for p in client.post("/predict", json={"texts": texts}).json()["predictions"]]
+    assert np.allclose(values, predict_logits(load_artifact(art), texts)[:, 0], atol=1e-4)
+
+
+def test_pair_model_needs_pairs_and_a_single_text_model_refuses_them(artifacts, serve):
+    client = serve(artifacts["pair"], backend="onnx")
+    r = client.post("/predict", json={"texts": ["good film"]})
+    assert r.status_code == 400 and "text_pairs" in r.json()["error"]
+    r = client.post("/predict", json={"texts": ["good film", "bad film"], "text_pairs": ["a note"]})
+    assert r.status_code == 400 and "1 items for 2 texts" in r.json()["error"]
+    r = client.post("/predict", json={"texts": ["good film"], "text_pairs": ["a note about the plot"]})
+    assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("negative", "positive")
+
+    single = serve(artifacts["classification"], backend="onnx")
+    r = single.post("/predict", json={"texts": ["good"], "text_pairs": ["x"]})
+    assert r.status_code == 400 and "single texts" in r.json()["error"]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"texts": []}, 400, "at least one text"),
+    ({"texts": ["ok", 3]}, 400, "texts"),
+    ({"texts": "not a list"}, 400, "texts"),
+    ({}, 400, "texts"),
+    ({"texts": ["x"] * 5}, 400, "limit is 4"),
+    ({"texts": ["x" * 101]}, 400, "limit is 100"),
+    ({"texts": ["ok"], "top_k": 0}, 400, "top_k"),
+])
+def test_bad_predict_requests_get_400_naming_the_field(artifacts, serve, body, status, words):
+    client = serve(artifacts["classification"], backend="onnx", max_texts=4, max_chars=100)
+    r = client.post("/predict", json=body)
+    assert r.status_code == status, r.text
+    assert words in r.text
+
+
+def test_unicode_nul_and_empty_strings_get_answers(artifacts, serve):
+    client = serve(artifacts["classification"], backend="onnx")
+    texts = ["", "\x00\x00", "great 😀 film", "فيلم رائع", "\u202egood\u202c"]
+    r = client.post("/predict", json={"texts": texts})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == len(texts)
+    r = client.post("/predict", content=b'{"texts": ["\xff\xfe"]}', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+
+
+def test_evaluate_matches_the_trainers_metrics_on_the_test_split(artifacts, serve):
+    art = artifacts["classification"]
+    manifest = read_manifest(art)
+    rows = [json.loads(line) for line in (art.parent.parent / "test.jsonl").read_text().splitlines()]
+    client = serve(art, backend="torch", device="cpu")
+    r = client.post("/evaluate", json={"examples": [{"text": x["text"], "label": x["label"]} for x in rows]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n"] == 60 and body["backend"] == "torch-cpu"
+    trained = manifest.metrics["test"]
+    assert set(body["metrics"]) == set(trained) - {"loss"}  # the trainer also records its loss
+    for name, value in body["metrics"].items():
+        assert value == pytest.approx(trained[name], abs=1e-6), name
+        assert body["delta"][name] == pytest.approx(0.0, abs=1e-6)
+    assert body["training_metrics"] == pytest.approx(manifest.metrics["test"])
+    assert np.array(body["confusion_matrix"]).sum() == 60
+    assert set(body["per_class"]) == set(manifest.labels)
+
+
+def test_evaluate_other_tasks_and_bad_labels(artifacts, serve):
+    rows = _rows()
+    multi = serve(artifacts["multilabel"], backend="onnx")
+    r = multi.post("/evaluate", json={"examples": [{"text": x["text"], "labels": x["topics"]} for x in rows]})
+    assert r.status_code == 200 and {"f1_micro", "hamming_loss"} <= set(r.json()["metrics"])
+    reg = serve(artifacts["regression"], backend="onnx")
+    r = reg.post("/evaluate", json={"examples": [{"text": x["text"], "label": x["score"]} for x in rows]})
+    assert r.status_code == 200 and {"mse", "r2"} <= set(r.json()["metrics"])
+    assert r.json()["confusion_matrix"] is None
+
+    client = serve(artifacts["classification"], backend="onnx", max_examples=50)
+    examples = [{"text": x["text"], "label": x["label"]} for x in rows]
+    r = client.post("/evaluate", json={"examples": examples[:3] + [{"text": "x", "label": "meh"},
+                                                                    {"text": "y", "label": "so-so"}]})
+    assert r.status_code == 400 and "'meh'" in r.text and "'so-so'" in r.text
+    r = client.post("/evaluate", json={"examples": [{"text": "x"}]})
+    assert r.status_code == 400 and "examples[0].label" in r.json()["error"]
+    r = client.post("/evaluate", json={"examples": examples * 2})
+    assert r.status_code == 400 and "limit is 50" in r.json()["error"]
+    r = client.post("/evaluate", json={"examples": [{"text": "x", "label": "positive", "extra": 1}]})
+    assert r.status_code == 400 and "extra" in r.text
+
+
+def test_metadata_docs_and_probes(artifacts, serve):
+    art = artifacts["classification"]
+    client = serve(art, backend="onnx")
+    meta = client.get("/metadata")
+    assert meta.status_code == 200, meta.text
+    body = meta.json()
+    manifest = read_manifest(art)
+    assert body["task"] == "classification" and body["labels"] == manifest.labels
+    assert body["backend"] == "onnx" and body["parity"]["onnx"]["label_agreement"] >= 0.999
+    assert body["selftest"]["examples"] == 8 and body["metrics"]["test"] == manifest.metrics["test"]
+    assert "onnxruntime" in body["versions"]["serving"]
+    spec = client.get("/docs.json").json()
+    assert {"/predict", "/evaluate"} <= set(spec["paths"])
+    # (/metrics needs the Prometheus set-up of a real server: tested in test_serve_process.py)
+    assert client.get("/readyz").status_code == 200 and client.get("/livez").status_code == 200
+
+
+def test_auto_backend_picks_int8_when_the_artifact_kept_it(artifacts, serve):
+    art = artifacts["classification"]
+    kept = bool(read_manifest(art).export["onnx"]["int8"])
+    client = serve(art)
+    assert client.post("/predict", json={"texts": ["fine"]}).json()["backend"] == ("onnx-int8" if kept else "onnx")
+
+
+def test_pickle_and_other_media_types_are_refused(artifacts, serve, tmp_path):
+    import pickle
+
+    client = serve(artifacts["classification"], backend="onnx")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    r = client.post("/predict", content=pickle.dumps(Exploit()),
+                    headers={"content-type": "application/vnd.bentoml+pickle"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]
+    assert not marker.exists()
+    r = client.post("/predict", content=b"texts=a", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+
+
+def test_concurrent_requests_share_forward_passes(artifacts, serve):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import bentoml
+
+    client = serve(artifacts["classification"], backend="onnx")
+    texts = [r["text"] for r in _rows(48)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda t: client.post("/predict", json={"texts": [t]}).json(), texts))
+    alone = client.post("/predict", json={"texts": texts}).json()["predictions"]
+    for answer, expected in zip(answers, alone):
+        assert answer["predictions"][0]["label"] == expected["label"]
+        assert answer["predictions"][0]["score"] == pytest.approx(expected["score"], abs=1e-5)
+    # Single-text requests that arrived together were run as one forward pass.
+    assert max(bentoml.get_current_service().batcher.batch_sizes) > 1
