@@ -91,15 +91,18 @@ class TorchBackend:
             raise ArtifactError(f"{artifact_dir}: {MODEL_DIR}/model.safetensors is missing")
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("TUNESERVE_DEVICE=cuda, but torch sees no CUDA device")
-        # On CUDA, autocast to the precision the model was trained in (weights stay fp32, as in training).
-        self.autocast_dtype = None
+        # On CUDA the weights are loaded in the half precision the model was trained in (half the memory; the
+        # self-test bounds the difference). For this small encoder every precision is launch-bound at 4-5 ms
+        # per batch of 32 on an H100 (BENCHMARKS.md, CUDA sections).
+        dtype = torch.float32
         if device == "cuda":
             trained = (manifest.training or {}).get("mixed_precision", "no")
-            self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained, torch.float32)
         else:
             torch.set_num_threads(threads)
+        self.half_precision = dtype != torch.float32
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"{artifact_dir}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
         self.model = model.to(device).eval()
@@ -114,8 +117,7 @@ class TorchBackend:
         from core.encoding import run_in_length_batches
 
         def forward(batch) -> np.ndarray:
-            with self._torch.inference_mode(), self._torch.autocast(
-                    self.device, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            with self._torch.inference_mode():
                 return self.model(**batch.to(self.device)).logits.float().cpu().numpy()
 
         return run_in_length_batches(forward, self.tokenizer, texts, pairs, max_length=self.max_length,

@@ -28,8 +28,18 @@ from core.predictions import shape
 from core.tasks import postprocess
 from service.backends import choose_backend
 from service.batcher import MicroBatcher
-from service.middleware import BearerAuthMiddleware, BodyLimitMiddleware, JsonOnlyMiddleware
-from service.requests import RequestError, check_pairs, check_texts, evaluation_body, examples_to_inputs
+from service.middleware import (
+    BearerAuthMiddleware,
+    BodyLimitMiddleware,
+    JsonOnlyMiddleware,
+)
+from service.requests import (
+    RequestError,
+    check_pairs,
+    check_texts,
+    evaluation_body,
+    examples_to_inputs,
+)
 from service.schemas import EvaluateResponse, Example, PredictResponse
 from service.selftest import run_selftest
 from service.settings import load_settings
@@ -93,7 +103,7 @@ class Tuneserve:
                                       device=self.settings.device, threads=self.settings.threads,
                                       batch_size=self.settings.max_batch_size)
         self.selftest = run_selftest(self.backend, self.manifest,
-                                     half_precision=getattr(self.backend, "autocast_dtype", None) is not None)
+                                     half_precision=getattr(self.backend, "half_precision", False))
         self.batcher = MicroBatcher(self.backend.logits, self.settings.max_batch_size)
         self.startup_seconds = time.perf_counter() - started
         logger.info("serving %s (%s) with backend %s; self-test passed on %d examples (max diff %.2g) in %.2f s",

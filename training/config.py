@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
 from core.metrics import METRIC_NAMES
@@ -74,6 +74,12 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="'auto' = bf16 on a CUDA device that supports it, fp16 on other CUDA devices, fp32 on CPU.")
     seed: int = Field(42, description="Seeds weights of the new head, dropout, batch order and data splits.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML reads a bare `no` (in a file or in --set) as false.
+        return "no" if value is False else value
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     class_weights: Literal["auto", "none"] = Field(
         "auto", description="'auto' weighs classes by inverse training frequency (pos_weight for multilabel).")

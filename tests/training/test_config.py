@@ -26,6 +26,8 @@ def test_defaults_and_overrides(tmp_path):
     assert minimal.method == "lora" and minimal.lr == 5e-4 and minimal.monitor == "f1_macro"
     assert load_config(raw={"data": {"train": "x"}, "method": "full"}).lr == 5e-5
     assert load_config(raw={"task": "regression", "data": {"train": "x"}}).monitor == "r2"
+    # YAML reads a bare `no` as false; mixed_precision takes it as the word it is.
+    assert load_config(Path(CONFIGS[0]), ["train.mixed_precision=no"]).train.mixed_precision == "no"
 
 
 @pytest.mark.parametrize("raw, message", [
