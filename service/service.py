@@ -44,7 +44,7 @@ from service.schemas import EvaluateResponse, Example, PredictResponse
 from service.selftest import run_selftest
 from service.settings import load_settings
 
-logger = logging.getLogger("tuneserve.service")
+logger = logging.getLogger("bentoml.tuneserve")  # under bentoml's logger, so `bentoml serve` shows it
 SETTINGS = load_settings()
 
 
@@ -75,13 +75,16 @@ async def _metadata(request: Request) -> JSONResponse:
     return JSONResponse(service.metadata())
 
 
-metadata_app = Starlette(routes=[Route("/", _metadata, methods=["GET"])])
+# Mounted at the root: BentoML's passive mount only claims the paths this app routes.
+metadata_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
 
 
 @bentoml.service(name="tuneserve", traffic={"timeout": 300}, http={"port": 3000})
 class Tuneserve:
-    # Declared at class scope so that `bentoml build` packages the model; resolved only when used.
-    stored_model = bentoml.models.BentoModel(SETTINGS.model)
+    if SETTINGS.artifact is None:
+        # Declared at class scope so that `bentoml build` packages the model. Left out when an artifact
+        # directory is served, so that `bentoml serve` does not look for a store model it will not use.
+        stored_model = bentoml.models.BentoModel(SETTINGS.model)
 
     def __init__(self) -> None:
         started = time.perf_counter()
@@ -169,7 +172,7 @@ class Tuneserve:
         }
 
 
-Tuneserve.mount_asgi_app(metadata_app, path="/metadata")
+Tuneserve.mount_asgi_app(metadata_app, path="/")
 # The first added is the outermost: auth, then media type, then size, all before BentoML reads the body.
 if SETTINGS.api_key is not None:
     Tuneserve.add_asgi_middleware(BearerAuthMiddleware, api_key=SETTINGS.api_key.get_secret_value())

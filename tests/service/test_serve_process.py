@@ -1,0 +1,171 @@
+"""A real `bentoml serve` process on 127.0.0.1: endpoints, limits, auth, probes, shutdown, a broken artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "s3cret-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict, bentoml_home: Path, python: str = sys.executable) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log = bentoml_home / f"serve-{port}.log"
+    bentoml_home.mkdir(parents=True, exist_ok=True)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    full_env.update(BENTOML_HOME=str(bentoml_home), **env)
+    with log.open("w") as out:
+        proc = subprocess.Popen([python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 90) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"server not ready after {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, tmp_path_factory):
+    env = {"TUNESERVE_ARTIFACT": str(artifacts["classification"]), "TUNESERVE_BACKEND": "torch",
+           "TUNESERVE_DEVICE": "cpu", "TUNESERVE_API_KEY": KEY, "TUNESERVE_MAX_BODY_BYTES": "65536"}
+    proc, url, log = start_server(env, tmp_path_factory.mktemp("bentoml"))
+    try:
+        wait_ready(proc, url)
+        yield proc, url, log
+    finally:
+        stop(proc)
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_endpoints_auth_limits_and_probes(server):
+    proc, url, log = server
+    r = httpx.post(url + "/predict", json={"texts": ["a superb plot", "dull"]}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["backend"] == "torch-cpu" and len(r.json()["predictions"]) == 2
+    assert httpx.get(url + "/metadata", headers=AUTH).json()["task"] == "classification"
+    # auth: missing or wrong key -> 401 on data routes; probes and metrics stay open
+    assert httpx.post(url + "/predict", json={"texts": ["x"]}).status_code == 401
+    assert httpx.post(url + "/predict", json={"texts": ["x"]}, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert httpx.get(url + "/metadata").status_code == 401
+    for probe in ("/livez", "/readyz", "/metrics"):
+        assert httpx.get(url + probe).status_code == 200, probe
+    assert "bentoml_service_request_duration_seconds" in httpx.get(url + "/metrics").text
+    # bad input -> 400 naming the field
+    r = httpx.post(url + "/predict", json={"texts": [1]}, headers=AUTH)
+    assert r.status_code == 400 and "texts" in r.text
+    # size limit -> 413, announced or chunked, and the server keeps answering
+    big = json.dumps({"texts": ["word " * 20_000]}).encode()
+    assert httpx.post(url + "/predict", content=big, headers={**AUTH, "content-type": "application/json"}).status_code == 413
+
+    def chunks():
+        for i in range(0, len(big), 8192):
+            yield big[i:i + 8192]
+
+    r = httpx.post(url + "/predict", content=chunks(), headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and "65536" in r.json()["error"]
+    assert httpx.post(url + "/predict", json={"texts": ["still fine"]}, headers=AUTH).status_code == 200
+    # pickle is refused
+    r = httpx.post(url + "/predict", content=b"\x80\x04N.", headers={**AUTH, "content-type": "application/vnd.bentoml+pickle"})
+    assert r.status_code == 415
+    assert proc.poll() is None
+
+
+def test_evaluate_matches_tuneserve_evaluate(server, artifacts, tmp_path):
+    _, url, _ = server
+    art = artifacts["classification"]
+    data = art.parent.parent / "test.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    r = httpx.post(url + "/evaluate", json={"examples": [{"text": x["text"], "label": x["label"]} for x in rows]},
+                   headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    out = tmp_path / "eval.json"
+    done = subprocess.run([sys.executable, "-m", "training.cli", "evaluate", str(art), "--data", str(data),
+                           "--output", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cli = json.loads(out.read_text())
+    served = r.json()["metrics"]
+    assert served and set(served) <= set(cli["metrics"])
+    for name, value in served.items():
+        assert value == pytest.approx(cli["metrics"][name], abs=1e-6), name
+
+
+def test_sigterm_lets_requests_in_flight_finish(artifacts, tmp_path):
+    proc, url, _ = start_server({"TUNESERVE_ARTIFACT": str(artifacts["classification"]), "TUNESERVE_BACKEND": "onnx"},
+                                tmp_path / "bentoml")
+    try:
+        wait_ready(proc, url)
+        examples = [{"text": r["text"], "label": r["label"]} for r in make_rows(3000, seed=5)]
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(httpx.post, url + "/evaluate", json={"examples": examples}, timeout=120)
+                       for _ in range(4)]
+            time.sleep(0.5)  # the requests are in the server
+            os.killpg(proc.pid, signal.SIGTERM)
+            statuses = [f.result().status_code for f in futures]
+        assert statuses == [200] * 4
+        assert proc.wait(60) == 0
+    finally:
+        stop(proc)
+
+
+def test_a_broken_artifact_never_gets_ready_and_the_log_says_why(artifacts, tmp_path):
+    import shutil
+
+    broken = tmp_path / "artifact"
+    shutil.copytree(artifacts["classification"], broken)
+    onnx_file = broken / "onnx" / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])  # truncated
+    proc, url, log = start_server({"TUNESERVE_ARTIFACT": str(broken), "TUNESERVE_BACKEND": "onnx"}, tmp_path / "bentoml")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                assert httpx.get(url + "/readyz", timeout=2).status_code != 200
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+            if "model.onnx" in log.read_text():
+                break
+    finally:
+        stop(proc)
+    assert "not a readable ONNX model" in log.read_text()
