@@ -1,0 +1,111 @@
+"""Packaging: the Dockerfile (parsed, and its install steps replayed in a fresh venv) and `bentoml build`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dockerfile
+import httpx
+import pytest
+
+from tests.service.test_serve_process import free_port, stop, wait_ready
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def instructions():
+    return dockerfile.parse_file(str(ROOT / "Dockerfile"))
+
+
+def test_dockerfile_is_a_slim_non_root_cpu_image_with_a_readiness_healthcheck():
+    steps = instructions()
+    by_cmd = {}
+    for step in steps:
+        by_cmd.setdefault(step.cmd, []).append(step)
+    assert by_cmd["FROM"][0].value == ("python:3.11-slim",)
+    assert by_cmd["USER"][-1].value[0] not in ("root", "0")
+    assert "/readyz" in " ".join(by_cmd["HEALTHCHECK"][0].value)
+    assert by_cmd["CMD"][-1].value[:3] == ("bentoml", "serve", ".")
+    installs = [s.value[0] for s in by_cmd["RUN"] if "pip install" in s.value[0]]
+    assert installs == ["python -m pip install --no-cache-dir -r requirements/serve.txt"]
+    copied = {s.value[0] for s in by_cmd["COPY"]}
+    assert {"core/", "service/"} <= copied and not any(c.startswith("training") for c in copied)
+    pins = [line.split("==")[0].lower() for line in (ROOT / "requirements/serve.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert "torch" not in pins and {"bentoml", "onnxruntime", "transformers"} <= set(pins)
+    assert all("==" in line for line in (ROOT / "requirements/serve.txt").read_text().splitlines()
+               if line and not line.startswith("#"))
+
+
+@pytest.mark.slow
+def test_the_dockerfiles_install_steps_serve_the_onnx_model_without_torch(artifacts, tmp_path):
+    """No Docker engine here: replay the Dockerfile's ENV, COPY and pip steps in a fresh venv, then its CMD."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    app, artifact = tmp_path / "app", tmp_path / "artifact"
+    app.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNESERVE_", "VIRTUAL_ENV", "PYTHONPATH"))}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    command = None
+    for step in instructions():
+        if step.cmd == "ENV":
+            env.update(dict(zip(step.value[::2], step.value[1::2])))
+        elif step.cmd == "COPY":
+            source, target = step.value
+            if source == "${ARTIFACT}":
+                shutil.copytree(artifacts["classification"], artifact)
+                continue
+            src, dst = ROOT / source, app / target
+            shutil.copytree(src, dst) if src.is_dir() else (dst.parent.mkdir(parents=True, exist_ok=True), shutil.copy(src, dst))
+        elif step.cmd == "RUN" and "pip install" in step.value[0]:
+            args = shlex.split(step.value[0])
+            done = subprocess.run([python, *args[1:]], cwd=app, env=env, capture_output=True, text=True, timeout=1200)
+            assert done.returncode == 0, done.stderr[-3000:]
+        elif step.cmd == "CMD":
+            command = list(step.value)
+    env.update(TUNESERVE_ARTIFACT=str(artifact), BENTOML_HOME=str(tmp_path / "bentoml"))
+    no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+
+    port = free_port()
+    command = [str(venv / "bin" / command[0]), *command[1:command.index("--host")], "--host", "127.0.0.1", "--port", str(port)]
+    with (tmp_path / "serve.log").open("w") as log:
+        proc = subprocess.Popen(command, cwd=app, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(proc, url)
+        r = httpx.post(url + "/predict", json={"texts": ["a superb plot"]})
+        assert r.status_code == 200, r.text
+        assert r.json()["backend"] in ("onnx", "onnx-int8")
+        assert "torch" not in httpx.get(url + "/metadata").json()["versions"]["serving"]
+    finally:
+        stop(proc)
+
+
+def test_bentoml_build_packages_service_core_and_the_registered_model(artifacts, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    env.update(BENTOML_HOME=str(tmp_path / "bentoml"), TUNESERVE_MODEL="tiny-sentiment:latest")
+    done = subprocess.run([sys.executable, "-m", "training.cli", "register", str(artifacts["classification"]),
+                           "--name", "tiny-sentiment"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tag = done.stdout.strip().splitlines()[-1]
+    built = subprocess.run([sys.executable, "-m", "bentoml", "build", ".", "--output", "tag"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    info = subprocess.run([sys.executable, "-m", "bentoml", "get", "tuneserve:latest", "-o", "json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    bento = json.loads(info.stdout)
+    assert [m["tag"] for m in bento["services"][0]["models"]] == [tag]  # BentoML 1.4 lists models per service
+    bentos = tmp_path / "bentoml" / "bentos" / "tuneserve"
+    src = next(p for p in bentos.iterdir() if p.is_dir() and p.name != "latest") / "src"
+    assert (src / "service" / "service.py").is_file() and (src / "core" / "manifest.py").is_file()
+    assert not (src / "training").exists() and not (src / "tests").exists()
+    requirements = next((src.parent / "env" / "python").glob("requirements*.txt")).read_text()
+    assert "onnxruntime==" in requirements and "torch" not in requirements
