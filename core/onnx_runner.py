@@ -14,13 +14,18 @@ from core.encoding import run_in_length_batches
 class OnnxModel:
     """An ONNX Runtime session over a sequence-classification graph with ``logits`` as its output."""
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, providers: Sequence[str] | None = None):
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, providers: Sequence[str] | None = None,
+                 spinning: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            # By default idle intra-op threads busy-wait for the next run; in a server that CPU is needed to
+            # read and answer requests between runs.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -66,7 +66,7 @@ class OnnxBackend:
         check_external_data(path)
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
-            self.model = OnnxModel(path, threads=threads, providers=providers)
+            self.model = OnnxModel(path, threads=threads, providers=providers, spinning=False)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for a bad file
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
         self.tokenizer = load_tokenizer(artifact_dir)

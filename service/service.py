@@ -79,7 +79,8 @@ async def _metadata(request: Request) -> JSONResponse:
 metadata_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
 
 
-@bentoml.service(name="tuneserve", traffic={"timeout": 300}, http={"port": 3000})
+@bentoml.service(name="tuneserve", traffic={"timeout": 300}, http={"port": 3000},
+                 logging={"access": {"enabled": SETTINGS.access_log}})
 class Tuneserve:
     if SETTINGS.artifact is None:
         # Declared at class scope so that `bentoml build` packages the model. Left out when an artifact
@@ -104,7 +105,7 @@ class Tuneserve:
             self.model_tag = str(stored.tag)
         self.backend = choose_backend(directory, self.manifest, backend=self.settings.backend,
                                       device=self.settings.device, threads=self.settings.threads,
-                                      batch_size=self.settings.max_batch_size)
+                                      batch_size=self.settings.forward_batch_size)
         self.selftest = run_selftest(self.backend, self.manifest,
                                      half_precision=getattr(self.backend, "half_precision", False))
         self.batcher = MicroBatcher(self.backend.logits, self.settings.max_batch_size)

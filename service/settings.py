@@ -23,11 +23,16 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="Tag of the model in the BentoML store (name:version).")
     artifact: Path | None = Field(None, description="Serve this artifact directory instead of a store model.")
     threads: int | None = Field(None, ge=1, description="Intra-op threads; default: the CPU cores this process may use.")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="Most texts in one forward pass.")
+    max_batch_size: int = Field(32, ge=1, le=1024,
+                                description="Most texts that concurrent requests pool into one turn at the model.")
+    forward_batch_size: int = Field(
+        8, ge=1, le=1024, description="Texts per forward pass: a pooled turn runs sorted by length in passes of this "
+                                      "many, so short texts are not padded to the longest (measured in BENCHMARKS.md).")
     max_texts: int = Field(256, ge=1, description="Most texts in one /predict request.")
     max_chars: int = Field(20_000, ge=1, description="Longest text, in characters.")
     max_examples: int = Field(10_000, ge=1, description="Most examples in one /evaluate request.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body, in bytes (413 above).")
+    access_log: bool = Field(True, description="Log one line per request (BentoML's access log).")
     api_key: SecretStr | None = Field(None, description="When set, API routes need 'Authorization: Bearer <key>'.")
 
 

@@ -1,0 +1,253 @@
+"""Loopback load on the service against the server a user would write without tuneserve, in one run.
+
+Single-sentence POST requests (real vader:movie sentences), bounded in count and time, at concurrency 1 and
+32, against (a) `bentoml serve` of the service with the ONNX backend the artifact selects, and (b) a naive
+FastAPI app calling a transformers `pipeline` in torch, one request at a time. Beside them, the same ONNX
+backend in-process (batch 1 latency, batch 32 throughput), the service's cold start to ready and its
+resident memory. Run it on an exported artifact:
+
+    make venv-serve   # the serving requirements alone, as in the Docker image
+    python benchmarks/serve_load.py runs/sentiment-lora/artifact --service-python .venv-serve/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NAIVE_APP = textwrap.dedent('''
+    import os
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+    from transformers import pipeline
+
+    classifier = pipeline("text-classification", model=os.environ["MODEL_DIR"], device=-1)
+    app = FastAPI()
+
+    class Item(BaseModel):
+        texts: list[str]
+
+    @app.post("/predict")
+    async def predict(item: Item):
+        return {"predictions": classifier(item.texts)}
+
+    @app.get("/readyz")
+    async def ready():
+        return "ok"
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> float:
+    import httpx
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    sys.exit(f"{url} not ready after {timeout} s")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its children."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    total = 0.0
+    for p in [parent, *parent.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def measured_load(url: str, server_pid: int, texts: list[str], concurrency: int, requests: int, seconds: float) -> dict:
+    """load(), plus the CPU milliseconds per request spent by the server and by the load generator itself."""
+    server0, client0 = tree_cpu_s(server_pid), time.process_time()
+    result = asyncio.run(load(url, texts, concurrency, requests, seconds))
+    result["server_cpu_ms"] = 1000 * (tree_cpu_s(server_pid) - server0) / result["requests"]
+    result["client_cpu_ms"] = 1000 * (time.process_time() - client0) / result["requests"]
+    return result
+
+
+def tree_rss_mb(pid: int) -> float:
+    import psutil
+
+    parent = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2**20
+
+
+async def load(url: str, texts: list[str], concurrency: int, requests: int, seconds: float) -> dict:
+    """`concurrency` clients each sending one sentence per request, back to back, until the count or time is up."""
+    import aiohttp
+
+    latencies: list[float] = []
+    failures = 0
+    sent = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal sent, failures
+        while sent < requests and time.perf_counter() < deadline:
+            text = texts[sent % len(texts)]
+            sent += 1
+            start = time.perf_counter()
+            async with session.post(url + "/predict", json={"texts": [text]}) as response:
+                await response.read()
+                if response.status != 200:
+                    failures += 1
+            latencies.append(time.perf_counter() - start)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"requests": len(latencies), "failures": failures, "throughput": len(latencies) / elapsed,
+            "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98] if len(latencies) > 100 else float("nan")}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact")
+    parser.add_argument("--requests", type=int, default=1500, help="most requests per load run")
+    parser.add_argument("--seconds", type=float, default=60, help="longest load run")
+    parser.add_argument("--n", type=int, default=300, help="sentences for in-process batch-1 latency")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment of the service (e.g. TUNESERVE_THREADS=1)")
+    parser.add_argument("--skip-naive", action="store_true", help="measure the service only")
+    parser.add_argument("--service-python", default=sys.executable,
+                        help="interpreter that runs `bentoml serve` (e.g. .venv-serve/bin/python: no torch)")
+    args = parser.parse_args()
+    artifact = Path(args.artifact).resolve()
+
+    from benchmarks._report import write_section
+    from core.manifest import read_manifest
+    from service.backends import choose_backend
+    from training.demo_data import demo_path
+
+    manifest = read_manifest(artifact)
+    rows = [json.loads(line) for line in demo_path("vader:movie").read_text().splitlines()]
+    texts = [r["text"] for r in rows[-2000:]]  # the file's tail: held-out-like sentences of mixed length
+
+    # In-process reference: the backend the service picks with TUNESERVE_BACKEND=auto on this machine.
+    backend = choose_backend(artifact, manifest, backend="auto", device="auto", threads=None, batch_size=32)
+    backend.logits(texts[:32], None)
+    one = []
+    for text in texts[:args.n]:
+        start = time.perf_counter()
+        backend.logits([text], None)
+        one.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    backend.logits(texts[:1024], None)
+    inproc = {"p50_ms": 1000 * statistics.median(one), "throughput": 1024 / (time.perf_counter() - start)}
+    del backend
+    print(f"in-process {manifest.name}: batch 1 p50 {inproc['p50_ms']:.2f} ms, "
+          f"batch 32 {inproc['throughput']:.0f}/s", flush=True)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    results = {}
+    port = free_port()
+    env_service = {**env, "TUNESERVE_ARTIFACT": str(artifact), "TUNESERVE_BACKEND": "auto",
+                   **dict(item.split("=", 1) for item in args.env)}
+    service = subprocess.Popen([args.service_python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=ROOT, env=env_service, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        cold = wait_ready(url, service)
+        backend_name = __import__("httpx").get(url + "/metadata").json()["backend"]
+        rss_start = tree_rss_mb(service.pid)
+        asyncio.run(load(url, texts, 8, 200, 20))  # warm-up, not counted
+        for concurrency in (1, 32):
+            results[("service", concurrency)] = measured_load(url, service.pid, texts, concurrency, args.requests,
+                                                              args.seconds)
+            print("service", concurrency, results[("service", concurrency)], flush=True)
+        rss_end = tree_rss_mb(service.pid)
+    finally:
+        stop(service)
+
+    if args.skip_naive:
+        print(f"cold start {cold:.2f} s, RSS {rss_start:.0f} -> {rss_end:.0f} MB (naive server skipped; nothing written)")
+        return
+    naive_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"tuneserve-naive-{os.getpid()}"
+    naive_dir.mkdir(exist_ok=True)
+    (naive_dir / "naive_app.py").write_text(NAIVE_APP)
+    port = free_port()
+    naive = subprocess.Popen([sys.executable, "-m", "uvicorn", "naive_app:app", "--host", "127.0.0.1", "--port", str(port),
+                              "--log-level", "warning"], cwd=naive_dir, env={**env, "MODEL_DIR": str(artifact / "model")},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, naive)
+        asyncio.run(load(url, texts, 8, 100, 20))
+        for concurrency in (1, 32):
+            results[("naive", concurrency)] = measured_load(url, naive.pid, texts, concurrency, args.requests, args.seconds)
+            print("naive", concurrency, results[("naive", concurrency)], flush=True)
+    finally:
+        stop(naive)
+
+    def row(name: str, concurrency: int, r: dict) -> str:
+        return (f"| {name} | {concurrency} | {r['requests']} | {r['failures']} | {r['throughput']:.0f} /s | "
+                f"{r['p50_ms']:.2f} ms | {r['p99_ms']:.1f} ms | {r['server_cpu_ms']:.1f} ms | {r['client_cpu_ms']:.1f} ms |")
+
+    s1, s32 = results[("service", 1)], results[("service", 32)]
+    n32 = results[("naive", 32)]
+    table = f"""## Serving under load: the service against a naive FastAPI + transformers pipeline server
+
+Single-sentence requests over loopback (aiohttp clients on the same 2 cores), at most {args.requests} requests or
+{args.seconds:.0f} s per row; the service ran `bentoml serve` with TUNESERVE_BACKEND=auto, which chose
+**{backend_name}**, under `{args.service_python}`. In-process figures are that backend called directly in the benchmark's process.
+
+| server | concurrency | requests | failed | throughput | p50 | p99 | server CPU per request | client CPU per request |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(row(name, c, results[(key, c)]) for key, name in (("service", f"tuneserve ({backend_name})"), ("naive", "naive (torch pipeline)")) for c in (1, 32))}
+| {backend_name} in-process | batch 1 / batch 32 | | | {inproc['throughput']:.0f} /s (batch 32) | {inproc['p50_ms']:.2f} ms (batch 1) | | | |
+
+| target | measured | met |
+|---|---|---|
+| concurrency 32: ≥ 3x the naive server | {s32['throughput'] / n32['throughput']:.2f}x | {'yes' if s32['throughput'] >= 3 * n32['throughput'] else 'no'} |
+| concurrency 32: ≥ 70% of in-process batch 32 | {100 * s32['throughput'] / inproc['throughput']:.0f}% | {'yes' if s32['throughput'] >= 0.7 * inproc['throughput'] else 'no'} |
+| concurrency 1: p50 within 3 ms of in-process batch 1 | +{s1['p50_ms'] - inproc['p50_ms']:.2f} ms | {'yes' if s1['p50_ms'] - inproc['p50_ms'] <= 3 else 'no'} |
+| cold start to ready ≤ 5 s | {cold:.2f} s | {'yes' if cold <= 5 else 'no'} |
+| resident memory ≤ 600 MB (server process tree) | {rss_start:.0f} MB after start, {rss_end:.0f} MB after the load | {'yes' if max(rss_start, rss_end) <= 600 else 'no'} |
+"""
+    print(table)
+    write_section("serve-load", "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]), table)
+
+
+if __name__ == "__main__":
+    main()
