@@ -79,7 +79,8 @@ async def _metadata(request: Request) -> JSONResponse:
 metadata_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
 
 
-@bentoml.service(name="tuneserve", traffic={"timeout": 300}, http={"port": 3000},
+@bentoml.service(name="tuneserve", traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
+                 http={"port": 3000},
                  logging={"access": {"enabled": SETTINGS.access_log}})
 class Tuneserve:
     if SETTINGS.artifact is None:

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     max_chars: int = Field(20_000, ge=1, description="Longest text, in characters.")
     max_examples: int = Field(10_000, ge=1, description="Most examples in one /evaluate request.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body, in bytes (413 above).")
+    timeout: float = Field(60.0, gt=0, description="Seconds a request may take before it gets 504.")
+    max_concurrency: int | None = Field(None, ge=1, description="Requests served at once; more get 429 (probes exempt).")
     access_log: bool = Field(True, description="Log one line per request (BentoML's access log).")
     api_key: SecretStr | None = Field(None, description="When set, API routes need 'Authorization: Bearer <key>'.")
 

@@ -46,6 +46,12 @@ def encode_split(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None, t
     return EncodedSplit(features, targets)
 
 
+def without_content(tokenizer, split: EncodedSplit) -> list[int]:
+    """Indices of examples that tokenize to special tokens alone (e.g. text of zero-width or control characters)."""
+    special = set(tokenizer.all_special_ids)
+    return [i for i, ids in enumerate(split.features["input_ids"]) if all(t in special for t in ids)]
+
+
 class LengthGroupedBatchSampler:
     """Seeded batches of indices; with ``group_by_length``, each batch holds examples of similar length.
 

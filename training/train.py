@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from core.baselines import score_baselines
-from core.errors import TrainingError
+from core.errors import DataError, TrainingError
 from core.metrics import Evaluation, evaluate
 from core.tasks import Task, is_better, postprocess
-from training.batching import Collator, LengthGroupedBatchSampler, encode_split
+from training.batching import Collator, LengthGroupedBatchSampler, encode_split, without_content
 from training.checkpoint import CHECKPOINTS, latest_checkpoint, read_state, save_checkpoint
 from training.config import Config
 from training.data import load_dataset
@@ -160,6 +160,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                                  desc=split.name, disable=not accelerator.is_local_main_process)
         for split in (data.train, data.validation, data.test)
     }
+    for split in (data.train, data.validation, data.test):
+        empty = without_content(tokenizer, encoded[split.name])
+        if empty:
+            rows = [split.rows[i] if split.rows else i + 1 for i in empty[:5]]
+            raise DataError(f"data.{split.name} ({split.source}): {len(empty)} text(s) tokenize to nothing "
+                            f"(rows {rows}{', ...' if len(empty) > 5 else ''}); remove or fix them")
     collate = Collator(tokenizer, cfg.task, pad_to_multiple_of=8 if precision != "no" else None)
     train_sampler = LengthGroupedBatchSampler(encoded["train"].lengths, tc.batch_size, seed=tc.seed,
                                               group_by_length=tc.group_by_length)

@@ -169,3 +169,28 @@ def test_a_broken_artifact_never_gets_ready_and_the_log_says_why(artifacts, tmp_
     finally:
         stop(proc)
     assert "not a readable ONNX model" in log.read_text()
+
+
+def test_concurrency_limit_gives_429_timeouts_give_504_and_probes_keep_answering(artifacts, tmp_path):
+    proc, url, _ = start_server({"TUNESERVE_ARTIFACT": str(artifacts["classification"]), "TUNESERVE_BACKEND": "onnx",
+                                 "TUNESERVE_MAX_CONCURRENCY": "2", "TUNESERVE_TIMEOUT": "0.5"}, tmp_path / "bentoml")
+    try:
+        wait_ready(proc, url)
+        # /evaluate of 8,000 long examples takes well over the 0.5 s timeout on the tiny model
+        slow = {"examples": [{"text": ("the plot was good and the acting was dull " * 12), "label": "positive"}] * 8000}
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(httpx.post, url + "/evaluate", json=slow, timeout=120) for _ in range(5)]
+            time.sleep(0.3)
+            probes = [httpx.get(url + p, timeout=5).status_code for p in ("/readyz", "/livez") for _ in range(3)]
+            statuses = sorted(f.result().status_code for f in futures)
+        assert probes == [200] * 6
+        assert statuses.count(429) >= 1 and set(statuses) <= {429, 504} and statuses.count(504) >= 1, statuses
+        # the server recovers: the next request is answered
+        for _ in range(50):
+            r = httpx.post(url + "/predict", json={"texts": ["fine"]}, timeout=30)
+            if r.status_code == 200:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200
+    finally:
+        stop(proc)

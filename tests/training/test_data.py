@@ -108,3 +108,28 @@ def test_unreadable_and_missing_files(tmp_path):
         load_dataset(_cfg(tmp_path / "nope.csv"), Task.CLASSIFICATION, seed=0)
     with pytest.raises(DataError, match="unknown demo set"):
         load_dataset(_cfg("vader:books"), Task.CLASSIFICATION, seed=0)
+
+
+def test_nan_labels_and_targets_are_refused_naming_the_row(tmp_path):
+    rows = make_rows(10)
+    rows[6]["score"] = float("nan")
+    _expect(tmp_path, rows, r"row 7, column 'score': regression target nan is not finite",
+            task=Task.REGRESSION, label="score")
+    rows = make_rows(10)
+    rows[3]["label"] = float("nan")
+    _expect(tmp_path, rows, r"row 4, column 'label': missing label")  # a NaN among strings reads as null
+    rows = make_rows(10)
+    rows[2]["topics"] = ["plot", "plot"]
+    _expect(tmp_path, rows, r"row 3, column 'topics': .* repeats a label", task=Task.MULTILABEL, label="topics")
+
+
+def test_texts_that_tokenize_to_nothing_stop_the_run_before_training(base_config, tmp_path):
+    from training.config import load_config
+    from training.train import train
+
+    rows = make_rows(240, seed=1)
+    rows[10]["text"] = "\u200b\u200b\u200b"  # zero-width spaces: not blank to str.strip(), nothing to BERT
+    base_config["data"]["train"] = str(write_jsonl(tmp_path / "zw.jsonl", rows))
+    with pytest.raises(DataError, match=r"data.train .*1 text\(s\) tokenize to nothing \(rows \[11\]\)"):
+        train(load_config(raw=base_config))
+    assert not (tmp_path / "run" / "checkpoints").exists()
