@@ -1,6 +1,7 @@
 """The training loop on a tiny model: learning, every task and method, the artifact, resume, failure."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from safetensors.numpy import load_file
 from core.errors import TrainingError
 from core.manifest import read_manifest
 from training import checkpoint as checkpoint_module
-from training.checkpoint import list_checkpoints
+from training.checkpoint import latest_checkpoint, list_checkpoints, read_state
 from training.config import load_config
 from training.inference import load_artifact, predict_scores
 from training.train import train
@@ -184,3 +185,86 @@ def test_text_pairs_reach_the_model_as_segment_pairs(base_config, tmp_path):
     loaded = load_artifact(result.artifact_dir)
     scores = predict_scores(loaded, ["the reviewer wrote this"] * 2, ["superb and lovely", "dull and tedious"])
     assert [manifest.labels[i] for i in scores.argmax(1)] == ["positive", "negative"]
+
+
+def _fingerprint(checkpoint) -> dict:
+    return {p.relative_to(checkpoint).as_posix(): p.read_bytes() for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+
+
+def test_an_exception_mid_save_keeps_the_previous_checkpoint_and_resume_continues(base_config, monkeypatch):
+    from accelerate import Accelerator
+
+    base_config["train"].update(epochs=3, save_every="epoch", keep_checkpoints=3)
+    real_save_state = Accelerator.save_state
+    calls, snapshot = [], {}
+
+    def fail_on_second_save(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            snapshot.update(_fingerprint(latest_checkpoint(base_config["output_dir"])))
+        real_save_state(self, output_dir, **kwargs)
+        if len(calls) == 2:  # the files are written, the checkpoint is not yet complete
+            raise OSError("disk full (simulated) while saving a checkpoint")
+
+    monkeypatch.setattr(Accelerator, "save_state", fail_on_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(load_config(raw=base_config))
+    saved = list_checkpoints(base_config["output_dir"])
+    assert [p.name for p in saved] == ["step-00000015"]  # epoch 1; the half-written epoch-2 save is not one
+    assert _fingerprint(saved[0]) == snapshot  # byte for byte as it was before the failed save began
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    resumed = train(load_config(raw=base_config), resume=True)
+    assert read_manifest(resumed.artifact_dir).training["steps"] == 45
+    assert [p.name for p in list_checkpoints(base_config["output_dir"])][-1] == "step-00000045"
+    assert not any(p.name.startswith(".tmp") for p in (Path(base_config["output_dir"]) / "checkpoints").iterdir())
+
+
+KILL_DURING_SECOND_SAVE = """
+import os, signal, sys
+from accelerate import Accelerator
+real = Accelerator.save_state
+calls = []
+def save_state(self, output_dir, **kwargs):
+    calls.append(output_dir)
+    if len(calls) == 2:
+        real(self, output_dir, **kwargs)  # model and optimizer files written, state file and rename not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, output_dir, **kwargs)
+Accelerator.save_state = save_state
+from training.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_save_loses_nothing(base_config, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    base_config["train"].update(epochs=3, save_every="epoch", keep_checkpoints=3)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(base_config))
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_SAVE, "train", str(config)],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    root = Path(base_config["output_dir"]) / "checkpoints"
+    assert [p.name for p in list_checkpoints(base_config["output_dir"])] == ["step-00000015"]
+    assert any(p.name.startswith(".tmp-step-") for p in root.iterdir())  # the interrupted save, ignored
+    state = read_state(root / "step-00000015")
+    assert state["step"] == 15
+    resumed = subprocess.run([sys.executable, "-m", "training.cli", "train", str(config), "--resume"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_manifest(Path(base_config["output_dir"]) / "artifact").training["steps"] == 45
+
+
+def test_two_runs_with_the_same_seed_give_identical_weights(base_config, tmp_path):
+    import hashlib
+
+    hashes = []
+    for name in ("a", "b"):
+        result = train(load_config(raw=dict(base_config, output_dir=str(tmp_path / name))))
+        hashes.append(hashlib.sha256((result.artifact_dir / "model" / "model.safetensors").read_bytes()).hexdigest())
+    assert hashes[0] == hashes[1]
+    assert read_manifest(result.artifact_dir).provenance["determinism"]["seed"] == base_config["train"].get("seed", 42)
