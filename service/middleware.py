@@ -106,3 +106,103 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _field_path(loc) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+class ValidationErrorShapeMiddleware:
+    """Give request-validation errors one documented shape: ``{"error": "<field>: <problem>", "detail": "..."}``.
+
+    BentoML answers a body that fails its pydantic model with ``detail`` as a list, where its own OpenAPI
+    schema promises a string; clients (and schema checkers) get the promised shape, naming the field.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not _api_path(scope):
+            return await self.app(scope, receive, send)
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def capture(message):
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                start = message
+                return
+            if start is None:
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                await send_reshaped(start, b"".join(chunks))
+
+        async def send_reshaped(start_message, body: bytes):
+            try:
+                data = json.loads(body)
+                problems = data.get("detail") if isinstance(data, dict) else None
+                if isinstance(problems, list) and problems:
+                    lines = [f"{_field_path(p.get('loc', []))}: {p.get('msg', 'invalid')}" for p in problems]
+                    body = json.dumps({"error": lines[0] if len(lines) == 1 else f"{lines[0]} (and {len(lines) - 1} more)",
+                                       "detail": "; ".join(lines)}).encode()
+            except (ValueError, AttributeError):
+                pass
+            headers = [(k, v) for k, v in start_message.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start_message, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, capture)
+
+
+class OpenAPIResponsesMiddleware:
+    """Add the answers that middleware gives (401, 413, 415, 429, 504) to every API operation in /docs.json.
+
+    BentoML documents what its API methods return; these come from layers in front of them.
+    """
+
+    def __init__(self, app, responses: dict[int, str]):
+        self.app = app
+        self.responses = responses
+
+    def _augment(self, spec: dict) -> dict:
+        spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
+            "type": "object", "title": "Error", "required": ["error"],
+            "properties": {"error": {"type": "string", "title": "Message"}}}
+        for path, item in spec.get("paths", {}).items():
+            if path.rstrip("/") not in API_PATHS:
+                continue
+            for operation in item.values():
+                if isinstance(operation, dict) and "responses" in operation:
+                    for status, description in self.responses.items():
+                        operation["responses"].setdefault(str(status), {
+                            "description": description,
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+        return spec
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/docs.json":
+            return await self.app(scope, receive, send)
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def capture(message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            if start["status"] == 200:
+                body = json.dumps(self._augment(json.loads(body))).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, capture)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Annotated
 
 import bentoml
 import numpy as np
@@ -32,6 +33,8 @@ from service.middleware import (
     BearerAuthMiddleware,
     BodyLimitMiddleware,
     JsonOnlyMiddleware,
+    OpenAPIResponsesMiddleware,
+    ValidationErrorShapeMiddleware,
 )
 from service.requests import (
     RequestError,
@@ -46,6 +49,9 @@ from service.settings import load_settings
 
 logger = logging.getLogger("bentoml.tuneserve")  # under bentoml's logger, so `bentoml serve` shows it
 SETTINGS = load_settings()
+# The limits in force when the service starts are part of its OpenAPI schema; they are checked again at
+# request time (check_texts), which names the limit in the message.
+Text = Annotated[StrictStr, Field(max_length=SETTINGS.max_chars)]
 
 
 def _bad_request(exc: Exception) -> JSONResponse:
@@ -122,8 +128,9 @@ class Tuneserve:
     @bentoml.api
     async def predict(
         self,
-        texts: list[StrictStr] = Field(description="Texts to classify or score."),
-        text_pairs: list[StrictStr] | None = Field(None, description="Second texts, one per text (pair models only)."),
+        texts: list[Text] = Field(min_length=1, max_length=SETTINGS.max_texts, description="Texts to classify or score."),
+        text_pairs: list[Text] | None = Field(None, min_length=1, max_length=SETTINGS.max_texts,
+                                              description="Second texts, one per text (pair models only)."),
         top_k: int | None = Field(None, ge=1, description="Classification: keep the k most likely labels in scores."),
     ) -> PredictResponse:
         """Predict labels (or values) for texts."""
@@ -143,7 +150,8 @@ class Tuneserve:
     @bentoml.api
     async def evaluate(
         self,
-        examples: list[Example] = Field(description="Labelled examples: text (and text_pair), with label or labels."),
+        examples: list[Example] = Field(min_length=1, max_length=SETTINGS.max_examples,
+                                        description="Labelled examples: text (and text_pair), with label or labels."),
     ) -> EvaluateResponse:
         """Score the model on posted labelled data, beside the test metrics recorded at training time."""
         try:
@@ -176,7 +184,13 @@ class Tuneserve:
 
 Tuneserve.mount_asgi_app(metadata_app, path="/")
 # The first added is the outermost: auth, then media type, then size, all before BentoML reads the body.
+Tuneserve.add_asgi_middleware(OpenAPIResponsesMiddleware, responses={
+    **({401: "Missing or wrong API key"} if SETTINGS.api_key is not None else {}),
+    413: "Request body over the size limit", 415: "Body is not application/json",
+    **({429: "Too many requests at once"} if SETTINGS.max_concurrency else {}),
+    504: "The request took longer than the timeout"})
 if SETTINGS.api_key is not None:
     Tuneserve.add_asgi_middleware(BearerAuthMiddleware, api_key=SETTINGS.api_key.get_secret_value())
 Tuneserve.add_asgi_middleware(JsonOnlyMiddleware)
 Tuneserve.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
+Tuneserve.add_asgi_middleware(ValidationErrorShapeMiddleware)

@@ -65,7 +65,7 @@ def test_pair_model_needs_pairs_and_a_single_text_model_refuses_them(artifacts, 
 
 
 @pytest.mark.parametrize("body, status, words", [
-    ({"texts": []}, 400, "at least one text"),
+    ({"texts": []}, 400, "texts: List should have at least 1 item"),
     ({"texts": ["ok", 3]}, 400, "texts"),
     ({"texts": "not a list"}, 400, "texts"),
     ({}, 400, "texts"),
@@ -145,6 +145,8 @@ def test_metadata_docs_and_probes(artifacts, serve):
     assert "onnxruntime" in body["versions"]["serving"]
     spec = client.get("/docs.json").json()
     assert {"/predict", "/evaluate"} <= set(spec["paths"])
+    # what the middleware answers is documented too
+    assert {"400", "413", "415", "504"} <= set(spec["paths"]["/predict"]["post"]["responses"])
     # (/metrics needs the Prometheus set-up of a real server: tested in test_serve_process.py)
     assert client.get("/readyz").status_code == 200 and client.get("/livez").status_code == 200
 
@@ -189,3 +191,20 @@ def test_concurrent_requests_share_forward_passes(artifacts, serve):
         assert answer["predictions"][0]["score"] == pytest.approx(expected["score"], abs=1e-5)
     # Single-text requests that arrived together were run as one forward pass.
     assert max(bentoml.get_current_service().batcher.batch_sizes) > 1
+
+
+@pytest.mark.parametrize("body", [
+    b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",              # deeply nested
+    b'{"texts": ["ok"], "top_k": 1' + b"0" * 5000 + b"}",                  # a 5000-digit number
+    b'{"texts": ["ok"], "top_k": 1e999}',                                  # overflows to infinity
+    b'{"texts": ["ok"], "top_k": NaN}',                                     # not JSON
+    b'{"texts": ["ok"]',                                                    # truncated
+    b'\xef\xbb\xbf{"texts": ["ok"]}',                                       # byte-order mark
+    b'{"texts": ["ok"], "texts": ["twice"]}',                              # duplicate key
+], ids=["nested", "huge-int", "huge-float", "nan", "truncated", "bom", "duplicate-key"])
+def test_hostile_bodies_get_an_answer_not_a_crash(artifacts, serve, body):
+    client = serve(artifacts["classification"], backend="onnx")
+    r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400), r.text
+    assert "error" in r.json() if r.status_code == 400 else len(r.json()["predictions"]) == 1
+    assert client.post("/predict", json={"texts": ["still serving"]}).status_code == 200
