@@ -34,11 +34,12 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def write_section(name: str, command: str, body: str) -> None:
-    """Replace (or append) the section ``name`` of BENCHMARKS.md."""
+def write_section(name: str, command: str, body: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or append) the section ``name`` of BENCHMARKS.md (or of ``path``)."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     section = f"{begin}\n_Command:_ `{command}`  \n_Date:_ {time.strftime('%Y-%m-%d')}  \n_Machine:_ {machine()}\n\n{body.strip()}\n{end}"
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\nEach section is written by the script named in its command; rerun it to refresh.\n"
+    title = "Benchmarks" if path == BENCHMARKS else path.stem.capitalize()
+    text = path.read_text() if path.exists() else f"# {title}\n\nEach section is written by the script named in its command; rerun it to refresh.\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + f"\n\n{section}\n"
-    BENCHMARKS.write_text(text if text.endswith("\n") else text + "\n")
+    path.write_text(text if text.endswith("\n") else text + "\n")

@@ -47,6 +47,11 @@ def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -
     diff = np.abs(got - expected).reshape(len(samples), -1).max(axis=1)
     want, have = decide(manifest, expected), decide(manifest, got)
     for i, sample in enumerate(samples):
+        recorded = sample.get("decision")
+        if manifest.task.value != "regression" and recorded is not None and recorded != want[i]:
+            raise ArtifactError(f"self-test: the manifest's labels turn PyTorch's export-time scores for example {i} "
+                                f"into {want[i]!r}, but PyTorch decided {recorded!r}: the manifest's labels "
+                                f"{manifest.labels} do not belong to this model")
         if manifest.task.value != "regression" and want[i] != have[i]:
             raise ArtifactError(f"self-test: backend {backend.name} predicts {have[i]!r} for example {i} "
                                 f"({sample['text'][:60]!r}); PyTorch predicted {want[i]!r} at export")

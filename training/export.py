@@ -242,8 +242,9 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
 
         # A few inputs with PyTorch's outputs, for a serving backend to reproduce before it reports ready.
         scores = postprocess(reference, manifest.postprocess)
+        decisions = decide(manifest, scores)
         selftest = [{"text": held_out.texts[i], "text_pair": held_out.pairs[i] if held_out.pairs else None,
-                     "scores": np.atleast_1d(scores[i]).tolist()}
+                     "scores": np.atleast_1d(scores[i]).tolist(), "decision": decisions[i]}
                     for i in selftest_examples(manifest, scores, SELFTEST_EXAMPLES)]
         section = {
             "onnx": {"fp32": f"{ONNX_DIR}/{FP32_FILE}", "int8": f"{ONNX_DIR}/{INT8_FILE}" if int8_report["kept"] else None,

@@ -208,3 +208,33 @@ def test_hostile_bodies_get_an_answer_not_a_crash(artifacts, serve, body):
     assert r.status_code in (200, 400), r.text
     assert "error" in r.json() if r.status_code == 400 else len(r.json()["predictions"]) == 1
     assert client.post("/predict", json={"texts": ["still serving"]}).status_code == 200
+
+
+def test_the_self_test_refuses_a_lying_manifest_and_a_backend_that_disagrees(artifacts, tmp_path):
+    import shutil
+
+    from core.errors import ArtifactError
+    from service.backends import OnnxBackend
+    from service.selftest import run_selftest
+
+    art = tmp_path / "artifact"
+    shutil.copytree(artifacts["classification"], art)
+    manifest = read_manifest(art)
+    backend = OnnxBackend(art, manifest, int8=False, threads=1, batch_size=8)
+    assert run_selftest(backend, manifest)["examples"] == 8
+
+    lying = manifest.model_copy(update={"labels": list(reversed(manifest.labels))})
+    with pytest.raises(ArtifactError, match="do not belong to this model"):
+        run_selftest(backend, lying)
+
+    class Disagreeing:
+        name = "onnx"
+
+        def logits(self, texts, pairs):
+            return -backend.logits(texts, pairs)  # every decision flipped
+
+    with pytest.raises(ArtifactError, match="predicts"):
+        run_selftest(Disagreeing(), manifest)
+    no_samples = manifest.model_copy(update={"export": {**manifest.export, "selftest": []}})
+    with pytest.raises(ArtifactError, match="no self-test examples"):
+        run_selftest(backend, no_samples)
