@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve_load import free_port, wait_ready  # noqa: E402
+from benchmarks.serve_load import start_service, wait_ready  # noqa: E402
 
 KEY = "fuzz-key"
 # No 5xx; status codes, content types, headers and bodies as documented. Left out: whether every schema-valid
@@ -41,10 +41,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
     env.update(TUNESERVE_ARTIFACT=str(Path(args.artifact).resolve()), TUNESERVE_API_KEY=KEY,
                TUNESERVE_MAX_CONCURRENCY="64", TUNESERVE_ACCESS_LOG="false")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([args.service_python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc, url = start_service(args.service_python, env)
     try:
         wait_ready(url, proc)
         with tempfile.TemporaryDirectory() as tmp:

@@ -56,6 +56,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_service(python: str, env: dict) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` of the repository's service on a free loopback port, in its own process group."""
+    port = free_port()
+    proc = subprocess.Popen([python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> float:
     import httpx
 
@@ -180,14 +188,10 @@ def main() -> None:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
     results = {}
-    port = free_port()
     env_service = {**env, "TUNESERVE_ARTIFACT": str(artifact), "TUNESERVE_BACKEND": "auto",
                    **dict(item.split("=", 1) for item in args.env)}
-    service = subprocess.Popen([args.service_python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=ROOT, env=env_service, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    service, url = start_service(args.service_python, env_service)
     try:
-        url = f"http://127.0.0.1:{port}"
         cold = wait_ready(url, service)
         backend_name = __import__("httpx").get(url + "/metadata").json()["backend"]
         rss_start = tree_rss_mb(service.pid)

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve_load import free_port, tree_rss_mb, wait_ready  # noqa: E402
+from benchmarks.serve_load import start_service, tree_rss_mb, wait_ready  # noqa: E402
 
 MALFORMED = [
     ("broken JSON", b'{"texts": ["unfinished', "application/json"),
@@ -125,10 +125,7 @@ def main() -> None:
     texts = [r["text"] for r in rows]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
     env.update(TUNESERVE_ARTIFACT=str(Path(args.artifact).resolve()), TUNESERVE_ACCESS_LOG="false")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([args.service_python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc, url = start_service(args.service_python, env)
     try:
         wait_ready(url, proc)
         soak = asyncio.run(mixed_load(url, texts, labelled, args.seconds, args.concurrency, proc.pid))

@@ -103,7 +103,7 @@ class TorchBackend:
         self.half_precision = dtype != torch.float32
         try:
             model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
             raise ArtifactError(f"{artifact_dir}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
         self.model = model.to(device).eval()
         self.tokenizer = load_tokenizer(artifact_dir)

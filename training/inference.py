@@ -34,7 +34,7 @@ def load_artifact(directory: str | Path, device: str = "cpu") -> LoadedArtifact:
     try:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
         raise ArtifactError(f"{directory}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
     model.to(device).eval()
     return LoadedArtifact(directory, manifest, model, tokenizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -148,27 +149,41 @@ def test_sigterm_lets_requests_in_flight_finish(artifacts, tmp_path):
         stop(proc)
 
 
-def test_a_broken_artifact_never_gets_ready_and_the_log_says_why(artifacts, tmp_path):
-    import shutil
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
 
+
+def _reverse_labels(art: Path) -> None:
+    raw = json.loads((art / "manifest.json").read_text())
+    raw["labels"] = list(reversed(raw["labels"]))
+    (art / "manifest.json").write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("backend, damage, reason", [
+    ("onnx", lambda art: _truncate(art / "onnx" / "model.onnx"), "not a readable ONNX model"),
+    ("torch", lambda art: _truncate(art / "model" / "model.safetensors"), "cannot load model/"),
+    ("onnx", _reverse_labels, "do not belong to this model"),
+    ("onnx", lambda art: shutil.rmtree(art), "not an artifact directory"),
+], ids=["truncated-onnx", "truncated-safetensors", "manifest-lies-about-labels", "missing"])
+def test_a_broken_artifact_never_gets_ready_and_the_log_says_why(artifacts, tmp_path, backend, damage, reason):
     broken = tmp_path / "artifact"
     shutil.copytree(artifacts["classification"], broken)
-    onnx_file = broken / "onnx" / "model.onnx"
-    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])  # truncated
-    proc, url, log = start_server({"TUNESERVE_ARTIFACT": str(broken), "TUNESERVE_BACKEND": "onnx"}, tmp_path / "bentoml")
+    damage(broken)
+    proc, url, log = start_server({"TUNESERVE_ARTIFACT": str(broken), "TUNESERVE_BACKEND": backend,
+                                   "TUNESERVE_DEVICE": "cpu"}, tmp_path / "bentoml")
+    ready = False
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and proc.poll() is None and reason not in log.read_text():
             try:
-                assert httpx.get(url + "/readyz", timeout=2).status_code != 200
+                ready = ready or httpx.get(url + "/readyz", timeout=2).status_code == 200
             except httpx.TransportError:
                 pass
-            time.sleep(0.5)
-            if "model.onnx" in log.read_text():
-                break
+            time.sleep(0.3)
     finally:
         stop(proc)
-    assert "not a readable ONNX model" in log.read_text()
+    assert not ready
+    assert reason in log.read_text()
 
 
 def test_concurrency_limit_gives_429_timeouts_give_504_and_probes_keep_answering(artifacts, tmp_path):
