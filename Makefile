@@ -20,11 +20,12 @@ $(BIN)/tuneserve: requirements/lock.txt pyproject.toml
 install: $(BIN)/tuneserve
 
 # The main job: fine-tune the bundled model on the demo data, export it to ONNX behind the parity gate
-# (part of `train`), register the artifact in the BentoML model store, and serve it on 127.0.0.1:3000
-# (Ctrl+C stops the server).
+# (part of `train`), register the artifact in the BentoML model store, build the bento, and serve the model
+# on 127.0.0.1:3000 (Ctrl+C stops the server).
 demo: install
 	$(BIN)/tuneserve train $(CONFIG) --overwrite
 	tag=$$($(BIN)/tuneserve register $$($(BIN)/tuneserve config $(CONFIG) | sed -n 's/^output_dir: //p')/artifact) && \
+	TUNESERVE_MODEL=$$tag $(BIN)/bentoml build . --output tag && \
 	echo "serving $$tag on http://127.0.0.1:$(PORT)" && \
 	TUNESERVE_MODEL=$$tag $(BIN)/bentoml serve . --host 127.0.0.1 --port $(PORT)
 
