@@ -1,0 +1,83 @@
+"""The micro-batcher: concurrent requests share passes, results go back to their callers, errors stay in their pass."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from service.batcher import MicroBatcher
+
+
+def _forward(calls: list[list[str]], fail_on: str | None = None, delay: float = 0.02):
+    def forward(texts, pairs):
+        calls.append(list(texts))
+        time.sleep(delay)  # a forward pass takes time, so that requests queue behind it
+        if fail_on in texts:
+            raise RuntimeError("model failed")
+        return np.array([[float(len(t)), float(i)] for i, t in enumerate(texts)], dtype=np.float32)
+
+    return forward
+
+
+def test_requests_that_arrive_together_share_passes_and_get_their_own_rows():
+    calls: list[list[str]] = []
+    batcher = MicroBatcher(_forward(calls), max_batch_size=8)
+
+    async def main():
+        texts = [["x" * (i + 1)] * (1 + i % 3) for i in range(20)]
+        return texts, await asyncio.gather(*(batcher(t) for t in texts))
+
+    texts, outputs = asyncio.run(main())
+    for sent, got in zip(texts, outputs):
+        assert got.shape == (len(sent), 2) and list(got[:, 0]) == [len(t) for t in sent]
+    assert sum(len(c) for c in calls) == sum(len(t) for t in texts)  # every text ran exactly once
+    assert len(calls) < 20 and max(len(c) for c in calls) <= 8  # shared passes, never over the limit
+    assert batcher.batch_sizes == [len(c) for c in calls]
+
+
+def test_a_request_larger_than_the_limit_runs_alone():
+    calls: list[list[str]] = []
+    batcher = MicroBatcher(_forward(calls), max_batch_size=4)
+
+    async def main():
+        return await asyncio.gather(batcher(["a"] * 10), batcher(["b"]))
+
+    big, small = asyncio.run(main())
+    assert big.shape == (10, 2) and small.shape == (1, 2)
+    assert [len(c) for c in calls] == [10, 1]
+
+
+def test_a_failing_pass_fails_only_its_requests():
+    calls: list[list[str]] = []
+    batcher = MicroBatcher(_forward(calls, fail_on="bad"), max_batch_size=2)
+
+    async def main():
+        first = asyncio.ensure_future(batcher(["slow"]))  # occupies the model while the rest queue
+        await asyncio.sleep(0.005)
+        bad = asyncio.ensure_future(batcher(["bad", "x"]))
+        good = asyncio.ensure_future(batcher(["fine", "y"]))
+        return await asyncio.gather(first, bad, good, return_exceptions=True)
+
+    first, bad, good = asyncio.run(main())
+    assert isinstance(bad, RuntimeError)
+    assert first.shape == (1, 2) and good.shape == (2, 2)
+
+
+def test_a_cancelled_request_does_not_stop_the_others():
+    calls: list[list[str]] = []
+    batcher = MicroBatcher(_forward(calls, delay=0.05), max_batch_size=1)
+
+    async def main():
+        first = asyncio.ensure_future(batcher(["one"]))
+        await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(batcher(["gone"]))
+        last = asyncio.ensure_future(batcher(["last"]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        return await first, await last, gone.cancelled()
+
+    first, last, cancelled = asyncio.run(main())
+    assert first.shape == (1, 2) and last.shape == (1, 2) and cancelled
+    assert ["gone"] not in calls  # a request whose caller left is not computed
