@@ -141,6 +141,7 @@ def test_metadata_docs_and_probes(artifacts, serve):
     manifest = read_manifest(art)
     assert body["task"] == "classification" and body["labels"] == manifest.labels
     assert body["backend"] == "onnx" and body["parity"]["onnx"]["label_agreement"] >= 0.999
+    assert body["execution_provider"] == "CPUExecutionProvider"
     assert body["selftest"]["examples"] == 8 and body["metrics"]["test"] == manifest.metrics["test"]
     assert "onnxruntime" in body["versions"]["serving"]
     spec = client.get("/docs.json").json()
