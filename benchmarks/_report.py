@@ -26,6 +26,24 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     return best
 
 
+def latency_and_throughput(logits, texts: list[str], n: int, batch_texts: int, warmup: int = 32) -> tuple[float, float]:
+    """p50 latency (ms) of ``logits([text])`` over ``texts[:n]``, and sentences/s of one call on ``texts[:batch_texts]``.
+
+    ``logits`` maps a list of texts to outputs and batches them itself (by 32 in the benchmarks).
+    """
+    import statistics
+
+    logits(texts[:warmup])
+    latencies = []
+    for text in texts[:n]:
+        start = time.perf_counter()
+        logits([text])
+        latencies.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    logits(texts[:batch_texts])
+    return 1000 * statistics.median(latencies), batch_texts / (time.perf_counter() - start)
+
+
 def machine() -> str:
     import os
 

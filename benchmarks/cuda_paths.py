@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -19,19 +18,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def latency_and_throughput(logits, texts: list[str], n: int) -> tuple[float, float]:
-    """p50 batch-1 latency (ms) over n sentences and batch-32 throughput (sentences/s) over 4n."""
-    logits(texts[:8])
-    latencies = []
-    for text in texts[:n]:
-        start = time.perf_counter()
-        logits([text])
-        latencies.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    logits(texts[:4 * n])
-    return 1000 * statistics.median(latencies), 4 * n / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -49,7 +35,7 @@ def main() -> None:
 
     import torch
 
-    from benchmarks._report import write_section
+    from benchmarks._report import latency_and_throughput, write_section
     from core.manifest import read_manifest
     from service.backends import OnnxBackend, TorchBackend, cpu_threads
     from service.selftest import run_selftest
@@ -96,7 +82,8 @@ def main() -> None:
     serve_rows = []
     for name, backend in backends.items():
         check = run_selftest(backend, manifest, half_precision=getattr(backend, "half_precision", False))
-        p50, throughput = latency_and_throughput(lambda batch, b=backend: b.logits(batch, None), texts, args.n)
+        p50, throughput = latency_and_throughput(lambda batch, b=backend: b.logits(batch, None), texts, args.n,
+                                                   4 * args.n, warmup=8)
         serve_rows.append(f"| {name} | {p50:.2f} ms | {throughput:.0f} /s | passed, max diff {check['max_abs_diff']:.1e} "
                           f"(tol {check['tolerance']:.0e}) |")
         print(serve_rows[-1], flush=True)

@@ -162,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     artifact = Path(args.artifact).resolve()
 
-    from benchmarks._report import write_section
+    from benchmarks._report import latency_and_throughput, write_section
     from core.manifest import read_manifest
     from service.backends import choose_backend
     from training.demo_data import demo_path
@@ -173,15 +173,8 @@ def main() -> None:
 
     # In-process reference: the backend the service picks with TUNESERVE_BACKEND=auto on this machine.
     backend = choose_backend(artifact, manifest, backend="auto", device="auto", threads=None, batch_size=32)
-    backend.logits(texts[:32], None)
-    one = []
-    for text in texts[:args.n]:
-        start = time.perf_counter()
-        backend.logits([text], None)
-        one.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    backend.logits(texts[:1024], None)
-    inproc = {"p50_ms": 1000 * statistics.median(one), "throughput": 1024 / (time.perf_counter() - start)}
+    p50, throughput = latency_and_throughput(lambda batch, b=backend: b.logits(batch, None), texts, args.n, 1024)
+    inproc = {"p50_ms": p50, "throughput": throughput}
     del backend
     print(f"in-process {manifest.name}: batch 1 p50 {inproc['p50_ms']:.2f} ms, "
           f"batch 32 {inproc['throughput']:.0f}/s", flush=True)

@@ -83,7 +83,8 @@ def worker(runner: str, steps: int) -> dict:
 
 
 def load_tokenizer(cfg):
-    from training.modeling import load_tokenizer as load, resolve_model
+    from training.modeling import load_tokenizer as load
+    from training.modeling import resolve_model
 
     return load(resolve_model(cfg.model))
 

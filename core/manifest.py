@@ -53,6 +53,11 @@ class Manifest(BaseModel):
     def has_pair(self) -> bool:
         return len(self.text_fields) == 2
 
+    @property
+    def decision_threshold(self) -> float:
+        """The multi-label threshold a label's probability must reach (0.5 where the manifest records none)."""
+        return self.threshold if self.threshold is not None else 0.5
+
 
 def write_manifest(manifest: Manifest, directory: str | os.PathLike) -> Path:
     path = Path(directory) / MANIFEST_FILE

@@ -40,6 +40,7 @@ class OnnxModel:
         return run_in_length_batches(forward, tokenizer, texts, pairs, max_length=max_length, batch_size=batch_size,
                                      return_tensors="np")
 
+
 def check_external_data(model_path: str | os.PathLike) -> None:
     """Refuse an ONNX file whose external-data locations leave its directory (absolute, ``..``, symlinks).
 

@@ -25,8 +25,7 @@ def decide(manifest: Manifest, scores: np.ndarray) -> list[Any]:
         return [float(v) for v in np.reshape(scores, (len(scores), -1))[:, 0]]
     if manifest.task is Task.CLASSIFICATION:
         return [manifest.labels[int(i)] for i in np.argmax(scores, axis=1)]
-    threshold = manifest.threshold if manifest.threshold is not None else 0.5
-    return [[name for name, p in zip(manifest.labels, row) if p >= threshold] for row in scores]
+    return [[name for name, p in zip(manifest.labels, row) if p >= manifest.decision_threshold] for row in scores]
 
 
 def margins(manifest: Manifest, scores: np.ndarray) -> np.ndarray:
@@ -40,8 +39,7 @@ def margins(manifest: Manifest, scores: np.ndarray) -> np.ndarray:
     if manifest.task is Task.CLASSIFICATION:
         top2 = np.sort(scores, axis=1)[:, -2:]
         return top2[:, 1] - top2[:, 0]
-    threshold = manifest.threshold if manifest.threshold is not None else 0.5
-    return np.min(np.abs(scores - threshold), axis=1)
+    return np.min(np.abs(scores - manifest.decision_threshold), axis=1)
 
 
 def shape(manifest: Manifest, scores: np.ndarray, *, top_k: int | None = None,

@@ -9,6 +9,7 @@ The backend sorts each pass by length, so mixed lengths cost little padding.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self._queue: list[_Job] = []
         self._running = False
-        self.batch_sizes: list[int] = []  # texts per pass, for tests and benchmarks (last 1000)
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # texts per recent pass, for tests and benchmarks
 
     async def __call__(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
         """Raw outputs for ``texts``, computed together with whatever else is queued."""
@@ -66,7 +67,7 @@ class MicroBatcher:
                         if not job.future.done():
                             job.future.set_exception(exc)
                     continue
-                self.batch_sizes = self.batch_sizes[-999:] + [len(texts)]
+                self.batch_sizes.append(len(texts))
                 start = 0
                 for job in jobs:
                     if not job.future.done():

@@ -162,7 +162,7 @@ class Tuneserve:
         if not np.all(np.isfinite(scores)):
             return _not_finite()
         evaluation = score_examples(self.manifest.task, targets, scores, self.manifest.labels,
-                                    threshold=self.manifest.threshold or 0.5)
+                                    threshold=self.manifest.decision_threshold)
         return EvaluateResponse(**evaluation_body(self.manifest, evaluation), model=self.model_tag,
                                 backend=self.backend.name)
 

@@ -94,7 +94,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     manifest = artifact.manifest
     split = _load_labelled(artifact, args.data, args.text, args.text_pair, args.label, args.drop_missing_labels)
     scores = predict_scores(artifact, split.texts, split.pairs, batch_size=args.batch_size, progress=True)
-    result = evaluate(manifest.task, split.targets, scores, manifest.labels, threshold=manifest.threshold or 0.5)
+    result = evaluate(manifest.task, split.targets, scores, manifest.labels, threshold=manifest.decision_threshold)
     recorded = manifest.metrics.get("test", {})
     print(f"{args.data}: {result.n} examples")
     print(_table({"this data": result.metrics, "at training (test)": recorded}, list(METRIC_NAMES[manifest.task])))

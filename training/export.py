@@ -82,7 +82,7 @@ def compare(manifest: Manifest, reference: np.ndarray, candidate: np.ndarray, ta
     """Task-level comparison of two sets of logits on the same examples."""
     ref = postprocess(reference, manifest.postprocess)
     new = postprocess(candidate, manifest.postprocess)
-    labels, threshold = manifest.labels, manifest.threshold or 0.5
+    labels, threshold = manifest.labels, manifest.decision_threshold
     ref_metrics = evaluate(manifest.task, targets, ref, labels, threshold=threshold).metrics
     new_metrics = evaluate(manifest.task, targets, new, labels, threshold=threshold).metrics
     report = {

@@ -34,7 +34,7 @@ def test_requests_that_arrive_together_share_passes_and_get_their_own_rows():
         assert got.shape == (len(sent), 2) and list(got[:, 0]) == [len(t) for t in sent]
     assert sum(len(c) for c in calls) == sum(len(t) for t in texts)  # every text ran exactly once
     assert len(calls) < 20 and max(len(c) for c in calls) <= 8  # shared passes, never over the limit
-    assert batcher.batch_sizes == [len(c) for c in calls]
+    assert list(batcher.batch_sizes) == [len(c) for c in calls]
 
 
 def test_a_request_larger_than_the_limit_runs_alone():
