@@ -143,12 +143,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         if not overwrite:
             raise TrainingError(f"{output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                                 "or --overwrite to start again (its artifact stays until the new one is written)")
-        accelerator.wait_for_everyone()
-        if main:
-            shutil.rmtree(output_dir / CHECKPOINTS)
-            (output_dir / BEST_WEIGHTS).unlink(missing_ok=True)
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    clear_earlier_run = not resume and resume_from is not None  # done once the data has passed its checks
 
     # -- data: read and check on the main process first, so a download or cache write happens once ----
     with accelerator.main_process_first():
@@ -166,6 +161,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             rows = [split.rows[i] if split.rows else i + 1 for i in empty[:5]]
             raise DataError(f"data.{split.name} ({split.source}): {len(empty)} text(s) tokenize to nothing "
                             f"(rows {rows}{', ...' if len(empty) > 5 else ''}); remove or fix them")
+    accelerator.wait_for_everyone()
+    if main:
+        if clear_earlier_run:  # --overwrite: only now, so that a run refused for its data deletes nothing
+            shutil.rmtree(output_dir / CHECKPOINTS)
+            (output_dir / BEST_WEIGHTS).unlink(missing_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
     collate = Collator(tokenizer, cfg.task, pad_to_multiple_of=8 if precision != "no" else None)
     train_sampler = LengthGroupedBatchSampler(encoded["train"].lengths, tc.batch_size, seed=tc.seed,
                                               group_by_length=tc.group_by_length)

@@ -166,6 +166,21 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(base_config):
     assert read_manifest(result.artifact_dir).training["steps"] == 30
 
 
+def test_overwrite_with_data_that_fails_its_checks_deletes_nothing(base_config, tmp_path):
+    from core.errors import DataError
+    from tests.conftest import make_rows, write_jsonl
+
+    base_config["train"]["epochs"] = 1
+    train(load_config(raw=base_config))
+    before = [p.name for p in list_checkpoints(base_config["output_dir"])]
+    rows = make_rows(240, seed=1)
+    rows[3]["text"] = "\u200b"  # tokenizes to nothing
+    bad = dict(base_config, data=dict(base_config["data"], train=str(write_jsonl(tmp_path / "bad.jsonl", rows))))
+    with pytest.raises(DataError, match="tokenize to nothing"):
+        train(load_config(raw=bad), overwrite=True)
+    assert [p.name for p in list_checkpoints(base_config["output_dir"])] == before == ["step-00000015"]
+
+
 def test_text_pairs_reach_the_model_as_segment_pairs(base_config, tmp_path):
     from tests.conftest import make_rows, write_jsonl
 
