@@ -31,6 +31,7 @@ from training.batching import Collator, LengthGroupedBatchSampler, encode_split,
 from training.checkpoint import CHECKPOINTS, latest_checkpoint, read_state, save_checkpoint
 from training.config import Config
 from training.data import load_dataset
+from training.dropout import use_cpu_dropout
 from training.modeling import build_model, optimizer_groups, trainable_state
 from training.precision import DeviceFacts, choose_mixed_precision
 
@@ -150,6 +151,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         data = load_dataset(cfg.data, cfg.task, tc.seed)
     built = build_model(cfg, data.labels)
     model, tokenizer = built.model, built.tokenizer
+    if accelerator.device.type == "cpu":
+        use_cpu_dropout(model)  # same distribution, masks drawn in bulk: see training/dropout.py
     encoded = {
         split.name: encode_split(tokenizer, split.texts, split.pairs, split.targets, max_length=tc.max_length,
                                  desc=split.name, disable=not accelerator.is_local_main_process)
