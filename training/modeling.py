@@ -101,7 +101,7 @@ def build_model(cfg: Config, labels: list[str] | None) -> BuiltModel:
                 raise ConfigError(f"lora.target_modules: found no encoder linear layers in {cfg.model!r}; list them by name")
         lora = LoraConfig(
             task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=targets, modules_to_save=heads,
+            target_modules=targets, modules_to_save=list(heads),  # a copy: peft appends its defaults to it
         )
         try:
             model = get_peft_model(model, lora)

@@ -50,7 +50,8 @@ def test_lora_multilabel_saves_adapter_and_merged_model(base_config):
     assert manifest.task.value == "multilabel" and manifest.postprocess == "sigmoid" and manifest.threshold == 0.5
     assert {"f1_micro", "hamming_loss", "lrap", "ndcg"} <= set(manifest.metrics["test"])
     assert (art / "adapter" / "adapter_model.safetensors").is_file()
-    assert "classifier" in manifest.training["head_modules"] and manifest.training["lora_target_modules"]
+    heads = manifest.training["head_modules"]
+    assert "classifier" in heads and len(set(heads)) == len(heads) and manifest.training["lora_target_modules"]
     merged = load_file(str(art / "model" / "model.safetensors"))
     assert not any("lora" in key for key in merged)  # merged: a plain transformers checkpoint
     assert manifest.trainable_parameters < manifest.total_parameters / 2
