@@ -66,9 +66,10 @@ def held_out_from_config(manifest: Manifest) -> HeldOut:
 def selftest_examples(manifest: Manifest, scores: np.ndarray, count: int) -> list[int]:
     """Indices of examples a faithful copy of the model must reproduce: the most clearly decided ones,
     taken in turn from each predicted label so that every label the model gives is exercised."""
+    decisions = decide(manifest, scores)
     by_decision: dict[str, list[int]] = {}
     for i in np.argsort(-margins(manifest, scores), kind="stable"):
-        by_decision.setdefault(str(decide(manifest, scores[i:i + 1])[0]), []).append(int(i))
+        by_decision.setdefault(str(decisions[i]), []).append(int(i))
     queues = list(by_decision.values())
     picked: list[int] = []
     while len(picked) < min(count, len(scores)):
