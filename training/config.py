@@ -64,6 +64,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(32, gt=0, description="Examples per optimizer micro-step, per process.")
     eval_batch_size: int = Field(128, gt=0, description="Examples per forward pass in evaluation, per process.")
     lr: float | Literal["auto"] = Field("auto", description="Peak learning rate; 'auto' = 5e-5 (full), 5e-4 (lora), 1e-3 (freeze).")
+    head_lr: float | None = Field(None, gt=0, description="Peak learning rate of the task head and pooler; null = lr.")
     scheduler: Literal["linear", "cosine", "constant", "exponential"] = Field("linear", description="Decay after warmup.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of optimizer steps spent warming up linearly.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay (not applied to biases and LayerNorm weights).")

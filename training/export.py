@@ -9,11 +9,12 @@ when the gate has passed, so a failed export leaves the previous one intact.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-import re
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,10 @@ FP32_MIN_AGREEMENT = 0.999
 # HF model types whose graphs onnxruntime.transformers' BERT optimizer knows how to fuse.
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet"}
 SELFTEST_EXAMPLES = 8
-_LAYER = re.compile(r"layers?[._](\d+)[./_]")
+# Ops that dynamic quantization can turn into integer kernels.
+INT8_OPS = ("MatMul", "Gemm", "Attention", "EmbedLayerNormalization")
+# Held-out examples, those closest to another decision, on which each node's int8 damage is measured.
+SENSITIVITY_PROBE = 256
 
 
 class ExportError(TuneserveError):
@@ -147,23 +151,50 @@ def _optimize(raw: Path, out: Path, config) -> dict:
     return {"optimizer": "onnxruntime.transformers (bert)", "fusions": fusions}
 
 
-def _int8_attempts(fp32: Path) -> list[tuple[str, dict]]:
+def _quantize(fp32: Path, out: Path, **options) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(fp32, out, weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **options)
+
+
+def quantizable_nodes(fp32: Path) -> list[str]:
+    """The nodes dynamic quantization can turn into integer kernels, named as the quantizer names them
+    (it rewrites a Gemm as a MatMul called ``<name>_MatMul`` plus an Add before quantizing)."""
     import onnx
 
     graph = onnx.load(str(fp32), load_external_data=False).graph
-    matmuls = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm", "Attention")]
-    layer_of = {n: int(m.group(1)) for n in matmuls if (m := _LAYER.search(n))}
-    last = max(layer_of.values(), default=None)
-    # The head and the first and last encoder layers are the usual sources of int8 error.
-    sensitive = [n for n in matmuls if "classifier" in n or "pooler" in n or "logits" in n
-                 or layer_of.get(n) in (0, last)]
-    # From the most quantized (fastest) to the least; the first that passes the gate is kept.
-    return [("per-tensor", {"per_channel": False}),
-            ("per-channel", {"per_channel": True}),
-            ("per-channel, head and first/last layers in fp32", {"per_channel": True, "nodes_to_exclude": sorted(set(sensitive))}),
-            ("per-channel, MatMul only (attention in fp32)", {"per_channel": True, "op_types_to_quantize": ["MatMul"]}),
-            ("per-channel, MatMul only (attention in fp32), head and first/last layers in fp32",
-             {"per_channel": True, "op_types_to_quantize": ["MatMul"], "nodes_to_exclude": sorted(set(sensitive))})]
+    return [f"{n.name}_MatMul" if n.op_type == "Gemm" else n.name for n in graph.node if n.op_type in INT8_OPS]
+
+
+def rank_by_sensitivity(fp32: Path, scratch: Path, error: Callable[[Path], float]) -> list[str]:
+    """The graph's quantizable nodes, the most sensitive first.
+
+    Each node is quantized alone (per-channel) and ranked by ``error``, the damage that graph does.
+    """
+    damage = {}
+    for node in quantizable_nodes(fp32):
+        _quantize(fp32, scratch, per_channel=True, nodes_to_quantize=[node])
+        damage[node] = error(scratch)
+    scratch.unlink(missing_ok=True)
+    return sorted(damage, key=damage.__getitem__, reverse=True)
+
+
+def int8_attempts(rank: Callable[[], list[str]]) -> Iterator[tuple[str, dict]]:
+    """Dynamic-quantization variants, the most quantized (fastest) first; the first that passes the gate is kept.
+
+    After whole-graph per-tensor and per-channel, the nodes that hurt most when quantized alone
+    (``rank()``, called only if it comes to that) are kept in fp32, 1, 2, 4, ... of them.
+    """
+    yield "per-tensor", {"per_channel": False}
+    yield "per-channel", {"per_channel": True}
+    ranked = rank()
+    k = 1
+    while k < len(ranked):
+        yield (f"per-channel, the {k} most sensitive of {len(ranked)} nodes in fp32",
+               {"per_channel": True, "nodes_to_exclude": ranked[:k]})
+        k *= 2
 
 
 def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held_out: HeldOut | None = None,
@@ -186,7 +217,6 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
     """
     import onnx
     import onnx.checker
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModelForSequenceClassification
 
     from training.inference import load_artifact, predict_logits
@@ -209,9 +239,13 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
         graph = _optimize(raw, tmp / FP32_FILE, eager.config)
         raw.unlink()
 
-        def run(path: Path) -> np.ndarray:
+        def run(path: Path, rows: np.ndarray | None = None) -> np.ndarray:
             check_external_data(path)
-            return OnnxModel(path).logits(tokenizer, held_out.texts, held_out.pairs, max_length=manifest.max_length)
+            texts, pairs = held_out.texts, held_out.pairs
+            if rows is not None:
+                texts = [texts[i] for i in rows]
+                pairs = [pairs[i] for i in rows] if pairs else None
+            return OnnxModel(path).logits(tokenizer, texts, pairs, max_length=manifest.max_length)
 
         parity = {"onnx": compare(manifest, reference, run(tmp / FP32_FILE), held_out.targets)}
         failure = _gate(manifest, parity["onnx"], FP32_MIN_AGREEMENT, 0.001)
@@ -219,12 +253,19 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
             raise ExportError(f"{artifact_dir}: ONNX fp32 does not match PyTorch on {held_out.name} "
                               f"({len(held_out.targets)} examples): {failure}; nothing was written")
 
+        scores = postprocess(reference, manifest.postprocess)
+        probe = np.argsort(margins(manifest, scores), kind="stable")[:SENSITIVITY_PROBE]
+
+        def damage(path: Path) -> float:  # mean score change on the examples nearest to another decision
+            changed = postprocess(run(path, probe), manifest.postprocess)
+            return float(np.mean(np.abs(changed - scores[probe])))
+
         int8_report: dict = {"requested": int8, "kept": False, "attempts": []}
         if int8 != "off":
-            for name, options in _int8_attempts(tmp / FP32_FILE):
+            rank = functools.partial(rank_by_sensitivity, tmp / FP32_FILE, tmp / "probe.onnx", damage)
+            for name, options in int8_attempts(rank):
                 candidate = tmp / INT8_FILE
-                quantize_dynamic(tmp / FP32_FILE, candidate, weight_type=QuantType.QInt8,
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **options)
+                _quantize(tmp / FP32_FILE, candidate, **options)
                 report = compare(manifest, reference, run(candidate), held_out.targets)
                 failure = _gate(manifest, report, min_int8_agreement, max_int8_drop)
                 int8_report["attempts"].append({"method": name, "passed": failure is None, "reason": failure,
@@ -232,7 +273,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
                                                 "metric_delta": report["metric_delta"].get(manifest.primary_metric)})
                 if failure is None:
                     parity["onnx-int8"] = report
-                    int8_report.update(kept=True, method=name)
+                    int8_report.update(kept=True, method=name, fp32_nodes=options.get("nodes_to_exclude", []))
                     break
                 candidate.unlink()
             if not int8_report["kept"]:
@@ -242,7 +283,6 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
                     raise ExportError(f"{artifact_dir}: --int8 on, but {int8_report['reason']}")
 
         # A few inputs with PyTorch's outputs, for a serving backend to reproduce before it reports ready.
-        scores = postprocess(reference, manifest.postprocess)
         decisions = decide(manifest, scores)
         selftest = [{"text": held_out.texts[i], "text_pair": held_out.pairs[i] if held_out.pairs else None,
                      "scores": np.atleast_1d(scores[i]).tolist(), "decision": decisions[i]}

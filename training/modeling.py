@@ -125,14 +125,32 @@ def build_model(cfg: Config, labels: list[str] | None) -> BuiltModel:
     return BuiltModel(model, tokenizer, path, heads, target_modules, trainable, total)
 
 
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: no weight decay on biases and normalisation weights."""
-    decay, no_decay = [], []
+def optimizer_groups(model: nn.Module, weight_decay: float, heads: list[str] = (),
+                     head_lr: float | None = None) -> list[dict]:
+    """AdamW parameter groups: no weight decay on biases and normalisation weights.
+
+    With ``head_lr``, the parameters of the ``heads`` modules (the task head and pooler; under peft their
+    ``modules_to_save`` copies) get their own learning rate; the rest take the optimizer's default.
+    """
+    head_parts = [tuple(h.split(".")) for h in heads] if head_lr is not None else []
+
+    def in_head(name: str) -> bool:
+        parts = tuple(name.split("."))
+        return any(parts[i:i + len(h)] == h for h in head_parts for i in range(len(parts) - len(h) + 1))
+
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        key = (in_head(name), param.ndim < 2 or "norm" in name.lower())
+        groups.setdefault(key, []).append(param)
+    out = []
+    for (head, no_decay), params in sorted(groups.items()):
+        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if head:
+            group["lr"] = head_lr
+        out.append(group)
+    return out
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

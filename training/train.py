@@ -186,7 +186,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                 for name in ("validation", "test")}
 
     # -- optimizer and schedule ---------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(optimizer_groups(model, tc.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, tc.weight_decay, built.head_modules, tc.head_lr),
+                                  lr=cfg.lr)
     model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(
         model, optimizer, train_dl, eval_dls["validation"], eval_dls["test"])
     steps_per_epoch = math.ceil(len(train_dl) / tc.grad_accum)

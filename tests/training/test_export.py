@@ -88,6 +88,54 @@ def test_int8_on_fails_when_no_variant_keeps_quality(base_config):
     result = _train(base_config)
     with pytest.raises(ExportError, match="--int8 on, but no int8 variant kept quality"):
         export_module.export_artifact(result.artifact_dir, int8="on", min_int8_agreement=1.01)
+    assert read_manifest(result.artifact_dir).export == result.export  # the earlier export is left as it was
+
+
+def test_int8_report_lists_every_variant_tried(base_config):
+    result = _train(base_config)
+    section = export_module.export_artifact(result.artifact_dir, min_int8_agreement=1.01)
+    methods = [a["method"] for a in section["int8"]["attempts"]]
+    assert methods[:2] == ["per-tensor", "per-channel"]
+    assert methods[2].startswith("per-channel, the 1 most sensitive of ") and len(methods) >= 4
+    assert not section["int8"]["kept"] and not (result.artifact_dir / "onnx" / "model.int8.onnx").exists()
+    assert all(not a["passed"] and "label agreement" in a["reason"] for a in section["int8"]["attempts"])
+
+
+def test_int8_ladder_ranks_nodes_only_when_whole_graph_quantization_fails():
+    calls = []
+
+    def rank():
+        calls.append(1)
+        return ["n0", "n1", "n2", "n3", "n4"]
+
+    attempts = export_module.int8_attempts(rank)
+    assert [next(attempts)[0], next(attempts)[0]] == ["per-tensor", "per-channel"]
+    assert not calls  # the costly ranking waits until the whole-graph variants have failed
+    rest = list(attempts)
+    assert calls == [1]
+    assert [options["nodes_to_exclude"] for _, options in rest] == [["n0"], ["n0", "n1"], ["n0", "n1", "n2", "n3"]]
+    assert all(options["per_channel"] for _, options in rest)
+
+
+def test_sensitivity_ranking_quantizes_each_node_alone(base_config, tmp_path):
+    art = _train(base_config).artifact_dir
+    fp32 = art / "onnx" / "model.onnx"
+    candidates = export_module.quantizable_nodes(fp32)
+    assert len(candidates) == 1 + 2 * 4 + 2  # embeddings; per layer Attention + 3 MatMul; pooler and classifier
+    damage = {name: float(i % 3) + i / 100 for i, name in enumerate(candidates)}  # an arbitrary order
+    seen = []
+
+    def error(path):
+        integer = [n.name for n in onnx.load(str(path)).graph.node
+                   if n.op_type in ("MatMulInteger", "QAttention", "QEmbedLayerNormalization")]
+        quantized = [c for c in candidates if any(name.startswith(c) for name in integer)]
+        seen.append(quantized)
+        return damage[quantized[0]]
+
+    ranked = export_module.rank_by_sensitivity(fp32, tmp_path / "probe.onnx", error)
+    assert sorted(q[0] for q in seen) == sorted(candidates) and all(len(q) == 1 for q in seen)
+    assert ranked == sorted(candidates, key=damage.__getitem__, reverse=True)
+    assert not (tmp_path / "probe.onnx").exists()
 
 
 def test_unknown_architecture_exports_plain_onnx(base_config, monkeypatch):

@@ -284,3 +284,21 @@ def test_two_runs_with_the_same_seed_give_identical_weights(base_config, tmp_pat
         hashes.append(hashlib.sha256((result.artifact_dir / "model" / "model.safetensors").read_bytes()).hexdigest())
     assert hashes[0] == hashes[1]
     assert read_manifest(result.artifact_dir).provenance["determinism"]["seed"] == base_config["train"].get("seed", 42)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_head_lr_gives_the_head_and_pooler_their_own_rate(base_config, method):
+    from training.modeling import build_model, optimizer_groups
+
+    base_config.update(method=method)
+    built = build_model(load_config(raw=base_config), ["negative", "positive"])
+    names = {id(p): n for n, p in built.model.named_parameters()}
+    groups = optimizer_groups(built.model, 0.01, built.head_modules, head_lr=1e-4)
+    head = {names[id(p)] for g in groups if g.get("lr") == 1e-4 for p in g["params"]}
+    rest = {names[id(p)] for g in groups if "lr" not in g for p in g["params"]}
+    assert head and all(".classifier." in f".{n}" or ".pooler." in n for n in head)
+    assert not any(".classifier." in f".{n}" or ".pooler." in n for n in rest)
+    assert head | rest == {n for n, p in built.model.named_parameters() if p.requires_grad}
+    assert all(g["weight_decay"] == 0.0 for g in groups if all(p.ndim < 2 for p in g["params"]))
+    # Without head_lr every trainable parameter takes the optimizer's rate.
+    assert all("lr" not in g for g in optimizer_groups(built.model, 0.01, built.head_modules))
