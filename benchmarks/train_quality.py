@@ -1,15 +1,20 @@
 """Quality of the shipped configs on vader:movie: test metrics beside the baselines.
 
 Runs `tuneserve train` on each config (in full, as a user would) and tabulates the test metrics recorded in
-each artifact's manifest, with the TF-IDF baseline scored on the same test split.
+each artifact's manifest, with the TF-IDF baseline scored on the same test split. With `--seeds`, each
+trained config is also run with those seeds (the seed draws the data split, the new head, dropout and batch
+order) and a second table gives the spread, so one seed's luck is not read as a property of the config.
 
     python benchmarks/train_quality.py [--configs configs/sentiment-lora.yaml ...] [--output-root runs/bench]
+    python benchmarks/train_quality.py --reuse configs/sentiment-full.yaml   # retrain the others only
+    python benchmarks/train_quality.py --configs configs/sentiment-lora.yaml --seeds 43 44
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,43 +25,75 @@ sys.path.insert(0, str(ROOT))
 DEFAULT = ["configs/sentiment-lora.yaml", "configs/sentiment-full.yaml", "configs/sentiment-regression.yaml"]
 
 
+def train(config: str, output: Path, *overrides: str) -> dict:
+    """Run `tuneserve train` and return the manifest it wrote."""
+    print(f"training {config} {' '.join(overrides)} ...", flush=True)
+    sets = [arg for item in (f"output_dir={output}", *overrides) for arg in ("--set", item)]
+    done = subprocess.run([sys.executable, "-m", "training.cli", "train", config, "--overwrite", *sets],
+                          cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
+    return read(output)
+
+
+def read(output: Path) -> dict:
+    return json.loads((ROOT / output / "artifact" / "manifest.json").read_text())
+
+
+def main_metric(manifest: dict) -> str:
+    return "r2" if manifest["task"] == "regression" else "accuracy"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=DEFAULT)
     parser.add_argument("--output-root", default="runs/bench")
-    parser.add_argument("--reuse", action="store_true", help="tabulate existing artifacts without training")
+    parser.add_argument("--reuse", nargs="*", metavar="CONFIG",
+                        help="tabulate the existing artifacts of these configs (all, when none is named) without training")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[],
+                        help="further seeds to train each (not reused) config with, ONNX export off")
     args = parser.parse_args()
 
     from benchmarks._report import write_section
 
-    rows = []
+    rows, spread = [], []
     for config in args.configs:
         output = Path(args.output_root) / Path(config).stem
-        if not args.reuse:
-            print(f"training {config} ...", flush=True)
-            done = subprocess.run([sys.executable, "-m", "training.cli", "train", config, "--overwrite",
-                                   "--set", f"output_dir={output}"],
-                                  cwd=ROOT, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
-        manifest = json.loads((ROOT / output / "artifact" / "manifest.json").read_text())
+        trained = args.reuse is None or (args.reuse and config not in args.reuse)
+        manifest = train(config, output) if trained else read(output)
         test, base, info = manifest["metrics"]["test"], manifest["baselines"], manifest["training"]
-        if manifest["task"] == "regression":
-            main_metric, values = "r2", (test["r2"], base["tfidf_ridge"]["r2"], base["mean"]["r2"])
+        metric = main_metric(manifest)
+        if metric == "r2":
+            values = (test["r2"], base["tfidf_ridge"]["r2"], base["mean"]["r2"])
             extra = f"RMSE {test['rmse']:.3f}, Spearman {test['spearman']:.3f}"
         else:
-            main_metric, values = "accuracy", (test["accuracy"], base["tfidf_logreg"]["accuracy"], base["majority"]["accuracy"])
+            values = (test["accuracy"], base["tfidf_logreg"]["accuracy"], base["majority"]["accuracy"])
             extra = f"F1 macro {test['f1_macro']:.4f}, ROC-AUC {test['roc_auc']:.4f}"
         n = info["examples"]
-        rows.append(f"| {config} | {manifest['method']} | {n['train']}/{n['validation']}/{n['test']} | {main_metric} | {values[0]:.4f} | {values[1]:.4f} | {values[2]:.4f} | "
+        rows.append(f"| {config} | {manifest['method']} | {n['train']}/{n['validation']}/{n['test']} | {metric} | {values[0]:.4f} | {values[1]:.4f} | {values[2]:.4f} | "
                     f"{extra} | {info['epochs_run']} ({info['best_step']} of {info['steps']} steps) | "
                     f"{info['train_samples_per_second']:.0f} | {info['seconds']:.0f} s |")
         print(rows[-1], flush=True)
+        if trained and args.seeds:
+            runs = [(manifest["provenance"]["seed"], manifest)]
+            for seed in args.seeds:
+                runs.append((seed, train(config, Path(f"{output}-seed{seed}"), f"train.seed={seed}", "export.onnx=false")))
+            tests = [m["metrics"]["test"][metric] for _, m in runs]
+            vals = [m["metrics"]["validation"][metric] for _, m in runs]
+            tfidf = [m["baselines"]["tfidf_ridge" if metric == "r2" else "tfidf_logreg"][metric] for _, m in runs]
+            spread.append(f"| {config} | {metric} | {', '.join(str(s) for s, _ in runs)} | "
+                          f"{', '.join(f'{v:.4f}' for v in vals)} | {', '.join(f'{v:.4f}' for v in tests)} | "
+                          f"{statistics.mean(tests):.4f} ± {statistics.stdev(tests):.4f} | {statistics.mean(tfidf):.4f} |")
+            print(spread[-1], flush=True)
     table = "\n".join([
         "| config | method | train/val/test | metric | model (test) | TF-IDF baseline | majority / mean | more | epochs (best step) | train samples/s | wall |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+    if spread:
+        table += "\n\nThe same configs over several seeds (each seed its own split, head, dropout and batch order):\n\n" + "\n".join([
+            "| config | metric | seeds | validation | test | test mean ± sd | TF-IDF (mean) |",
+            "|---|---|---|---|---|---|---|", *spread])
     print("\n" + table)
-    write_section("train-quality", "python benchmarks/train_quality.py",
+    write_section("train-quality", " ".join(["python benchmarks/train_quality.py", *sys.argv[1:]]),
                   "## Quality of the shipped configs (vader:movie)\n\n"
                   "Validation and test are carved from vader:movie (10% each, seeded, stratified for classification, which "
                   "drops the 37 sentences rated exactly 0). Baselines are fitted on the same training split and scored on "
