@@ -17,6 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+WARMUP = 5  # untimed batch-1 runs at the start of each runner's turn
+PAUSE = 0.2  # seconds between turns, for the previous runner's threads to stop spinning
 
 
 def main() -> None:
@@ -53,14 +55,19 @@ def main() -> None:
     peak = matmul_gflops()
 
     # Side by side: blocks of 10 sentences, every runner in turn on each block (batch 1), then whole passes in
-    # turn (batch 32), so that a noisy neighbour on the machine slows all runners alike. Blocks rather than
-    # single sentences: both runtimes' idle threads spin for a moment after a run, which would tax the next runner.
+    # turn (batch 32), so that a noisy neighbour on the machine slows all runners alike. After a runner's turn its
+    # idle threads keep spinning and tax the next runner on these 2 cores (without a pause the first three
+    # sentences of a turn took 2-3x the rest), so each turn starts after a pause and WARMUP untimed sentences:
+    # every runner is timed in the steady state a server running only that runtime would see.
     for run in runners.values():
         run(texts[:8])  # warm up
     latencies: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for block, first in enumerate(range(0, args.n, 10)):
         for name in names[block % len(names):] + names[:block % len(names)]:
+            time.sleep(PAUSE)
+            for text in texts[first:first + WARMUP]:
+                runners[name]([text])
             for text in texts[first:min(first + 10, args.n)]:
                 start = time.perf_counter()
                 runners[name]([text])
@@ -69,6 +76,8 @@ def main() -> None:
     outputs = {}
     for _ in range(args.passes):
         for name, run in runners.items():
+            time.sleep(PAUSE)
+            run(texts[:32])  # untimed, as at batch 1
             start = time.perf_counter()
             outputs[name] = run(texts)
             passes[name].append(time.perf_counter() - start)
@@ -92,12 +101,13 @@ def main() -> None:
     print("\n" + table)
     int8 = manifest.export.get("int8", {})
     body = (f"Artifact of `configs/sentiment-lora.yaml` (all-MiniLM-L6-v2, LoRA merged), exported by `tuneserve export`. "
-            f"Batch 1: p50 over {args.n} single sentences, the runners taking turns in blocks of 10; batch 32: "
+            f"Batch 1: p50 over {args.n} single sentences, the runners taking turns in blocks of 10, each turn after "
+            f"a {PAUSE:g} s pause and {WARMUP} untimed sentences; batch 32: "
             f"{len(texts)} sentences ({tokens:,} tokens) in length-sorted batches, best of {args.passes} alternating "
             f"passes. Both runtimes with {threads} threads. Measured fp32 matmul rate: {peak:.0f} GFLOP/s; "
             f"GFLOP/s counts 2 x {params / 1e6:.1f}M non-embedding parameters x real tokens. int8 variant: "
             f"{int8.get('method') or 'none kept (' + str(int8.get('reason')) + ')'}.\n\n{table}\n")
-    write_section("export-speed", f"python benchmarks/export_speed.py {args.artifact}",
+    write_section("export-speed", " ".join(["python benchmarks/export_speed.py", *sys.argv[1:]]),
                   "## Inference: PyTorch vs ONNX Runtime (fp32, int8)\n\n" + body)
 
 

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,20 +181,36 @@ def rank_by_sensitivity(fp32: Path, scratch: Path, error: Callable[[Path], float
     return sorted(damage, key=damage.__getitem__, reverse=True)
 
 
-def int8_attempts(rank: Callable[[], list[str]]) -> Iterator[tuple[str, dict]]:
-    """Dynamic-quantization variants, the most quantized (fastest) first; the first that passes the gate is kept.
+def int8_attempts(rank: Callable[[], list[str]]) -> Generator[tuple[str, dict], bool, None]:
+    """Dynamic-quantization variants, the most quantized (fastest) first.
 
-    After whole-graph per-tensor and per-channel, the nodes that hurt most when quantized alone
-    (``rank()``, called only if it comes to that) are kept in fp32, 1, 2, 4, ... of them.
+    Send back whether each variant passed the gate. Whole-graph per-tensor, then per-channel; if neither
+    passes, the nodes that hurt most when quantized alone (``rank()``, called only then) are kept in fp32:
+    1, 2, 4, ... of them until a variant passes, then a bisection towards the fewest fp32 nodes that pass.
+    The last variant that passed is the one to keep.
     """
-    yield "per-tensor", {"per_channel": False}
-    yield "per-channel", {"per_channel": True}
+    if (yield "per-tensor", {"per_channel": False}):
+        return
+    if (yield "per-channel", {"per_channel": True}):
+        return
     ranked = rank()
-    k = 1
-    while k < len(ranked):
-        yield (f"per-channel, the {k} most sensitive of {len(ranked)} nodes in fp32",
-               {"per_channel": True, "nodes_to_exclude": ranked[:k]})
-        k *= 2
+
+    def keep_fp32(k: int) -> tuple[str, dict]:
+        return (f"per-channel, the {k} most sensitive of {len(ranked)} nodes in fp32",
+                {"per_channel": True, "nodes_to_exclude": ranked[:k]})
+
+    failed, k = 0, 1
+    while not (yield keep_fp32(k)):
+        failed, k = k, 2 * k
+        if k >= len(ranked):
+            return
+    passed = k
+    while passed - failed > 1:
+        middle = (failed + passed) // 2
+        if (yield keep_fp32(middle)):
+            passed = middle
+        else:
+            failed = middle
 
 
 def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held_out: HeldOut | None = None,
@@ -263,19 +279,26 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
         int8_report: dict = {"requested": int8, "kept": False, "attempts": []}
         if int8 != "off":
             rank = functools.partial(rank_by_sensitivity, tmp / FP32_FILE, tmp / "probe.onnx", damage)
-            for name, options in int8_attempts(rank):
-                candidate = tmp / INT8_FILE
+            attempts = int8_attempts(rank)
+            name, options = next(attempts)
+            while True:
+                candidate = tmp / "candidate.int8.onnx"
                 _quantize(tmp / FP32_FILE, candidate, **options)
                 report = compare(manifest, reference, run(candidate), held_out.targets)
                 failure = _gate(manifest, report, min_int8_agreement, max_int8_drop)
                 int8_report["attempts"].append({"method": name, "passed": failure is None, "reason": failure,
                                                 "label_agreement": report.get("label_agreement"),
                                                 "metric_delta": report["metric_delta"].get(manifest.primary_metric)})
-                if failure is None:
+                if failure is None:  # each variant that passes is more quantized than the one before
+                    os.replace(candidate, tmp / INT8_FILE)
                     parity["onnx-int8"] = report
                     int8_report.update(kept=True, method=name, fp32_nodes=options.get("nodes_to_exclude", []))
+                else:
+                    candidate.unlink()
+                try:
+                    name, options = attempts.send(failure is None)
+                except StopIteration:
                     break
-                candidate.unlink()
             if not int8_report["kept"]:
                 int8_report["reason"] = "no int8 variant kept quality: " + "; ".join(
                     f"{a['method']}: {a['reason']}" for a in int8_report["attempts"])

@@ -96,25 +96,52 @@ def test_int8_report_lists_every_variant_tried(base_config):
     section = export_module.export_artifact(result.artifact_dir, min_int8_agreement=1.01)
     methods = [a["method"] for a in section["int8"]["attempts"]]
     assert methods[:2] == ["per-tensor", "per-channel"]
-    assert methods[2].startswith("per-channel, the 1 most sensitive of ") and len(methods) >= 4
+    assert methods[2:] == [f"per-channel, the {k} most sensitive of 11 nodes in fp32" for k in (1, 2, 4, 8)]
     assert not section["int8"]["kept"] and not (result.artifact_dir / "onnx" / "model.int8.onnx").exists()
     assert all(not a["passed"] and "label agreement" in a["reason"] for a in section["int8"]["attempts"])
 
 
-def test_int8_ladder_ranks_nodes_only_when_whole_graph_quantization_fails():
+def _drive(attempts, passes):
+    """Run the int8 ladder against a gate that passes the variants ``passes`` accepts; return what was tried."""
+    tried = []
+    try:
+        name, options = next(attempts)
+        while True:
+            tried.append((name, options))
+            name, options = attempts.send(passes(name, options))
+    except StopIteration:
+        return tried
+
+
+@pytest.mark.parametrize("needed, expected", [
+    (6, [1, 2, 4, 8, 6, 5]),  # doubles until 8 passes, then bisects down to 6
+    (1, [1]),
+    (3, [1, 2, 4, 3]),
+    (20, [1, 2, 4, 8, 16]),  # 32 would keep all 27 in fp32: nothing passes
+])
+def test_int8_ladder_finds_the_fewest_fp32_nodes_that_pass(needed, expected):
     calls = []
+    ranked = [f"n{i}" for i in range(27)]
 
     def rank():
         calls.append(1)
-        return ["n0", "n1", "n2", "n3", "n4"]
+        return ranked
 
-    attempts = export_module.int8_attempts(rank)
-    assert [next(attempts)[0], next(attempts)[0]] == ["per-tensor", "per-channel"]
-    assert not calls  # the costly ranking waits until the whole-graph variants have failed
-    rest = list(attempts)
-    assert calls == [1]
-    assert [options["nodes_to_exclude"] for _, options in rest] == [["n0"], ["n0", "n1"], ["n0", "n1", "n2", "n3"]]
-    assert all(options["per_channel"] for _, options in rest)
+    def passes(name, options):
+        return len(options.get("nodes_to_exclude", [])) >= needed
+
+    tried = _drive(export_module.int8_attempts(rank), passes)
+    assert [name for name, _ in tried[:2]] == ["per-tensor", "per-channel"] and calls == [1]
+    assert [len(options["nodes_to_exclude"]) for _, options in tried[2:]] == expected
+    assert all(options["nodes_to_exclude"] == ranked[:len(options["nodes_to_exclude"])] for _, options in tried[2:])
+
+
+def test_int8_ladder_ranks_nodes_only_when_whole_graph_quantization_fails():
+    def rank():
+        raise AssertionError("ranked although a whole-graph variant passed")
+
+    tried = _drive(export_module.int8_attempts(rank), lambda name, options: name == "per-channel")
+    assert [name for name, _ in tried] == ["per-tensor", "per-channel"]
 
 
 def test_sensitivity_ranking_quantizes_each_node_alone(base_config, tmp_path):
