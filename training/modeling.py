@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def build_model(cfg: Config, labels: list[str] | None) -> BuiltModel:
     return BuiltModel(model, tokenizer, path, heads, target_modules, trainable, total)
 
 
-def optimizer_groups(model: nn.Module, weight_decay: float, heads: list[str] = (),
+def optimizer_groups(model: nn.Module, weight_decay: float, heads: Sequence[str] = (),
                      head_lr: float | None = None) -> list[dict]:
     """AdamW parameter groups: no weight decay on biases and normalisation weights.
 
