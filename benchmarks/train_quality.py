@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--reuse", nargs="*", metavar="CONFIG",
                         help="tabulate the existing artifacts of these configs (all, when none is named) without training")
     parser.add_argument("--seeds", nargs="*", type=int, default=[],
-                        help="further seeds to train each (not reused) config with, ONNX export off")
+                        help="further seeds to train each config with (ONNX export off); a reused config shows "
+                             "its earlier runs with these seeds where they exist")
     args = parser.parse_args()
 
     from benchmarks._report import write_section
@@ -74,10 +75,11 @@ def main() -> None:
                     f"{extra} | {info['epochs_run']} ({info['best_step']} of {info['steps']} steps) | "
                     f"{info['train_samples_per_second']:.0f} | {info['seconds']:.0f} s |")
         print(rows[-1], flush=True)
-        if trained and args.seeds:
+        seeded = {seed: Path(f"{output}-seed{seed}") for seed in args.seeds}
+        if args.seeds and (trained or all((ROOT / path / "artifact" / "manifest.json").is_file() for path in seeded.values())):
             runs = [(manifest["provenance"]["seed"], manifest)]
-            for seed in args.seeds:
-                runs.append((seed, train(config, Path(f"{output}-seed{seed}"), f"train.seed={seed}", "export.onnx=false")))
+            for seed, path in seeded.items():
+                runs.append((seed, train(config, path, f"train.seed={seed}", "export.onnx=false") if trained else read(path)))
             tests = [m["metrics"]["test"][metric] for _, m in runs]
             vals = [m["metrics"]["validation"][metric] for _, m in runs]
             tfidf = [m["baselines"]["tfidf_ridge" if metric == "r2" else "tfidf_logreg"][metric] for _, m in runs]
