@@ -40,7 +40,7 @@ def worker(runner: str, steps: int, seed: int) -> dict:
     from core.tasks import postprocess
     from training.config import load_config
     from training.data import load_dataset
-    from training.modeling import build_model
+    from training.modeling import build_model, optimizer_groups
 
     tmp = tempfile.mkdtemp()
     cfg = load_config(CONFIG, _overrides(steps, seed, tmp))
@@ -67,8 +67,12 @@ def worker(runner: str, steps: int, seed: int) -> dict:
         max_grad_norm=cfg.train.max_grad_norm, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
         seed=cfg.train.seed, logging_steps=50, disable_tqdm=True,
         train_sampling_strategy=runner.removeprefix("trainer-"))
+    # The same AdamW groups as tuneserve (no decay on biases and norms; the head at train.head_lr), with the
+    # linear warmup-and-decay schedule Trainer builds from the arguments above.
+    optimizer = torch.optim.AdamW(optimizer_groups(built.model, cfg.train.weight_decay, built.head_modules,
+                                                   cfg.train.head_lr), lr=cfg.lr)
     trainer = Trainer(model=built.model, args=args, train_dataset=train_set,
-                      data_collator=DataCollatorWithPadding(built.tokenizer))
+                      data_collator=DataCollatorWithPadding(built.tokenizer), optimizers=(optimizer, None))
     metrics = trainer.train().metrics
     model = built.model.eval()
     logits = []
