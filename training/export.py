@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import TuneserveError
+from core.encoding import run_in_length_batches
 from core.manifest import MANIFEST_FILE, MODEL_DIR, Manifest, read_manifest
 from core.metrics import evaluate
 from core.onnx_runner import OnnxModel, check_external_data
@@ -42,6 +43,11 @@ SELFTEST_EXAMPLES = 8
 INT8_OPS = ("MatMul", "Gemm", "Attention", "EmbedLayerNormalization")
 # Held-out examples, those closest to another decision, on which each node's int8 damage is measured.
 SENSITIVITY_PROBE = 256
+# Activation smoothing before int8 (see smooth_graph): the strengths measured, how many of them (least damage
+# first) go to the gate, and the held-out examples whose activation ranges set the scales.
+SMOOTHING_ALPHAS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+SMOOTHING_TRIES = 3
+CALIBRATION_EXAMPLES = 512
 
 
 class ExportError(TuneserveError):
@@ -168,6 +174,83 @@ def quantizable_nodes(fp32: Path) -> list[str]:
     return [f"{n.name}_MatMul" if n.op_type == "Gemm" else n.name for n in graph.node if n.op_type in INT8_OPS]
 
 
+def smoothable_nodes(graph) -> list[int]:
+    """Positions of the MatMul and Attention nodes whose weight (input 1) is a 2-D initializer used by that node
+    alone."""
+    weights = {t.name: t for t in graph.initializer if len(t.dims) == 2}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    return [i for i, n in enumerate(graph.node) if n.op_type in ("MatMul", "Attention") and len(n.input) > 1
+            and n.input[1] in weights and uses[n.input[1]] == 1 and n.input[0] not in weights]
+
+
+def activation_ranges(fp32: Path, scratch: Path, tokenizer, texts: Sequence[str], pairs: Sequence[str] | None, *,
+                      max_length: int) -> dict[str, np.ndarray]:
+    """Per-channel largest magnitude of the activations entering each smoothable node, over ``texts``."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(fp32))
+    names = sorted({model.graph.node[i].input[0] for i in smoothable_nodes(model.graph)})
+    if not names:
+        return {}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    onnx.save(model, str(scratch))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor addressable
+    session = ort.InferenceSession(str(scratch), options, providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    ranges: dict[str, np.ndarray] = {}
+
+    def forward(batch) -> np.ndarray:
+        logits, *activations = session.run(["logits", *names], {n: batch[n].astype(np.int64) for n in inputs})
+        for name, value in zip(names, activations):
+            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
+        return logits
+
+    run_in_length_batches(forward, tokenizer, texts, pairs, max_length=max_length, batch_size=64, return_tensors="np")
+    del session
+    scratch.unlink()
+    return ranges
+
+
+def smooth_graph(fp32: Path, out: Path, ranges: dict[str, np.ndarray], alpha: float) -> int:
+    """Move activation outliers into the weights before int8 (SmoothQuant, Xiao et al. 2023).
+
+    For each smoothable node, ``x @ W == (x / s) @ (s[:, None] * W)`` with ``s_j = max|x_j|^alpha /
+    max|W_j|^(1 - alpha)``: a Mul node divides the input channels by ``s`` and the weight rows are multiplied
+    by it. The fp32 function is unchanged, but per-tensor activation scales are no longer set by a few
+    outlier channels. Returns the number of nodes smoothed.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(fp32))
+    weights = {t.name: t for t in model.graph.initializer}
+    targets = set(smoothable_nodes(model.graph))
+    nodes, scales = [], []
+    for i, node in enumerate(model.graph.node):
+        if i in targets and node.input[0] in ranges:
+            w = numpy_helper.to_array(weights[node.input[1]])
+            act = np.maximum(ranges[node.input[0]], 1e-5)
+            s = np.clip(act ** alpha / np.maximum(np.abs(w).max(axis=1), 1e-5) ** (1 - alpha), 1e-3, 1e3)
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32),
+                                                                    node.input[1]))
+            scales.append(numpy_helper.from_array((1 / s).astype(np.float32), f"{node.name}_smooth_scale"))
+            nodes.append(onnx.helper.make_node("Mul", [node.input[0], scales[-1].name], [f"{node.name}_smoothed"],
+                                               name=f"{node.name}_smooth"))
+            node.input[0] = f"{node.name}_smoothed"
+        nodes.append(node)
+    model.graph.initializer.extend(scales)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(out))
+    return len(scales)
+
+
 def rank_by_sensitivity(fp32: Path, scratch: Path, error: Callable[[Path], float]) -> list[str]:
     """The graph's quantizable nodes, the most sensitive first.
 
@@ -181,23 +264,32 @@ def rank_by_sensitivity(fp32: Path, scratch: Path, error: Callable[[Path], float
     return sorted(damage, key=damage.__getitem__, reverse=True)
 
 
-def int8_attempts(rank: Callable[[], list[str]]) -> Generator[tuple[str, dict], bool, None]:
+def int8_attempts(smoothing: Callable[[], list[float]],
+                  rank: Callable[[float | None], list[str]]) -> Generator[tuple[str, dict], bool, None]:
     """Dynamic-quantization variants, the most quantized (fastest) first.
 
-    Send back whether each variant passed the gate. Whole-graph per-tensor, then per-channel; if neither
-    passes, the nodes that hurt most when quantized alone (``rank()``, called only then) are kept in fp32:
-    1, 2, 4, ... of them until a variant passes, then a bisection towards the fewest fp32 nodes that pass.
-    The last variant that passed is the one to keep.
+    Send back whether each variant passed the gate. Whole-graph per-tensor, then per-channel; then
+    per-channel on smoothed graphs (``smoothing()``: strengths, least damage first; the first
+    ``SMOOTHING_TRIES``). If none passes, the nodes that hurt most when quantized alone (``rank(alpha)``, on
+    the least-damage smoothed graph) are kept in fp32: 1, 2, 4, ... of them until a variant passes, then a
+    bisection towards the fewest fp32 nodes that pass. The last variant that passed is the one to keep.
+    ``options["smooth"]`` names the smoothing strength a variant is quantized from (None: unsmoothed).
     """
-    if (yield "per-tensor", {"per_channel": False}):
+    if (yield "per-tensor", {"per_channel": False, "smooth": None}):
         return
-    if (yield "per-channel", {"per_channel": True}):
+    if (yield "per-channel", {"per_channel": True, "smooth": None}):
         return
-    ranked = rank()
+    alphas = smoothing()
+    for alpha in alphas[:SMOOTHING_TRIES]:
+        if (yield f"per-channel, smoothed (alpha {alpha:g})", {"per_channel": True, "smooth": alpha}):
+            return
+    alpha = alphas[0] if alphas else None
+    ranked = rank(alpha)
+    smoothed = f", smoothed (alpha {alpha:g})" if alpha is not None else ""
 
     def keep_fp32(k: int) -> tuple[str, dict]:
-        return (f"per-channel, the {k} most sensitive of {len(ranked)} nodes in fp32",
-                {"per_channel": True, "nodes_to_exclude": ranked[:k]})
+        return (f"per-channel{smoothed}, the {k} most sensitive of {len(ranked)} nodes in fp32",
+                {"per_channel": True, "smooth": alpha, "nodes_to_exclude": ranked[:k]})
 
     failed, k = 0, 1
     while not (yield keep_fp32(k)):
@@ -278,12 +370,51 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
 
         int8_report: dict = {"requested": int8, "kept": False, "attempts": []}
         if int8 != "off":
-            rank = functools.partial(rank_by_sensitivity, tmp / FP32_FILE, tmp / "probe.onnx", damage)
-            attempts = int8_attempts(rank)
+
+            @functools.cache
+            def calibration() -> dict[str, np.ndarray]:
+                count = min(CALIBRATION_EXAMPLES, len(held_out.texts))
+                pairs = held_out.pairs[:count] if held_out.pairs else None
+                return activation_ranges(tmp / FP32_FILE, tmp / "calibration.onnx", tokenizer, held_out.texts[:count],
+                                         pairs, max_length=manifest.max_length)
+
+            smoothed: dict[float, Path] = {}  # the one smoothed fp32 graph on disk, by strength
+
+            def source(alpha: float | None) -> Path:
+                """The fp32 graph a variant is quantized from."""
+                if alpha is None:
+                    return tmp / FP32_FILE
+                if alpha not in smoothed:
+                    smoothed.clear()
+                    smooth_graph(tmp / FP32_FILE, tmp / "smoothed.onnx", calibration(), alpha)
+                    smoothed[alpha] = tmp / "smoothed.onnx"
+                return smoothed[alpha]
+
+            def quantize(options: dict, out: Path) -> None:
+                options = dict(options)
+                _quantize(source(options.pop("smooth")), out, **options)
+
+            def smoothing() -> list[float]:
+                if not calibration():
+                    return []
+                probe_file = tmp / "probe.onnx"
+                measured = {}
+                for alpha in SMOOTHING_ALPHAS:
+                    quantize({"per_channel": True, "smooth": alpha}, probe_file)
+                    measured[alpha] = damage(probe_file)
+                probe_file.unlink()
+                int8_report["smoothing"] = {"calibration_examples": min(CALIBRATION_EXAMPLES, len(held_out.texts)),
+                                            "damage": {f"{a:g}": d for a, d in measured.items()}}
+                return sorted(measured, key=measured.__getitem__)
+
+            def rank(alpha: float | None) -> list[str]:
+                return rank_by_sensitivity(source(alpha), tmp / "probe.onnx", damage)
+
+            attempts = int8_attempts(smoothing, rank)
             name, options = next(attempts)
             while True:
                 candidate = tmp / "candidate.int8.onnx"
-                _quantize(tmp / FP32_FILE, candidate, **options)
+                quantize(options, candidate)
                 report = compare(manifest, reference, run(candidate), held_out.targets)
                 failure = _gate(manifest, report, min_int8_agreement, max_int8_drop)
                 int8_report["attempts"].append({"method": name, "passed": failure is None, "reason": failure,
@@ -292,7 +423,8 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
                 if failure is None:  # each variant that passes is more quantized than the one before
                     os.replace(candidate, tmp / INT8_FILE)
                     parity["onnx-int8"] = report
-                    int8_report.update(kept=True, method=name, fp32_nodes=options.get("nodes_to_exclude", []))
+                    int8_report.update(kept=True, method=name, smoothing_alpha=options["smooth"],
+                                       fp32_nodes=options.get("nodes_to_exclude", []))
                 else:
                     candidate.unlink()
                 try:

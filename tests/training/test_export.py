@@ -94,11 +94,18 @@ def test_int8_on_fails_when_no_variant_keeps_quality(base_config):
 def test_int8_report_lists_every_variant_tried(base_config):
     result = _train(base_config)
     section = export_module.export_artifact(result.artifact_dir, min_int8_agreement=1.01)
-    methods = [a["method"] for a in section["int8"]["attempts"]]
+    int8 = section["int8"]
+    methods = [a["method"] for a in int8["attempts"]]
+    damage = {float(a): d for a, d in int8["smoothing"]["damage"].items()}
+    assert sorted(damage) == list(export_module.SMOOTHING_ALPHAS)
+    least = sorted(damage, key=damage.__getitem__)
     assert methods[:2] == ["per-tensor", "per-channel"]
-    assert methods[2:] == [f"per-channel, the {k} most sensitive of 11 nodes in fp32" for k in (1, 2, 4, 8)]
-    assert not section["int8"]["kept"] and not (result.artifact_dir / "onnx" / "model.int8.onnx").exists()
-    assert all(not a["passed"] and "label agreement" in a["reason"] for a in section["int8"]["attempts"])
+    assert methods[2:5] == [f"per-channel, smoothed (alpha {a:g})" for a in least[:3]]
+    assert methods[5:] == [f"per-channel, smoothed (alpha {least[0]:g}), the {k} most sensitive of 11 nodes in fp32"
+                           for k in (1, 2, 4, 8)]
+    assert int8["smoothing"]["calibration_examples"] == 60
+    assert not int8["kept"] and not (result.artifact_dir / "onnx" / "model.int8.onnx").exists()
+    assert all(not a["passed"] and "label agreement" in a["reason"] for a in int8["attempts"])
 
 
 def _drive(attempts, passes):
@@ -123,25 +130,93 @@ def test_int8_ladder_finds_the_fewest_fp32_nodes_that_pass(needed, expected):
     calls = []
     ranked = [f"n{i}" for i in range(27)]
 
-    def rank():
-        calls.append(1)
+    def rank(alpha):
+        calls.append(alpha)
         return ranked
 
     def passes(name, options):
         return len(options.get("nodes_to_exclude", [])) >= needed
 
-    tried = _drive(export_module.int8_attempts(rank), passes)
-    assert [name for name, _ in tried[:2]] == ["per-tensor", "per-channel"] and calls == [1]
-    assert [len(options["nodes_to_exclude"]) for _, options in tried[2:]] == expected
-    assert all(options["nodes_to_exclude"] == ranked[:len(options["nodes_to_exclude"])] for _, options in tried[2:])
+    tried = _drive(export_module.int8_attempts(lambda: [0.9, 0.5, 0.7, 0.8], rank), passes)
+    assert [name for name, _ in tried[:5]] == ["per-tensor", "per-channel", "per-channel, smoothed (alpha 0.9)",
+                                               "per-channel, smoothed (alpha 0.5)", "per-channel, smoothed (alpha 0.7)"]
+    assert calls == [0.9]  # ranked once, on the least-damage smoothed graph, which every later variant uses
+    assert [len(options["nodes_to_exclude"]) for _, options in tried[5:]] == expected
+    assert all(options["nodes_to_exclude"] == ranked[:len(options["nodes_to_exclude"])] and options["smooth"] == 0.9
+               for _, options in tried[5:])
 
 
-def test_int8_ladder_ranks_nodes_only_when_whole_graph_quantization_fails():
-    def rank():
+@pytest.mark.parametrize("passing, expected", [
+    ("per-channel", ["per-tensor", "per-channel"]),
+    ("per-channel, smoothed (alpha 0.5)", ["per-tensor", "per-channel", "per-channel, smoothed (alpha 0.9)",
+                                           "per-channel, smoothed (alpha 0.5)"]),
+])
+def test_int8_ladder_ranks_nodes_only_when_whole_graph_quantization_fails(passing, expected):
+    def rank(alpha):
         raise AssertionError("ranked although a whole-graph variant passed")
 
-    tried = _drive(export_module.int8_attempts(rank), lambda name, options: name == "per-channel")
-    assert [name for name, _ in tried] == ["per-tensor", "per-channel"]
+    def smoothing():
+        if passing == "per-channel":
+            raise AssertionError("smoothing measured although plain per-channel passed")
+        return [0.9, 0.5, 0.7]
+
+    tried = _drive(export_module.int8_attempts(smoothing, rank), lambda name, options: name == passing)
+    assert [name for name, _ in tried] == expected
+
+
+def test_int8_ladder_without_smoothable_nodes_ranks_the_plain_graph():
+    tried = _drive(export_module.int8_attempts(lambda: [], lambda alpha: ["a", "b", "c"]),
+                   lambda name, options: len(options.get("nodes_to_exclude", [])) >= 1)
+    assert [name for name, _ in tried] == ["per-tensor", "per-channel", "per-channel, the 1 most sensitive of 3 nodes in fp32"]
+    assert tried[-1][1] == {"per_channel": True, "smooth": None, "nodes_to_exclude": ["a"]}
+
+
+def _outlier_matmul(path, weights):
+    """A graph ``logits = x @ weights`` with a float input of 8 channels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="proj")], "proj",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(weights, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_smoothing_keeps_the_fp32_function_and_rescues_int8_from_an_outlier_channel(tmp_path):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(8, 4)).astype(np.float32)
+    x = rng.normal(size=(256, 8)).astype(np.float32)
+    x[:, 3] *= 100  # one activation channel dwarfs the rest, as in transformer layers
+    plain, smoothed = tmp_path / "plain.onnx", tmp_path / "smoothed.onnx"
+    _outlier_matmul(plain, weights)
+    assert export_module.smooth_graph(plain, smoothed, {"x": np.abs(x).max(axis=0)}, alpha=0.5) == 1
+    graph = onnx.load(str(smoothed)).graph
+    assert [n.op_type for n in graph.node] == ["Mul", "MatMul"]
+
+    def run(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    exact = x @ weights
+    assert np.allclose(run(smoothed), exact, rtol=1e-4, atol=1e-3)
+    errors = {}
+    for name, path in (("plain", plain), ("smoothed", smoothed)):
+        export_module._quantize(path, tmp_path / f"{name}.int8.onnx", per_channel=True)
+        errors[name] = np.abs(run(tmp_path / f"{name}.int8.onnx") - exact).mean()
+    assert errors["smoothed"] < 0.7 * errors["plain"], errors  # measured: 0.72 against 1.31
+
+
+def test_smoothing_skips_weights_that_two_nodes_share(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="a"), helper.make_node("MatMul", ["h", "w"], ["y"], name="b")],
+        "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
+    assert export_module.smoothable_nodes(graph) == []
 
 
 def test_sensitivity_ranking_quantizes_each_node_alone(base_config, tmp_path):
