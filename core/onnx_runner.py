@@ -10,15 +10,24 @@ import numpy as np
 
 from core.encoding import run_in_length_batches
 
+# Graph fusions a CPU session must not apply. ONNX Runtime would fuse each residual Add and LayerNormalization into
+# SkipLayerNormalization, whose CPU kernel is a scalar loop: about 6x slower than its vectorised LayerNormalization
+# on a batch of 800 tokens x 384, and 8% of a whole batch-32 run of MiniLM (BENCHMARKS.md). CUDA's fused kernel is
+# the fast one there, so sessions with CUDA keep the fusion.
+CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion",)
+
 
 class OnnxModel:
     """An ONNX Runtime session over a sequence-classification graph with ``logits`` as its output."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, providers: Sequence[str] | None = None,
-                 spinning: bool = True):
+                 spinning: bool = True, save_optimized: str | os.PathLike | None = None):
+        """Open a session; ``save_optimized`` writes the graph as the session runs it, after its own fusions."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        if save_optimized:
+            options.optimized_model_filepath = str(save_optimized)
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -27,7 +36,9 @@ class OnnxModel:
             # read and answer requests between runs.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+        providers = list(providers or ["CPUExecutionProvider"])
+        disabled = [] if "CUDAExecutionProvider" in providers else list(CPU_DISABLED_FUSIONS)
+        self.session = ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def logits(self, tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None, *, max_length: int,

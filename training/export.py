@@ -149,12 +149,17 @@ def _optimize(raw: Path, out: Path, config) -> dict:
         shutil.copyfile(raw, out)
         return {"optimizer": None, "note": f"no graph optimizer for model type {config.model_type!r}; plain ONNX exported"}
     from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = False  # slower on CPU than Add + LayerNormalization (core.onnx_runner)
     optimized = optimizer.optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,
-                                         hidden_size=config.hidden_size, opt_level=0)
+                                         hidden_size=config.hidden_size, opt_level=0, optimization_options=options)
     optimized.save_model_to_file(str(out))
     fusions = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
-    return {"optimizer": "onnxruntime.transformers (bert)", "fusions": fusions}
+    return {"optimizer": "onnxruntime.transformers (bert)", "fusions": fusions,
+            "not_fused": {"SkipLayerNormalization": "ONNX Runtime's CPU kernel for it is slower than Add + "
+                                                    "LayerNormalization; CUDA sessions fuse them when they start"}}
 
 
 def _quantize(fp32: Path, out: Path, **options) -> None:

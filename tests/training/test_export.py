@@ -47,6 +47,11 @@ def test_export_passes_the_gate_for_every_task_and_method(base_config, task, met
     if task == "multilabel":
         assert set(fp32["label_agreement_per_label"]) == set(read_manifest(art).labels)
     assert section["onnx"]["fusions"].get("Attention") == 2  # two encoder layers fused
+    # Residual Add + LayerNormalization stay apart, in the file and in the CPU session that runs it.
+    assert "SkipLayerNormalization" in section["onnx"]["not_fused"]
+    OnnxModel(art / "onnx" / "model.onnx", save_optimized=art / "session.onnx")
+    ran = {n.op_type for n in onnx.load(str(art / "session.onnx")).graph.node}
+    assert "LayerNormalization" in ran and "SkipLayerNormalization" not in ran
     assert len(section["selftest"]) == 8
     # int8 is either kept with a passing report or dropped with the reason.
     int8 = section["int8"]
