@@ -375,25 +375,22 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
 
         int8_report: dict = {"requested": int8, "kept": False, "attempts": []}
         if int8 != "off":
+            calibration_count = min(CALIBRATION_EXAMPLES, len(held_out.texts))
 
             @functools.cache
             def calibration() -> dict[str, np.ndarray]:
-                count = min(CALIBRATION_EXAMPLES, len(held_out.texts))
-                pairs = held_out.pairs[:count] if held_out.pairs else None
-                return activation_ranges(tmp / FP32_FILE, tmp / "calibration.onnx", tokenizer, held_out.texts[:count],
-                                         pairs, max_length=manifest.max_length)
+                pairs = held_out.pairs[:calibration_count] if held_out.pairs else None
+                return activation_ranges(tmp / FP32_FILE, tmp / "calibration.onnx", tokenizer,
+                                         held_out.texts[:calibration_count], pairs, max_length=manifest.max_length)
 
-            smoothed: dict[float, Path] = {}  # the one smoothed fp32 graph on disk, by strength
+            @functools.lru_cache(maxsize=1)  # one smoothed graph on disk at a time
+            def smoothed(alpha: float) -> Path:
+                smooth_graph(tmp / FP32_FILE, tmp / "smoothed.onnx", calibration(), alpha)
+                return tmp / "smoothed.onnx"
 
             def source(alpha: float | None) -> Path:
                 """The fp32 graph a variant is quantized from."""
-                if alpha is None:
-                    return tmp / FP32_FILE
-                if alpha not in smoothed:
-                    smoothed.clear()
-                    smooth_graph(tmp / FP32_FILE, tmp / "smoothed.onnx", calibration(), alpha)
-                    smoothed[alpha] = tmp / "smoothed.onnx"
-                return smoothed[alpha]
+                return tmp / FP32_FILE if alpha is None else smoothed(alpha)
 
             def quantize(options: dict, out: Path) -> None:
                 options = dict(options)
@@ -408,7 +405,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
                     quantize({"per_channel": True, "smooth": alpha}, probe_file)
                     measured[alpha] = damage(probe_file)
                 probe_file.unlink()
-                int8_report["smoothing"] = {"calibration_examples": min(CALIBRATION_EXAMPLES, len(held_out.texts)),
+                int8_report["smoothing"] = {"calibration_examples": calibration_count,
                                             "damage": {f"{a:g}": d for a, d in measured.items()}}
                 return sorted(measured, key=measured.__getitem__)
 
