@@ -8,6 +8,9 @@ order) and a second table gives the spread, so one seed's luck is not read as a 
     python benchmarks/train_quality.py [--configs configs/sentiment-lora.yaml ...] [--output-root runs/bench]
     python benchmarks/train_quality.py --reuse configs/sentiment-full.yaml   # retrain the others only
     python benchmarks/train_quality.py --configs configs/sentiment-lora.yaml --seeds 43 44
+    python benchmarks/train_quality.py --reuse --seeds 43 44 45 --seeded configs/sentiment-lora.yaml
+
+A reused config reads its seeded runs where they exist and trains the missing ones.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ def main() -> None:
                         help="tabulate the existing artifacts of these configs (all, when none is named) without training")
     parser.add_argument("--seeds", nargs="*", type=int, default=[],
                         help="further seeds to train each config with (ONNX export off); a reused config shows "
-                             "its earlier runs with these seeds where they exist")
+                             "its earlier runs with these seeds where they exist and trains the others")
+    parser.add_argument("--seeded", nargs="*", metavar="CONFIG",
+                        help="give --seeds to these configs only (default: every config)")
     args = parser.parse_args()
 
     from benchmarks._report import write_section
@@ -75,25 +80,28 @@ def main() -> None:
                     f"{extra} | {info['epochs_run']} ({info['best_step']} of {info['steps']} steps) | "
                     f"{info['train_samples_per_second']:.0f} | {info['seconds']:.0f} s |")
         print(rows[-1], flush=True)
-        seeded = {seed: Path(f"{output}-seed{seed}") for seed in args.seeds}
-        if args.seeds and (trained or all((ROOT / path / "artifact" / "manifest.json").is_file() for path in seeded.values())):
+        seeds = args.seeds if args.seeded is None or config in args.seeded else []
+        if seeds:
             runs = [(manifest["provenance"]["seed"], manifest)]
-            for seed, path in seeded.items():
-                runs.append((seed, train(config, path, f"train.seed={seed}", "export.onnx=false") if trained else read(path)))
+            for seed in seeds:
+                path = Path(f"{output}-seed{seed}")
+                done = not trained and (ROOT / path / "artifact" / "manifest.json").is_file()
+                runs.append((seed, read(path) if done else train(config, path, f"train.seed={seed}", "export.onnx=false")))
             tests = [m["metrics"]["test"][metric] for _, m in runs]
             vals = [m["metrics"]["validation"][metric] for _, m in runs]
             tfidf = [m["baselines"]["tfidf_ridge" if metric == "r2" else "tfidf_logreg"][metric] for _, m in runs]
             spread.append(f"| {config} | {metric} | {', '.join(str(s) for s, _ in runs)} | "
                           f"{', '.join(f'{v:.4f}' for v in vals)} | {', '.join(f'{v:.4f}' for v in tests)} | "
-                          f"{statistics.mean(tests):.4f} ± {statistics.stdev(tests):.4f} | {statistics.mean(tfidf):.4f} |")
+                          f"{statistics.mean(vals):.4f} | {statistics.mean(tests):.4f} ± {statistics.stdev(tests):.4f} | "
+                          f"{statistics.mean(tfidf):.4f} |")
             print(spread[-1], flush=True)
     table = "\n".join([
         "| config | method | train/val/test | metric | model (test) | TF-IDF baseline | majority / mean | more | epochs (best step) | train samples/s | wall |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
     if spread:
         table += "\n\nThe same configs over several seeds (each seed its own split, head, dropout and batch order):\n\n" + "\n".join([
-            "| config | metric | seeds | validation | test | test mean ± sd | TF-IDF (mean) |",
-            "|---|---|---|---|---|---|---|", *spread])
+            "| config | metric | seeds | validation | test | validation mean | test mean ± sd | TF-IDF test (mean) |",
+            "|---|---|---|---|---|---|---|---|", *spread])
     print("\n" + table)
     write_section("train-quality", " ".join(["python benchmarks/train_quality.py", *sys.argv[1:]]),
                   "## Quality of the shipped configs (vader:movie)\n\n"
