@@ -93,15 +93,15 @@ def main() -> None:
             spread.append(f"| {config} | {metric} | {', '.join(str(s) for s, _ in runs)} | "
                           f"{', '.join(f'{v:.4f}' for v in vals)} | {', '.join(f'{v:.4f}' for v in tests)} | "
                           f"{statistics.mean(vals):.4f} | {statistics.mean(tests):.4f} ± {statistics.stdev(tests):.4f} | "
-                          f"{statistics.mean(tfidf):.4f} |")
+                          f"{', '.join(f'{v:.4f}' for v in tfidf)} | {statistics.mean(tfidf):.4f} |")
             print(spread[-1], flush=True)
     table = "\n".join([
         "| config | method | train/val/test | metric | model (test) | TF-IDF baseline | majority / mean | more | epochs (best step) | train samples/s | wall |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
     if spread:
         table += "\n\nThe same configs over several seeds (each seed its own split, head, dropout and batch order):\n\n" + "\n".join([
-            "| config | metric | seeds | validation | test | validation mean | test mean ± sd | TF-IDF test (mean) |",
-            "|---|---|---|---|---|---|---|---|", *spread])
+            "| config | metric | seeds | validation | test | validation mean | test mean ± sd | TF-IDF test | TF-IDF mean |",
+            "|---|---|---|---|---|---|---|---|---|", *spread])
     print("\n" + table)
     write_section("train-quality", " ".join(["python benchmarks/train_quality.py", *sys.argv[1:]]),
                   "## Quality of the shipped configs (vader:movie)\n\n"
