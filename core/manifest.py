@@ -91,7 +91,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ArtifactError(f"{path}: field '{where}': {first['msg']}") from None
-    if manifest.task is not Task.REGRESSION and not manifest.labels:
+    if manifest.task.spec.has_labels and not manifest.labels:
         raise ArtifactError(f"{path}: a {manifest.task.value} manifest must list its labels")
     if manifest.labels is not None and len(set(manifest.labels)) != len(manifest.labels):
         raise ArtifactError(f"{path}: labels repeat a name: {manifest.labels}")

@@ -1,7 +1,7 @@
 """Task metrics, computed with scikit-learn and scipy.
 
-The trainer, ``tuneserve evaluate`` and the service's ``/evaluate`` all call :func:`evaluate`, so a
-number means the same thing wherever it is reported. Inputs are targets and post-processed scores
+The task specs call these; the trainer, ``tuneserve evaluate`` and the service's ``/evaluate`` all go through
+the spec, so a number means the same thing wherever it is reported. Inputs are targets and post-processed scores
 (probabilities or values), never raw model outputs; memory is what those arrays take, nothing more.
 """
 
@@ -11,27 +11,13 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
 from core.tasks import Task
-
-CLASSIFICATION_METRICS = (
-    "accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_micro", "recall_micro",
-    "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted", "roc_auc", "log_loss",
-)
-MULTILABEL_METRICS = (
-    "subset_accuracy", "hamming_loss", "f1_micro", "f1_macro", "roc_auc_macro", "ndcg", "lrap",
-)
-REGRESSION_METRICS = ("mse", "rmse", "mae", "r2", "pearson", "spearman")
-
-METRIC_NAMES: dict[Task, tuple[str, ...]] = {
-    Task.CLASSIFICATION: CLASSIFICATION_METRICS,
-    Task.MULTILABEL: MULTILABEL_METRICS,
-    Task.REGRESSION: REGRESSION_METRICS,
-}
 
 
 @dataclass
@@ -46,27 +32,34 @@ class Evaluation:
 
 
 def evaluate(
-    task: Task,
-    targets: np.ndarray,
-    scores: np.ndarray,
+    task: Task | str,
+    targets: Any,
+    scores: Any,
     labels: Sequence[str] | None = None,
     *,
     threshold: float = 0.5,
-    ndcg_k: int = 5,
 ) -> Evaluation:
-    """Score predictions against targets.
+    """Score predictions against targets with the task's own metrics (``Task.X.spec.evaluate``).
 
     Args:
         task: the task.
-        targets: class ids (n,), multi-hot rows (n, L), or values (n,).
-        scores: class probabilities (n, C), label probabilities (n, L), or predicted values (n,).
-        labels: ordered label names (classification and multi-label).
+        targets: as the task's ``to_targets`` gives them (class ids, multi-hot rows, values, ...).
+        scores: post-processed outputs (class probabilities, label probabilities, values, ...).
+        labels: ordered label names.
         threshold: probability at which a multi-label label is predicted.
-        ndcg_k: cut-off for NDCG in multi-label ranking.
 
     Returns:
         An :class:`Evaluation`. A metric that is undefined on this data (ROC-AUC with one class
         present, correlation of a constant) is omitted and the reason is listed in ``notes``.
+    """
+    return Task(task).spec.evaluate(targets, scores, labels, threshold=threshold)
+
+
+def checked(targets: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and float64 scores of equal, non-zero length.
+
+    Raises:
+        ValueError: the lengths differ or there is nothing to score.
     """
     targets = np.asarray(targets)
     scores = np.asarray(scores, dtype=np.float64)
@@ -74,18 +67,20 @@ def evaluate(
         raise ValueError(f"{len(targets)} targets but {len(scores)} predictions")
     if len(targets) == 0:
         raise ValueError("cannot evaluate zero examples")
-    if task is Task.CLASSIFICATION:
-        result = _classification(targets.astype(np.int64), scores, list(labels or []))
-    elif task is Task.MULTILABEL:
-        result = _multilabel(targets.astype(np.int64), scores, list(labels or []), threshold, ndcg_k)
-    else:
-        result = _regression(targets.astype(np.float64), scores.reshape(-1))
-    result.n = int(len(targets))
+    return targets, scores
+
+
+def finished(result: Evaluation, n: int) -> Evaluation:
+    """Record the example count and leave out metrics that are undefined (None, NaN, infinite)."""
+    result.n = int(n)
     result.metrics = {k: float(v) for k, v in result.metrics.items() if v is not None and math.isfinite(v)}
     return result
 
 
-def _classification(y: np.ndarray, proba: np.ndarray, labels: list[str]) -> Evaluation:
+def classification_metrics(y: Any, proba: Any, labels: list[str]) -> Evaluation:
+    """Single-label metrics from class ids (n,) and class probabilities (n, C)."""
+    y, proba = checked(y, proba)
+    y = y.astype(np.int64)
     num_classes = proba.shape[1]
     ids = list(range(num_classes))
     pred = proba.argmax(axis=1)
@@ -111,10 +106,13 @@ def _classification(y: np.ndarray, proba: np.ndarray, labels: list[str]) -> Eval
         for i in ids
     }
     cm = skm.confusion_matrix(y, pred, labels=ids).tolist()
-    return Evaluation(metrics=m, per_class=per_class, confusion_matrix=cm, notes=notes)
+    return finished(Evaluation(metrics=m, per_class=per_class, confusion_matrix=cm, notes=notes), len(y))
 
 
-def _multilabel(y: np.ndarray, proba: np.ndarray, labels: list[str], threshold: float, k: int) -> Evaluation:
+def multilabel_metrics(y: Any, proba: Any, labels: list[str], threshold: float, k: int = 5) -> Evaluation:
+    """Multi-label metrics from multi-hot rows (n, L) and label probabilities (n, L); NDCG cut at ``k``."""
+    y, proba = checked(y, proba)
+    y = y.astype(np.int64)
     pred = (proba >= threshold).astype(np.int64)
     m: dict[str, float] = {
         "subset_accuracy": skm.accuracy_score(y, pred),
@@ -141,10 +139,12 @@ def _multilabel(y: np.ndarray, proba: np.ndarray, labels: list[str], threshold: 
         names[j]: {"precision": float(p[j]), "recall": float(r[j]), "f1": float(f[j]), "support": int(support[j])}
         for j in range(y.shape[1])
     }
-    return Evaluation(metrics=m, per_class=per_class, notes=notes)
+    return finished(Evaluation(metrics=m, per_class=per_class, notes=notes), len(y))
 
 
-def _regression(y: np.ndarray, pred: np.ndarray) -> Evaluation:
+def regression_metrics(y: Any, pred: Any) -> Evaluation:
+    """Regression metrics from true values (n,) and predicted values (n,)."""
+    y, pred = checked(y, pred)
     mse = skm.mean_squared_error(y, pred)
     m: dict[str, float] = {
         "mse": mse,
@@ -161,4 +161,4 @@ def _regression(y: np.ndarray, pred: np.ndarray) -> Evaluation:
             m["spearman"] = stats.spearmanr(y, pred).statistic
     else:
         notes.append("pearson/spearman undefined: targets or predictions are constant")
-    return Evaluation(metrics=m, notes=notes)
+    return finished(Evaluation(metrics=m, notes=notes), len(y))

@@ -84,7 +84,7 @@ class TorchBackend:
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, *, device: str, threads: int, batch_size: int):
         import torch
-        from transformers import AutoModelForSequenceClassification
+        import transformers
 
         model_dir = artifact_dir / MODEL_DIR
         if not (model_dir / "model.safetensors").is_file():
@@ -102,7 +102,7 @@ class TorchBackend:
             torch.set_num_threads(threads)
         self.half_precision = dtype != torch.float32
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
+            model = getattr(transformers, manifest.task.spec.auto_model).from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
         except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
             raise ArtifactError(f"{artifact_dir}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
         self.model = model.to(device).eval()

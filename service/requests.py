@@ -7,10 +7,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from core.labels import LabelError, parse_label, to_targets
 from core.manifest import Manifest
 from core.metrics import Evaluation
-from core.tasks import Task
+from core.tasks.base import LabelError
 from service.schemas import Example
 from service.settings import Settings
 
@@ -56,16 +55,17 @@ def examples_to_inputs(manifest: Manifest, examples: Sequence[Example], settings
     if not manifest.has_pair and any(e.text_pair is not None for e in examples):
         i = next(i for i, e in enumerate(examples) if e.text_pair is not None)
         raise RequestError(f"examples[{i}].text_pair: this model takes single texts; leave it out")
-    key = "labels" if manifest.task is Task.MULTILABEL else "label"
+    spec = manifest.task.spec
+    key = spec.label_key
     parsed = []
     for i, example in enumerate(examples):
         value = getattr(example, key)
         try:
-            parsed.append(parse_label(manifest.task, value))
+            parsed.append(spec.parse_label(value))
         except LabelError as exc:
             raise RequestError(f"examples[{i}].{key}: {exc}") from None
     try:
-        targets = to_targets(manifest.task, parsed, manifest.labels)
+        targets = spec.to_targets(parsed, manifest.labels)
     except LabelError as exc:
         raise RequestError(f"examples: {exc}") from None
     return texts, pairs, targets

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from core.tasks.sequence import ClassPrediction, MultiLabelPrediction, RegressionPrediction
+
 
 class Example(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -13,21 +15,6 @@ class Example(BaseModel):
     label: StrictStr | StrictInt | StrictFloat | None = Field(
         None, description="The true label: a class name (classification) or a number (regression).")
     labels: list[StrictStr | StrictInt] | None = Field(None, description="The true labels (multi-label).")
-
-
-class ClassPrediction(BaseModel):
-    label: str = Field(description="The most likely class.")
-    score: float = Field(description="Its probability.")
-    scores: dict[str, float] = Field(description="Class probabilities, most likely first (top_k of them).")
-
-
-class MultiLabelPrediction(BaseModel):
-    labels: list[str] = Field(description="Labels whose probability reaches the model's threshold.")
-    scores: dict[str, float] = Field(description="Probability of every label.")
-
-
-class RegressionPrediction(BaseModel):
-    value: float = Field(description="The predicted value.")
 
 
 class PredictResponse(BaseModel):

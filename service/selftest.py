@@ -6,8 +6,6 @@ import numpy as np
 
 from core.errors import ArtifactError
 from core.manifest import Manifest
-from core.predictions import decide
-from core.tasks import postprocess
 
 # Score tolerance of backends that compute what PyTorch computed at export, in fp32.
 FP32_TOLERANCE = 1e-3
@@ -40,19 +38,20 @@ def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -
     texts = [s["text"] for s in samples]
     pairs = [s["text_pair"] for s in samples] if manifest.has_pair else None
     expected = np.array([s["scores"] for s in samples], dtype=np.float64)
-    got = postprocess(backend.logits(texts, pairs), manifest.postprocess).reshape(expected.shape)
+    spec = manifest.task.spec
+    got = spec.scores(backend.logits(texts, pairs)).reshape(expected.shape)
     if not np.all(np.isfinite(got)):
         raise ArtifactError(f"self-test: backend {backend.name} gives non-finite outputs")
     tol = tolerance(manifest, backend.name, half_precision)
     diff = np.abs(got - expected).reshape(len(samples), -1).max(axis=1)
-    want, have = decide(manifest, expected), decide(manifest, got)
+    want, have = spec.decide(manifest, expected), spec.decide(manifest, got)
     for i, sample in enumerate(samples):
         recorded = sample.get("decision")
-        if manifest.task.value != "regression" and recorded is not None and recorded != want[i]:
+        if spec.has_labels and recorded is not None and recorded != want[i]:
             raise ArtifactError(f"self-test: the manifest's labels turn PyTorch's export-time scores for example {i} "
                                 f"into {want[i]!r}, but PyTorch decided {recorded!r}: the manifest's labels "
                                 f"{manifest.labels} do not belong to this model")
-        if manifest.task.value != "regression" and want[i] != have[i]:
+        if spec.has_labels and want[i] != have[i]:
             raise ArtifactError(f"self-test: backend {backend.name} predicts {have[i]!r} for example {i} "
                                 f"({sample['text'][:60]!r}); PyTorch predicted {want[i]!r} at export")
         if diff[i] > tol:

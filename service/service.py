@@ -24,9 +24,6 @@ from starlette.routing import Route
 
 from core.errors import ArtifactError
 from core.manifest import Manifest, read_manifest
-from core.metrics import evaluate as score_examples
-from core.predictions import shape
-from core.tasks import postprocess
 from service.backends import choose_backend
 from service.batcher import MicroBatcher
 from service.middleware import (
@@ -110,6 +107,7 @@ class Tuneserve:
             directory = Path(stored.path)
             self.manifest = read_manifest(directory)
             self.model_tag = str(stored.tag)
+        self.spec = self.manifest.task.spec
         self.backend = choose_backend(directory, self.manifest, backend=self.settings.backend,
                                       device=self.settings.device, threads=self.settings.threads,
                                       batch_size=self.settings.forward_batch_size)
@@ -141,10 +139,10 @@ class Tuneserve:
                 check_texts("text_pairs", text_pairs, self.settings, limit=self.settings.max_texts)
         except RequestError as exc:
             return _bad_request(exc)
-        scores = postprocess(await self.batcher(texts, text_pairs), self.manifest.postprocess)
+        scores = self.spec.scores(await self.batcher(texts, text_pairs))
         if not np.all(np.isfinite(scores)):
             return _not_finite()
-        return PredictResponse(predictions=shape(self.manifest, scores, top_k=top_k), model=self.model_tag,
+        return PredictResponse(predictions=self.spec.shape(self.manifest, scores, top_k=top_k), model=self.model_tag,
                                backend=self.backend.name)
 
     @bentoml.api
@@ -158,11 +156,10 @@ class Tuneserve:
             texts, pairs, targets = examples_to_inputs(self.manifest, examples, self.settings)
         except RequestError as exc:
             return _bad_request(exc)
-        scores = postprocess(await self.batcher(texts, pairs), self.manifest.postprocess)
+        scores = self.spec.scores(await self.batcher(texts, pairs))
         if not np.all(np.isfinite(scores)):
             return _not_finite()
-        evaluation = score_examples(self.manifest.task, targets, scores, self.manifest.labels,
-                                    threshold=self.manifest.decision_threshold)
+        evaluation = self.spec.evaluate(targets, scores, self.manifest.labels, threshold=self.manifest.decision_threshold)
         return EvaluateResponse(**evaluation_body(self.manifest, evaluation), model=self.model_tag,
                                 backend=self.backend.name)
 

@@ -14,7 +14,6 @@ from importlib import metadata
 from pathlib import Path
 
 from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
-from core.tasks import Task
 from training.card import model_card
 from training.files import swap_into_place
 from training.modeling import merged_model, save_tokenizer_and_model
@@ -65,13 +64,13 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
     manifest = Manifest(
         name=cfg.run_name,
         task=cfg.task,
-        problem_type=cfg.task.problem_type,
+        problem_type=cfg.task.spec.problem_type,
         labels=data.labels,
         text_fields=[cfg.data.text] + ([cfg.data.text_pair] if cfg.data.text_pair else []),
         label_field=cfg.data.label,
         max_length=cfg.train.max_length,
-        postprocess=cfg.task.postprocess,
-        threshold=cfg.train.threshold if cfg.task is Task.MULTILABEL else None,
+        postprocess=cfg.task.spec.postprocess,
+        threshold=cfg.train.threshold if "threshold" in cfg.task.spec.options else None,
         base_model=cfg.model if cfg.model != "minilm" else "sentence-transformers/all-MiniLM-L6-v2",
         method=cfg.method,
         trainable_parameters=built.trainable_parameters,
@@ -101,12 +100,12 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
     report = tmp / "report"
     report.mkdir()
     plot_curves(training["history"], monitor, report / "curves.png")
-    if cfg.task is Task.CLASSIFICATION:
-        plot_confusion(result.test.confusion_matrix, data.labels, report / "confusion_matrix.png")
-    elif cfg.task is Task.REGRESSION:
-        plot_regression(result.test_targets, result.test_scores, report / "predicted_vs_true.png")
-    else:
-        plot_per_label(result.test.per_class, report / "per_label_f1.png")
+    plots = {
+        "confusion": lambda: plot_confusion(result.test.confusion_matrix, data.labels, report / "confusion_matrix.png"),
+        "regression": lambda: plot_regression(result.test_targets, result.test_scores, report / "predicted_vs_true.png"),
+        "per_label": lambda: plot_per_label(result.test.per_class, report / "per_label_f1.png"),
+    }
+    plots[cfg.task.spec.plot]()
 
     swap_into_place(tmp, final)  # the old artifact stays whole until the new one is complete
     logger.info("artifact written to %s", final)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from core.encoding import encode
 from core.tasks import Task
+from training.tasks import torch_task
 
 
 class EncodedSplit(torch.utils.data.Dataset):
@@ -100,7 +101,7 @@ class Collator:
 
     def __init__(self, tokenizer, task: Task, pad_to_multiple_of: int | None = None):
         self.tokenizer = tokenizer
-        self.dtype = torch.long if task is Task.CLASSIFICATION else torch.float32
+        self.dtype = torch_task(task).target_dtype
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import yaml
 
 from core.manifest import Manifest
-from core.metrics import METRIC_NAMES
 
 _METHOD = {
     "full": "full fine-tuning (every weight trained)",
@@ -19,7 +18,7 @@ def metrics_table(manifest: Manifest) -> str:
     header = "| metric | validation | test | " + " | ".join(baselines) + " |"
     rule = "|---" * (3 + len(baselines)) + "|"
     rows = [header, rule]
-    for name in METRIC_NAMES[manifest.task]:
+    for name in manifest.task.spec.metric_names:
         if name not in manifest.metrics.get("test", {}):
             continue
         cells = [manifest.metrics.get("validation", {}).get(name), manifest.metrics["test"][name],
@@ -32,9 +31,9 @@ def model_card(manifest: Manifest) -> str:
     header = {
         "library_name": "transformers",
         "base_model": manifest.provenance.get("config", {}).get("model", manifest.base_model),
-        "pipeline_tag": "text-classification",
+        "pipeline_tag": manifest.task.spec.pipeline_tag,
         "tags": ["tuneserve", manifest.task.value, manifest.method],
-        "metrics": [m for m in METRIC_NAMES[manifest.task] if m in manifest.metrics.get("test", {})][:4],
+        "metrics": [m for m in manifest.task.spec.metric_names if m in manifest.metrics.get("test", {})][:4],
     }
     cfg = manifest.provenance.get("config", {})
     train = cfg.get("train", {})

@@ -30,7 +30,6 @@ def _table(columns: dict[str, dict[str, float]], names: list[str]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from core.metrics import METRIC_NAMES
     from training.config import load_config
     from training.train import train
 
@@ -39,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.artifact_dir is None:  # not the main process
         return 0
     print(f"\ntest metrics ({len(result.test_targets)} examples) beside the baselines:")
-    print(_table({"model": result.metrics["test"], **result.baselines}, [*METRIC_NAMES[cfg.task], "loss"]))
+    print(_table({"model": result.metrics["test"], **result.baselines}, [*cfg.task.spec.metric_names, "loss"]))
     print(f"\nartifact: {result.artifact_dir}")
     if result.export:
         _print_export(result.export)
@@ -87,17 +86,16 @@ def _load_labelled(artifact, data: str, text: str | None, text_pair: str | None,
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from core.metrics import METRIC_NAMES, evaluate
     from training.inference import load_artifact, predict_scores
 
     artifact = load_artifact(args.artifact)
     manifest = artifact.manifest
     split = _load_labelled(artifact, args.data, args.text, args.text_pair, args.label, args.drop_missing_labels)
     scores = predict_scores(artifact, split.texts, split.pairs, batch_size=args.batch_size, progress=True)
-    result = evaluate(manifest.task, split.targets, scores, manifest.labels, threshold=manifest.decision_threshold)
+    result = manifest.task.spec.evaluate(split.targets, scores, manifest.labels, threshold=manifest.decision_threshold)
     recorded = manifest.metrics.get("test", {})
     print(f"{args.data}: {result.n} examples")
-    print(_table({"this data": result.metrics, "at training (test)": recorded}, list(METRIC_NAMES[manifest.task])))
+    print(_table({"this data": result.metrics, "at training (test)": recorded}, list(manifest.task.spec.metric_names)))
     for note in result.notes:
         print(f"note: {note}")
     if args.output:
@@ -111,7 +109,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from core.predictions import shape
     from training.inference import load_artifact, predict_scores
 
     artifact = load_artifact(args.artifact)
@@ -120,7 +117,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if manifest.has_pair and (pairs is None or len(pairs) != len(args.texts)):
         raise TuneserveError(f"this model takes text pairs: give --pair once per text ({len(args.texts)} times)")
     scores = predict_scores(artifact, args.texts, pairs)
-    for text, prediction in zip(args.texts, shape(manifest, scores, ndigits=4)):
+    for text, prediction in zip(args.texts, manifest.task.spec.shape(manifest, scores, ndigits=4)):
         print(json.dumps({"text": text, **prediction}, ensure_ascii=False))
     return 0
 

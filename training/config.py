@@ -15,7 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
-from core.metrics import METRIC_NAMES
 from core.tasks import Task
 
 
@@ -112,7 +111,7 @@ DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "freeze": 1e-3}
 
 
 class Config(_Strict):
-    task: Task = Field(Task.CLASSIFICATION, description="classification | multilabel | regression")
+    task: Task = Field(Task.CLASSIFICATION, description=" | ".join(t.value for t in Task))
     model: str = Field("minilm", description="'minilm' (the bundled all-MiniLM-L6-v2), a local directory, or a Hub model id.")
     name: str | None = Field(None, description="Model name in the artifact and model store; default: the output directory's name.")
     data: DataConfig
@@ -126,13 +125,14 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _cross_field_checks(self) -> Config:
         metric = self.train.early_stopping.metric
-        allowed = ("auto", "loss", *METRIC_NAMES[self.task])
+        allowed = ("auto", "loss", *self.task.spec.metric_names)
         if metric not in allowed:
             raise ValueError(f"train.early_stopping.metric {metric!r} is not a {self.task.value} metric; choose one of {list(allowed)}")
-        if self.data.label_delimiter is not None and self.task is not Task.MULTILABEL:
-            raise ValueError("data.label_delimiter only applies to task: multilabel")
-        if self.train.label_smoothing and self.task is not Task.CLASSIFICATION:
-            raise ValueError("train.label_smoothing only applies to task: classification")
+        for option, used in (("data.label_delimiter", self.data.label_delimiter is not None),
+                             ("train.label_smoothing", bool(self.train.label_smoothing))):
+            if used and option.split(".")[1] not in self.task.spec.options:
+                takers = " or ".join(t.value for t in Task if option.split(".")[1] in t.spec.options)
+                raise ValueError(f"{option} only applies to task: {takers}")
         return self
 
     @property

@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from core.errors import DataError
-from core.labels import LabelError, label_set, parse_label, to_targets
+from core.tasks.base import LabelError
 from core.tasks import Task
 from training.config import DataConfig
 from training.demo_data import demo_path, is_demo
@@ -129,7 +129,7 @@ def load_split(
                 raise DataError(f"{where} ({resolved}): row {row}, column '{column}': empty text")
             bucket.append(value)
         try:
-            labels.append(parse_label(task, raw_label, cfg.label_delimiter))
+            labels.append(task.spec.parse_label(raw_label, cfg.label_delimiter))
         except LabelError as exc:
             raise DataError(f"{where} ({resolved}): row {row}, column '{cfg.label}': {exc}") from None
         rows.append(row)
@@ -142,35 +142,29 @@ def load_split(
 
 def attach_targets(split: Split, task: Task, labels: list[str] | None, label_column: str) -> None:
     """Map a split's labels through the training label set; a label training never saw is an error."""
+    spec = task.spec
     if labels is not None:
-        known = set(labels)
         for value, row in zip(split.labels, split.rows):
-            names = value if isinstance(value, list) else [value]
-            unknown = [name for name in names if name not in known]
+            unknown = spec.unknown_labels(value, labels)
             if unknown:
                 raise DataError(
                     f"data.{split.name} ({split.source}): row {row}, column '{label_column}': label "
                     f"{unknown[0]!r} never appears in the training data (known labels: {labels})"
                 )
-    split.targets = to_targets(task, split.labels, labels)
+    split.targets = spec.to_targets(split.labels, labels)
 
 
 def _check_label_set(task: Task, labels: list[str], split: Split, column: str) -> None:
     if len(labels) < 2:
-        kind = "classes" if task is Task.CLASSIFICATION else "distinct labels"
-        raise DataError(f"data.train ({split.source}): column '{column}' has {len(labels)} {kind} "
+        raise DataError(f"data.train ({split.source}): column '{column}' has {len(labels)} {task.spec.label_noun} "
                         f"({labels}); {task.value} needs at least two")
 
 
 def _carve(split: Split, fraction: float, task: Task, seed: int, name: str) -> tuple[Split, Split]:
-    """Split off a seeded, stratified (classification) fraction of ``split``."""
+    """Split off a seeded fraction of ``split``, stratified where the task gives keys to stratify by."""
     index = np.arange(len(split))
-    stratify = None
-    if task is Task.CLASSIFICATION:
-        values, counts = np.unique(np.asarray(split.labels, dtype=object).astype(str), return_counts=True)
-        if counts.min() >= 2:
-            stratify = np.asarray(split.labels, dtype=object).astype(str)
-    keep, carved = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    keep, carved = train_test_split(index, test_size=fraction, random_state=seed,
+                                    stratify=task.spec.stratify_key(split.labels))
     rest, part = split.subset(np.sort(keep)), split.subset(np.sort(carved))
     part.name = name
     return rest, part
@@ -205,9 +199,8 @@ def load_dataset(cfg: DataConfig, task: Task, seed: int) -> Dataset:
     train = load_split(cfg.train, "train", cfg, task)
     test = load_split(cfg.test, "test", cfg, task) if cfg.test else None
     validation = load_split(cfg.validation, "validation", cfg, task) if cfg.validation else None
-    labels = None
-    if task is not Task.REGRESSION:
-        labels = label_set(task, train.labels)
+    labels = task.spec.label_set(train.labels)
+    if labels is not None:
         _check_label_set(task, labels, train, cfg.label)
     if test is None:
         train, test = _carve(train, cfg.test_size, task, seed, "test")

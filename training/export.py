@@ -23,10 +23,7 @@ import numpy as np
 from core.errors import TuneserveError
 from core.encoding import run_in_length_batches
 from core.manifest import MANIFEST_FILE, MODEL_DIR, Manifest, read_manifest
-from core.metrics import evaluate
 from core.onnx_runner import OnnxModel, check_external_data
-from core.predictions import decide, margins
-from core.tasks import LOWER_IS_BETTER, Task, postprocess
 from training.files import swap_into_place
 
 logger = logging.getLogger(__name__)
@@ -76,9 +73,10 @@ def held_out_from_config(manifest: Manifest) -> HeldOut:
 def selftest_examples(manifest: Manifest, scores: np.ndarray, count: int) -> list[int]:
     """Indices of examples a faithful copy of the model must reproduce: the most clearly decided ones,
     taken in turn from each predicted label so that every label the model gives is exercised."""
-    decisions = decide(manifest, scores)
+    spec = manifest.task.spec
+    decisions = spec.decide(manifest, scores)
     by_decision: dict[str, list[int]] = {}
-    for i in np.argsort(-margins(manifest, scores), kind="stable"):
+    for i in np.argsort(-spec.margins(manifest, scores), kind="stable"):
         by_decision.setdefault(str(decisions[i]), []).append(int(i))
     queues = list(by_decision.values())
     picked: list[int] = []
@@ -89,36 +87,10 @@ def selftest_examples(manifest: Manifest, scores: np.ndarray, count: int) -> lis
     return picked
 
 
-def compare(manifest: Manifest, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> dict:
-    """Task-level comparison of two sets of logits on the same examples."""
-    ref = postprocess(reference, manifest.postprocess)
-    new = postprocess(candidate, manifest.postprocess)
-    labels, threshold = manifest.labels, manifest.decision_threshold
-    ref_metrics = evaluate(manifest.task, targets, ref, labels, threshold=threshold).metrics
-    new_metrics = evaluate(manifest.task, targets, new, labels, threshold=threshold).metrics
-    report = {
-        "examples": int(len(targets)),
-        "max_abs_diff": float(np.max(np.abs(ref - new))),
-        "mean_abs_diff": float(np.mean(np.abs(ref - new))),
-        "metrics_torch": ref_metrics,
-        "metrics_onnx": new_metrics,
-        "metric_delta": {k: new_metrics[k] - v for k, v in ref_metrics.items() if k in new_metrics},
-    }
-    if manifest.task is Task.CLASSIFICATION:
-        report["label_agreement"] = float(np.mean(ref.argmax(1) == new.argmax(1)))
-    elif manifest.task is Task.MULTILABEL:
-        same = (ref >= threshold) == (new >= threshold)
-        report["label_agreement"] = float(same.mean())
-        report["label_agreement_per_label"] = {name: float(v) for name, v in zip(labels, same.mean(axis=0))}
-    return report
-
-
 def _gate(manifest: Manifest, report: dict, min_agreement: float, max_drop: float) -> str | None:
     """Why a variant fails (None when it passes)."""
     primary = manifest.primary_metric
-    drop = -report["metric_delta"].get(primary, 0.0)
-    if primary in LOWER_IS_BETTER:
-        drop = -drop
+    drop = manifest.task.spec.metric_drop(primary, report)
     if "label_agreement" in report and report["label_agreement"] < min_agreement:
         return f"label agreement {report['label_agreement']:.4f} < {min_agreement}"
     if drop > max_drop:
@@ -330,9 +302,8 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
     """
     import onnx
     import onnx.checker
-    from transformers import AutoModelForSequenceClassification
-
     from training.inference import load_artifact, predict_logits
+    from training.tasks import auto_model_class
 
     artifact_dir = Path(artifact_dir)
     loaded = load_artifact(artifact_dir)
@@ -345,7 +316,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
     tmp.mkdir()
     try:
         # Eager attention exports as plain MatMul/Softmax, which the optimizer can fuse into Attention.
-        eager = AutoModelForSequenceClassification.from_pretrained(artifact_dir / MODEL_DIR, attn_implementation="eager").eval()
+        eager = auto_model_class(manifest.task).from_pretrained(artifact_dir / MODEL_DIR, attn_implementation="eager").eval()
         raw = tmp / "model.raw.onnx"
         _export_fp32(eager, tokenizer, manifest, raw)
         onnx.checker.check_model(str(raw))
@@ -360,17 +331,22 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
                 pairs = [pairs[i] for i in rows] if pairs else None
             return OnnxModel(path).logits(tokenizer, texts, pairs, max_length=manifest.max_length)
 
-        parity = {"onnx": compare(manifest, reference, run(tmp / FP32_FILE), held_out.targets)}
+        spec = manifest.task.spec
+        scores = spec.scores(reference)
+
+        def compare(candidate: np.ndarray) -> dict:
+            return spec.compare(manifest, scores, spec.scores(candidate), held_out.targets)
+
+        parity = {"onnx": compare(run(tmp / FP32_FILE))}
         failure = _gate(manifest, parity["onnx"], FP32_MIN_AGREEMENT, 0.001)
         if failure:
             raise ExportError(f"{artifact_dir}: ONNX fp32 does not match PyTorch on {held_out.name} "
                               f"({len(held_out.targets)} examples): {failure}; nothing was written")
 
-        scores = postprocess(reference, manifest.postprocess)
-        probe = np.argsort(margins(manifest, scores), kind="stable")[:SENSITIVITY_PROBE]
+        probe = np.argsort(spec.margins(manifest, scores), kind="stable")[:SENSITIVITY_PROBE]
 
         def damage(path: Path) -> float:  # mean score change on the examples nearest to another decision
-            changed = postprocess(run(path, probe), manifest.postprocess)
+            changed = spec.scores(run(path, probe))
             return float(np.mean(np.abs(changed - scores[probe])))
 
         int8_report: dict = {"requested": int8, "kept": False, "attempts": []}
@@ -417,7 +393,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
             while True:
                 candidate = tmp / "candidate.int8.onnx"
                 quantize(options, candidate)
-                report = compare(manifest, reference, run(candidate), held_out.targets)
+                report = compare(run(candidate))
                 failure = _gate(manifest, report, min_int8_agreement, max_int8_drop)
                 int8_report["attempts"].append({"method": name, "passed": failure is None, "reason": failure,
                                                 "label_agreement": report.get("label_agreement"),
@@ -440,7 +416,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
                     raise ExportError(f"{artifact_dir}: --int8 on, but {int8_report['reason']}")
 
         # A few inputs with PyTorch's outputs, for a serving backend to reproduce before it reports ready.
-        decisions = decide(manifest, scores)
+        decisions = spec.decide(manifest, scores)
         selftest = [{"text": held_out.texts[i], "text_pair": held_out.pairs[i] if held_out.pairs else None,
                      "scores": np.atleast_1d(scores[i]).tolist(), "decision": decisions[i]}
                     for i in selftest_examples(manifest, scores, SELFTEST_EXAMPLES)]

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from core.encoding import run_in_length_batches
 from core.errors import ArtifactError
 from core.manifest import MODEL_DIR, Manifest, read_manifest
-from core.tasks import postprocess
+from training.tasks import auto_model_class
 
 
 @dataclass
@@ -32,7 +32,7 @@ def load_artifact(directory: str | Path, device: str = "cpu") -> LoadedArtifact:
     if not (model_dir / "model.safetensors").is_file():
         raise ArtifactError(f"{directory}: {MODEL_DIR}/model.safetensors is missing")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+        model = auto_model_class(manifest.task).from_pretrained(model_dir, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
         raise ArtifactError(f"{directory}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
@@ -54,4 +54,4 @@ def predict_logits(artifact: LoadedArtifact, texts: Sequence[str], pairs: Sequen
 
 
 def predict_scores(artifact: LoadedArtifact, texts: Sequence[str], pairs: Sequence[str] | None = None, **kwargs) -> np.ndarray:
-    return postprocess(predict_logits(artifact, texts, pairs, **kwargs), artifact.manifest.postprocess)
+    return artifact.manifest.task.spec.scores(predict_logits(artifact, texts, pairs, **kwargs))

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from core.errors import ConfigError
-from core.tasks import Task
 from training.config import Config
+from training.tasks import auto_model_class, torch_task
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +79,12 @@ def _encoder_linear_layers(model: nn.Module, heads: list[str]) -> list[str]:
 def build_model(cfg: Config, labels: list[str] | None) -> BuiltModel:
     """Load the base model with a fresh task head and mark what trains, as the config's method says."""
     path = resolve_model(cfg.model)
-    num_labels = 1 if cfg.task is Task.REGRESSION else len(labels or [])
+    num_labels = cfg.task.spec.num_outputs(labels)
     kwargs = dict(num_labels=num_labels, problem_type=cfg.task.problem_type)
     if labels is not None:
         kwargs.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = auto_model_class(cfg.task).from_pretrained(path, output_loading_info=True, **kwargs)
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model: cannot load {cfg.model!r} ({str(exc).splitlines()[0][:300]})") from None
@@ -101,7 +101,7 @@ def build_model(cfg: Config, labels: list[str] | None) -> BuiltModel:
             if not targets:
                 raise ConfigError(f"lora.target_modules: found no encoder linear layers in {cfg.model!r}; list them by name")
         lora = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            task_type=TaskType[torch_task(cfg.task).peft_task_type], r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             target_modules=targets, modules_to_save=list(heads),  # a copy: peft appends its defaults to it
         )
         try:

@@ -16,17 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from core.baselines import score_baselines
 from core.errors import DataError, TrainingError
-from core.metrics import Evaluation, evaluate
-from core.tasks import Task, is_better, postprocess
+from core.metrics import Evaluation
+from core.tasks import is_better
 from training.batching import Collator, LengthGroupedBatchSampler, encode_split, without_content
 from training.checkpoint import CHECKPOINTS, latest_checkpoint, read_state, save_checkpoint
 from training.config import Config
@@ -34,6 +32,7 @@ from training.data import load_dataset
 from training.dropout import use_cpu_dropout
 from training.modeling import build_model, optimizer_groups, trainable_state
 from training.precision import DeviceFacts, choose_mixed_precision
+from training.tasks import torch_task
 
 logger = logging.getLogger(__name__)
 
@@ -53,25 +52,7 @@ class RunResult:
 
 def make_loss(cfg: Config, targets: np.ndarray, num_outputs: int):
     """The task's loss, with class weights (single-label) or pos_weight (multi-label) from training frequencies."""
-    weight = None
-    if cfg.train.class_weights == "auto" and cfg.task is Task.CLASSIFICATION:
-        counts = np.bincount(targets, minlength=num_outputs).astype(np.float64)
-        weight = torch.tensor(len(targets) / (num_outputs * np.maximum(counts, 1)), dtype=torch.float32)
-    if cfg.train.class_weights == "auto" and cfg.task is Task.MULTILABEL:
-        positives = targets.sum(axis=0)
-        weight = torch.tensor(np.where(positives > 0, (len(targets) - positives) / np.maximum(positives, 1), 1.0),
-                              dtype=torch.float32)
-
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        w = weight.to(logits.device) if weight is not None else None
-        if cfg.task is Task.CLASSIFICATION:
-            return F.cross_entropy(logits, labels, weight=w, label_smoothing=cfg.train.label_smoothing)
-        if cfg.task is Task.MULTILABEL:
-            return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=w)
-        return F.mse_loss(logits.squeeze(-1), labels)
-
-    return loss_fn
+    return torch_task(cfg.task).make_loss(targets, num_outputs, cfg.train.class_weights, cfg.train.label_smoothing)
 
 
 def make_scheduler(name: str, optimizer, warmup: int, total: int):
@@ -102,8 +83,8 @@ def run_evaluation(model, dataloader, accelerator, cfg: Config, labels, loss_fn,
         all_targets.append(targets.cpu())
     logits, targets = torch.cat(all_logits), torch.cat(all_targets)
     loss = float(loss_fn(logits, targets))
-    scores = postprocess(logits.numpy(), cfg.task.postprocess)
-    result = evaluate(cfg.task, targets.numpy(), scores, labels, threshold=cfg.train.threshold)
+    scores = cfg.task.spec.scores(logits.numpy())
+    result = cfg.task.spec.evaluate(targets.numpy(), scores, labels, threshold=cfg.train.threshold)
     result.metrics["loss"] = loss
     model.train()
     return result, targets.numpy(), scores
@@ -195,7 +176,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process).
     scheduler = make_scheduler(tc.scheduler, optimizer, round(tc.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(scheduler)
-    loss_fn = make_loss(cfg, data.train.targets, 1 if cfg.task is Task.REGRESSION else len(data.labels))
+    loss_fn = make_loss(cfg, data.train.targets, cfg.task.spec.num_outputs(data.labels))
     monitor = cfg.monitor
 
     # -- state that checkpoints carry ---------------------------------------------------------------
@@ -313,8 +294,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     result = RunResult(artifact_dir=None, metrics=metrics, baselines={}, test=test, test_targets=test_targets,
                        test_scores=test_scores)
     if main:
-        result.baselines = score_baselines(
-            cfg.task, (data.train.texts, data.train.pairs, data.train.targets),
+        result.baselines = cfg.task.spec.baselines(
+            (data.train.texts, data.train.pairs, data.train.targets),
             (data.test.texts, data.test.pairs, data.test.targets), data.labels, threshold=tc.threshold, seed=tc.seed)
         training_info = {
             "epochs_run": state["epoch"], "steps": state["step"], "best_step": state["best_step"],

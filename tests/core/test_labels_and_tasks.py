@@ -1,8 +1,12 @@
 import numpy as np
 import pytest
 
-from core.labels import LabelError, label_set, parse_label, to_targets
 from core.tasks import Task, is_better, postprocess
+from core.tasks.base import LabelError
+
+
+def parse_label(task, value, delimiter=None):
+    return task.spec.parse_label(value, delimiter)
 
 
 def test_postprocess_matches_definitions():
@@ -42,8 +46,9 @@ def test_parse_labels_per_task():
 
 
 def test_label_set_order_and_targets():
-    assert label_set(Task.CLASSIFICATION, ["10", "2", "1"]) == ["1", "2", "10"]
-    assert label_set(Task.MULTILABEL, [["b"], ["a", "c"]]) == ["a", "b", "c"]
-    assert to_targets(Task.MULTILABEL, [["c"], ["a", "b"]], ["a", "b", "c"]).tolist() == [[0, 0, 1], [1, 1, 0]]
+    assert Task.CLASSIFICATION.spec.label_set(["10", "2", "1"]) == ["1", "2", "10"]
+    assert Task.MULTILABEL.spec.label_set([["b"], ["a", "c"]]) == ["a", "b", "c"]
+    assert Task.REGRESSION.spec.label_set([1.0, 2.0]) is None
+    assert Task.MULTILABEL.spec.to_targets([["c"], ["a", "b"]], ["a", "b", "c"]).tolist() == [[0, 0, 1], [1, 1, 0]]
     with pytest.raises(LabelError, match="unknown label"):
-        to_targets(Task.CLASSIFICATION, ["z"], ["a", "b"])
+        Task.CLASSIFICATION.spec.to_targets(["z"], ["a", "b"])

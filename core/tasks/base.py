@@ -1,0 +1,172 @@
+"""The protocol every task spec implements, and the label helpers task families share."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from core.tasks import LOWER_IS_BETTER, Task, postprocess
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from core.manifest import Manifest
+    from core.metrics import Evaluation
+
+
+class LabelError(ValueError):
+    """A single label value is not acceptable; the caller adds where it was found."""
+
+
+def scalar_class(value: Any) -> str:
+    """A class name from a string or an integer (``2.0`` counts as ``2``; ``True`` as ``true``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return str(int(value))
+        raise LabelError(f"class label {value!r} is not an integer or a string")
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            raise LabelError("empty label")
+        return value
+    raise LabelError(f"class label {value!r} has type {type(value).__name__}; expected a string or an integer")
+
+
+def ordered_names(names: Iterable[str]) -> list[str]:
+    """Numeric order if every name is an integer, else sorted: the label order an artifact records."""
+    seen = set(names)
+
+    def is_int(name: str) -> bool:
+        try:
+            int(name)
+        except ValueError:
+            return False
+        return True
+
+    return sorted(seen, key=int) if all(is_int(n) for n in seen) else sorted(seen)
+
+
+class TaskSpec:
+    """What one task family must define. Subclasses set the class attributes and override the methods.
+
+    Scores are post-processed model outputs (``postprocess`` applied to logits); targets are what
+    :meth:`to_targets` returns. Methods that need the artifact's label order or threshold take its manifest.
+    """
+
+    task: ClassVar[Task]
+    problem_type: ClassVar[str]  # Hugging Face config.problem_type of the saved model
+    postprocess: ClassVar[str]  # softmax | sigmoid | identity
+    default_metric: ClassVar[str]  # what early stopping watches by default
+    metric_names: ClassVar[tuple[str, ...]]  # in the order tables show them
+    has_labels: ClassVar[bool] = True  # whether the task has a label vocabulary
+    label_noun: ClassVar[str] = "distinct labels"  # what error messages call the label vocabulary
+    label_key: ClassVar[str] = "label"  # the field of a posted example that holds its truth
+    pipeline_tag: ClassVar[str] = "text-classification"  # the Hugging Face model card's pipeline tag
+    plot: ClassVar[str]  # which report plot the artifact gets: confusion | per_label | regression
+    auto_model: ClassVar[str] = "AutoModelForSequenceClassification"  # the transformers class of the model
+    # Config options that only some tasks accept (data.label_delimiter, train.label_smoothing, train.threshold).
+    options: ClassVar[frozenset[str]] = frozenset()
+
+    # -- labels ---------------------------------------------------------------------------------------
+    def parse_label(self, value: Any, delimiter: str | None = None) -> Any:
+        """Normalise one raw label.
+
+        Raises:
+            LabelError: the value is missing or not of the kind the task needs.
+        """
+        raise NotImplementedError
+
+    def label_set(self, values: Iterable[Any]) -> list[str] | None:
+        """The ordered label names seen in training data (``None`` for tasks without labels)."""
+        names: list[str] = []
+        for value in values:
+            names.extend(value if isinstance(value, list) else [value])
+        return ordered_names(names)
+
+    def to_targets(self, values: Sequence[Any], labels: Sequence[str] | None) -> np.ndarray:
+        """Encode parsed labels as model targets.
+
+        Raises:
+            LabelError: a label is not in ``labels``; the message lists the unknown ones.
+        """
+        raise NotImplementedError
+
+    def unknown_labels(self, value: Any, labels: Sequence[str]) -> list[str]:
+        """The names in one parsed label that ``labels`` does not hold."""
+        known = set(labels)
+        return [name for name in (value if isinstance(value, list) else [value]) if name not in known]
+
+    def num_outputs(self, labels: Sequence[str] | None) -> int:
+        return len(labels or [])
+
+    def stratify_key(self, values: Sequence[Any]) -> np.ndarray | None:
+        """Per-example keys to stratify carved splits by (``None``: a plain random split)."""
+        return None
+
+    # -- metrics and baselines --------------------------------------------------------------------------
+    def evaluate(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *,
+                 threshold: float = 0.5) -> Evaluation:
+        raise NotImplementedError
+
+    def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float = 0.5,
+                  seed: int = 0) -> dict[str, dict[str, float]]:
+        """Fit each simple baseline on ``train`` and score it on ``test`` with :meth:`evaluate`."""
+        raise NotImplementedError
+
+    # -- decisions ------------------------------------------------------------------------------------
+    def scores(self, logits: Any) -> Any:
+        """Post-processed outputs, as :meth:`evaluate` and :meth:`shape` take them."""
+        return postprocess(logits, self.postprocess)
+
+    def decide(self, manifest: Manifest, scores: Any) -> list[Any]:
+        """The decision for each example, as a plain JSON value."""
+        raise NotImplementedError
+
+    def margins(self, manifest: Manifest, scores: Any) -> np.ndarray:
+        """How far each example is from a different decision (0 where the task has no decision)."""
+        return np.zeros(len(scores))
+
+    def shape(self, manifest: Manifest, scores: Any, *, top_k: int | None = None,
+              ndigits: int | None = None) -> list[dict[str, Any]]:
+        """One JSON-ready prediction per example, in the task's :attr:`prediction_model` shape."""
+        raise NotImplementedError
+
+    @property
+    def prediction_model(self) -> type[BaseModel]:
+        """The pydantic model of one prediction in ``/predict``'s response."""
+        raise NotImplementedError
+
+    # -- parity between two backends ------------------------------------------------------------------
+    def compare(self, manifest: Manifest, reference: Any, candidate: Any, targets: Any) -> dict:
+        """Task-level comparison of two backends' scores on the same examples (the export gate and the
+        self-test read it): score differences, decision agreement, and the metrics of both."""
+        ref_metrics = self.evaluate(targets, reference, manifest.labels, threshold=manifest.decision_threshold).metrics
+        new_metrics = self.evaluate(targets, candidate, manifest.labels, threshold=manifest.decision_threshold).metrics
+        diff = np.abs(np.asarray(reference, dtype=np.float64) - np.asarray(candidate, dtype=np.float64))
+        report = {
+            "examples": int(len(reference)),
+            "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+            "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+            "metrics_torch": ref_metrics,
+            "metrics_onnx": new_metrics,
+            "metric_delta": {k: new_metrics[k] - v for k, v in ref_metrics.items() if k in new_metrics},
+        }
+        report.update(self.agreement(manifest, reference, candidate))
+        return report
+
+    def agreement(self, manifest: Manifest, reference: Any, candidate: Any) -> dict:
+        """Decision agreement between two sets of scores (``label_agreement`` in [0, 1]); empty for tasks
+        whose outputs are values."""
+        return {}
+
+    def metric_drop(self, metric: str, report: dict) -> float:
+        """How much worse ``metric`` got in a :meth:`compare` report (positive = worse)."""
+        drop = -report["metric_delta"].get(metric, 0.0)
+        return -drop if metric in LOWER_IS_BETTER else drop

@@ -1,0 +1,272 @@
+"""Sequence-level tasks: one text (or text pair) in, one vector out.
+
+Single-label classification (softmax over classes), multi-label classification (a sigmoid per label,
+decided at the manifest's threshold) and regression (one value). They share the encoder, the Hugging Face
+``AutoModelForSequenceClassification`` head and a TF-IDF baseline; they differ in labels, post-processing,
+metrics and the JSON a prediction takes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from core.metrics import Evaluation, classification_metrics, multilabel_metrics, regression_metrics
+from core.tasks import Task
+from core.tasks.base import LabelError, TaskSpec, scalar_class
+
+if TYPE_CHECKING:
+    from core.manifest import Manifest
+
+# TF-IDF features of the bag-of-words baselines: word uni- and bigrams, sublinear counts.
+TFIDF = dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=200_000)
+
+
+def joined(texts: Sequence[str], pairs: Sequence[str] | None) -> list[str]:
+    """One string per example for a bag-of-words model (pairs joined by a separator word)."""
+    return list(texts) if pairs is None else [f"{a} [SEP] {b}" for a, b in zip(texts, pairs)]
+
+
+def _label_index(values: Sequence[Any], labels: Sequence[str]) -> dict[str, int]:
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({name for v in values for name in (v if isinstance(v, list) else [v])} - index.keys())
+    if unknown:
+        raise LabelError(f"unknown label(s) {unknown}; the model knows {list(labels)}")
+    return index
+
+
+class ClassPrediction(BaseModel):
+    label: str = Field(description="The most likely class.")
+    score: float = Field(description="Its probability.")
+    scores: dict[str, float] = Field(description="Class probabilities, most likely first (top_k of them).")
+
+
+class MultiLabelPrediction(BaseModel):
+    labels: list[str] = Field(description="Labels whose probability reaches the model's threshold.")
+    scores: dict[str, float] = Field(description="Probability of every label.")
+
+
+class RegressionPrediction(BaseModel):
+    value: float = Field(description="The predicted value.")
+
+
+def _num(x: float, ndigits: int | None) -> float:
+    return round(float(x), ndigits) if ndigits is not None else float(x)
+
+
+class ClassificationSpec(TaskSpec):
+    """One class per text (or pair), from softmax probabilities."""
+
+    task = Task.CLASSIFICATION
+    problem_type = "single_label_classification"
+    postprocess = "softmax"
+    default_metric = "f1_macro"
+    metric_names = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_micro", "recall_micro",
+                    "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted", "roc_auc", "log_loss")
+    plot = "confusion"
+    label_noun = "classes"
+    options = frozenset({"label_smoothing"})
+
+    def parse_label(self, value: Any, delimiter: str | None = None) -> str:
+        if value is None:
+            raise LabelError("missing label")
+        return scalar_class(value)
+
+    def to_targets(self, values: Sequence[Any], labels: Sequence[str] | None) -> np.ndarray:
+        index = _label_index(values, labels or [])
+        return np.asarray([index[v] for v in values], dtype=np.int64)
+
+    def stratify_key(self, values: Sequence[Any]) -> np.ndarray | None:
+        keys = np.asarray(values, dtype=object).astype(str)
+        _, counts = np.unique(keys, return_counts=True)
+        return keys if counts.min() >= 2 else None
+
+    def evaluate(self, targets, scores, labels=None, *, threshold: float = 0.5) -> Evaluation:
+        return classification_metrics(targets, scores, list(labels or []))
+
+    def baselines(self, train, test, labels, *, threshold: float = 0.5, seed: int = 0) -> dict[str, dict[str, float]]:
+        from sklearn.dummy import DummyClassifier
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        num_classes = len(labels or [])
+        y_train, y_test = train[2], test[2]
+
+        def full_proba(proba: np.ndarray, classes: np.ndarray) -> np.ndarray:
+            """Place a classifier's columns at their class ids (a class absent from training gets 0)."""
+            full = np.zeros((proba.shape[0], num_classes))
+            full[:, classes.astype(int)] = proba
+            return full
+
+        majority = DummyClassifier(strategy="prior").fit(np.zeros((len(y_train), 1)), y_train)
+        model = make_pipeline(TfidfVectorizer(**TFIDF), LogisticRegression(max_iter=2000, C=4.0, random_state=seed))
+        model.fit(joined(train[0], train[1]), y_train)
+        return {
+            "majority": self.evaluate(y_test, full_proba(majority.predict_proba(np.zeros((len(y_test), 1))),
+                                                         majority.classes_), labels).metrics,
+            "tfidf_logreg": self.evaluate(y_test, full_proba(model.predict_proba(joined(test[0], test[1])),
+                                                             model.classes_), labels).metrics,
+        }
+
+    def decide(self, manifest: Manifest, scores) -> list[str]:
+        return [manifest.labels[int(i)] for i in np.argmax(scores, axis=1)]
+
+    def margins(self, manifest: Manifest, scores) -> np.ndarray:
+        top2 = np.sort(scores, axis=1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
+
+    def shape(self, manifest: Manifest, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
+        out = []
+        for row, label in zip(scores, self.decide(manifest, scores)):
+            order = np.argsort(-row, kind="stable")[:top_k]
+            out.append({"label": label, "score": _num(row.max(), ndigits),
+                        "scores": {manifest.labels[j]: _num(row[j], ndigits) for j in order}})
+        return out
+
+    @property
+    def prediction_model(self) -> type[BaseModel]:
+        return ClassPrediction
+
+    def agreement(self, manifest: Manifest, reference, candidate) -> dict:
+        return {"label_agreement": float(np.mean(np.argmax(reference, 1) == np.argmax(candidate, 1)))}
+
+
+class MultiLabelSpec(TaskSpec):
+    """Any number of labels per text: each label's sigmoid probability against the manifest's threshold."""
+
+    task = Task.MULTILABEL
+    problem_type = "multi_label_classification"
+    postprocess = "sigmoid"
+    default_metric = "f1_micro"
+    metric_names = ("subset_accuracy", "hamming_loss", "f1_micro", "f1_macro", "roc_auc_macro", "ndcg", "lrap")
+    label_key = "labels"
+    plot = "per_label"
+    options = frozenset({"label_delimiter", "threshold"})
+
+    def parse_label(self, value: Any, delimiter: str | None = None) -> list[str]:
+        if value is None:
+            raise LabelError("missing label")
+        if isinstance(value, str):
+            if delimiter is None:
+                raise LabelError(f"multi-label value {value!r} is a string; give a list per row or set data.label_delimiter")
+            value = [part for part in value.split(delimiter) if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise LabelError(f"multi-label value {value!r} is not a list of labels")
+        names = [scalar_class(v) for v in value]
+        if len(set(names)) != len(names):
+            raise LabelError(f"multi-label value {value!r} repeats a label")
+        return names
+
+    def to_targets(self, values: Sequence[Any], labels: Sequence[str] | None) -> np.ndarray:
+        index = _label_index(values, labels or [])
+        multi_hot = np.zeros((len(values), len(labels or [])), dtype=np.float32)
+        for row, names in enumerate(values):
+            multi_hot[row, [index[n] for n in names]] = 1.0
+        return multi_hot
+
+    def evaluate(self, targets, scores, labels=None, *, threshold: float = 0.5) -> Evaluation:
+        return multilabel_metrics(targets, scores, list(labels or []), threshold)
+
+    def baselines(self, train, test, labels, *, threshold: float = 0.5, seed: int = 0) -> dict[str, dict[str, float]]:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.multiclass import OneVsRestClassifier
+        from sklearn.pipeline import make_pipeline
+
+        y_train, y_test = train[2], test[2]
+        prior = np.tile(y_train.mean(axis=0), (len(y_test), 1))
+        model = make_pipeline(TfidfVectorizer(**TFIDF),
+                              OneVsRestClassifier(LogisticRegression(max_iter=2000, C=4.0, random_state=seed)))
+        model.fit(joined(train[0], train[1]), y_train)
+        return {
+            "majority": self.evaluate(y_test, prior, labels, threshold=threshold).metrics,
+            "tfidf_logreg": self.evaluate(y_test, model.predict_proba(joined(test[0], test[1])), labels,
+                                          threshold=threshold).metrics,
+        }
+
+    def decide(self, manifest: Manifest, scores) -> list[list[str]]:
+        return [[name for name, p in zip(manifest.labels, row) if p >= manifest.decision_threshold] for row in scores]
+
+    def margins(self, manifest: Manifest, scores) -> np.ndarray:
+        return np.min(np.abs(scores - manifest.decision_threshold), axis=1)
+
+    def shape(self, manifest: Manifest, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
+        return [{"labels": labels, "scores": {n: _num(p, ndigits) for n, p in zip(manifest.labels, row)}}
+                for row, labels in zip(scores, self.decide(manifest, scores))]
+
+    @property
+    def prediction_model(self) -> type[BaseModel]:
+        return MultiLabelPrediction
+
+    def agreement(self, manifest: Manifest, reference, candidate) -> dict:
+        threshold = manifest.decision_threshold
+        same = (np.asarray(reference) >= threshold) == (np.asarray(candidate) >= threshold)
+        return {"label_agreement": float(same.mean()),
+                "label_agreement_per_label": {n: float(v) for n, v in zip(manifest.labels, same.mean(axis=0))}}
+
+
+class RegressionSpec(TaskSpec):
+    """One value per text (or pair)."""
+
+    task = Task.REGRESSION
+    problem_type = "regression"
+    postprocess = "identity"
+    default_metric = "r2"
+    metric_names = ("mse", "rmse", "mae", "r2", "pearson", "spearman")
+    has_labels = False
+    plot = "regression"
+
+    def parse_label(self, value: Any, delimiter: str | None = None) -> float:
+        if value is None:
+            raise LabelError("missing label")
+        if isinstance(value, bool):
+            raise LabelError(f"regression target {value!r} is not a number")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise LabelError(f"regression target {value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise LabelError(f"regression target {value!r} is not finite")
+        return number
+
+    def label_set(self, values: Iterable[Any]) -> None:
+        return None
+
+    def unknown_labels(self, value: Any, labels: Sequence[str]) -> list[str]:
+        return []
+
+    def to_targets(self, values: Sequence[Any], labels: Sequence[str] | None) -> np.ndarray:
+        return np.asarray(values, dtype=np.float32)
+
+    def num_outputs(self, labels: Sequence[str] | None) -> int:
+        return 1
+
+    def evaluate(self, targets, scores, labels=None, *, threshold: float = 0.5) -> Evaluation:
+        return regression_metrics(targets, np.reshape(np.asarray(scores, dtype=np.float64), -1))
+
+    def baselines(self, train, test, labels, *, threshold: float = 0.5, seed: int = 0) -> dict[str, dict[str, float]]:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import Ridge
+        from sklearn.pipeline import make_pipeline
+
+        y_train, y_test = train[2], test[2]
+        model = make_pipeline(TfidfVectorizer(**TFIDF), Ridge(alpha=1.0)).fit(joined(train[0], train[1]), y_train)
+        return {
+            "mean": self.evaluate(y_test, np.full(len(y_test), float(np.mean(y_train)))).metrics,
+            "tfidf_ridge": self.evaluate(y_test, model.predict(joined(test[0], test[1]))).metrics,
+        }
+
+    def decide(self, manifest: Manifest, scores) -> list[float]:
+        return [float(v) for v in np.reshape(scores, (len(scores), -1))[:, 0]]
+
+    def shape(self, manifest: Manifest, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
+        return [{"value": _num(v, ndigits)} for v in self.decide(manifest, scores)]
+
+    @property
+    def prediction_model(self) -> type[BaseModel]:
+        return RegressionPrediction

@@ -1,0 +1,80 @@
+"""The torch side of each task: its transformers model class, peft task type, loss and target dtype.
+
+Everything torch-free about a task lives in its spec under ``core/tasks/``; this registry adds what only
+training needs. Adding a task: one entry in :data:`TORCH_TASKS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.tasks import Task
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# The target value that losses and metrics skip (sub-tokens after a word's first, padding): PyTorch's default.
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TorchTask:
+    peft_task_type: str  # peft.TaskType name: SEQ_CLS, TOKEN_CLS, ...
+    target_dtype: torch.dtype
+    # (targets of the training split, number of outputs, class_weights, label_smoothing) -> loss function
+    make_loss: Callable[[np.ndarray, int, str, float], LossFn]
+
+
+def auto_model_class(task: Task):
+    """The transformers Auto class that builds and loads this task's model (named by the task spec)."""
+    import transformers
+
+    return getattr(transformers, task.spec.auto_model)
+
+
+def _single_label_loss(targets: np.ndarray, num_outputs: int, class_weights: str, smoothing: float) -> LossFn:
+    weight = None
+    if class_weights == "auto":  # inverse training frequency
+        counts = np.bincount(targets, minlength=num_outputs).astype(np.float64)
+        weight = torch.tensor(len(targets) / (num_outputs * np.maximum(counts, 1)), dtype=torch.float32)
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        w = weight.to(logits.device) if weight is not None else None
+        return F.cross_entropy(logits.float(), labels, weight=w, label_smoothing=smoothing)
+
+    return loss
+
+
+def _multi_label_loss(targets: np.ndarray, num_outputs: int, class_weights: str, smoothing: float) -> LossFn:
+    weight = None
+    if class_weights == "auto":  # pos_weight: negatives per positive of each label
+        positives = targets.sum(axis=0)
+        weight = torch.tensor(np.where(positives > 0, (len(targets) - positives) / np.maximum(positives, 1), 1.0),
+                              dtype=torch.float32)
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        w = weight.to(logits.device) if weight is not None else None
+        return F.binary_cross_entropy_with_logits(logits.float(), labels, pos_weight=w)
+
+    return loss
+
+
+def _regression_loss(targets: np.ndarray, num_outputs: int, class_weights: str, smoothing: float) -> LossFn:
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(logits.float().squeeze(-1), labels)
+
+    return loss
+
+
+TORCH_TASKS: dict[Task, TorchTask] = {
+    Task.CLASSIFICATION: TorchTask("SEQ_CLS", torch.long, _single_label_loss),
+    Task.MULTILABEL: TorchTask("SEQ_CLS", torch.float32, _multi_label_loss),
+    Task.REGRESSION: TorchTask("SEQ_CLS", torch.float32, _regression_loss),
+}
+
+
+def torch_task(task: Task) -> TorchTask:
+    return TORCH_TASKS[task]
