@@ -1,10 +1,12 @@
 """Inference speed of an exported artifact: PyTorch against ONNX Runtime fp32 and int8, same inputs, one process.
 
 Batch 1 latency (p50 over single sentences, the runners taking turns) and batch 32 throughput (best of
-alternating passes) on held-out vader:movie sentences, with label agreement against PyTorch. Run it on an
-artifact exported by `tuneserve export`:
+alternating passes) on texts from the end of the artifact's own demo set (vader:movie sentences, wnut16 tweets),
+with label agreement against PyTorch (per token for a token model). Run it on an artifact exported by
+`tuneserve export`:
 
     python benchmarks/export_speed.py runs/sentiment-lora/artifact [--n 300]
+    python benchmarks/export_speed.py runs/ner-lora/artifact
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3, help="batch-32 passes per runner; the fastest is kept")
     args = parser.parse_args()
 
-    import numpy as np
     import torch
 
     from benchmarks._report import matmul_gflops, write_section
@@ -40,15 +41,18 @@ def main() -> None:
     manifest = artifact.manifest
     import json
 
-    rows = [json.loads(line) for line in demo_path("vader:movie").read_text().splitlines()]
-    texts = [r["text"] for r in rows[-4 * args.n:]]  # the file's tail: real sentences of mixed length
+    data = manifest.provenance["config"]["data"]
+    rows = [json.loads(line) for line in demo_path(data["train"]).read_text().splitlines()]
+    column = [r[data["text"]] for r in rows[-4 * args.n:]]  # the file's tail: real texts of mixed length
+    texts = [" ".join(t) if isinstance(t, list) else t for t in column]
+    spec = manifest.task.spec
     runners = {"torch eager fp32": lambda batch: predict_logits(artifact, batch, batch_size=32)}
     threads = torch.get_num_threads()
     for variant, key in (("ORT fp32 (fused)", "fp32"), ("ORT int8", "int8")):
         relative = manifest.export.get("onnx", {}).get(key)
         if relative:
             model = OnnxModel(Path(args.artifact) / relative, threads=threads)
-            runners[variant] = (lambda m: lambda batch: m.logits(artifact.tokenizer, batch, max_length=manifest.max_length,
+            runners[variant] = (lambda m: lambda batch: m.logits(artifact.encoder, batch, task=manifest.task,
                                                                  batch_size=32))(model)
     tokens = sum(len(ids) for ids in artifact.tokenizer(texts, truncation=True, max_length=manifest.max_length)["input_ids"])
     params = sum(p.numel() for n, p in artifact.model.named_parameters() if "embeddings" not in n)
@@ -87,7 +91,8 @@ def main() -> None:
         seconds = min(passes[name])
         results[name] = {"p50_ms": 1000 * statistics.median(latencies[name]), "per_s": len(texts) / seconds,
                          "gflops": 2 * params * tokens / seconds / 1e9,
-                         "agreement": float(np.mean(outputs[name].argmax(1) == reference.argmax(1)))}
+                         "agreement": spec.agreement(manifest, spec.scores(reference),
+                                                     spec.scores(outputs[name]))["label_agreement"]}
         print(name, results[name], flush=True)
 
     base = results["torch eager fp32"]
@@ -100,15 +105,16 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     int8 = manifest.export.get("int8", {})
-    body = (f"Artifact of `configs/sentiment-lora.yaml` (all-MiniLM-L6-v2, LoRA merged), exported by `tuneserve export`. "
-            f"Batch 1: p50 over {args.n} single sentences, the runners taking turns in blocks of 10, each turn after "
+    body = (f"Artifact `{manifest.name}` ({manifest.task.value}, all-MiniLM-L6-v2, {manifest.method}), exported by "
+            f"`tuneserve export`. Batch 1: p50 over {args.n} single texts, the runners taking turns in blocks of 10, each turn after "
             f"a {PAUSE:g} s pause and {WARMUP} untimed sentences; batch 32: "
             f"{len(texts)} sentences ({tokens:,} tokens) in length-sorted batches, best of {args.passes} alternating "
             f"passes. Both runtimes with {threads} threads. Measured fp32 matmul rate: {peak:.0f} GFLOP/s; "
             f"GFLOP/s counts 2 x {params / 1e6:.1f}M non-embedding parameters x real tokens. int8 variant: "
             f"{int8.get('method') or 'none kept (' + str(int8.get('reason')) + ')'}.\n\n{table}\n")
-    write_section("export-speed", " ".join(["python benchmarks/export_speed.py", *sys.argv[1:]]),
-                  "## Inference: PyTorch vs ONNX Runtime (fp32, int8)\n\n" + body)
+    section = "export-speed" if manifest.name == "sentiment-lora" else f"export-speed-{manifest.name}"
+    write_section(section, " ".join(["python benchmarks/export_speed.py", *sys.argv[1:]]),
+                  f"## Inference: PyTorch vs ONNX Runtime (fp32, int8), {manifest.name}\n\n" + body)
 
 
 if __name__ == "__main__":

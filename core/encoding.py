@@ -1,8 +1,9 @@
-"""The one text-encoding function. Training, evaluation, export and serving all call it."""
+"""The one way texts become token ids. Training, evaluation, export and serving all go through it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,13 +46,44 @@ def encode(
     )
 
 
+@dataclass(frozen=True)
+class Encoder:
+    """A tokenizer with the settings an artifact was trained with: built once, from the manifest.
+
+    Attributes:
+        tokenizer: the artifact's (or base model's) Hugging Face tokenizer.
+        max_length: tokens kept per example, special tokens included.
+        stride: tokens two windows of a long text share (token tasks; see :meth:`windows`).
+    """
+
+    tokenizer: Any
+    max_length: int
+    stride: int = 0
+
+    @classmethod
+    def from_manifest(cls, tokenizer: Any, manifest: Any) -> Encoder:
+        return cls(tokenizer, manifest.max_length, manifest.stride or 0)
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *, padding: bool | str = False,
+               return_tensors: str | None = None) -> Any:
+        """:func:`encode` with this encoder's tokenizer and length."""
+        return encode(self.tokenizer, texts, pairs, max_length=self.max_length, padding=padding,
+                      return_tensors=return_tensors)
+
+    def windows(self, texts: Sequence[str]) -> Any:
+        """Each text as one or more windows of at most ``max_length`` tokens, neighbours sharing ``stride``
+        tokens, with character offsets (``offset_mapping``) and the text each window comes from
+        (``overflow_to_sample_mapping``). Nothing is truncated away."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length, stride=self.stride,
+                              return_overflowing_tokens=True, return_offsets_mapping=True)
+
+
 def run_in_length_batches(
     forward: Callable[[Any], np.ndarray],
-    tokenizer: Any,
+    encoder: Encoder,
     texts: Sequence[str],
     text_pairs: Sequence[str] | None = None,
     *,
-    max_length: int,
     batch_size: int,
     return_tensors: str,
     progress: bool = False,
@@ -60,7 +92,8 @@ def run_in_length_batches(
 
     Args:
         forward: maps one encoded batch to its outputs, shape (batch, num_outputs).
-        tokenizer, texts, text_pairs, max_length: as for :func:`encode`.
+        encoder: the tokenizer and length the model was trained with.
+        texts, text_pairs: as for :func:`encode`.
         batch_size: examples per forward call.
         return_tensors: ``"np"`` or ``"pt"``, what ``forward`` takes.
         progress: show a progress bar.
@@ -74,8 +107,8 @@ def run_in_length_batches(
     out: np.ndarray | None = None
     for start in starts:
         pick = order[start:start + batch_size]
-        batch = encode(tokenizer, [texts[i] for i in pick], [text_pairs[i] for i in pick] if text_pairs is not None else None,
-                       max_length=max_length, padding="longest", return_tensors=return_tensors)
+        batch = encoder.encode([texts[i] for i in pick], [text_pairs[i] for i in pick] if text_pairs is not None else None,
+                               padding="longest", return_tensors=return_tensors)
         outputs = np.asarray(forward(batch), dtype=np.float32)
         if out is None:
             out = np.zeros((len(texts), outputs.shape[1]), dtype=np.float32)

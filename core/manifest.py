@@ -34,6 +34,9 @@ class Manifest(BaseModel):
     text_fields: list[str] = Field(description="Column names of the input text(s): [text] or [text, text_pair].")
     label_field: str
     max_length: int = Field(description="Tokens kept per example (special tokens included).")
+    stride: int | None = Field(None, description="Token tasks: tokens two windows of a long text share.")
+    aggregation: str | None = Field(None, description="Token tasks: how sub-token scores become word tags "
+                                    "(first | max | simple).")
     postprocess: str = Field(description="softmax | sigmoid | identity, applied to the logits.")
     threshold: float | None = Field(None, description="Multi-label decision threshold.")
     base_model: str

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from core.encoding import run_in_length_batches
+from core.encoding import Encoder
 
 # Graph fusions a CPU session must not apply. ONNX Runtime would fuse each residual Add and LayerNormalization into
 # SkipLayerNormalization, whose CPU kernel is a scalar loop: about 6x slower than its vectorised LayerNormalization
@@ -41,15 +42,14 @@ class OnnxModel:
         self.session = ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def logits(self, tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None, *, max_length: int,
-               batch_size: int = 64) -> np.ndarray:
-        """Raw outputs in input order; batches are formed by length to cut padding."""
+    def forward(self, batch) -> np.ndarray:
+        """Logits of one padded batch (token ids as NumPy arrays)."""
+        return self.session.run(["logits"], {name: np.asarray(batch[name], dtype=np.int64) for name in self.input_names})[0]
 
-        def forward(batch) -> np.ndarray:
-            return self.session.run(["logits"], {name: batch[name].astype(np.int64) for name in self.input_names})[0]
-
-        return run_in_length_batches(forward, tokenizer, texts, pairs, max_length=max_length, batch_size=batch_size,
-                                     return_tensors="np")
+    def logits(self, encoder: Encoder, texts: Sequence[str], pairs: Sequence[str] | None = None, *, task,
+               batch_size: int = 64) -> Any:
+        """Raw outputs in input order, as the task's spec runs the model (batches formed by length)."""
+        return task.spec.run(self.forward, encoder, texts, pairs, batch_size=batch_size, return_tensors="np")
 
 
 def check_external_data(model_path: str | os.PathLike) -> None:

@@ -11,10 +11,11 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from core.encoding import Encoder
 from core.errors import ArtifactError, ConfigError
 from core.manifest import MODEL_DIR, Manifest
 
@@ -24,8 +25,9 @@ logger = logging.getLogger(__name__)
 class Backend(Protocol):
     name: str  # onnx-int8 | onnx | torch-cuda | torch-cpu
 
-    def logits(self, texts: Sequence[str], pairs: Sequence[str] | None) -> np.ndarray:
-        """Raw outputs, shape (len(texts), num_outputs), in input order."""
+    def logits(self, texts: Sequence[str], pairs: Sequence[str] | None) -> Any:
+        """Raw outputs in input order, as the task's spec shapes them (an array (len(texts), num_outputs) for
+        sequence tasks, one TokenOutput per text for token classification)."""
         ...
 
 
@@ -69,14 +71,14 @@ class OnnxBackend:
             self.model = OnnxModel(path, threads=threads, providers=providers, spinning=False)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for a bad file
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
-        self.tokenizer = load_tokenizer(artifact_dir)
-        self.max_length = manifest.max_length
+        self.encoder = Encoder.from_manifest(load_tokenizer(artifact_dir), manifest)
+        self.task = manifest.task
         self.batch_size = batch_size
         self.name = "onnx-int8" if int8 else "onnx"
         self.provider = self.model.session.get_providers()[0]
 
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None) -> np.ndarray:
-        return self.model.logits(self.tokenizer, texts, pairs, max_length=self.max_length, batch_size=self.batch_size)
+        return self.model.logits(self.encoder, texts, pairs, task=self.task, batch_size=self.batch_size)
 
 
 class TorchBackend:
@@ -106,22 +108,19 @@ class TorchBackend:
         except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
             raise ArtifactError(f"{artifact_dir}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
         self.model = model.to(device).eval()
-        self.tokenizer = load_tokenizer(artifact_dir)
-        self.max_length = manifest.max_length
+        self.encoder = Encoder.from_manifest(load_tokenizer(artifact_dir), manifest)
+        self.spec = manifest.task.spec
         self.batch_size = batch_size
         self.device = device
         self.name = f"torch-{device}"
         self._torch = torch
 
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None) -> np.ndarray:
-        from core.encoding import run_in_length_batches
-
         def forward(batch) -> np.ndarray:
             with self._torch.inference_mode():
                 return self.model(**batch.to(self.device)).logits.float().cpu().numpy()
 
-        return run_in_length_batches(forward, self.tokenizer, texts, pairs, max_length=self.max_length,
-                                     batch_size=self.batch_size, return_tensors="pt")
+        return self.spec.run(forward, self.encoder, texts, pairs, batch_size=self.batch_size, return_tensors="pt")
 
 
 def _cuda_available() -> bool:

@@ -46,7 +46,25 @@ def examples_to_inputs(manifest: Manifest, examples: Sequence[Example], settings
         RequestError: a limit is exceeded, a label is missing or malformed (naming ``examples[i]``), or
             labels are unknown to the model (naming them).
     """
-    texts = [e.text for e in examples]
+    spec = manifest.task.spec
+    texts, parsed = [], []
+    for i, example in enumerate(examples):
+        if example.tokens is not None:
+            if not spec.accepts_token_lists:
+                raise RequestError(f"examples[{i}].tokens: this model takes texts; give text instead")
+            if example.text is not None:
+                raise RequestError(f"examples[{i}]: give text or tokens, not both")
+            given, key, value = example.tokens, "tags", example.tags
+        elif example.text is None:
+            raise RequestError(f"examples[{i}].text: missing; give the text to score")
+        else:
+            given, key, value = example.text, spec.label_key, getattr(example, spec.label_key)
+        try:
+            text, label = spec.parse_example(given, value)
+        except LabelError as exc:
+            raise RequestError(f"examples[{i}].{key}: {exc}") from None
+        texts.append(text)
+        parsed.append(label)
     check_texts("examples", texts, settings, limit=settings.max_examples)
     pairs = [e.text_pair for e in examples] if manifest.has_pair else None
     if manifest.has_pair and any(p is None for p in pairs):
@@ -55,15 +73,6 @@ def examples_to_inputs(manifest: Manifest, examples: Sequence[Example], settings
     if not manifest.has_pair and any(e.text_pair is not None for e in examples):
         i = next(i for i, e in enumerate(examples) if e.text_pair is not None)
         raise RequestError(f"examples[{i}].text_pair: this model takes single texts; leave it out")
-    spec = manifest.task.spec
-    key = spec.label_key
-    parsed = []
-    for i, example in enumerate(examples):
-        value = getattr(example, key)
-        try:
-            parsed.append(spec.parse_label(value))
-        except LabelError as exc:
-            raise RequestError(f"examples[{i}].{key}: {exc}") from None
     try:
         targets = spec.to_targets(parsed, manifest.labels)
     except LabelError as exc:

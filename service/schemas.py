@@ -5,20 +5,25 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from core.tasks.sequence import ClassPrediction, MultiLabelPrediction, RegressionPrediction
+from core.tasks.token import EntitySpan, TokenPrediction
 
 
 class Example(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: StrictStr = Field(description="The text to score.")
+    text: StrictStr | None = Field(None, description="The text to score (or `tokens`, for token models).")
     text_pair: StrictStr | None = Field(None, description="The second text, for models trained on text pairs.")
     label: StrictStr | StrictInt | StrictFloat | None = Field(
         None, description="The true label: a class name (classification) or a number (regression).")
     labels: list[StrictStr | StrictInt] | None = Field(None, description="The true labels (multi-label).")
+    entities: list[EntitySpan] | None = Field(None, description="The true entities of `text` (token models).")
+    tokens: list[StrictStr] | None = Field(None, description="The text as tokens, instead of `text` (token models).")
+    tags: list[StrictStr] | None = Field(None, description="One tag per token (BIO, IOB1 or BIOES), instead of "
+                                          "`entities` (token models).")
 
 
 class PredictResponse(BaseModel):
-    predictions: list[ClassPrediction | MultiLabelPrediction | RegressionPrediction] = Field(
+    predictions: list[ClassPrediction | MultiLabelPrediction | RegressionPrediction | TokenPrediction] = Field(
         description="One prediction per text, in request order.")
     model: str = Field(description="The model served, as name:version.")
     backend: str = Field(description="onnx-int8 | onnx | torch-cuda | torch-cpu")

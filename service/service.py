@@ -140,7 +140,7 @@ class Tuneserve:
         except RequestError as exc:
             return _bad_request(exc)
         scores = self.spec.scores(await self.batcher(texts, text_pairs))
-        if not np.all(np.isfinite(scores)):
+        if not np.all(np.isfinite(self.spec.flat(scores))):
             return _not_finite()
         return PredictResponse(predictions=self.spec.shape(self.manifest, scores, top_k=top_k), model=self.model_tag,
                                backend=self.backend.name)
@@ -157,7 +157,7 @@ class Tuneserve:
         except RequestError as exc:
             return _bad_request(exc)
         scores = self.spec.scores(await self.batcher(texts, pairs))
-        if not np.all(np.isfinite(scores)):
+        if not np.all(np.isfinite(self.spec.flat(scores))):
             return _not_finite()
         evaluation = self.spec.evaluate(targets, scores, self.manifest.labels, threshold=self.manifest.decision_threshold)
         return EvaluateResponse(**evaluation_body(self.manifest, evaluation), model=self.model_tag,

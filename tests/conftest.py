@@ -33,6 +33,31 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+PEOPLE = ["Alice", "Bob", "Carol", "Dave", "Eve", "Mallory"]
+PLACES = ["Paris", "London", "Berlin", "Tokyo", "Madrid"]
+COMPANIES = ["Acme Corp", "Globex", "Initech", "Umbrella Group"]
+PATTERNS = ["{PER} works for {ORG} in {LOC} .", "{ORG} hired {PER} last year", "In {LOC} , {PER} met the team of {ORG}"]
+
+
+def make_entity_rows(n: int, seed: int = 0) -> list[dict]:
+    """Sentences with people, places and companies: ``tokens`` with BIO ``tags``, and ``text`` with ``entities``."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        tokens, tags, entities = [], [], []
+        for part in rng.choice(PATTERNS).split():
+            kind = part.strip("{}") if part.startswith("{") else None
+            words = rng.choice({"PER": PEOPLE, "LOC": PLACES, "ORG": COMPANIES}[kind]).split() if kind else [part]
+            start = sum(len(t) + 1 for t in tokens)
+            for k, word in enumerate(words):
+                tokens.append(word)
+                tags.append(("B-" if k == 0 else "I-") + kind if kind else "O")
+            if kind:
+                entities.append({"start": start, "end": start + len(" ".join(words)), "label": kind})
+        rows.append({"tokens": tokens, "tags": tags, "text": " ".join(tokens), "entities": entities})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

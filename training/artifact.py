@@ -69,6 +69,8 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         text_fields=[cfg.data.text] + ([cfg.data.text_pair] if cfg.data.text_pair else []),
         label_field=cfg.data.label,
         max_length=cfg.train.max_length,
+        stride=cfg.train.stride if "stride" in cfg.task.spec.options else None,
+        aggregation=cfg.export.aggregation if "aggregation" in cfg.task.spec.options else None,
         postprocess=cfg.task.spec.postprocess,
         threshold=cfg.train.threshold if "threshold" in cfg.task.spec.options else None,
         base_model=cfg.model if cfg.model != "minilm" else "sentence-transformers/all-MiniLM-L6-v2",

@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.encoding import encode
+from core.encoding import Encoder
 from core.tasks import Task
-from training.tasks import torch_task
+from training.tasks import IGNORE_INDEX, torch_task
 
 
 class EncodedSplit(torch.utils.data.Dataset):
     """Token ids per example plus the target; padding happens later, per batch."""
 
-    def __init__(self, features: dict[str, list[list[int]]], targets: np.ndarray):
+    def __init__(self, features: dict[str, list[list[int]]], targets: Any):
         self.features = features
         self.targets = targets
+        self.stats: dict[str, int] = {}
         self.lengths = [len(ids) for ids in features["input_ids"]]
 
     def __len__(self) -> int:
@@ -35,16 +37,32 @@ class EncodedSplit(torch.utils.data.Dataset):
         return item
 
 
-def encode_split(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None, targets: np.ndarray, *,
-                 max_length: int, desc: str, disable: bool = False, chunk: int = 2048) -> EncodedSplit:
-    """Tokenize a split in chunks (with a progress bar) through the shared :func:`core.encoding.encode`."""
+def encode_split(encoder: Encoder, task: Task, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any,
+                 labels: Sequence[str] | None, *, desc: str, disable: bool = False, chunk: int = 2048,
+                 **options: Any) -> EncodedSplit:
+    """Tokenize a split in chunks (with a progress bar) as the task's spec encodes training examples.
+
+    ``options`` go to the spec (``label_all_tokens`` for token tasks). The spec's counts (texts split into
+    windows, for example) are summed in ``EncodedSplit.stats``.
+    """
     features: dict[str, list] = {}
+    encoded_targets: list = []
+    stats: dict[str, int] = {}
     for start in tqdm(range(0, len(texts), chunk), desc=f"tokenize {desc}", unit="chunk", disable=disable, leave=False):
         stop = start + chunk
-        batch = encode(tokenizer, texts[start:stop], pairs[start:stop] if pairs is not None else None, max_length=max_length)
-        for key, values in batch.items():
+        part, part_targets, part_stats = task.spec.encode_training(
+            encoder, texts[start:stop], pairs[start:stop] if pairs is not None else None, targets[start:stop], labels,
+            **options)
+        for key, values in part.items():
             features.setdefault(key, []).extend(values)
-    return EncodedSplit(features, targets)
+        encoded_targets.extend(part_targets)
+        for key, value in part_stats.items():
+            stats[key] = stats.get(key, 0) + value
+    if isinstance(targets, np.ndarray):
+        encoded_targets = np.asarray(encoded_targets, dtype=targets.dtype).reshape(-1, *targets.shape[1:])
+    split = EncodedSplit(features, encoded_targets)
+    split.stats = stats
+    return split
 
 
 def without_content(tokenizer, split: EncodedSplit) -> list[int]:
@@ -102,11 +120,15 @@ class Collator:
     def __init__(self, tokenizer, task: Task, pad_to_multiple_of: int | None = None):
         self.tokenizer = tokenizer
         self.dtype = torch_task(task).target_dtype
+        self.pads_targets = torch_task(task).pads_targets
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         targets = [e.pop("labels") for e in examples]
         batch = self.tokenizer.pad(examples, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
                                    return_tensors="pt")
+        if self.pads_targets:  # one target per token: pad to the batch's length with the ignored value
+            length = batch["input_ids"].shape[1]
+            targets = [list(t) + [IGNORE_INDEX] * (length - len(t)) for t in targets]
         batch["labels"] = torch.as_tensor(np.asarray(targets), dtype=self.dtype)
         return dict(batch)

@@ -123,7 +123,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from training.demo_data import demo_path
+    from training.demo_data import demo_fields, demo_path
 
     source = demo_path(args.name)
     out_dir = Path(args.output)
@@ -132,7 +132,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     shutil.copyfile(source, target)
     with target.open() as fh:
         rows = sum(1 for _ in fh)
-    print(f"{args.name}: {rows} rows written to {target} (fields: id, text, rating, polarity)")
+    print(f"{args.name}: {rows} rows written to {target} (fields: {demo_fields(args.name)})")
     return 0
 
 
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("data", help="write a demo data set as JSONL")
-    p.add_argument("name", help="vader:movie | vader:amazon | vader:nyt | vader:tweets")
+    p.add_argument("name", help="vader:movie | vader:amazon | vader:nyt | vader:tweets | wnut16:tweets")
     p.add_argument("--output", required=True, help="directory to write <name>.jsonl into")
     p.set_defaults(func=cmd_data)
     return parser

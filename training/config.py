@@ -37,6 +37,13 @@ class DataConfig(_Strict):
     test_size: float = Field(0.1, gt=0, lt=0.5, description="Fraction of train carved out when test is null.")
     max_train_examples: int | None = Field(None, gt=0, description="Keep a seeded sample of this many training rows.")
     max_eval_examples: int | None = Field(None, gt=0, description="Keep a seeded sample of this many validation and test rows.")
+    format: Literal["auto", "conll"] = Field("auto", description="'conll' reads a token and its tag per line (blank "
+                                             "lines between sentences); 'auto' does so for .conll, .iob and .bio files.")
+    tag_column: int = Field(-1, description="CoNLL: the column holding the tag (0 is the token; -1 the last).")
+    tag_scheme: Literal["auto", "bio", "iob1", "bioes"] = Field(
+        "auto", description="Token tasks: the tags' scheme, normalised to BIO; 'auto' = BIOES if E-/S- tags appear, else BIO.")
+    repair_tags: bool = Field(False, description="Token tasks: an I- tag that continues no entity starts one "
+                              "instead of failing.")
 
 
 class LoraConfig(_Strict):
@@ -71,6 +78,9 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
     max_length: int = Field(128, gt=2, description="Tokens kept per example, special tokens included.")
+    stride: int = Field(32, ge=0, description="Token tasks: a text longer than max_length is cut into windows "
+                        "sharing this many tokens, so no word is dropped.")
+    label_all_tokens: bool = Field(False, description="Token tasks: train every sub-token of a word, not only the first.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="'auto' = bf16 on a CUDA device that supports it, fp16 on other CUDA devices, fp32 on CPU.")
     seed: int = Field(42, description="Seeds weights of the new head, dropout, batch order and data splits.")
@@ -105,6 +115,9 @@ class ExportConfig(_Strict):
         "auto", description="Dynamic int8 quantization: 'auto' keeps it only if it passes the gate, 'on' fails the export if it cannot.")
     int8_min_agreement: float = Field(0.99, gt=0, le=1, description="Label agreement with PyTorch an int8 model must reach.")
     int8_max_metric_drop: float = Field(0.005, ge=0, description="Largest drop of the primary metric int8 may cause (0.005 = 0.5 points).")
+    aggregation: Literal["first", "max", "simple"] = Field(
+        "first", description="Token tasks: how predictions turn sub-token scores into entities (as transformers' "
+        "pipeline: a word's first sub-token, its most confident one, or sub-tokens grouped by their own tags).")
 
 
 DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "freeze": 1e-3}
@@ -128,8 +141,14 @@ class Config(_Strict):
         allowed = ("auto", "loss", *self.task.spec.metric_names)
         if metric not in allowed:
             raise ValueError(f"train.early_stopping.metric {metric!r} is not a {self.task.value} metric; choose one of {list(allowed)}")
+        if "stride" in self.task.spec.options and self.train.stride >= self.train.max_length // 2:
+            raise ValueError(f"train.stride {self.train.stride} must be below half of train.max_length "
+                             f"({self.train.max_length}) so that windows move forward")
         for option, used in (("data.label_delimiter", self.data.label_delimiter is not None),
-                             ("train.label_smoothing", bool(self.train.label_smoothing))):
+                             ("train.label_smoothing", bool(self.train.label_smoothing)),
+                             ("data.tag_scheme", self.data.tag_scheme != "auto"),
+                             ("data.repair_tags", self.data.repair_tags),
+                             ("train.label_all_tokens", self.train.label_all_tokens)):
             if used and option.split(".")[1] not in self.task.spec.options:
                 takers = " or ".join(t.value for t in Task if option.split(".")[1] in t.spec.options)
                 raise ValueError(f"{option} only applies to task: {takers}")
@@ -143,6 +162,11 @@ class Config(_Strict):
     def monitor(self) -> str:
         metric = self.train.early_stopping.metric
         return self.task.default_metric if metric == "auto" else metric
+
+    @property
+    def task_training_options(self) -> dict[str, Any]:
+        """Options of train: that the task's spec takes when it encodes training examples."""
+        return {k: getattr(self.train, k) for k in ("label_all_tokens",) if k in self.task.spec.options}
 
     @property
     def run_name(self) -> str:

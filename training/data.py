@@ -24,6 +24,7 @@ from training.demo_data import demo_path, is_demo
 
 logger = logging.getLogger(__name__)
 
+CONLL_SUFFIXES = (".conll", ".iob", ".bio")
 BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}), ".jsonl": ("json", {}), ".json": ("json", {}),
             ".parquet": ("parquet", {})}
 
@@ -98,12 +99,64 @@ def read_table(source: str, where: str) -> tuple[dict[str, list], str]:
     return table.to_dict(), str(path)
 
 
+def read_conll(path: Path, where: str, tag_column: int, columns: tuple[str, str]) -> dict[str, list]:
+    """A CoNLL-style file as columns of token lists and tag lists.
+
+    One token per line with its tag in ``tag_column`` (whitespace-separated), a blank line between sentences,
+    ``-DOCSTART-`` lines skipped.
+
+    Raises:
+        DataError: naming the line that has no such column.
+    """
+    tokens_col, tags_col = columns
+    out: dict[str, list] = {tokens_col: [], tags_col: []}
+    tokens: list[str] = []
+    tags: list[str] = []
+
+    def close() -> None:
+        if tokens:
+            out[tokens_col].append(list(tokens))
+            out[tags_col].append(list(tags))
+            tokens.clear()
+            tags.clear()
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{where} ({path}): cannot read it ({exc})") from None
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields:
+            close()
+            continue
+        if fields[0] == "-DOCSTART-":
+            close()
+            continue
+        try:
+            tag = fields[tag_column]
+        except IndexError:
+            raise DataError(f"{where} ({path}): line {number}: {len(fields)} column(s), no tag column {tag_column} "
+                            "(data.tag_column)") from None
+        if len(fields) < 2:
+            raise DataError(f"{where} ({path}): line {number}: expected a token and its tag, got {line!r}")
+        tokens.append(fields[0])
+        tags.append(tag)
+    close()
+    return out
+
+
 def load_split(
     source: str, split: str, cfg: DataConfig, task: Task, *, drop_missing: bool | None = None
 ) -> Split:
     """Read one source and check its columns, texts and label values (not yet the label set)."""
     where = f"data.{split}"
-    columns, resolved = read_table(source, where)
+    path = demo_path(source) if is_demo(source) else Path(source)
+    if cfg.format == "conll" or (path.suffix.lower() in CONLL_SUFFIXES and path.is_file()):
+        columns, resolved = read_conll(path, where, cfg.tag_column, (cfg.text, cfg.label)), str(path)
+    else:
+        columns, resolved = read_table(source, where)
+    spec = task.spec
+    options = {"label_delimiter": cfg.label_delimiter, "tag_scheme": cfg.tag_scheme, "repair_tags": cfg.repair_tags}
     wanted = [cfg.text, cfg.label] + ([cfg.text_pair] if cfg.text_pair else [])
     for column in wanted:
         if column not in columns:
@@ -123,15 +176,17 @@ def load_split(
             if column is None:
                 continue
             value = columns[column][i]
-            if not isinstance(value, str):
+            tokens = isinstance(value, list) and spec.accepts_token_lists and column == cfg.text
+            if not isinstance(value, str) and not tokens:
                 raise DataError(f"{where} ({resolved}): row {row}, column '{column}': expected text, got {value!r}")
-            if not value.strip():
+            if not (value if tokens else value.strip()):
                 raise DataError(f"{where} ({resolved}): row {row}, column '{column}': empty text")
             bucket.append(value)
         try:
-            labels.append(task.spec.parse_label(raw_label, cfg.label_delimiter))
+            texts[-1], label = spec.parse_example(texts[-1], raw_label, options)
         except LabelError as exc:
             raise DataError(f"{where} ({resolved}): row {row}, column '{cfg.label}': {exc}") from None
+        labels.append(label)
         rows.append(row)
     if dropped:
         logger.info("%s: dropped %d of %d rows with no label (data.drop_missing_labels)", where, dropped, n)

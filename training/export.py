@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import TuneserveError
-from core.encoding import run_in_length_batches
+from core.encoding import Encoder
 from core.manifest import MANIFEST_FILE, MODEL_DIR, Manifest, read_manifest
 from core.onnx_runner import OnnxModel, check_external_data
 from training.files import swap_into_place
@@ -87,6 +87,11 @@ def selftest_examples(manifest: Manifest, scores: np.ndarray, count: int) -> lis
     return picked
 
 
+def _take(scores, rows: np.ndarray):
+    """Some examples' scores (an array's rows, or a list's items)."""
+    return scores[rows] if isinstance(scores, np.ndarray) else [scores[int(i)] for i in rows]
+
+
 def _gate(manifest: Manifest, report: dict, min_agreement: float, max_drop: float) -> str | None:
     """Why a variant fails (None when it passes)."""
     primary = manifest.primary_metric
@@ -98,17 +103,15 @@ def _gate(manifest: Manifest, report: dict, min_agreement: float, max_drop: floa
     return None
 
 
-def _export_fp32(model, tokenizer, manifest: Manifest, path: Path) -> None:
+def _export_fp32(model, encoder: Encoder, manifest: Manifest, path: Path) -> None:
     import torch
 
-    from core.encoding import encode
-
-    sample = encode(tokenizer, ["an example sentence", "a second, longer example sentence for the export"],
-                    ["a pair", "another pair"] if manifest.has_pair else None,
-                    max_length=manifest.max_length, padding="longest", return_tensors="pt")
+    sample = encoder.encode(["an example sentence", "a second, longer example sentence for the export"],
+                            ["a pair", "another pair"] if manifest.has_pair else None, padding="longest",
+                            return_tensors="pt")
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes["logits"] = {0: "batch"}
+    axes["logits"] = dict(manifest.task.spec.logits_axes)
     with torch.no_grad():
         torch.onnx.export(model, (), str(path), kwargs={n: sample[n] for n in names}, input_names=names,
                           output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False,
@@ -163,8 +166,8 @@ def smoothable_nodes(graph) -> list[int]:
             and n.input[1] in weights and uses[n.input[1]] == 1 and n.input[0] not in weights]
 
 
-def activation_ranges(fp32: Path, scratch: Path, tokenizer, texts: Sequence[str], pairs: Sequence[str] | None, *,
-                      max_length: int) -> dict[str, np.ndarray]:
+def activation_ranges(fp32: Path, scratch: Path, encoder: Encoder, texts: Sequence[str], pairs: Sequence[str] | None,
+                      *, task) -> dict[str, np.ndarray]:
     """Per-channel largest magnitude of the activations entering each smoothable node, over ``texts``."""
     import onnx
     import onnxruntime as ort
@@ -182,13 +185,13 @@ def activation_ranges(fp32: Path, scratch: Path, tokenizer, texts: Sequence[str]
     ranges: dict[str, np.ndarray] = {}
 
     def forward(batch) -> np.ndarray:
-        logits, *activations = session.run(["logits", *names], {n: batch[n].astype(np.int64) for n in inputs})
+        logits, *activations = session.run(["logits", *names], {n: np.asarray(batch[n], dtype=np.int64) for n in inputs})
         for name, value in zip(names, activations):
             peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
             ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
         return logits
 
-    run_in_length_batches(forward, tokenizer, texts, pairs, max_length=max_length, batch_size=64, return_tensors="np")
+    task.spec.run(forward, encoder, texts, pairs, batch_size=64, return_tensors="np")
     del session
     scratch.unlink()
     return ranges
@@ -307,7 +310,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
 
     artifact_dir = Path(artifact_dir)
     loaded = load_artifact(artifact_dir)
-    manifest, tokenizer = loaded.manifest, loaded.tokenizer
+    manifest, encoder = loaded.manifest, loaded.encoder
     held_out = held_out or held_out_from_config(manifest)
     reference = predict_logits(loaded, held_out.texts, held_out.pairs, batch_size=64)
 
@@ -318,7 +321,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
         # Eager attention exports as plain MatMul/Softmax, which the optimizer can fuse into Attention.
         eager = auto_model_class(manifest.task).from_pretrained(artifact_dir / MODEL_DIR, attn_implementation="eager").eval()
         raw = tmp / "model.raw.onnx"
-        _export_fp32(eager, tokenizer, manifest, raw)
+        _export_fp32(eager, encoder, manifest, raw)
         onnx.checker.check_model(str(raw))
         graph = _optimize(raw, tmp / FP32_FILE, eager.config)
         raw.unlink()
@@ -329,7 +332,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
             if rows is not None:
                 texts = [texts[i] for i in rows]
                 pairs = [pairs[i] for i in rows] if pairs else None
-            return OnnxModel(path).logits(tokenizer, texts, pairs, max_length=manifest.max_length)
+            return OnnxModel(path).logits(encoder, texts, pairs, task=manifest.task)
 
         spec = manifest.task.spec
         scores = spec.scores(reference)
@@ -346,8 +349,8 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
         probe = np.argsort(spec.margins(manifest, scores), kind="stable")[:SENSITIVITY_PROBE]
 
         def damage(path: Path) -> float:  # mean score change on the examples nearest to another decision
-            changed = spec.scores(run(path, probe))
-            return float(np.mean(np.abs(changed - scores[probe])))
+            changed = spec.flat(spec.scores(run(path, probe)))
+            return float(np.mean(np.abs(changed - spec.flat(_take(scores, probe)))))
 
         int8_report: dict = {"requested": int8, "kept": False, "attempts": []}
         if int8 != "off":
@@ -356,8 +359,8 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
             @functools.cache
             def calibration() -> dict[str, np.ndarray]:
                 pairs = held_out.pairs[:calibration_count] if held_out.pairs else None
-                return activation_ranges(tmp / FP32_FILE, tmp / "calibration.onnx", tokenizer,
-                                         held_out.texts[:calibration_count], pairs, max_length=manifest.max_length)
+                return activation_ranges(tmp / FP32_FILE, tmp / "calibration.onnx", encoder,
+                                         held_out.texts[:calibration_count], pairs, task=manifest.task)
 
             @functools.lru_cache(maxsize=1)  # one smoothed graph on disk at a time
             def smoothed(alpha: float) -> Path:
@@ -418,7 +421,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
         # A few inputs with PyTorch's outputs, for a serving backend to reproduce before it reports ready.
         decisions = spec.decide(manifest, scores)
         selftest = [{"text": held_out.texts[i], "text_pair": held_out.pairs[i] if held_out.pairs else None,
-                     "scores": np.atleast_1d(scores[i]).tolist(), "decision": decisions[i]}
+                     "scores": spec.record(scores[i]), "decision": decisions[i]}
                     for i in selftest_examples(manifest, scores, SELFTEST_EXAMPLES)]
         section = {
             "onnx": {"fp32": f"{ONNX_DIR}/{FP32_FILE}", "int8": f"{ONNX_DIR}/{INT8_FILE}" if int8_report["kept"] else None,

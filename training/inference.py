@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from core.encoding import run_in_length_batches
+from core.encoding import Encoder
 from core.errors import ArtifactError
 from core.manifest import MODEL_DIR, Manifest, read_manifest
 from training.tasks import auto_model_class
@@ -22,6 +22,10 @@ class LoadedArtifact:
     manifest: Manifest
     model: torch.nn.Module
     tokenizer: object
+
+    @property
+    def encoder(self) -> Encoder:
+        return Encoder.from_manifest(self.tokenizer, self.manifest)
 
 
 def load_artifact(directory: str | Path, device: str = "cpu") -> LoadedArtifact:
@@ -42,15 +46,15 @@ def load_artifact(directory: str | Path, device: str = "cpu") -> LoadedArtifact:
 
 @torch.no_grad()
 def predict_logits(artifact: LoadedArtifact, texts: Sequence[str], pairs: Sequence[str] | None = None, *,
-                   batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Raw model outputs in input order; batches are formed by length to cut padding."""
+                   batch_size: int = 64, progress: bool = False):
+    """Raw model outputs in input order, as the task's spec runs the model (batches formed by length)."""
     device = next(artifact.model.parameters()).device
 
     def forward(batch) -> np.ndarray:
         return artifact.model(**batch.to(device)).logits.float().cpu().numpy()
 
-    return run_in_length_batches(forward, artifact.tokenizer, texts, pairs, max_length=artifact.manifest.max_length,
-                                 batch_size=batch_size, return_tensors="pt", progress=progress)
+    return artifact.manifest.task.spec.run(forward, artifact.encoder, texts, pairs, batch_size=batch_size,
+                                           return_tensors="pt", progress=progress)
 
 
 def predict_scores(artifact: LoadedArtifact, texts: Sequence[str], pairs: Sequence[str] | None = None, **kwargs) -> np.ndarray:

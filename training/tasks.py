@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,24 @@ class TorchTask:
     target_dtype: torch.dtype
     # (targets of the training split, number of outputs, class_weights, label_smoothing) -> loss function
     make_loss: Callable[[np.ndarray, int, str, float], LossFn]
+    pads_targets: bool = False  # one target per token, padded with IGNORE_INDEX (else one per example)
+
+    def collect(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+        """Gathered evaluation batches of ``(logits, targets)`` as ``(loss logits, loss targets, targets,
+        logits)``: the last two as the task spec's ``evaluate`` and ``scores`` take them (for token tasks, one
+        array per window holding the scored tokens only)."""
+        if not self.pads_targets:
+            logits, targets = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            return logits, targets, targets.numpy(), logits.numpy()
+        rows_t, rows_l, flat_t, flat_l = [], [], [], []
+        for logits, targets in batches:
+            mask = targets != IGNORE_INDEX
+            flat_l.append(logits[mask])
+            flat_t.append(targets[mask])
+            for r in range(len(targets)):
+                rows_t.append(targets[r][mask[r]].numpy())
+                rows_l.append(logits[r][mask[r]].numpy())
+        return torch.cat(flat_l), torch.cat(flat_t), rows_t, rows_l
 
 
 def auto_model_class(task: Task):
@@ -69,10 +88,21 @@ def _regression_loss(targets: np.ndarray, num_outputs: int, class_weights: str, 
     return loss
 
 
+def _token_loss(targets: Any, num_outputs: int, class_weights: str, smoothing: float) -> LossFn:
+    # No class weights: O outnumbers every entity tag, and weighting by inverse frequency trades precision for
+    # recall in a way entity F1 does not reward.
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
+
+    return loss
+
+
 TORCH_TASKS: dict[Task, TorchTask] = {
     Task.CLASSIFICATION: TorchTask("SEQ_CLS", torch.long, _single_label_loss),
     Task.MULTILABEL: TorchTask("SEQ_CLS", torch.float32, _multi_label_loss),
     Task.REGRESSION: TorchTask("SEQ_CLS", torch.float32, _regression_loss),
+    Task.TOKEN_CLASSIFICATION: TorchTask("TOKEN_CLS", torch.long, _token_loss, pads_targets=True),
 }
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from core.encoding import Encoder
 from core.errors import DataError, TrainingError
 from core.metrics import Evaluation
 from core.tasks import is_better
@@ -32,7 +33,7 @@ from training.data import load_dataset
 from training.dropout import use_cpu_dropout
 from training.modeling import build_model, optimizer_groups, trainable_state
 from training.precision import DeviceFacts, choose_mixed_precision
-from training.tasks import torch_task
+from training.tasks import IGNORE_INDEX, torch_task
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +75,23 @@ def run_evaluation(model, dataloader, accelerator, cfg: Config, labels, loss_fn,
         The evaluation, and the gathered targets and scores (in the loader's order).
     """
     model.eval()
-    all_logits, all_targets = [], []
+    per_token = torch_task(cfg.task).pads_targets
+    batches = []
     for batch in tqdm(dataloader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         targets = batch.pop("labels")
-        logits = model(**batch).logits
-        logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
-        all_logits.append(logits.cpu())
-        all_targets.append(targets.cpu())
-    logits, targets = torch.cat(all_logits), torch.cat(all_targets)
-    loss = float(loss_fn(logits, targets))
-    scores = cfg.task.spec.scores(logits.numpy())
-    result = cfg.task.spec.evaluate(targets.numpy(), scores, labels, threshold=cfg.train.threshold)
+        logits = model(**batch).logits.float()
+        if per_token:  # processes' batches differ in length: pad before gathering
+            logits = accelerator.pad_across_processes(logits, dim=1)
+            targets = accelerator.pad_across_processes(targets, dim=1, pad_index=IGNORE_INDEX)
+        logits, targets = accelerator.gather_for_metrics((logits, targets))
+        batches.append((logits.cpu(), targets.cpu()))
+    loss_logits, loss_targets, targets, logits = torch_task(cfg.task).collect(batches)
+    loss = float(loss_fn(loss_logits, loss_targets))
+    scores = cfg.task.spec.scores(logits)
+    result = cfg.task.spec.evaluate(targets, scores, labels, threshold=cfg.train.threshold)
     result.metrics["loss"] = loss
     model.train()
-    return result, targets.numpy(), scores
+    return result, targets, scores
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -134,15 +138,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     model, tokenizer = built.model, built.tokenizer
     if accelerator.device.type == "cpu":
         use_cpu_dropout(model)  # same distribution, masks drawn in bulk: see training/dropout.py
+    encoder = Encoder(tokenizer, tc.max_length, tc.stride)
     encoded = {
-        split.name: encode_split(tokenizer, split.texts, split.pairs, split.targets, max_length=tc.max_length,
-                                 desc=split.name, disable=not accelerator.is_local_main_process)
+        split.name: encode_split(encoder, cfg.task, split.texts, split.pairs, split.targets, data.labels,
+                                 desc=split.name, disable=not accelerator.is_local_main_process,
+                                 **cfg.task_training_options)
         for split in (data.train, data.validation, data.test)
     }
+    windows = {name: e.stats for name, e in encoded.items() if e.stats.get("texts_split_into_windows")}
+    for name, stats in windows.items():
+        accelerator.print(f"{name}: {stats['texts_split_into_windows']} text(s) longer than train.max_length were "
+                          f"split into overlapping windows (stride {tc.stride}); {stats['windows']} windows in all")
     for split in (data.train, data.validation, data.test):
         empty = without_content(tokenizer, encoded[split.name])
         if empty:
-            rows = [split.rows[i] if split.rows else i + 1 for i in empty[:5]]
+            rows = [split.rows[i] if i < len(split.rows) else i + 1 for i in empty[:5]]
             raise DataError(f"data.{split.name} ({split.source}): {len(empty)} text(s) tokenize to nothing "
                             f"(rows {rows}{', ...' if len(empty) > 5 else ''}); remove or fix them")
     accelerator.wait_for_everyone()
@@ -305,6 +315,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             "train_seconds": round(state["train_seconds"], 2),
             "train_samples_per_second": round(state["train_samples"] / max(state["train_seconds"], 1e-9), 2),
             "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
+            "windows": {name: e.stats for name, e in encoded.items() if e.stats},
             "history": state["history"],
         }
         result.artifact_dir = publish_artifact(cfg, unwrapped, built, data, result, training_info)

@@ -26,6 +26,7 @@ class Task(str, Enum):
     CLASSIFICATION = "classification"
     MULTILABEL = "multilabel"
     REGRESSION = "regression"
+    TOKEN_CLASSIFICATION = "token_classification"
 
     @property
     def spec(self) -> TaskSpec:
@@ -53,9 +54,10 @@ def spec_for(task: Task | str) -> TaskSpec:
     """The spec of a task (by enum member or name)."""
     if not _SPECS:
         from core.tasks.sequence import ClassificationSpec, MultiLabelSpec, RegressionSpec
+        from core.tasks.token import TokenClassificationSpec
 
         _SPECS.update({Task.CLASSIFICATION: ClassificationSpec(), Task.MULTILABEL: MultiLabelSpec(),
-                       Task.REGRESSION: RegressionSpec()})
+                       Task.REGRESSION: RegressionSpec(), Task.TOKEN_CLASSIFICATION: TokenClassificationSpec()})
     return _SPECS[Task(task)]
 
 

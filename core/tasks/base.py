@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -13,6 +13,7 @@ from core.tasks import LOWER_IS_BETTER, Task, postprocess
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
+    from core.encoding import Encoder
     from core.manifest import Manifest
     from core.metrics import Evaluation
 
@@ -71,10 +72,22 @@ class TaskSpec:
     pipeline_tag: ClassVar[str] = "text-classification"  # the Hugging Face model card's pipeline tag
     plot: ClassVar[str]  # which report plot the artifact gets: confusion | per_label | regression
     auto_model: ClassVar[str] = "AutoModelForSequenceClassification"  # the transformers class of the model
+    hf_problem_type: ClassVar[str | None] = None  # config.problem_type handed to transformers (None: none)
+    logits_axes: ClassVar[dict[int, str]] = {0: "batch"}  # dynamic axes of the exported graph's logits
+    accepts_token_lists: ClassVar[bool] = False  # whether an input may be a list of tokens instead of a text
     # Config options that only some tasks accept (data.label_delimiter, train.label_smoothing, train.threshold).
     options: ClassVar[frozenset[str]] = frozenset()
 
     # -- labels ---------------------------------------------------------------------------------------
+    def parse_example(self, text: Any, label: Any, options: dict | None = None) -> tuple[str, Any]:
+        """An input text and its parsed label (``options``: the data config's task options, such as
+        ``label_delimiter``).
+
+        Raises:
+            LabelError: the label is missing or malformed.
+        """
+        return text, self.parse_label(label, (options or {}).get("label_delimiter"))
+
     def parse_label(self, value: Any, delimiter: str | None = None) -> Any:
         """Normalise one raw label.
 
@@ -109,6 +122,33 @@ class TaskSpec:
     def stratify_key(self, values: Sequence[Any]) -> np.ndarray | None:
         """Per-example keys to stratify carved splits by (``None``: a plain random split)."""
         return None
+
+    # -- encoding -----------------------------------------------------------------------------------------
+    def encode_training(self, encoder: Encoder, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any,
+                        labels: Sequence[str] | None, **options: Any) -> tuple[dict[str, list], Any, dict]:
+        """Token ids of each training example and its target (``(features, targets, stats)``)."""
+        return dict(encoder.encode(texts, pairs)), targets, {}
+
+    def run(self, forward: Callable[[Any], np.ndarray], encoder: Encoder, texts: Sequence[str],
+            pairs: Sequence[str] | None = None, *, batch_size: int, return_tensors: str, progress: bool = False) -> Any:
+        """Encode texts, call ``forward`` (a model on one padded batch) and return raw outputs in input order."""
+        from core.encoding import run_in_length_batches
+
+        return run_in_length_batches(forward, encoder, texts, pairs, batch_size=batch_size,
+                                     return_tensors=return_tensors, progress=progress)
+
+    def flat(self, scores: Any) -> np.ndarray:
+        """Scores as one 2-D array (for score differences between backends)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        return scores.reshape(len(scores), -1)
+
+    def record(self, score: Any) -> Any:
+        """One example's scores as JSON (the self-test examples in the manifest)."""
+        return np.atleast_1d(score).tolist()
+
+    def from_record(self, text: str, record: Any) -> Any:
+        """One example's scores back from :meth:`record`."""
+        return np.asarray(record, dtype=np.float64)
 
     # -- metrics and baselines --------------------------------------------------------------------------
     def evaluate(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *,

@@ -62,7 +62,7 @@ class ClassificationSpec(TaskSpec):
     """One class per text (or pair), from softmax probabilities."""
 
     task = Task.CLASSIFICATION
-    problem_type = "single_label_classification"
+    problem_type = hf_problem_type = "single_label_classification"
     postprocess = "softmax"
     default_metric = "f1_macro"
     metric_names = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_micro", "recall_micro",
@@ -140,7 +140,7 @@ class MultiLabelSpec(TaskSpec):
     """Any number of labels per text: each label's sigmoid probability against the manifest's threshold."""
 
     task = Task.MULTILABEL
-    problem_type = "multi_label_classification"
+    problem_type = hf_problem_type = "multi_label_classification"
     postprocess = "sigmoid"
     default_metric = "f1_micro"
     metric_names = ("subset_accuracy", "hamming_loss", "f1_micro", "f1_macro", "roc_auc_macro", "ndcg", "lrap")
@@ -214,7 +214,7 @@ class RegressionSpec(TaskSpec):
     """One value per text (or pair)."""
 
     task = Task.REGRESSION
-    problem_type = "regression"
+    problem_type = hf_problem_type = "regression"
     postprocess = "identity"
     default_metric = "r2"
     metric_names = ("mse", "rmse", "mae", "r2", "pearson", "spearman")

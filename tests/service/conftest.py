@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_rows, write_jsonl
+from tests.conftest import make_entity_rows, make_rows, write_jsonl
 
 
 def _train_exported(tiny_model: str, directory: Path, **changes) -> Path:
@@ -32,7 +32,8 @@ def _train_exported(tiny_model: str, directory: Path, **changes) -> Path:
 
 @pytest.fixture(scope="session")
 def artifacts(tiny_model, tmp_path_factory) -> dict[str, Path]:
-    """name -> exported artifact directory: classification, multilabel, regression, and a text-pair model."""
+    """name -> exported artifact directory: classification, multilabel, regression, a text-pair model, and a token
+    (entity) model whose windows are short enough that longer sentences are split."""
     built = {}
     for name, changes in {
         "classification": {"task": "classification", "data.label": "label"},
@@ -47,6 +48,13 @@ def artifacts(tiny_model, tmp_path_factory) -> dict[str, Path]:
                 row["pair"] = "a note about the " + row["topics"][0]
             write_jsonl(directory / f"{split}.jsonl", rows)
         built[name] = _train_exported(tiny_model, directory, **changes)
+    directory = tmp_path_factory.mktemp("token")
+    for split, (n, seed) in {"train": (240, 1), "validation": (60, 2), "test": (60, 3)}.items():
+        write_jsonl(directory / f"{split}.jsonl", make_entity_rows(n, seed))
+    built["token"] = _train_exported(tiny_model, directory, **{
+        "task": "token_classification", "data.text": "tokens", "data.label": "tags",
+        "train": {"epochs": 12, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 12, "stride": 4,
+                  "early_stopping": {"patience": None}}})
     return built
 
 

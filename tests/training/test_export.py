@@ -60,7 +60,7 @@ def test_export_passes_the_gate_for_every_task_and_method(base_config, task, met
     # The ONNX model reproduces the LoRA-merged PyTorch model's labels.
     loaded = load_artifact(art)
     texts = ["a superb plot", "dull and tedious acting", "the music was lovely"]
-    ort = OnnxModel(art / "onnx" / "model.onnx").logits(loaded.tokenizer, texts, max_length=32)
+    ort = OnnxModel(art / "onnx" / "model.onnx").logits(loaded.encoder, texts, task=loaded.manifest.task)
     assert np.allclose(ort, predict_logits(loaded, texts), atol=1e-4)
 
 
