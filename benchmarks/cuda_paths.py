@@ -61,23 +61,23 @@ def main() -> None:
         manifest = read_manifest(artifact_dir)
         artifacts[(config, precision)] = artifact_dir
         test = manifest.metrics["test"]
-        int8 = (manifest.export or {}).get("int8") or {}
-        rows.append(f"| {config} | {precision} ({manifest.training['mixed_precision']} recorded) | {manifest.training['train_samples_per_second']:.0f} | {seconds:.0f} | "
+        int8 = manifest.export.int8.model_dump() if manifest.export else {}
+        rows.append(f"| {config} | {precision} ({manifest.training.mixed_precision} recorded) | {manifest.training.train_samples_per_second:.0f} | {seconds:.0f} | "
                     f"{100 * test['accuracy']:.2f}% | {test['f1_macro']:.4f} | "
-                    f"{100 * manifest.export['parity']['onnx']['label_agreement']:.2f}% | "
+                    f"{100 * manifest.export.parity['onnx'].label_agreement:.2f}% | "
                     f"{'kept' if int8.get('kept') else 'dropped'} |")
         print(rows[-1], flush=True)
 
     art = artifacts[("sentiment-lora", "bf16")]
     manifest = read_manifest(art)
     texts = [json.loads(line)["text"] for line in Path(args.data).read_text().splitlines()][-4 * args.n:] \
-        if Path(args.data).is_file() else [s["text"] for s in manifest.export["selftest"]] * (4 * args.n // 8 + 1)
+        if Path(args.data).is_file() else [s.text for s in manifest.export.selftest] * (4 * args.n // 8 + 1)
     backends = {
         "torch-cuda (bf16 weights)": TorchBackend(art, manifest, device="cuda", threads=cpu_threads(), batch_size=32),
         "torch-cpu fp32": TorchBackend(art, manifest, device="cpu", threads=cpu_threads(), batch_size=32),
         "onnx fp32 (CPU)": OnnxBackend(art, manifest, int8=False, threads=cpu_threads(), batch_size=32),
     }
-    if manifest.export["onnx"].get("int8"):
+    if manifest.export.onnx.int8:
         backends["onnx-int8 (CPU)"] = OnnxBackend(art, manifest, int8=True, threads=cpu_threads(), batch_size=32)
     serve_rows = []
     for name, backend in backends.items():

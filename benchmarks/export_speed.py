@@ -41,7 +41,7 @@ def main() -> None:
     manifest = artifact.manifest
     import json
 
-    data = manifest.provenance["config"]["data"]
+    data = manifest.provenance.config["data"]
     rows = [json.loads(line) for line in demo_path(data["train"]).read_text().splitlines()]
     column = [r[data["text"]] for r in rows[-4 * args.n:]]  # the file's tail: real texts of mixed length
     texts = [" ".join(t) if isinstance(t, list) else t for t in column]
@@ -49,7 +49,7 @@ def main() -> None:
     runners = {"torch eager fp32": lambda batch: predict_logits(artifact, batch, batch_size=32)}
     threads = torch.get_num_threads()
     for variant, key in (("ORT fp32 (fused)", "fp32"), ("ORT int8", "int8")):
-        relative = manifest.export.get("onnx", {}).get(key)
+        relative = getattr(manifest.export.onnx, key)
         if relative:
             model = OnnxModel(Path(args.artifact) / relative, threads=threads)
             runners[variant] = (lambda m: lambda batch: m.logits(artifact.encoder, batch, task=manifest.task,
@@ -104,7 +104,7 @@ def main() -> None:
                      f"{r['agreement']:.2%} |")
     table = "\n".join(lines)
     print("\n" + table)
-    int8 = manifest.export.get("int8", {})
+    int8 = manifest.export.int8.model_dump()
     body = (f"Artifact `{manifest.name}` ({manifest.task.value}, all-MiniLM-L6-v2, {manifest.method}), exported by "
             f"`tuneserve export`. Batch 1: p50 over {args.n} single texts, the runners taking turns in blocks of 10, each turn after "
             f"a {PAUSE:g} s pause and {WARMUP} untimed sentences; batch 32: "

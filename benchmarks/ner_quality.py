@@ -6,6 +6,7 @@ manifest recorded:
 
     python benchmarks/ner_quality.py [--configs configs/ner-lora.yaml configs/ner-full.yaml] [--output-root runs/bench]
     python benchmarks/ner_quality.py --reuse          # tabulate the existing artifacts only
+    python benchmarks/ner_quality.py --reuse configs/ner-lora.yaml   # train the others only
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=DEFAULT)
     parser.add_argument("--output-root", default="runs/bench")
-    parser.add_argument("--reuse", action="store_true", help="tabulate existing artifacts without training")
+    parser.add_argument("--reuse", nargs="*", metavar="CONFIG",
+                        help="tabulate the existing artifacts of these configs (all, when none is named) without training")
     args = parser.parse_args()
 
     from benchmarks._report import write_section
@@ -33,7 +35,8 @@ def main() -> None:
     rows, gate, f1 = [], [], {}
     for config in args.configs:
         output = Path(args.output_root) / Path(config).stem
-        manifest = read(output) if args.reuse else train(config, output)
+        reused = args.reuse is not None and (not args.reuse or config in args.reuse)
+        manifest = read(output) if reused else train(config, output)
         test, val, base, info = (manifest["metrics"]["test"], manifest["metrics"]["validation"], manifest["baselines"],
                                  manifest["training"])
         f1[manifest["method"]] = test["f1"]

@@ -17,10 +17,112 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from core.errors import ArtifactError
 from core.tasks import Task
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: the same fields, its sections untyped dicts (empty when absent)
 MANIFEST_FILE = "manifest.json"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
+
+
+class _Section(BaseModel):
+    # Known fields are typed; a field a later release adds is kept, not refused, so that older readers still load.
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class TrainingRecord(_Section):
+    """How the run went: steps, the best checkpoint, speed, and the validation history."""
+
+    epochs_run: int
+    steps: int
+    best_step: int
+    stopped_early: bool
+    steps_per_epoch: int
+    num_processes: int = 1
+    mixed_precision: str = Field("no", description="no | fp16 | bf16: what the weights were trained in.")
+    device: str
+    lr: float
+    seconds: float
+    train_seconds: float
+    train_samples_per_second: float
+    examples: dict[str, int] = Field(description="Examples per split.")
+    windows: dict[str, dict[str, int]] = Field(default_factory=dict,
+                                               description="Token tasks: texts split into windows, per split.")
+    history: dict[str, list[dict[str, Any]]] = Field(description="train_loss per step; validation metrics per evaluation.")
+    lora_target_modules: list[str] | None = None
+    head_modules: list[str] = Field(default_factory=list)
+
+
+class Provenance(_Section):
+    """What it takes to reproduce the run."""
+
+    seed: int | None = None
+    determinism: dict[str, Any] = Field(default_factory=dict)
+    created: str | None = None
+    packages: dict[str, str] = Field(default_factory=dict)
+    data_hashes: dict[str, str] = Field(default_factory=dict, description="sha256 of each split's source file(s).")
+    git_sha: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict, description="The resolved run configuration.")
+
+
+class OnnxFiles(_Section):
+    fp32: str = Field(description="Path of the fp32 graph, relative to the artifact.")
+    int8: str | None = Field(None, description="Path of the int8 graph the gate kept (null: none).")
+    opset: int
+    held_out: str = Field(description="The split the gate measured on.")
+    optimizer: str | None = None
+    fusions: dict[str, int] = Field(default_factory=dict)
+    not_fused: dict[str, str] = Field(default_factory=dict)
+    note: str | None = None
+
+
+class ParityReport(_Section):
+    """One exported variant against PyTorch on the held-out split, at the task level."""
+
+    examples: int
+    tokens: int | None = Field(None, description="Token tasks: sub-tokens compared.")
+    max_abs_diff: float
+    mean_abs_diff: float
+    metrics_torch: dict[str, float]
+    metrics_onnx: dict[str, float]
+    metric_delta: dict[str, float]
+    label_agreement: float | None = None
+    label_agreement_per_label: dict[str, float] | None = None
+    entity_agreement: float | None = Field(None, description="Token tasks: texts whose entities are identical.")
+
+
+class Int8Attempt(_Section):
+    method: str
+    passed: bool
+    reason: str | None = None
+    label_agreement: float | None = None
+    metric_delta: float | None = None
+
+
+class Int8Report(_Section):
+    requested: str
+    kept: bool
+    attempts: list[Int8Attempt] = Field(default_factory=list)
+    method: str | None = None
+    smoothing_alpha: float | None = None
+    fp32_nodes: list[str] = Field(default_factory=list)
+    reason: str | None = None
+    smoothing: dict[str, Any] | None = None
+
+
+class SelftestExample(_Section):
+    """An input and PyTorch's scores and decision for it, for a serving backend to reproduce at start-up."""
+
+    text: str
+    text_pair: str | None = None
+    scores: Any
+    decision: Any
+
+
+class ExportRecord(_Section):
+    onnx: OnnxFiles
+    parity: dict[str, ParityReport] = Field(description="Variant (onnx, onnx-int8) -> its parity report.")
+    int8: Int8Report
+    selftest: list[SelftestExample]
 
 
 class Manifest(BaseModel):
@@ -48,9 +150,9 @@ class Manifest(BaseModel):
     primary_metric: str
     per_class: dict[str, dict[str, float]] | None = None
     confusion_matrix: list[list[int]] | None = None
-    training: dict[str, Any] = Field(default_factory=dict, description="Epochs run, steps, best epoch, timings.")
-    provenance: dict[str, Any] = Field(default_factory=dict)
-    export: dict[str, Any] = Field(default_factory=dict)
+    training: TrainingRecord | None = Field(None, description="Epochs run, steps, best step, timings, history.")
+    provenance: Provenance = Field(default_factory=Provenance)
+    export: ExportRecord | None = Field(None, description="The ONNX export and its gate; null until exported.")
 
     @property
     def has_pair(self) -> bool:
@@ -86,14 +188,20 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path}: unreadable manifest ({exc})") from None
     version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ArtifactError(f"{path}: schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{path}: schema_version {version!r} is not supported (this version reads "
+                            f"{', '.join(map(str, READABLE_VERSIONS))})")
+    if version == 1:  # the same fields; an absent section was an empty dict
+        raw = {**raw, "schema_version": SCHEMA_VERSION,
+               **{k: None for k in ("training", "export") if raw.get(k) == {}}}
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ArtifactError(f"{path}: field '{where}': {first['msg']}") from None
+        hint = (" (a version-1 manifest this release cannot read: re-export the artifact with `tuneserve export "
+                f"{directory}`, or retrain it)") if version == 1 else ""
+        raise ArtifactError(f"{path}: field '{where}': {first['msg']}{hint}") from None
     if manifest.task.spec.has_labels and not manifest.labels:
         raise ArtifactError(f"{path}: a {manifest.task.value} manifest must list its labels")
     if manifest.labels is not None and len(set(manifest.labels)) != len(manifest.labels):

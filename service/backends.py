@@ -57,8 +57,7 @@ class OnnxBackend:
 
         from core.onnx_runner import OnnxModel, check_external_data
 
-        onnx_files = (manifest.export or {}).get("onnx") or {}
-        relative = onnx_files.get("int8" if int8 else "fp32")
+        relative = (manifest.export.onnx.int8 if int8 else manifest.export.onnx.fp32) if manifest.export else None
         if not relative:
             what = "an int8 variant (the export gate dropped it or int8 was off)" if int8 else "an ONNX export"
             raise ArtifactError(f"{artifact_dir}: the manifest lists no {what}; run `tuneserve export`")
@@ -98,7 +97,7 @@ class TorchBackend:
         # per batch of 32 on an H100 (BENCHMARKS.md, CUDA sections).
         dtype = torch.float32
         if device == "cuda":
-            trained = (manifest.training or {}).get("mixed_precision", "no")
+            trained = manifest.training.mixed_precision if manifest.training else "no"
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained, torch.float32)
         else:
             torch.set_num_threads(threads)
@@ -147,7 +146,7 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
         if device != "cpu" and _cuda_available():
             backend, device = "torch", "cuda"
         else:
-            backend = "onnx-int8" if ((manifest.export or {}).get("onnx") or {}).get("int8") else "onnx"
+            backend = "onnx-int8" if manifest.export and manifest.export.onnx.int8 else "onnx"
     if backend == "torch":
         try:
             import torch  # noqa: F401

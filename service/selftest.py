@@ -18,8 +18,8 @@ def tolerance(manifest: Manifest, backend_name: str, half_precision: bool = Fals
     export gate measured on the held-out split (at least the fp32 tolerance)."""
     if backend_name.startswith("torch"):
         return HALF_TOLERANCE if half_precision else FP32_TOLERANCE
-    parity = ((manifest.export or {}).get("parity") or {}).get(backend_name) or {}
-    return max(FP32_TOLERANCE, 2.0 * float(parity.get("max_abs_diff", 0.0)))
+    parity = manifest.export.parity.get(backend_name) if manifest.export else None
+    return max(FP32_TOLERANCE, 2.0 * (parity.max_abs_diff if parity else 0.0))
 
 
 def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -> dict:
@@ -31,14 +31,14 @@ def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -
     Raises:
         ArtifactError: naming the first example that differs, or when the artifact records no examples.
     """
-    samples = (manifest.export or {}).get("selftest") or []
+    samples = manifest.export.selftest if manifest.export else []
     if not samples:
         raise ArtifactError("the artifact records no self-test examples (export it with `tuneserve export`); "
                             "refusing to serve a model whose outputs cannot be checked")
-    texts = [s["text"] for s in samples]
-    pairs = [s["text_pair"] for s in samples] if manifest.has_pair else None
+    texts = [s.text for s in samples]
+    pairs = [s.text_pair for s in samples] if manifest.has_pair else None
     spec = manifest.task.spec
-    expected = [spec.from_record(text, s["scores"]) for text, s in zip(texts, samples)]
+    expected = [spec.from_record(s.text, s.scores) for s in samples]
     got = spec.scores(backend.logits(texts, pairs))
     if not np.all(np.isfinite(spec.flat(got))):
         raise ArtifactError(f"self-test: backend {backend.name} gives non-finite outputs")
@@ -46,15 +46,15 @@ def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -
     diff = np.array([np.abs(spec.flat([g]) - spec.flat([e])).max(initial=0.0) for g, e in zip(got, expected)])
     want, have = spec.decide(manifest, expected), spec.decide(manifest, got)
     for i, sample in enumerate(samples):
-        recorded = sample.get("decision")
+        recorded = sample.decision
         if spec.has_labels and recorded is not None and recorded != want[i]:
             raise ArtifactError(f"self-test: the manifest's labels turn PyTorch's export-time scores for example {i} "
                                 f"into {want[i]!r}, but PyTorch decided {recorded!r}: the manifest's labels "
                                 f"{manifest.labels} do not belong to this model")
         if spec.has_labels and want[i] != have[i]:
             raise ArtifactError(f"self-test: backend {backend.name} predicts {have[i]!r} for example {i} "
-                                f"({sample['text'][:60]!r}); PyTorch predicted {want[i]!r} at export")
+                                f"({sample.text[:60]!r}); PyTorch predicted {want[i]!r} at export")
         if diff[i] > tol:
             raise ArtifactError(f"self-test: backend {backend.name} is {diff[i]:.4g} away from PyTorch's scores on "
-                                f"example {i} ({sample['text'][:60]!r}); tolerance {tol:.4g}")
+                                f"example {i} ({sample.text[:60]!r}); tolerance {tol:.4g}")
     return {"examples": len(samples), "max_abs_diff": float(diff.max()), "tolerance": tol}

@@ -165,16 +165,15 @@ class Tuneserve:
 
     def metadata(self) -> dict:
         m = self.manifest
-        export = m.export or {}
         return {
             "model": self.model_tag, "name": m.name, "task": m.task.value, "labels": m.labels,
             "text_fields": m.text_fields, "max_length": m.max_length, "threshold": m.threshold,
             "base_model": m.base_model, "method": m.method, "primary_metric": m.primary_metric,
-            "metrics": m.metrics, "baselines": m.baselines, "parity": export.get("parity"),
-            "int8": export.get("int8"), "backend": self.backend.name,
+            "metrics": m.metrics, "baselines": m.baselines, "parity": m.export.model_dump(mode="json")["parity"] if m.export else None,
+            "int8": m.export.int8.model_dump(mode="json") if m.export else None, "backend": self.backend.name,
             "execution_provider": getattr(self.backend, "provider", None), "selftest": self.selftest,
             "startup_seconds": round(self.startup_seconds, 3),
-            "versions": {"trained_with": (m.provenance or {}).get("packages"), "serving": _serving_versions()},
+            "versions": {"trained_with": m.provenance.packages, "serving": _serving_versions()},
             "limits": {"max_texts": self.settings.max_texts, "max_chars": self.settings.max_chars,
                        "max_examples": self.settings.max_examples, "max_body_bytes": self.settings.max_body_bytes},
         }

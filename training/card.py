@@ -27,21 +27,29 @@ def metrics_table(manifest: Manifest) -> str:
     return "\n".join(rows)
 
 
+def _length(manifest: Manifest) -> str:
+    if manifest.stride is not None:  # token tasks drop nothing: long texts become overlapping windows
+        return (f"longer texts cut into windows of {manifest.max_length} tokens sharing {manifest.stride}; "
+                f"sub-token scores become entities by the `{manifest.aggregation}` strategy")
+    return f"truncated to {manifest.max_length} tokens"
+
+
 def model_card(manifest: Manifest) -> str:
     header = {
         "library_name": "transformers",
-        "base_model": manifest.provenance.get("config", {}).get("model", manifest.base_model),
+        "base_model": manifest.provenance.config.get("model", manifest.base_model),
         "pipeline_tag": manifest.task.spec.pipeline_tag,
         "tags": ["tuneserve", manifest.task.value, manifest.method],
         "metrics": [m for m in manifest.task.spec.metric_names if m in manifest.metrics.get("test", {})][:4],
     }
-    cfg = manifest.provenance.get("config", {})
+    cfg = manifest.provenance.config
+    run = manifest.training
     train = cfg.get("train", {})
-    examples = manifest.training.get("examples", {})
+    examples = run.examples if run else {}
     labels = ", ".join(f"`{label}`" for label in manifest.labels) if manifest.labels else "none (a single value)"
     hyper = {k: train.get(k) for k in ("epochs", "batch_size", "scheduler", "warmup_ratio", "weight_decay",
                                        "grad_accum", "max_grad_norm", "max_length", "class_weights", "seed")}
-    hyper["lr"] = manifest.training.get("lr")
+    hyper["lr"] = run.lr if run else None
     if manifest.method == "lora":
         hyper["lora"] = cfg.get("lora")
     return f"""---
@@ -53,7 +61,7 @@ def model_card(manifest: Manifest) -> str:
 A {manifest.task.value} model fine-tuned with tuneserve from `{header['base_model']}` by {_METHOD[manifest.method]}.
 
 - **Labels:** {labels}
-- **Input:** {' + '.join(f'`{f}`' for f in manifest.text_fields)}, truncated to {manifest.max_length} tokens
+- **Input:** {' + '.join(f'`{f}`' for f in manifest.text_fields)}, {_length(manifest)}
 - **Outputs:** logits; scores are their {manifest.postprocess}{f' (a label is predicted at probability ≥ {manifest.threshold})' if manifest.threshold is not None else ''}
 - **Trainable parameters:** {manifest.trainable_parameters:,} of {manifest.total_parameters:,}
 
@@ -65,7 +73,7 @@ stratified, unless given separately). Data hashes are in `manifest.json` under `
 
 ## Results
 
-Validation metrics are from the best checkpoint (step {manifest.training.get('best_step')}, selected on validation
+Validation metrics are from the best checkpoint (step {run.best_step if run else '—'}, selected on validation
 `{manifest.primary_metric}`); test metrics are of that checkpoint, beside baselines fitted on the same training data
 and scored on the same test split.
 
@@ -75,9 +83,9 @@ Plots are in `report/`.
 
 ## Training
 
-{manifest.training.get('epochs_run')} epoch(s), {manifest.training.get('steps')} optimizer steps on
-{manifest.training.get('num_processes')} process(es) ({manifest.training.get('device')}, precision
-{manifest.training.get('mixed_precision')}), {manifest.training.get('seconds')} s.
+{run.epochs_run if run else '—'} epoch(s), {run.steps if run else '—'} optimizer steps on
+{run.num_processes if run else '—'} process(es) ({run.device if run else '—'}, precision
+{run.mixed_precision if run else '—'}), {run.seconds if run else '—'} s.
 
 ```yaml
 {yaml.safe_dump(hyper, sort_keys=False).strip()}

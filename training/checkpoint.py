@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,26 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def read_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+@dataclass
+class LoopState:
+    """Where the training loop is: what a checkpoint carries besides the weights, optimizer and RNG states."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    best: float | None = None  # best value of the monitored validation metric so far
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the best one (early stopping)
+    stopped_early: bool = False
+    train_seconds: float = 0.0  # time in forward/backward/step, not in evaluation or checkpointing
+    train_samples: int = 0
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"train_loss": [], "validation": []})
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
+def read_state(checkpoint: Path) -> LoopState:
+    return LoopState(**json.loads((checkpoint / STATE_FILE).read_text()))
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: LoopState, keep: int) -> Path:
     """Save the full training state atomically and keep only the newest ``keep`` checkpoints.
 
     Every process must call this (Accelerate gathers what it needs); only the main process renames.
@@ -58,7 +74,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
     if accelerator.is_main_process:
         state_path = tmp / STATE_FILE
         with state_path.open("w") as fh:
-            json.dump(state, fh, indent=2)
+            json.dump(asdict(state), fh, indent=2)
             fh.flush()
             os.fsync(fh.fileno())
         if final.exists():  # the same step saved again after a resume: replace it whole

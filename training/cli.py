@@ -78,7 +78,7 @@ def _load_labelled(artifact, data: str, text: str | None, text_pair: str | None,
     cfg = DataConfig(train=data, text=text or manifest.text_fields[0],
                      text_pair=text_pair or (manifest.text_fields[1] if manifest.has_pair else None),
                      label=label or manifest.label_field,
-                     label_delimiter=manifest.provenance.get("config", {}).get("data", {}).get("label_delimiter"),
+                     label_delimiter=manifest.provenance.config.get("data", {}).get("label_delimiter"),
                      drop_missing_labels=drop_missing)
     split = load_split(data, "evaluate", cfg, manifest.task)
     attach_targets(split, manifest.task, manifest.labels, cfg.label)

@@ -32,9 +32,8 @@ def register(artifact_dir: str | Path, name: str | None = None) -> str:
     if not (artifact_dir / MODEL_DIR / "model.safetensors").is_file():
         raise ArtifactError(f"{artifact_dir}: {MODEL_DIR}/model.safetensors is missing")
     backends = ["torch"]
-    export = manifest.export or {}
     for key, backend in (("fp32", "onnx"), ("int8", "onnx-int8")):
-        relative = (export.get("onnx") or {}).get(key)
+        relative = getattr(manifest.export.onnx, key) if manifest.export else None
         if relative:
             if not (artifact_dir / relative).is_file():
                 raise ArtifactError(f"{artifact_dir}: the manifest lists {relative}, which is missing")
@@ -44,7 +43,7 @@ def register(artifact_dir: str | Path, name: str | None = None) -> str:
               "source": "tuneserve"}
     metadata = {"primary_metric": manifest.primary_metric, "test_metrics": manifest.metrics.get("test", {}),
                 "labels": manifest.labels, "base_model": manifest.base_model,
-                "int8_kept": bool((export.get("int8") or {}).get("kept"))}
+                "int8_kept": bool(manifest.export and manifest.export.int8.kept)}
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         for item in artifact_dir.iterdir():
             if item.name.startswith("."):  # temporary directories of an interrupted export

@@ -27,7 +27,7 @@ from core.errors import DataError, TrainingError
 from core.metrics import Evaluation
 from core.tasks import is_better
 from training.batching import Collator, LengthGroupedBatchSampler, encode_split, without_content
-from training.checkpoint import CHECKPOINTS, latest_checkpoint, read_state, save_checkpoint
+from training.checkpoint import CHECKPOINTS, LoopState, latest_checkpoint, read_state, save_checkpoint
 from training.config import Config
 from training.data import load_dataset
 from training.dropout import use_cpu_dropout
@@ -190,44 +190,43 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     monitor = cfg.monitor
 
     # -- state that checkpoints carry ---------------------------------------------------------------
-    state = {"epoch": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
-             "train_seconds": 0.0, "train_samples": 0, "history": {"train_loss": [], "validation": []}}
+    state = LoopState()
     if resume:
         accelerator.load_state(str(resume_from))
         state = read_state(resume_from)
-        accelerator.print(f"resumed from {resume_from} (epoch {state['epoch']}, step {state['step']})")
+        accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step})")
 
     def validate() -> bool:
         """Evaluate, keep the best weights, and say whether early stopping should end the run."""
         result, _, _ = run_evaluation(model, val_dl, accelerator, cfg, data.labels, loss_fn, "validate")
         value = result.metrics.get(monitor)
-        state["history"]["validation"].append({"step": state["step"], "epoch": state["epoch"], **result.metrics})
-        if value is not None and is_better(monitor, value, state["best"]):
-            state.update(best=value, best_step=state["step"], bad_evals=0)
+        state.history["validation"].append({"step": state.step, "epoch": state.epoch, **result.metrics})
+        if value is not None and is_better(monitor, value, state.best):
+            state.best, state.best_step, state.bad_evals = value, state.step, 0
             if main:
                 tmp = output_dir / f".{BEST_WEIGHTS}.tmp"
                 save_file(trainable_state(accelerator.unwrap_model(model)), str(tmp))
                 tmp.replace(output_dir / BEST_WEIGHTS)
         else:
-            state["bad_evals"] += 1
-        accelerator.print(f"step {state['step']}: validation {monitor} {value:.4f} (best {state['best']:.4f} at step {state['best_step']})"
-                          if value is not None else f"step {state['step']}: validation {monitor} undefined")
+            state.bad_evals += 1
+        accelerator.print(f"step {state.step}: validation {monitor} {value:.4f} (best {state.best:.4f} at step {state.best_step})"
+                          if value is not None else f"step {state.step}: validation {monitor} undefined")
         patience = tc.early_stopping.patience
-        return patience is not None and state["bad_evals"] >= patience
+        return patience is not None and state.bad_evals >= patience
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, output_dir, state["step"], state, tc.keep_checkpoints)
+        save_checkpoint(accelerator, output_dir, state.step, state, tc.keep_checkpoints)
 
 
     # -- the loop -----------------------------------------------------------------------------------
     model.train()
-    start_epoch = state["epoch"]
-    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step",
+    start_epoch = state.epoch
+    progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
     for epoch in range(start_epoch, tc.epochs):
-        if state["stopped_early"]:
+        if state.stopped_early:
             break
-        done_in_epoch = state["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+        done_in_epoch = state.step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
         batches = accelerator.skip_first_batches(train_dl, done_in_epoch * tc.grad_accum) if done_in_epoch else train_dl
         # The batch order is a function of (seed, epoch); Accelerate's loaders pass the epoch on to the
         # sampler, and a resumed run must tell them which epoch it is in.
@@ -240,7 +239,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                 logits = model(**batch).logits
                 loss = loss_fn(logits, targets)
                 if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step {state['step'] + 1}; "
+                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step + 1}; "
                                         "lower train.lr or check the data. No artifact was published from this run.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm is not None:
@@ -249,46 +248,46 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                 optimizer.zero_grad(set_to_none=True)
             window_loss += loss.item()
             window_n += targets.shape[0]
-            state["train_samples"] += targets.shape[0] * accelerator.num_processes
+            state.train_samples += targets.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             # One optimizer step done.
             scheduler.step()
-            state["step"] += 1
+            state.step += 1
             mean_loss = window_loss / tc.grad_accum
-            state["history"]["train_loss"].append({"step": state["step"], "loss": mean_loss,
+            state.history["train_loss"].append({"step": state.step, "loss": mean_loss,
                                                    "lr": scheduler.get_last_lr()[0]})
             progress.update(1)
             progress.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4f}",
                                  samples_per_s=f"{window_n * accelerator.num_processes / (time.time() - window_start):.0f}")
             window_loss, window_n, window_start = 0.0, 0, time.time()
-            state["train_seconds"] += time.perf_counter() - tick
-            if isinstance(tc.eval_every, int) and state["step"] % tc.eval_every == 0:
-                state["stopped_early"] = validate()
-            if isinstance(tc.save_every, int) and state["step"] % tc.save_every == 0:
+            state.train_seconds += time.perf_counter() - tick
+            if isinstance(tc.eval_every, int) and state.step % tc.eval_every == 0:
+                state.stopped_early = validate()
+            if isinstance(tc.save_every, int) and state.step % tc.save_every == 0:
                 checkpoint()
-            if state["stopped_early"]:
+            if state.stopped_early:
                 break
             tick = time.perf_counter()
-        if not state["stopped_early"]:
-            state["epoch"] = epoch + 1
+        if not state.stopped_early:
+            state.epoch = epoch + 1
             if tc.eval_every == "epoch":
-                state["stopped_early"] = validate()
-        if tc.save_every == "epoch" or state["stopped_early"]:
+                state.stopped_early = validate()
+        if tc.save_every == "epoch" or state.stopped_early:
             checkpoint()
-        if state["stopped_early"]:
+        if state.stopped_early:
             accelerator.print(f"early stopping: no {monitor} improvement in {tc.early_stopping.patience} evaluations")
             break
     progress.close()
-    evaluated = state["history"]["validation"]
-    if not evaluated or evaluated[-1]["step"] != state["step"]:
+    evaluated = state.history["validation"]
+    if not evaluated or evaluated[-1]["step"] != state.step:
         validate()  # the final weights are a candidate for "best" too
 
     # -- restore the best weights and score the test split ------------------------------------------
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    if state["best_step"] is None:  # the monitored metric was never defined: keep the final weights
-        state["best_step"] = state["step"]
+    if state.best_step is None:  # the monitored metric was never defined: keep the final weights
+        state.best_step = state.step
         accelerator.print(f"validation {monitor} was undefined at every evaluation; keeping the final weights")
     else:
         best = load_file(str(output_dir / BEST_WEIGHTS))
@@ -296,7 +295,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             for name, param in unwrapped.named_parameters():
                 if name in best:
                     param.copy_(best[name].to(param.device, param.dtype))
-    validation = next(v for v in reversed(state["history"]["validation"]) if v["step"] == state["best_step"])
+    validation = next(v for v in reversed(state.history["validation"]) if v["step"] == state.best_step)
     test, test_targets, test_scores = run_evaluation(model, test_dl, accelerator, cfg, data.labels, loss_fn, "test")
     metrics = {"validation": {k: v for k, v in validation.items() if k not in ("step", "epoch")}, "test": test.metrics}
 
@@ -308,15 +307,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             (data.train.texts, data.train.pairs, data.train.targets),
             (data.test.texts, data.test.pairs, data.test.targets), data.labels, threshold=tc.threshold, seed=tc.seed)
         training_info = {
-            "epochs_run": state["epoch"], "steps": state["step"], "best_step": state["best_step"],
-            "stopped_early": state["stopped_early"], "steps_per_epoch": steps_per_epoch,
+            "epochs_run": state.epoch, "steps": state.step, "best_step": state.best_step,
+            "stopped_early": state.stopped_early, "steps_per_epoch": steps_per_epoch,
             "num_processes": accelerator.num_processes, "mixed_precision": precision,
             "device": str(accelerator.device), "lr": cfg.lr, "seconds": round(time.time() - started, 1),
-            "train_seconds": round(state["train_seconds"], 2),
-            "train_samples_per_second": round(state["train_samples"] / max(state["train_seconds"], 1e-9), 2),
+            "train_seconds": round(state.train_seconds, 2),
+            "train_samples_per_second": round(state.train_samples / max(state.train_seconds, 1e-9), 2),
             "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
             "windows": {name: e.stats for name, e in encoded.items() if e.stats},
-            "history": state["history"],
+            "history": state.history,
         }
         result.artifact_dir = publish_artifact(cfg, unwrapped, built, data, result, training_info)
         if cfg.export.onnx:

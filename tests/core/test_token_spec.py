@@ -7,7 +7,6 @@ from core.encoding import Encoder
 from core.tasks import Task
 from core.tasks.base import LabelError
 from core.tasks.token import (
-    TaggedText,
     TokenOutput,
     entities_of,
     normalise_tags,

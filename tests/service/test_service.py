@@ -154,7 +154,7 @@ def test_metadata_docs_and_probes(artifacts, serve):
 
 def test_auto_backend_picks_int8_when_the_artifact_kept_it(artifacts, serve):
     art = artifacts["classification"]
-    kept = bool(read_manifest(art).export["onnx"]["int8"])
+    kept = bool(read_manifest(art).export.onnx.int8)
     client = serve(art)
     assert client.post("/predict", json={"texts": ["fine"]}).json()["backend"] == ("onnx-int8" if kept else "onnx")
 
@@ -236,6 +236,6 @@ def test_the_self_test_refuses_a_lying_manifest_and_a_backend_that_disagrees(art
 
     with pytest.raises(ArtifactError, match="predicts"):
         run_selftest(Disagreeing(), manifest)
-    no_samples = manifest.model_copy(update={"export": {**manifest.export, "selftest": []}})
+    no_samples = manifest.model_copy(update={"export": manifest.export.model_copy(update={"selftest": []})})
     with pytest.raises(ArtifactError, match="no self-test examples"):
         run_selftest(backend, no_samples)

@@ -39,7 +39,7 @@ def test_train_prints_metrics_beside_baselines(trained):
     header = next(line for line in stdout.splitlines() if line.startswith("metric"))
     assert header.split() == ["metric", "model", "majority", "tfidf_logreg"]
     assert any(line.startswith("accuracy") for line in stdout.splitlines())
-    assert read_manifest(artifact).provenance["seed"] == 7  # the --set override reached the run
+    assert read_manifest(artifact).provenance.seed == 7  # the --set override reached the run
 
 
 def test_evaluate_reproduces_the_recorded_test_metrics(trained, data_dir, tmp_path):

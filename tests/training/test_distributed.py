@@ -37,9 +37,9 @@ def test_torchrun_two_processes(tmp_path, tiny_model, data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     artifact = tmp_path / "run" / "artifact"
     manifest = read_manifest(artifact)
-    assert manifest.training["num_processes"] == 2
+    assert manifest.training.num_processes == 2
     # 240 training examples, batch 8 per process, 2 processes -> 15 optimizer steps per epoch.
-    assert manifest.training["steps_per_epoch"] == 15
+    assert manifest.training.steps_per_epoch == 15
     assert sum(row["support"] for row in manifest.per_class.values()) == 60
 
     out = tmp_path / "single.json"

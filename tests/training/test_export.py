@@ -8,9 +8,10 @@ import onnx
 import pytest
 
 from core.errors import ArtifactError
-from core.manifest import read_manifest
+from core.manifest import ExportRecord, read_manifest
 from core.onnx_runner import OnnxModel, check_external_data
 from training import export as export_module
+from training import quantize as quantize_module
 from training.config import load_config
 from training.export import ExportError, export_artifact
 from training.inference import load_artifact, predict_logits
@@ -36,7 +37,7 @@ def test_export_passes_the_gate_for_every_task_and_method(base_config, task, met
     base_config["data"]["label"] = label
     result = _train(base_config, task=task, method=method)
     art = result.artifact_dir
-    section = read_manifest(art).export
+    section = read_manifest(art).export.model_dump(mode="json", exclude_none=True)
     assert (art / "onnx" / "model.onnx").is_file()
     fp32 = section["parity"]["onnx"]
     assert fp32["examples"] == 60 and fp32["max_abs_diff"] < 1e-3
@@ -62,6 +63,20 @@ def test_export_passes_the_gate_for_every_task_and_method(base_config, task, met
     texts = ["a superb plot", "dull and tedious acting", "the music was lovely"]
     ort = OnnxModel(art / "onnx" / "model.onnx").logits(loaded.encoder, texts, task=loaded.manifest.task)
     assert np.allclose(ort, predict_logits(loaded, texts), atol=1e-4)
+
+
+def test_export_refuses_when_the_training_data_changed_on_disk(base_config, tmp_path):
+    import shutil
+
+    for split in ("train", "validation", "test"):  # private copies: this test edits one
+        shutil.copy(base_config["data"][split], tmp_path / f"{split}.jsonl")
+        base_config["data"][split] = str(tmp_path / f"{split}.jsonl")
+    result = train(load_config(raw=base_config))  # export off: exported later, as `tuneserve export` does
+    with open(base_config["data"]["validation"], "a") as fh:
+        fh.write('{"text": "one more sentence", "label": "positive", "topics": ["plot"], "score": 1.0}\n')
+    with pytest.raises(ExportError, match=r"data this model was trained on changed on disk since training \(validation: "):
+        export_artifact(result.artifact_dir, int8="off")
+    assert not (result.artifact_dir / "onnx").exists()
 
 
 def test_a_corrupted_weight_fails_the_gate_and_keeps_the_previous_export(base_config, monkeypatch):
@@ -93,7 +108,8 @@ def test_int8_on_fails_when_no_variant_keeps_quality(base_config):
     result = _train(base_config)
     with pytest.raises(ExportError, match="--int8 on, but no int8 variant kept quality"):
         export_module.export_artifact(result.artifact_dir, int8="on", min_int8_agreement=1.01)
-    assert read_manifest(result.artifact_dir).export == result.export  # the earlier export is left as it was
+    # the earlier export is left as it was
+    assert read_manifest(result.artifact_dir).export == ExportRecord.model_validate(result.export)
 
 
 def test_int8_report_lists_every_variant_tried(base_config):
@@ -102,7 +118,7 @@ def test_int8_report_lists_every_variant_tried(base_config):
     int8 = section["int8"]
     methods = [a["method"] for a in int8["attempts"]]
     damage = {float(a): d for a, d in int8["smoothing"]["damage"].items()}
-    assert sorted(damage) == list(export_module.SMOOTHING_ALPHAS)
+    assert sorted(damage) == list(quantize_module.SMOOTHING_ALPHAS)
     least = sorted(damage, key=damage.__getitem__)
     assert methods[:2] == ["per-tensor", "per-channel"]
     assert methods[2:5] == [f"per-channel, smoothed (alpha {a:g})" for a in least[:3]]
@@ -142,7 +158,7 @@ def test_int8_ladder_finds_the_fewest_fp32_nodes_that_pass(needed, expected):
     def passes(name, options):
         return len(options.get("nodes_to_exclude", [])) >= needed
 
-    tried = _drive(export_module.int8_attempts(lambda: [0.9, 0.5, 0.7, 0.8], rank), passes)
+    tried = _drive(quantize_module.int8_attempts(lambda: [0.9, 0.5, 0.7, 0.8], rank), passes)
     assert [name for name, _ in tried[:5]] == ["per-tensor", "per-channel", "per-channel, smoothed (alpha 0.9)",
                                                "per-channel, smoothed (alpha 0.5)", "per-channel, smoothed (alpha 0.7)"]
     assert calls == [0.9]  # ranked once, on the least-damage smoothed graph, which every later variant uses
@@ -165,12 +181,12 @@ def test_int8_ladder_ranks_nodes_only_when_whole_graph_quantization_fails(passin
             raise AssertionError("smoothing measured although plain per-channel passed")
         return [0.9, 0.5, 0.7]
 
-    tried = _drive(export_module.int8_attempts(smoothing, rank), lambda name, options: name == passing)
+    tried = _drive(quantize_module.int8_attempts(smoothing, rank), lambda name, options: name == passing)
     assert [name for name, _ in tried] == expected
 
 
 def test_int8_ladder_without_smoothable_nodes_ranks_the_plain_graph():
-    tried = _drive(export_module.int8_attempts(lambda: [], lambda alpha: ["a", "b", "c"]),
+    tried = _drive(quantize_module.int8_attempts(lambda: [], lambda alpha: ["a", "b", "c"]),
                    lambda name, options: len(options.get("nodes_to_exclude", [])) >= 1)
     assert [name for name, _ in tried] == ["per-tensor", "per-channel", "per-channel, the 1 most sensitive of 3 nodes in fp32"]
     assert tried[-1][1] == {"per_channel": True, "smooth": None, "nodes_to_exclude": ["a"]}
@@ -197,7 +213,7 @@ def test_smoothing_keeps_the_fp32_function_and_rescues_int8_from_an_outlier_chan
     x[:, 3] *= 100  # one activation channel dwarfs the rest, as in transformer layers
     plain, smoothed = tmp_path / "plain.onnx", tmp_path / "smoothed.onnx"
     _outlier_matmul(plain, weights)
-    assert export_module.smooth_graph(plain, smoothed, {"x": np.abs(x).max(axis=0)}, alpha=0.5) == 1
+    assert quantize_module.smooth_graph(plain, smoothed, {"x": np.abs(x).max(axis=0)}, alpha=0.5) == 1
     graph = onnx.load(str(smoothed)).graph
     assert [n.op_type for n in graph.node] == ["Mul", "MatMul"]
 
@@ -208,7 +224,7 @@ def test_smoothing_keeps_the_fp32_function_and_rescues_int8_from_an_outlier_chan
     assert np.allclose(run(smoothed), exact, rtol=1e-4, atol=1e-3)
     errors = {}
     for name, path in (("plain", plain), ("smoothed", smoothed)):
-        export_module._quantize(path, tmp_path / f"{name}.int8.onnx", per_channel=True)
+        quantize_module._quantize(path, tmp_path / f"{name}.int8.onnx", per_channel=True)
         errors[name] = np.abs(run(tmp_path / f"{name}.int8.onnx") - exact).mean()
     assert errors["smoothed"] < 0.7 * errors["plain"], errors  # measured: 0.72 against 1.31
 
@@ -221,13 +237,13 @@ def test_smoothing_skips_weights_that_two_nodes_share(tmp_path):
         "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
         [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
-    assert export_module.smoothable_nodes(graph) == []
+    assert quantize_module.smoothable_nodes(graph) == []
 
 
 def test_sensitivity_ranking_quantizes_each_node_alone(base_config, tmp_path):
     art = _train(base_config).artifact_dir
     fp32 = art / "onnx" / "model.onnx"
-    candidates = export_module.quantizable_nodes(fp32)
+    candidates = quantize_module.quantizable_nodes(fp32)
     assert len(candidates) == 1 + 2 * 4 + 2  # embeddings; per layer Attention + 3 MatMul; pooler and classifier
     damage = {name: float(i % 3) + i / 100 for i, name in enumerate(candidates)}  # an arbitrary order
     seen = []
@@ -239,7 +255,7 @@ def test_sensitivity_ranking_quantizes_each_node_alone(base_config, tmp_path):
         seen.append(quantized)
         return damage[quantized[0]]
 
-    ranked = export_module.rank_by_sensitivity(fp32, tmp_path / "probe.onnx", error)
+    ranked = quantize_module.rank_by_sensitivity(fp32, tmp_path / "probe.onnx", error)
     assert sorted(q[0] for q in seen) == sorted(candidates) and all(len(q) == 1 for q in seen)
     assert ranked == sorted(candidates, key=damage.__getitem__, reverse=True)
     assert not (tmp_path / "probe.onnx").exists()
@@ -287,7 +303,7 @@ def test_register_puts_the_artifact_in_the_bentoml_store(base_config, tmp_path, 
 
     model = bentoml.models.get(tag)
     assert model.info.labels["task"] == "classification" and "onnx" in model.info.labels["backends"].split(",")
-    assert read_manifest(model.path).export["parity"]["onnx"]["label_agreement"] >= 0.999
+    assert read_manifest(model.path).export.parity["onnx"].label_agreement >= 0.999
 
 
 def test_register_refuses_a_bad_name_and_an_incomplete_artifact(base_config, tmp_path):

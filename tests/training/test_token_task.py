@@ -88,7 +88,7 @@ def test_full_finetune_learns_entities_and_the_artifact_reproduces_them(tiny_mod
     assert manifest.task is TOKENS and manifest.stride == 4 and manifest.aggregation == "first"
     assert set(manifest.per_class) == {"LOC", "ORG", "PER"}
     assert len(manifest.confusion_matrix) == len(manifest.labels) == 7
-    assert manifest.training["windows"]["train"]["texts_split_into_windows"] > 0  # max_length 12 splits some
+    assert manifest.training.windows["train"]["texts_split_into_windows"] > 0  # max_length 12 splits some
     assert (result.artifact_dir / "report" / "confusion_matrix.png").is_file()
     # The saved model, run over whole texts (windows merged), reproduces the test F1 the trainer reported.
     loaded = load_artifact(result.artifact_dir)
@@ -110,7 +110,7 @@ def test_lora_and_freeze_train_the_token_head(tiny_model, entity_dir, tmp_path, 
     raw["method"] = method
     result = train(load_config(raw=raw))
     manifest = read_manifest(result.artifact_dir)
-    assert "classifier" in manifest.training["head_modules"]
+    assert "classifier" in manifest.training.head_modules
     assert manifest.trainable_parameters < manifest.total_parameters / 2
     if method == "lora":
         config = json.loads((result.artifact_dir / "adapter" / "adapter_config.json").read_text())

@@ -29,8 +29,8 @@ def test_full_finetune_learns_and_publishes_a_complete_artifact(base_config):
     manifest = read_manifest(art)
     assert manifest.labels == ["negative", "positive"] and manifest.postprocess == "softmax"
     assert set(manifest.metrics) == {"validation", "test"} and set(manifest.baselines) == {"majority", "tfidf_logreg"}
-    assert manifest.provenance["seed"] == 42 and "transformers" in manifest.provenance["packages"]
-    assert manifest.provenance["config"]["method"] == "full" and manifest.provenance["data_hashes"]["train"].startswith("sha256:")
+    assert manifest.provenance.seed == 42 and "transformers" in manifest.provenance.packages
+    assert manifest.provenance.config["method"] == "full" and manifest.provenance.data_hashes["train"].startswith("sha256:")
     assert "| accuracy |" in (art / "README.md").read_text()
     # The saved model reproduces the test metric the trainer reported.
     loaded = load_artifact(art)
@@ -50,8 +50,8 @@ def test_lora_multilabel_saves_adapter_and_merged_model(base_config):
     assert manifest.task.value == "multilabel" and manifest.postprocess == "sigmoid" and manifest.threshold == 0.5
     assert {"f1_micro", "hamming_loss", "lrap", "ndcg"} <= set(manifest.metrics["test"])
     assert (art / "adapter" / "adapter_model.safetensors").is_file()
-    heads = manifest.training["head_modules"]
-    assert "classifier" in heads and len(set(heads)) == len(heads) and manifest.training["lora_target_modules"]
+    heads = manifest.training.head_modules
+    assert "classifier" in heads and len(set(heads)) == len(heads) and manifest.training.lora_target_modules
     merged = load_file(str(art / "model" / "model.safetensors"))
     assert not any("lora" in key for key in merged)  # merged: a plain transformers checkpoint
     assert manifest.trainable_parameters < manifest.total_parameters / 2
@@ -106,8 +106,8 @@ def test_early_stopping_and_checkpoint_pruning(base_config):
                                 early_stopping={"metric": "loss", "patience": 1})
     result = train(load_config(raw=base_config))
     manifest = read_manifest(result.artifact_dir)
-    assert manifest.training["stopped_early"] is True
-    assert manifest.training["epochs_run"] < 6
+    assert manifest.training.stopped_early is True
+    assert manifest.training.epochs_run < 6
     assert len(list_checkpoints(base_config["output_dir"])) == 2
 
 
@@ -164,7 +164,7 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(base_config):
     base_config["train"]["epochs"] = 2
     result = train(load_config(raw=base_config), overwrite=True)
     assert [p.name for p in list_checkpoints(base_config["output_dir"])] == ["step-00000015", "step-00000030"]
-    assert read_manifest(result.artifact_dir).training["steps"] == 30
+    assert read_manifest(result.artifact_dir).training.steps == 30
 
 
 def test_overwrite_with_data_that_fails_its_checks_deletes_nothing(base_config, tmp_path):
@@ -230,7 +230,7 @@ def test_an_exception_mid_save_keeps_the_previous_checkpoint_and_resume_continue
     assert _fingerprint(saved[0]) == snapshot  # byte for byte as it was before the failed save began
     monkeypatch.setattr(Accelerator, "save_state", real_save_state)
     resumed = train(load_config(raw=base_config), resume=True)
-    assert read_manifest(resumed.artifact_dir).training["steps"] == 45
+    assert read_manifest(resumed.artifact_dir).training.steps == 45
     assert [p.name for p in list_checkpoints(base_config["output_dir"])][-1] == "step-00000045"
     assert not any(p.name.startswith(".tmp") for p in (Path(base_config["output_dir"]) / "checkpoints").iterdir())
 
@@ -268,11 +268,11 @@ def test_sigkill_during_a_checkpoint_save_loses_nothing(base_config, tmp_path):
     assert [p.name for p in list_checkpoints(base_config["output_dir"])] == ["step-00000015"]
     assert any(p.name.startswith(".tmp-step-") for p in root.iterdir())  # the interrupted save, ignored
     state = read_state(root / "step-00000015")
-    assert state["step"] == 15
+    assert state.step == 15
     resumed = subprocess.run([sys.executable, "-m", "training.cli", "train", str(config), "--resume"],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert read_manifest(Path(base_config["output_dir"]) / "artifact").training["steps"] == 45
+    assert read_manifest(Path(base_config["output_dir"]) / "artifact").training.steps == 45
 
 
 def test_two_runs_with_the_same_seed_give_identical_weights(base_config, tmp_path):
@@ -283,7 +283,7 @@ def test_two_runs_with_the_same_seed_give_identical_weights(base_config, tmp_pat
         result = train(load_config(raw=dict(base_config, output_dir=str(tmp_path / name))))
         hashes.append(hashlib.sha256((result.artifact_dir / "model" / "model.safetensors").read_bytes()).hexdigest())
     assert hashes[0] == hashes[1]
-    assert read_manifest(result.artifact_dir).provenance["determinism"]["seed"] == base_config["train"].get("seed", 42)
+    assert read_manifest(result.artifact_dir).provenance.determinism["seed"] == base_config["train"].get("seed", 42)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
