@@ -26,6 +26,7 @@ from core.errors import ArtifactError
 from core.manifest import Manifest, read_manifest
 from service.backends import choose_backend
 from service.batcher import MicroBatcher
+from service.logs import quiet_client_errors
 from service.middleware import (
     BearerAuthMiddleware,
     BodyLimitMiddleware,
@@ -46,6 +47,7 @@ from service.settings import load_settings
 
 logger = logging.getLogger("bentoml.tuneserve")  # under bentoml's logger, so `bentoml serve` shows it
 SETTINGS = load_settings()
+quiet_client_errors()
 # The limits in force when the service starts are part of its OpenAPI schema; they are checked again at
 # request time (check_texts), which names the limit in the message.
 Text = Annotated[StrictStr, Field(max_length=SETTINGS.max_chars)]

@@ -44,12 +44,16 @@ def test_lora_on_600_movie_sentences_beats_the_majority_baseline_and_exports(tmp
 @pytest.mark.slow
 def test_ner_lora_on_800_tweets_beats_both_baselines_and_exports(tmp_path):
     cfg = load_config(Path(__file__).parents[2] / "configs" / "ner-lora.yaml", [
-        "data.max_train_examples=800", "data.max_eval_examples=200", "train.epochs=4",
-        "train.early_stopping.patience=null", "export.int8=off", f"output_dir={tmp_path / 'run'}",
+        # A short run escapes "everything is O" only with a fast head and no decay (seen here: validation F1 0.36
+        # after one epoch, 0.00 after five with the config's decaying schedule)
+        "data.max_train_examples=800", "data.max_eval_examples=200", "train.epochs=4", "train.batch_size=8",
+        "train.scheduler=constant", "train.head_lr=1.0e-2", "train.early_stopping.patience=null",
+        'export.int8="off"', f"output_dir={tmp_path / 'run'}",
     ])
     result = train(cfg)
     test, baselines = result.metrics["test"], result.baselines
-    # WNUT 2016 tweets are hard (the shared task's own baseline reached F1 0.36 with the full data).
+    # WNUT 2016 tweets are hard (the shared task's own baseline reached F1 0.36 with the full data). Seen here:
+    # test F1 0.43 against memorisation's 0.23.
     assert test["f1"] > baselines["memorisation"]["f1"] + 0.05, (test, baselines)
     assert test["token_accuracy"] > baselines["all_o"]["token_accuracy"], (test, baselines)
     manifest = read_manifest(result.artifact_dir)

@@ -95,6 +95,11 @@ def test_endpoints_auth_limits_and_probes(server):
     # bad input -> 400 naming the field
     r = httpx.post(url + "/predict", json={"texts": [1]}, headers=AUTH)
     assert r.status_code == 400 and "texts" in r.text
+    # ... and one line in the server log, not a traceback
+    deadline = time.monotonic() + 10
+    while "Refused /predict" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "Refused /predict [POST] (HTTP 400)" in log.read_text() and "Traceback" not in log.read_text()
     # size limit -> 413, announced or chunked, and the server keeps answering
     big = json.dumps({"texts": ["word " * 20_000]}).encode()
     assert httpx.post(url + "/predict", content=big, headers={**AUTH, "content-type": "application/json"}).status_code == 413
