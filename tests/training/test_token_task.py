@@ -79,7 +79,7 @@ def test_repair_and_unseen_tags(tmp_path):
         load_dataset(DataConfig(train=str(conll), text="tokens", label="tags"), TOKENS, seed=0)
 
 
-def test_full_finetune_learns_entities_and_the_artifact_reproduces_them(tiny_model, entity_dir, tmp_path):
+def test_full_finetune_learns_entities_and_the_artifact_reproduces_them(tiny_model, entity_dir, tmp_path, capsys):
     result = train(load_config(raw=_config(tiny_model, entity_dir, tmp_path)))
     test = result.metrics["test"]
     assert test["f1"] >= 0.9 and result.baselines["all_o"]["f1"] == 0.0
@@ -102,6 +102,18 @@ def test_full_finetune_learns_entities_and_the_artifact_reproduces_them(tiny_mod
     entities = spec.shape(manifest, scores[:1])[0]["entities"]
     assert [(e["start"], e["end"], e["label"]) for e in entities] == [
         (s["start"], s["end"], s["label"]) for s in rows[0]["entities"]]
+
+    # The command line prints the same entities, and evaluates a token file with the trainer's metrics.
+    from training.cli import main
+
+    assert main(["predict", str(result.artifact_dir), rows[0]["text"]]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(e["start"], e["end"], e["label"]) for e in printed["entities"]] == [
+        (e["start"], e["end"], e["label"]) for e in entities]
+    report = tmp_path / "report.json"
+    assert main(["evaluate", str(result.artifact_dir), "--data", str(entity_dir / "test.jsonl"),
+                 "--output", str(report)]) == 0
+    assert json.loads(report.read_text())["metrics"]["f1"] == pytest.approx(test["f1"], abs=0.02)
 
 
 @pytest.mark.parametrize("method", ["lora", "freeze"])
@@ -128,3 +140,12 @@ def test_token_options_are_refused_for_other_tasks(tiny_model, entity_dir, tmp_p
     raw = _config(tiny_model, entity_dir, tmp_path, stride=8)
     with pytest.raises(Exception, match="train.stride 8 must be below half"):
         load_config(raw=raw)
+
+
+def test_token_tag_lines_of_the_demo_set_are_read_as_sentences():
+    from training.demo_data import read_token_tag_lines
+
+    text = "@ann\tO\nEmpire\tB-facility\nState\tI-facility\n\t\nhi\tO\n"
+    assert read_token_tag_lines(text) == [
+        {"id": "1", "tokens": ["@ann", "Empire", "State"], "tags": ["O", "B-facility", "I-facility"]},
+        {"id": "2", "tokens": ["hi"], "tags": ["O"]}]
