@@ -55,7 +55,7 @@ def main() -> None:
         if export.get("int8") and not export["int8"]["kept"]:
             gate.append(f"| {config} | onnx-int8 | dropped: {export['int8'].get('reason', '')[:200]} | | | | |")
         per_type = sorted(manifest["per_class"].items(), key=lambda kv: -kv[1]["support"])
-        print("  per type: " + ", ".join(f"{k} {v['f1']:.2f} (n={v['support']})" for k, v in per_type))
+        print("  per type: " + ", ".join(f"{k} {v['f1']:.2f} (n={int(v['support'])})" for k, v in per_type))
     table = "\n".join([
         "| config | method | train/val/test tweets | validation F1 | test entity F1 | precision / recall | macro F1 | "
         "word accuracy | memorisation F1 | all-O F1 | epochs (best step) | wall |",

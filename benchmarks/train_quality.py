@@ -9,6 +9,7 @@ order) and a second table gives the spread, so one seed's luck is not read as a 
     python benchmarks/train_quality.py --reuse configs/sentiment-full.yaml   # retrain the others only
     python benchmarks/train_quality.py --configs configs/sentiment-lora.yaml --seeds 43 44
     python benchmarks/train_quality.py --reuse --seeds 43 44 45 --seeded configs/sentiment-lora.yaml
+    python benchmarks/train_quality.py --section train-quality-rerun --title "after the task plug-ins"
 
 A reused config reads its seeded runs where they exist and trains the missing ones.
 """
@@ -58,6 +59,9 @@ def main() -> None:
                              "its earlier runs with these seeds where they exist and trains the others")
     parser.add_argument("--seeded", nargs="*", metavar="CONFIG",
                         help="give --seeds to these configs only (default: every config)")
+    parser.add_argument("--section", default="train-quality",
+                        help="BENCHMARKS.md section to write (another name keeps the main table as it is)")
+    parser.add_argument("--title", help="what this run checks, added to the section's heading")
     args = parser.parse_args()
 
     from benchmarks._report import write_section
@@ -103,8 +107,8 @@ def main() -> None:
             "| config | metric | seeds | validation | test | validation mean | test mean ± sd | TF-IDF test | TF-IDF mean |",
             "|---|---|---|---|---|---|---|---|---|", *spread])
     print("\n" + table)
-    write_section("train-quality", " ".join(["python benchmarks/train_quality.py", *sys.argv[1:]]),
-                  "## Quality of the shipped configs (vader:movie)\n\n"
+    write_section(args.section, " ".join(["python benchmarks/train_quality.py", *sys.argv[1:]]),
+                  f"## Quality of the shipped configs (vader:movie){', ' + args.title if args.title else ''}\n\n"
                   "Validation and test are carved from vader:movie (10% each, seeded, stratified for classification, which "
                   "drops the 37 sentences rated exactly 0). Baselines are fitted on the same training split and scored on "
                   "the same test split. The test metric is that of the checkpoint with the best validation metric.\n\n"

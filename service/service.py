@@ -170,6 +170,7 @@ class Tuneserve:
         return {
             "model": self.model_tag, "name": m.name, "task": m.task.value, "labels": m.labels,
             "text_fields": m.text_fields, "max_length": m.max_length, "threshold": m.threshold,
+            "stride": m.stride, "aggregation": m.aggregation,
             "base_model": m.base_model, "method": m.method, "primary_metric": m.primary_metric,
             "metrics": m.metrics, "baselines": m.baselines, "parity": m.export.model_dump(mode="json")["parity"] if m.export else None,
             "int8": m.export.int8.model_dump(mode="json") if m.export else None, "backend": self.backend.name,
