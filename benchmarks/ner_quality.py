@@ -7,6 +7,9 @@ manifest recorded:
     python benchmarks/ner_quality.py [--configs configs/ner-lora.yaml configs/ner-full.yaml] [--output-root runs/bench]
     python benchmarks/ner_quality.py --reuse          # tabulate the existing artifacts only
     python benchmarks/ner_quality.py --reuse configs/ner-lora.yaml   # train the others only
+    python benchmarks/ner_quality.py --reuse --seeds 43   # and each config at seed 43 too (export off)
+
+A seeded run is trained once and read back afterwards.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ def main() -> None:
     parser.add_argument("--output-root", default="runs/bench")
     parser.add_argument("--reuse", nargs="*", metavar="CONFIG",
                         help="tabulate the existing artifacts of these configs (all, when none is named) without training")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[],
+                        help="further seeds to train each config with (each its own split, head and batch order)")
     args = parser.parse_args()
 
     from benchmarks._report import write_section
     from benchmarks.train_quality import read, train
 
-    rows, gate, f1 = [], [], {}
+    rows, gate, f1, spread = [], [], {}, []
     for config in args.configs:
         output = Path(args.output_root) / Path(config).stem
         reused = args.reuse is not None and (not args.reuse or config in args.reuse)
@@ -54,6 +59,19 @@ def main() -> None:
                         f"{report['metric_delta']['f1']:+.4f} | {report['max_abs_diff']:.2e} |")
         if export.get("int8") and not export["int8"]["kept"]:
             gate.append(f"| {config} | onnx-int8 | dropped: {export['int8'].get('reason', '')[:200]} | | | | |")
+        runs = [(manifest["provenance"]["seed"], manifest)]
+        for seed in args.seeds:
+            path = Path(f"{output}-seed{seed}")
+            done = (ROOT / path / "artifact" / "manifest.json").is_file()
+            runs.append((seed, read(path) if done else train(config, path, f"train.seed={seed}", "export.onnx=false")))
+        if args.seeds:
+            vals = [m["metrics"]["validation"]["f1"] for _, m in runs]
+            tests = [m["metrics"]["test"]["f1"] for _, m in runs]
+            memo = [m["baselines"]["memorisation"]["f1"] for _, m in runs]
+            row = (f"| {config} | {', '.join(str(s) for s, _ in runs)} | {', '.join(f'{v:.4f}' for v in vals)} | "
+                   f"{', '.join(f'{v:.4f}' for v in tests)} | {sum(vals) / len(vals):.4f} | "
+                   f"{sum(tests) / len(tests):.4f} | {', '.join(f'{v:.4f}' for v in memo)} |")
+            spread.append((manifest["method"], dict(zip([s for s, _ in runs], tests)), row))
         per_type = sorted(manifest["per_class"].items(), key=lambda kv: -kv[1]["support"])
         print("  per type: " + ", ".join(f"{k} {v['f1']:.2f} (n={int(v['support'])})" for k, v in per_type))
     table = "\n".join([
@@ -62,6 +80,16 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows])
     if {"lora", "full"} <= f1.keys():
         table += f"\n\nLoRA minus full fine-tuning: {100 * (f1['lora'] - f1['full']):+.2f} points of test entity F1."
+    if spread:
+        table += "\n\nThe same configs over several seeds (each seed its own split of the tweets, head, dropout and batch order):\n\n" + "\n".join([
+            "| config | seeds | validation F1 | test F1 | validation mean | test mean | memorisation test F1 |",
+            "|---|---|---|---|---|---|---|", *(row for _, _, row in spread)])
+        by_method = {method: tests for method, tests, _ in spread}
+        if {"lora", "full"} <= by_method.keys():
+            common = sorted(by_method["lora"].keys() & by_method["full"].keys())
+            diffs = [100 * (by_method["lora"][s] - by_method["full"][s]) for s in common]
+            table += ("\n\nLoRA minus full, test entity F1 per seed (" + ", ".join(map(str, common)) + "): "
+                      + ", ".join(f"{d:+.2f}" for d in diffs) + f" points; mean {sum(diffs) / len(diffs):+.2f}.")
     if gate:
         table += "\n\nExport gate on the validation tweets (ONNX against PyTorch):\n\n" + "\n".join([
             "| config | variant | held out | token-label agreement | texts with identical entities | entity F1 change | max score diff |",
