@@ -105,16 +105,17 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     int8 = manifest.export.int8.model_dump()
-    body = (f"Artifact `{manifest.name}` ({manifest.task.value}, all-MiniLM-L6-v2, {manifest.method}), exported by "
+    run_dir = Path(args.artifact).resolve().parent.name  # configs/<run_dir>.yaml made it
+    body = (f"Artifact of `{run_dir}` ({manifest.task.value}, all-MiniLM-L6-v2, {manifest.method}), exported by "
             f"`tuneserve export`. Batch 1: p50 over {args.n} single texts, the runners taking turns in blocks of 10, each turn after "
             f"a {PAUSE:g} s pause and {WARMUP} untimed sentences; batch 32: "
             f"{len(texts)} sentences ({tokens:,} tokens) in length-sorted batches, best of {args.passes} alternating "
             f"passes. Both runtimes with {threads} threads. Measured fp32 matmul rate: {peak:.0f} GFLOP/s; "
             f"GFLOP/s counts 2 x {params / 1e6:.1f}M non-embedding parameters x real tokens. int8 variant: "
             f"{int8.get('method') or 'none kept (' + str(int8.get('reason')) + ')'}.\n\n{table}\n")
-    section = "export-speed" if manifest.name == "sentiment-lora" else f"export-speed-{manifest.name}"
+    section = "export-speed" if run_dir == "sentiment-lora" else f"export-speed-{run_dir}"
     write_section(section, " ".join(["python benchmarks/export_speed.py", *sys.argv[1:]]),
-                  f"## Inference: PyTorch vs ONNX Runtime (fp32, int8), {manifest.name}\n\n" + body)
+                  f"## Inference: PyTorch vs ONNX Runtime (fp32, int8), {run_dir}\n\n" + body)
 
 
 if __name__ == "__main__":

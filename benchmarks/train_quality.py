@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def main() -> None:
             "| config | metric | seeds | validation | test | validation mean | test mean ± sd | TF-IDF test | TF-IDF mean |",
             "|---|---|---|---|---|---|---|---|---|", *spread])
     print("\n" + table)
-    write_section(args.section, " ".join(["python benchmarks/train_quality.py", *sys.argv[1:]]),
+    write_section(args.section, shlex.join(["python", "benchmarks/train_quality.py", *sys.argv[1:]]),
                   f"## Quality of the shipped configs (vader:movie){', ' + args.title if args.title else ''}\n\n"
                   "Validation and test are carved from vader:movie (10% each, seeded, stratified for classification, which "
                   "drops the 37 sentences rated exactly 0). Baselines are fitted on the same training split and scored on "
