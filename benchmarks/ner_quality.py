@@ -9,12 +9,11 @@ manifest recorded:
     python benchmarks/ner_quality.py --reuse configs/ner-lora.yaml   # train the others only
     python benchmarks/ner_quality.py --reuse --seeds 43   # and each config at seed 43 too (export off)
 
-A seeded run is trained once and read back afterwards.
+A reused config reads its seeded runs where they exist and trains the missing ones.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,22 +24,15 @@ DEFAULT = ["configs/ner-lora.yaml", "configs/ner-full.yaml"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=DEFAULT)
-    parser.add_argument("--output-root", default="runs/bench")
-    parser.add_argument("--reuse", nargs="*", metavar="CONFIG",
-                        help="tabulate the existing artifacts of these configs (all, when none is named) without training")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[],
-                        help="further seeds to train each config with (each its own split, head and batch order)")
-    args = parser.parse_args()
-
     from benchmarks._report import write_section
-    from benchmarks.train_quality import read, train
+    from benchmarks.train_quality import is_reused, quality_parser, read, seeded_runs, train
+
+    args = quality_parser(__doc__, DEFAULT).parse_args()
 
     rows, gate, f1, spread = [], [], {}, []
     for config in args.configs:
         output = Path(args.output_root) / Path(config).stem
-        reused = args.reuse is not None and (not args.reuse or config in args.reuse)
+        reused = is_reused(args, config)
         manifest = read(output) if reused else train(config, output)
         test, val, base, info = (manifest["metrics"]["test"], manifest["metrics"]["validation"], manifest["baselines"],
                                  manifest["training"])
@@ -59,11 +51,7 @@ def main() -> None:
                         f"{report['metric_delta']['f1']:+.4f} | {report['max_abs_diff']:.2e} |")
         if export.get("int8") and not export["int8"]["kept"]:
             gate.append(f"| {config} | onnx-int8 | dropped: {export['int8'].get('reason', '')[:200]} | | | | |")
-        runs = [(manifest["provenance"]["seed"], manifest)]
-        for seed in args.seeds:
-            path = Path(f"{output}-seed{seed}")
-            done = (ROOT / path / "artifact" / "manifest.json").is_file()
-            runs.append((seed, read(path) if done else train(config, path, f"train.seed={seed}", "export.onnx=false")))
+        runs = seeded_runs(config, output, manifest, args.seeds, reused)
         if args.seeds:
             vals = [m["metrics"]["validation"]["f1"] for _, m in runs]
             tests = [m["metrics"]["test"]["f1"] for _, m in runs]

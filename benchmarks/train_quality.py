@@ -49,15 +49,36 @@ def main_metric(manifest: dict) -> str:
     return "r2" if manifest["task"] == "regression" else "accuracy"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=DEFAULT)
+def quality_parser(doc: str, default: list[str]) -> argparse.ArgumentParser:
+    """The options the quality benchmarks share: which configs, where their runs go, reuse and seeds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=default)
     parser.add_argument("--output-root", default="runs/bench")
     parser.add_argument("--reuse", nargs="*", metavar="CONFIG",
                         help="tabulate the existing artifacts of these configs (all, when none is named) without training")
     parser.add_argument("--seeds", nargs="*", type=int, default=[],
                         help="further seeds to train each config with (ONNX export off); a reused config shows "
                              "its earlier runs with these seeds where they exist and trains the others")
+    return parser
+
+
+def is_reused(args: argparse.Namespace, config: str) -> bool:
+    return args.reuse is not None and (not args.reuse or config in args.reuse)
+
+
+def seeded_runs(config: str, output: Path, manifest: dict, seeds: list[int], reused: bool) -> list[tuple[int, dict]]:
+    """The run at the config's seed, then one per further seed: read back where a reused config has it, else
+    trained (export off)."""
+    runs = [(manifest["provenance"]["seed"], manifest)]
+    for seed in seeds:
+        path = Path(f"{output}-seed{seed}")
+        done = reused and (ROOT / path / "artifact" / "manifest.json").is_file()
+        runs.append((seed, read(path) if done else train(config, path, f"train.seed={seed}", "export.onnx=false")))
+    return runs
+
+
+def main() -> None:
+    parser = quality_parser(__doc__, DEFAULT)
     parser.add_argument("--seeded", nargs="*", metavar="CONFIG",
                         help="give --seeds to these configs only (default: every config)")
     parser.add_argument("--section", default="train-quality",
@@ -70,8 +91,8 @@ def main() -> None:
     rows, spread = [], []
     for config in args.configs:
         output = Path(args.output_root) / Path(config).stem
-        trained = args.reuse is None or (args.reuse and config not in args.reuse)
-        manifest = train(config, output) if trained else read(output)
+        reused = is_reused(args, config)
+        manifest = read(output) if reused else train(config, output)
         test, base, info = manifest["metrics"]["test"], manifest["baselines"], manifest["training"]
         metric = main_metric(manifest)
         if metric == "r2":
@@ -87,11 +108,7 @@ def main() -> None:
         print(rows[-1], flush=True)
         seeds = args.seeds if args.seeded is None or config in args.seeded else []
         if seeds:
-            runs = [(manifest["provenance"]["seed"], manifest)]
-            for seed in seeds:
-                path = Path(f"{output}-seed{seed}")
-                done = not trained and (ROOT / path / "artifact" / "manifest.json").is_file()
-                runs.append((seed, read(path) if done else train(config, path, f"train.seed={seed}", "export.onnx=false")))
+            runs = seeded_runs(config, output, manifest, seeds, reused)
             tests = [m["metrics"]["test"][metric] for _, m in runs]
             vals = [m["metrics"]["validation"][metric] for _, m in runs]
             tfidf = [m["baselines"]["tfidf_ridge" if metric == "r2" else "tfidf_logreg"][metric] for _, m in runs]

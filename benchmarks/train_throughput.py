@@ -36,8 +36,6 @@ def worker(runner: str, steps: int, seed: int) -> dict:
     import torch
 
     from core.encoding import encode
-    from core.metrics import evaluate
-    from core.tasks import postprocess
     from training.config import load_config
     from training.data import load_dataset
     from training.modeling import build_model, optimizer_groups
@@ -81,8 +79,8 @@ def worker(runner: str, steps: int, seed: int) -> dict:
             batch = encode(built.tokenizer, data.test.texts[start:start + 128], max_length=cfg.train.max_length,
                            padding="longest", return_tensors="pt")
             logits.append(model(**batch).logits.float().numpy())
-    scores = postprocess(np.concatenate(logits), cfg.task.postprocess)
-    accuracy = evaluate(cfg.task, data.test.targets, scores, data.labels).metrics["accuracy"]
+    scores = cfg.task.spec.scores(np.concatenate(logits))
+    accuracy = cfg.task.spec.evaluate(data.test.targets, scores, data.labels).metrics["accuracy"]
     return {"runner": runner, "samples_per_s": metrics["train_samples_per_second"], "seconds": metrics["train_runtime"],
             "accuracy": accuracy, "tokens": tokens, "non_embedding_params": non_embedding(cfg)}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +16,6 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-from core.tasks import Task
 
 
 @dataclass
@@ -29,30 +27,6 @@ class Evaluation:
     confusion_matrix: list[list[int]] | None = None
     n: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-def evaluate(
-    task: Task | str,
-    targets: Any,
-    scores: Any,
-    labels: Sequence[str] | None = None,
-    *,
-    threshold: float = 0.5,
-) -> Evaluation:
-    """Score predictions against targets with the task's own metrics (``Task.X.spec.evaluate``).
-
-    Args:
-        task: the task.
-        targets: as the task's ``to_targets`` gives them (class ids, multi-hot rows, values, ...).
-        scores: post-processed outputs (class probabilities, label probabilities, values, ...).
-        labels: ordered label names.
-        threshold: probability at which a multi-label label is predicted.
-
-    Returns:
-        An :class:`Evaluation`. A metric that is undefined on this data (ROC-AUC with one class
-        present, correlation of a constant) is omitted and the reason is listed in ``notes``.
-    """
-    return Task(task).spec.evaluate(targets, scores, labels, threshold=threshold)
 
 
 def checked(targets: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -161,7 +161,7 @@ class Config(_Strict):
     @property
     def monitor(self) -> str:
         metric = self.train.early_stopping.metric
-        return self.task.default_metric if metric == "auto" else metric
+        return self.task.spec.default_metric if metric == "auto" else metric
 
     @property
     def task_training_options(self) -> dict[str, Any]:

@@ -80,7 +80,9 @@ def build_model(cfg: Config, labels: list[str] | None) -> BuiltModel:
     """Load the base model with a fresh task head and mark what trains, as the config's method says."""
     path = resolve_model(cfg.model)
     num_labels = cfg.task.spec.num_outputs(labels)
-    kwargs = dict(num_labels=num_labels, problem_type=cfg.task.problem_type)
+    kwargs = dict(num_labels=num_labels)
+    if cfg.task.spec.hf_problem_type:  # transformers accepts only its sequence-level problem types
+        kwargs["problem_type"] = cfg.task.spec.hf_problem_type
     if labels is not None:
         kwargs.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     try:

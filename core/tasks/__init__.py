@@ -33,19 +33,6 @@ class Task(str, Enum):
         """This task's spec (the registry lives in :func:`spec_for`)."""
         return spec_for(self)
 
-    @property
-    def problem_type(self) -> str:
-        return self.spec.problem_type
-
-    @property
-    def postprocess(self) -> str:
-        """Name of the function that turns logits into scores (recorded in the manifest)."""
-        return self.spec.postprocess
-
-    @property
-    def default_metric(self) -> str:
-        return self.spec.default_metric
-
 
 _SPECS: dict[Task, TaskSpec] = {}
 

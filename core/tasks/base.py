@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -40,6 +41,11 @@ def scalar_class(value: Any) -> str:
     raise LabelError(f"class label {value!r} has type {type(value).__name__}; expected a string or an integer")
 
 
+def rounded(x: float, ndigits: int | None) -> float:
+    """A score for JSON: a float, rounded when ``ndigits`` is given (the command line prints 4 digits)."""
+    return round(float(x), ndigits) if ndigits is not None else float(x)
+
+
 def ordered_names(names: Iterable[str]) -> list[str]:
     """Numeric order if every name is an integer, else sorted: the label order an artifact records."""
     seen = set(names)
@@ -54,8 +60,9 @@ def ordered_names(names: Iterable[str]) -> list[str]:
     return sorted(seen, key=int) if all(is_int(n) for n in seen) else sorted(seen)
 
 
-class TaskSpec:
-    """What one task family must define. Subclasses set the class attributes and override the methods.
+class TaskSpec(ABC):
+    """What one task family must define. Subclasses set the class attributes and implement the abstract methods
+    (a spec that misses one cannot be instantiated); the other methods have defaults a family may override.
 
     Scores are post-processed model outputs (``postprocess`` applied to logits); targets are what
     :meth:`to_targets` returns. Methods that need the artifact's label order or threshold take its manifest.
@@ -88,13 +95,14 @@ class TaskSpec:
         """
         return text, self.parse_label(label, (options or {}).get("label_delimiter"))
 
+    @abstractmethod
     def parse_label(self, value: Any, delimiter: str | None = None) -> Any:
         """Normalise one raw label.
 
         Raises:
             LabelError: the value is missing or not of the kind the task needs.
         """
-        raise NotImplementedError
+        ...
 
     def label_set(self, values: Iterable[Any]) -> list[str] | None:
         """The ordered label names seen in training data (``None`` for tasks without labels)."""
@@ -103,13 +111,14 @@ class TaskSpec:
             names.extend(value if isinstance(value, list) else [value])
         return ordered_names(names)
 
+    @abstractmethod
     def to_targets(self, values: Sequence[Any], labels: Sequence[str] | None) -> np.ndarray:
         """Encode parsed labels as model targets.
 
         Raises:
             LabelError: a label is not in ``labels``; the message lists the unknown ones.
         """
-        raise NotImplementedError
+        ...
 
     def unknown_labels(self, value: Any, labels: Sequence[str]) -> list[str]:
         """The names in one parsed label that ``labels`` does not hold."""
@@ -151,37 +160,42 @@ class TaskSpec:
         return np.asarray(record, dtype=np.float64)
 
     # -- metrics and baselines --------------------------------------------------------------------------
+    @abstractmethod
     def evaluate(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *,
                  threshold: float = 0.5) -> Evaluation:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float = 0.5,
                   seed: int = 0) -> dict[str, dict[str, float]]:
         """Fit each simple baseline on ``train`` and score it on ``test`` with :meth:`evaluate`."""
-        raise NotImplementedError
+        ...
 
     # -- decisions ------------------------------------------------------------------------------------
     def scores(self, logits: Any) -> Any:
         """Post-processed outputs, as :meth:`evaluate` and :meth:`shape` take them."""
         return postprocess(logits, self.postprocess)
 
+    @abstractmethod
     def decide(self, manifest: Manifest, scores: Any) -> list[Any]:
         """The decision for each example, as a plain JSON value."""
-        raise NotImplementedError
+        ...
 
     def margins(self, manifest: Manifest, scores: Any) -> np.ndarray:
         """How far each example is from a different decision (0 where the task has no decision)."""
         return np.zeros(len(scores))
 
+    @abstractmethod
     def shape(self, manifest: Manifest, scores: Any, *, top_k: int | None = None,
               ndigits: int | None = None) -> list[dict[str, Any]]:
         """One JSON-ready prediction per example, in the task's :attr:`prediction_model` shape."""
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def prediction_model(self) -> type[BaseModel]:
         """The pydantic model of one prediction in ``/predict``'s response."""
-        raise NotImplementedError
+        ...
 
     # -- parity between two backends ------------------------------------------------------------------
     def compare(self, manifest: Manifest, reference: Any, candidate: Any, targets: Any) -> dict:
@@ -189,7 +203,7 @@ class TaskSpec:
         self-test read it): score differences, decision agreement, and the metrics of both."""
         ref_metrics = self.evaluate(targets, reference, manifest.labels, threshold=manifest.decision_threshold).metrics
         new_metrics = self.evaluate(targets, candidate, manifest.labels, threshold=manifest.decision_threshold).metrics
-        diff = np.abs(np.asarray(reference, dtype=np.float64) - np.asarray(candidate, dtype=np.float64))
+        diff = np.abs(self.flat(reference) - self.flat(candidate))
         report = {
             "examples": int(len(reference)),
             "max_abs_diff": float(diff.max()) if diff.size else 0.0,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from core.metrics import Evaluation, classification_metrics, multilabel_metrics, regression_metrics
 from core.tasks import Task
-from core.tasks.base import LabelError, TaskSpec, scalar_class
+from core.tasks.base import LabelError, TaskSpec, rounded, scalar_class
 
 if TYPE_CHECKING:
     from core.manifest import Manifest
@@ -52,10 +52,6 @@ class MultiLabelPrediction(BaseModel):
 
 class RegressionPrediction(BaseModel):
     value: float = Field(description="The predicted value.")
-
-
-def _num(x: float, ndigits: int | None) -> float:
-    return round(float(x), ndigits) if ndigits is not None else float(x)
 
 
 class ClassificationSpec(TaskSpec):
@@ -124,8 +120,8 @@ class ClassificationSpec(TaskSpec):
         out = []
         for row, label in zip(scores, self.decide(manifest, scores)):
             order = np.argsort(-row, kind="stable")[:top_k]
-            out.append({"label": label, "score": _num(row.max(), ndigits),
-                        "scores": {manifest.labels[j]: _num(row[j], ndigits) for j in order}})
+            out.append({"label": label, "score": rounded(row.max(), ndigits),
+                        "scores": {manifest.labels[j]: rounded(row[j], ndigits) for j in order}})
         return out
 
     @property
@@ -196,7 +192,7 @@ class MultiLabelSpec(TaskSpec):
         return np.min(np.abs(scores - manifest.decision_threshold), axis=1)
 
     def shape(self, manifest: Manifest, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
-        return [{"labels": labels, "scores": {n: _num(p, ndigits) for n, p in zip(manifest.labels, row)}}
+        return [{"labels": labels, "scores": {n: rounded(p, ndigits) for n, p in zip(manifest.labels, row)}}
                 for row, labels in zip(scores, self.decide(manifest, scores))]
 
     @property
@@ -265,7 +261,7 @@ class RegressionSpec(TaskSpec):
         return [float(v) for v in np.reshape(scores, (len(scores), -1))[:, 0]]
 
     def shape(self, manifest: Manifest, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
-        return [{"value": _num(v, ndigits)} for v in self.decide(manifest, scores)]
+        return [{"value": rounded(v, ndigits)} for v in self.decide(manifest, scores)]
 
     @property
     def prediction_model(self) -> type[BaseModel]:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from core.metrics import Evaluation, finished
 from core.tasks import Task, postprocess
-from core.tasks.base import LabelError, TaskSpec
+from core.tasks.base import LabelError, TaskSpec, rounded
 
 if TYPE_CHECKING:
     from core.encoding import Encoder
@@ -303,9 +303,6 @@ class TokenClassificationSpec(TaskSpec):
             v.tag_ids = np.asarray([index[t] for t in v.tags], dtype=np.int64)
         return list(values)
 
-    def stratify_key(self, values: Sequence[Any]) -> None:
-        return None
-
     # -- encoding -------------------------------------------------------------------------------------
     def encode_training(self, encoder: Encoder, texts: Sequence[str], pairs, targets: Sequence[TaggedText],
                         labels: Sequence[str], *, label_all_tokens: bool = False
@@ -427,10 +424,7 @@ class TokenClassificationSpec(TaskSpec):
         return np.asarray(out)
 
     def shape(self, manifest: Manifest, scores: Sequence[TokenOutput], *, top_k=None, ndigits=None) -> list[dict]:
-        def num(x: float) -> float:
-            return round(float(x), ndigits) if ndigits is not None else float(x)
-
-        return [{"entities": [{**e, "score": num(e["score"])} for e in self.entities(manifest, o)]} for o in scores]
+        return [{"entities": [{**e, "score": rounded(e["score"], ndigits)} for e in self.entities(manifest, o)]} for o in scores]
 
     @property
     def prediction_model(self) -> type[BaseModel]:
@@ -459,20 +453,10 @@ class TokenClassificationSpec(TaskSpec):
 
     def agreement(self, manifest: Manifest, reference, candidate) -> dict:
         a, b = self.flat(reference), self.flat(candidate)
-        return {"label_agreement": float(np.mean(a.argmax(1) == b.argmax(1))) if len(a) else 1.0,
+        return {"tokens": int(len(a)),
+                "label_agreement": float(np.mean(a.argmax(1) == b.argmax(1))) if len(a) else 1.0,
                 "entity_agreement": float(np.mean([x == y for x, y in zip(self.decide(manifest, reference),
                                                                          self.decide(manifest, candidate))]))}
-
-    def compare(self, manifest: Manifest, reference, candidate, targets) -> dict:
-        diff = np.abs(self.flat(reference) - self.flat(candidate))
-        ref = self.evaluate(targets, reference, manifest.labels).metrics
-        new = self.evaluate(targets, candidate, manifest.labels).metrics
-        return {"examples": len(reference), "tokens": int(len(diff)),
-                "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-                "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-                "metrics_torch": ref, "metrics_onnx": new,
-                "metric_delta": {k: new[k] - v for k, v in ref.items() if k in new},
-                **self.agreement(manifest, reference, candidate)}
 
     # -- baselines ------------------------------------------------------------------------------------
     def baselines(self, train, test, labels, *, threshold: float = 0.5, seed: int = 0) -> dict[str, dict[str, float]]:

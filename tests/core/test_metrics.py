@@ -3,7 +3,6 @@ import math
 import numpy as np
 import pytest
 
-from core.metrics import evaluate
 from core.tasks import Task
 
 
@@ -12,7 +11,7 @@ def test_binary_classification_against_hand_computed_values():
     y = np.array([1, 1, 0, 0, 1])
     p1 = np.array([0.9, 0.4, 0.2, 0.6, 0.8])
     scores = np.stack([1 - p1, p1], axis=1)
-    result = evaluate(Task.CLASSIFICATION, y, scores, ["neg", "pos"])
+    result = Task.CLASSIFICATION.spec.evaluate(y, scores, ["neg", "pos"])
     m = result.metrics
     assert m["accuracy"] == pytest.approx(3 / 5)
     # class pos: precision 2/3, recall 2/3; class neg: precision 1/2, recall 1/2
@@ -29,7 +28,7 @@ def test_binary_classification_against_hand_computed_values():
 def test_multiclass_auc_is_skipped_with_a_note_when_a_class_is_absent():
     y = np.array([0, 1, 0, 1])
     scores = np.full((4, 3), 1 / 3)
-    result = evaluate(Task.CLASSIFICATION, y, scores, ["a", "b", "c"])
+    result = Task.CLASSIFICATION.spec.evaluate(y, scores, ["a", "b", "c"])
     assert "roc_auc" not in result.metrics
     assert any("roc_auc" in note for note in result.notes)
 
@@ -37,7 +36,7 @@ def test_multiclass_auc_is_skipped_with_a_note_when_a_class_is_absent():
 def test_multilabel_metrics():
     y = np.array([[1, 0, 1], [0, 1, 0]])
     proba = np.array([[0.9, 0.2, 0.4], [0.1, 0.8, 0.3]])
-    m = evaluate(Task.MULTILABEL, y, proba, ["a", "b", "c"]).metrics
+    m = Task.MULTILABEL.spec.evaluate(y, proba, ["a", "b", "c"]).metrics
     # predictions: [1,0,0], [0,1,0] -> one of six cells wrong
     assert m["hamming_loss"] == pytest.approx(1 / 6)
     assert m["subset_accuracy"] == pytest.approx(0.5)
@@ -51,7 +50,7 @@ def test_multilabel_metrics():
 def test_regression_metrics():
     y = np.array([1.0, 2.0, 3.0, 4.0])
     pred = np.array([1.5, 2.0, 2.5, 5.0])
-    m = evaluate(Task.REGRESSION, y, pred).metrics
+    m = Task.REGRESSION.spec.evaluate(y, pred).metrics
     assert m["mse"] == pytest.approx((0.25 + 0 + 0.25 + 1) / 4)
     assert m["rmse"] == pytest.approx(math.sqrt(1.5 / 4))
     assert m["mae"] == pytest.approx(2 / 4)
@@ -60,11 +59,11 @@ def test_regression_metrics():
 
 
 def test_constant_predictions_leave_correlations_out():
-    result = evaluate(Task.REGRESSION, np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 2.0]))
+    result = Task.REGRESSION.spec.evaluate(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 2.0]))
     assert "pearson" not in result.metrics and result.notes
     assert result.metrics["r2"] == pytest.approx(0.0)
 
 
 def test_mismatched_lengths_are_rejected():
     with pytest.raises(ValueError, match="2 targets but 3"):
-        evaluate(Task.REGRESSION, np.zeros(2), np.zeros(3))
+        Task.REGRESSION.spec.evaluate(np.zeros(2), np.zeros(3))
