@@ -1,7 +1,7 @@
 """The tuneserve BentoML service: /predict, /evaluate and /metadata over one fine-tuned artifact.
 
 Run it with ``bentoml serve`` from the repository root (bentofile.yaml names this class). The model comes
-from the BentoML store (``TUNESERVE_MODEL``, default ``sentiment-lora:latest``) so that ``bentoml build``
+from the BentoML store (``TUNESERVE_MODEL``, default ``sentiment-lora-onnx:latest``) so that ``bentoml build``
 packages it, or from an artifact directory (``TUNESERVE_ARTIFACT``). Each endpoint validates, calls the
 backend, and shapes the answer with core/ code: post-processing, labels and metrics are the trainer's own.
 The service is ready only after the backend has reproduced the outputs PyTorch gave at export.
@@ -26,21 +26,15 @@ from core.errors import ArtifactError
 from core.manifest import Manifest, read_manifest
 from service.backends import choose_backend
 from service.batcher import MicroBatcher
+from service.docs import About, api_document, docs_routes
 from service.logs import quiet_client_errors
 from service.middleware import (
     BearerAuthMiddleware,
     BodyLimitMiddleware,
     JsonOnlyMiddleware,
-    OpenAPIResponsesMiddleware,
     ValidationErrorShapeMiddleware,
 )
-from service.requests import (
-    RequestError,
-    check_pairs,
-    check_texts,
-    evaluation_body,
-    examples_to_inputs,
-)
+from service.requests import RequestError, check_pairs, check_texts, evaluation_body, examples_to_inputs
 from service.schemas import EvaluateResponse, Example, PredictResponse
 from service.selftest import run_selftest
 from service.settings import load_settings
@@ -78,10 +72,6 @@ def _serving_versions() -> dict[str, str]:
 async def _metadata(request: Request) -> JSONResponse:
     service = bentoml.get_current_service()
     return JSONResponse(service.metadata())
-
-
-# Mounted at the root: BentoML's passive mount only claims the paths this app routes.
-metadata_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
 
 
 @bentoml.service(name="tuneserve", traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
@@ -181,14 +171,21 @@ class Tuneserve:
                        "max_examples": self.settings.max_examples, "max_body_bytes": self.settings.max_body_bytes},
         }
 
+    def about(self) -> About:
+        """What the API documents (/docs.json and the page at /) say about the model served."""
+        return About(manifest=self.manifest, model_tag=self.model_tag, backend=self.backend.name,
+                     provider=getattr(self.backend, "provider", None),
+                     tuneserve_version=_serving_versions().get("tuneserve"), settings=self.settings)
 
-Tuneserve.mount_asgi_app(metadata_app, path="/")
+
+def _api_document() -> dict:
+    return api_document(Tuneserve.openapi_spec.asdict(), bentoml.get_current_service().about())
+
+
+# Mounted at the root, ahead of BentoML's own / and /docs.json: its passive mount claims only the paths routed here.
+api_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), *docs_routes(_api_document)])
+Tuneserve.mount_asgi_app(api_app, path="/")
 # The first added is the outermost: auth, then media type, then size, all before BentoML reads the body.
-Tuneserve.add_asgi_middleware(OpenAPIResponsesMiddleware, responses={
-    **({401: "Missing or wrong API key"} if SETTINGS.api_key is not None else {}),
-    413: "Request body over the size limit", 415: "Body is not application/json",
-    **({429: "Too many requests at once"} if SETTINGS.max_concurrency else {}),
-    504: "The request took longer than the timeout"})
 if SETTINGS.api_key is not None:
     Tuneserve.add_asgi_middleware(BearerAuthMiddleware, api_key=SETTINGS.api_key.get_secret_value())
 Tuneserve.add_asgi_middleware(JsonOnlyMiddleware)
