@@ -75,6 +75,14 @@ class OnnxFiles(_Section):
     note: str | None = None
 
 
+class BatchInvariance(_Section):
+    """One variant's outputs for the same inputs batched differently (pooled turns of mixed lengths, alone)."""
+
+    arrangements: list[str]
+    max_abs_diff: float
+    decision_changes: int
+
+
 class ParityReport(_Section):
     """One exported variant against PyTorch on the held-out split, at the task level."""
 
@@ -88,6 +96,7 @@ class ParityReport(_Section):
     label_agreement: float | None = None
     label_agreement_per_label: dict[str, float] | None = None
     entity_agreement: float | None = Field(None, description="Token tasks: texts whose entities are identical.")
+    batch_invariance: BatchInvariance | None = None
 
 
 class Int8Attempt(_Section):
@@ -107,6 +116,8 @@ class Int8Report(_Section):
     fp32_nodes: list[str] = Field(default_factory=list)
     reason: str | None = None
     smoothing: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = Field(None, description="The examples whose activation ranges fix the "
+                                               "int8 variant's activation scales.")
 
 
 class SelftestExample(_Section):
@@ -148,6 +159,8 @@ class Manifest(BaseModel):
     metrics: dict[str, dict[str, float]] = Field(description="'validation' and 'test': metric name -> value.")
     baselines: dict[str, dict[str, float]] = Field(description="Baseline name -> test metrics.")
     primary_metric: str
+    beats_baselines: bool | None = Field(None, description="Whether the test primary metric is strictly better than "
+                                         "every baseline's (null when no baseline reports it).")
     per_class: dict[str, dict[str, float]] | None = None
     confusion_matrix: list[list[int]] | None = None
     training: TrainingRecord | None = Field(None, description="Epochs run, steps, best step, timings, history.")

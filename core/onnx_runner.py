@@ -47,9 +47,11 @@ class OnnxModel:
         return self.session.run(["logits"], {name: np.asarray(batch[name], dtype=np.int64) for name in self.input_names})[0]
 
     def logits(self, encoder: Encoder, texts: Sequence[str], pairs: Sequence[str] | None = None, *, task,
-               batch_size: int = 64) -> Any:
-        """Raw outputs in input order, as the task's spec runs the model (batches formed by length)."""
-        return task.spec.run(self.forward, encoder, texts, pairs, batch_size=batch_size, return_tensors="np")
+               batch_size: int = 64, by_length: bool = True) -> Any:
+        """Raw outputs in input order, as the task's spec runs the model (batches formed by length unless
+        ``by_length`` is False)."""
+        return task.spec.run(self.forward, encoder, texts, pairs, batch_size=batch_size, return_tensors="np",
+                             by_length=by_length)
 
 
 def check_external_data(model_path: str | os.PathLike) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 
 from core.errors import ArtifactError
 from core.manifest import Manifest
+from core.tasks.base import BATCH_INVARIANCE_TOLERANCE
 
 # Score tolerance of backends that compute what PyTorch computed at export, in fp32.
 FP32_TOLERANCE = 1e-3
@@ -23,10 +24,12 @@ def tolerance(manifest: Manifest, backend_name: str, half_precision: bool = Fals
 
 
 def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -> dict:
-    """Run the manifest's self-test examples through ``backend``.
+    """Run the manifest's self-test examples through ``backend``, pooled in one call (mixed lengths, as the
+    service pools concurrent requests) and each alone.
 
     Returns:
-        ``{"examples", "max_abs_diff", "tolerance"}`` when every label is equal and every score within tolerance.
+        ``{"examples", "max_abs_diff", "tolerance", "batch_invariance"}`` when every label is equal, every score
+        within tolerance, and each example's answer the same alone as pooled.
 
     Raises:
         ArtifactError: naming the first example that differs, or when the artifact records no examples.
@@ -57,4 +60,13 @@ def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -
         if diff[i] > tol:
             raise ArtifactError(f"self-test: backend {backend.name} is {diff[i]:.4g} away from PyTorch's scores on "
                                 f"example {i} ({sample.text[:60]!r}); tolerance {tol:.4g}")
-    return {"examples": len(samples), "max_abs_diff": float(diff.max()), "tolerance": tol}
+    alone = [spec.scores(backend.logits([text], [pairs[i]] if pairs else None))[0] for i, text in enumerate(texts)]
+    invariance = spec.invariance(manifest, got, {"each alone": alone})
+    # Half precision on a GPU is not held to the CPU backends' bound (its kernels are chosen per batch shape).
+    bound = tol if half_precision else BATCH_INVARIANCE_TOLERANCE
+    if invariance["decision_changes"] or invariance["max_abs_diff"] > bound:
+        raise ArtifactError(f"self-test: backend {backend.name} answers depend on the batch: run alone instead of "
+                            f"pooled, {invariance['decision_changes']} of {len(samples)} decisions change and scores "
+                            f"move by up to {invariance['max_abs_diff']:.3g} (bound {bound:g})")
+    return {"examples": len(samples), "max_abs_diff": float(diff.max()), "tolerance": tol,
+            "batch_invariance": invariance["max_abs_diff"]}

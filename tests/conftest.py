@@ -89,15 +89,22 @@ def data_dir(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture
-def base_config(tiny_model, data_dir, tmp_path) -> dict:
-    """Raw config for a fast run on the tiny model (callers adjust it)."""
-    return {
+def tiny_run_config(tiny_model: str, data_dir: Path, output_dir: Path, **changes) -> dict:
+    """Raw config for a fast run of the tiny model on the data_dir splits; ``changes`` replace top-level keys."""
+    raw = {
         "model": tiny_model,
         "data": {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "validation.jsonl"),
                  "test": str(data_dir / "test.jsonl")},
         "method": "full",
         "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 32},
         "export": {"onnx": False},  # export has its own tests
-        "output_dir": str(tmp_path / "run"),
+        "output_dir": str(output_dir),
     }
+    raw.update(changes)
+    return raw
+
+
+@pytest.fixture
+def base_config(tiny_model, data_dir, tmp_path) -> dict:
+    """Raw config for a fast run on the tiny model (callers adjust it)."""
+    return tiny_run_config(tiny_model, data_dir, tmp_path / "run")

@@ -6,6 +6,7 @@ when complete, so a crash leaves the previous artifact as it was.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -14,7 +15,8 @@ from importlib import metadata
 from pathlib import Path
 
 from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
-from training.card import model_card
+from core.verdict import compare_with_baselines
+from training.card import adapter_readme, base_model_name, write_card
 from training.files import swap_into_place
 from training.modeling import merged_model, save_tokenizer_and_model
 from training.report import plot_confusion, plot_curves, plot_per_label, plot_regression
@@ -61,6 +63,9 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
     save_tokenizer_and_model(plain, built.tokenizer, tmp / MODEL_DIR)
 
     monitor = cfg.monitor
+    verdict = compare_with_baselines(monitor, result.metrics["test"][monitor], result.baselines)
+    if verdict and not verdict.beats:
+        logger.warning("%s: the artifact is written, and its manifest and card say so", verdict.message)
     manifest = Manifest(
         name=cfg.run_name,
         task=cfg.task,
@@ -80,6 +85,7 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         metrics=result.metrics,
         baselines=result.baselines,
         primary_metric=monitor,
+        beats_baselines=verdict.beats if verdict else None,
         per_class=result.test.per_class,
         confusion_matrix=result.test.confusion_matrix,
         training={**training, "lora_target_modules": built.target_modules, "head_modules": built.head_modules},
@@ -97,7 +103,9 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         },
     )
     write_manifest(manifest, tmp)
-    (tmp / "README.md").write_text(model_card(manifest))
+    write_card(tmp, manifest)  # re-written after the export, with its results
+    if cfg.method == "lora":
+        describe_adapter(tmp / ADAPTER_DIR, manifest)
 
     report = tmp / "report"
     report.mkdir()
@@ -112,6 +120,16 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
     swap_into_place(tmp, final)  # the old artifact stays whole until the new one is complete
     logger.info("artifact written to %s", final)
     return final
+
+
+def describe_adapter(adapter_dir: Path, manifest: Manifest) -> None:
+    """Replace peft's empty card template with a note on loading the adapter, and point its config at the base
+    model's Hub id (peft records the local path the base model was loaded from)."""
+    (adapter_dir / "README.md").write_text(adapter_readme(manifest))
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model_name(manifest.base_model)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _deterministic_algorithms() -> bool:

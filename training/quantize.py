@@ -1,7 +1,9 @@
-"""int8 for an exported graph: dynamic quantization, activation smoothing, and the search for the most
-quantized variant that keeps quality.
+"""int8 for an exported graph: quantization with calibrated activation scales, activation smoothing, and the
+search for the most quantized variant that keeps quality.
 
-The search tries the fastest variants first (whole graph per tensor, then per channel), then smoothed graphs
+Every variant is built by onnxruntime's dynamic quantizer (its integer kernels: MatMulInteger, QAttention, ...)
+and then has its run-time activation scales replaced by scales calibrated on training examples
+(:func:`freeze_scales`), so that an input's outputs never depend on the other inputs of its batch. The search tries the fastest variants first (whole graph per tensor, then per channel), then smoothed graphs
 (SmoothQuant), then keeps the nodes that hurt most in fp32, as few as will pass. Whether a variant passes is the
 caller's judgement (the export gate: task-level parity with PyTorch on held-out data).
 """
@@ -9,6 +11,7 @@ caller's judgement (the export gate: task-level parity with PyTorch on held-out 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
@@ -17,12 +20,14 @@ import numpy as np
 
 from core.encoding import Encoder
 
+logger = logging.getLogger(__name__)
+
 # Ops that dynamic quantization can turn into integer kernels.
 INT8_OPS = ("MatMul", "Gemm", "Attention", "EmbedLayerNormalization")
 # Held-out examples, those closest to another decision, on which each node's int8 damage is measured.
 SENSITIVITY_PROBE = 256
 # Activation smoothing before int8 (see smooth_graph): the strengths measured, how many of them (least damage
-# first) go to the gate, and the held-out examples whose activation ranges set the scales.
+# first) go to the gate, and the training examples whose activation ranges set smoothing and the int8 scales.
 SMOOTHING_ALPHAS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 SMOOTHING_TRIES = 3
 CALIBRATION_EXAMPLES = 512
@@ -57,14 +62,27 @@ def smoothable_nodes(graph) -> list[int]:
             and n.input[1] in weights and uses[n.input[1]] == 1 and n.input[0] not in weights]
 
 
+def calibrated_tensors(graph) -> list[str]:
+    """The float activations that dynamic quantization would quantize: the non-constant inputs of MatMul, Gemm
+    and Attention nodes (both inputs of a MatMul of two activations)."""
+    constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    names: list[str] = []
+    for node in graph.node:
+        inputs = node.input[:2] if node.op_type == "MatMul" else node.input[:1]
+        if node.op_type in ("MatMul", "Gemm", "Attention"):
+            names += [n for n in inputs if n and n not in constants and n not in names]
+    return names
+
+
 def activation_ranges(fp32: Path, scratch: Path, encoder: Encoder, texts: Sequence[str], pairs: Sequence[str] | None,
-                      *, task) -> dict[str, np.ndarray]:
-    """Per-channel largest magnitude of the activations entering each smoothable node, over ``texts``."""
+                      *, task) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel smallest and largest value of each activation int8 quantizes, over the real (not padding) tokens
+    of ``texts``: what smoothing balances and what fixes the int8 graph's activation scales."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(fp32))
-    names = sorted({model.graph.node[i].input[0] for i in smoothable_nodes(model.graph)})
+    names = calibrated_tensors(model.graph)
     if not names:
         return {}
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
@@ -73,13 +91,20 @@ def activation_ranges(fp32: Path, scratch: Path, encoder: Encoder, texts: Sequen
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor addressable
     session = ort.InferenceSession(str(scratch), options, providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
-    ranges: dict[str, np.ndarray] = {}
+    ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def forward(batch) -> np.ndarray:
         logits, *activations = session.run(["logits", *names], {n: np.asarray(batch[n], dtype=np.int64) for n in inputs})
+        real = np.asarray(batch["attention_mask"]).astype(bool)
         for name, value in zip(names, activations):
-            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
+            if value.ndim == 3 and value.shape[:2] == real.shape:  # (batch, sequence, channels): real tokens only
+                rows = value[real]
+                low, high = rows.min(axis=0), rows.max(axis=0)
+            else:  # attention heads' products in unfused graphs: one range, padding included (wider, never narrower)
+                low, high = value.min(keepdims=True).ravel(), value.max(keepdims=True).ravel()
+            if name in ranges:
+                low, high = np.minimum(ranges[name][0], low), np.maximum(ranges[name][1], high)
+            ranges[name] = (low, high)
         return logits
 
     task.spec.run(forward, encoder, texts, pairs, batch_size=64, return_tensors="np")
@@ -88,13 +113,55 @@ def activation_ranges(fp32: Path, scratch: Path, encoder: Encoder, texts: Sequen
     return ranges
 
 
-def smooth_graph(fp32: Path, out: Path, ranges: dict[str, np.ndarray], alpha: float) -> int:
+def freeze_scales(int8: Path, ranges: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    """Make a dynamically quantized graph batch-invariant: each DynamicQuantizeLinear becomes a QuantizeLinear whose
+    scale and zero point come from calibrated ranges (static quantization, the mode SmoothQuant was made for).
+
+    Dynamic quantization computes one scale per tensor at run time, over the whole batch, padding included, so an
+    input's outputs depend on the other inputs of its batch. With fixed scales every input's integer arithmetic is
+    its own; values outside the calibrated range saturate. The kernels (MatMulInteger, QAttention) stay as they are.
+    Rewrites ``int8`` in place and returns the number of scales fixed.
+
+    Raises:
+        ValueError: a quantized activation has no calibrated range.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(int8))
+    nodes, fixed = [], []
+    for node in model.graph.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            nodes.append(node)
+            continue
+        if node.input[0] not in ranges:
+            raise ValueError(f"{int8}: no calibrated range for {node.input[0]!r}, which int8 quantizes")
+        low, high = ranges[node.input[0]]
+        # DynamicQuantizeLinear's own arithmetic (uint8, the range widened to include 0), on the calibrated range.
+        low, high = min(0.0, float(np.min(low))), max(0.0, float(np.max(high)))
+        scale = (high - low) / 255 or 1.0
+        zero_point = int(np.clip(np.rint(-low / scale), 0, 255))
+        quantized, scale_name, zero_point_name = node.output
+        fixed += [numpy_helper.from_array(np.array(scale, dtype=np.float32), scale_name),
+                  numpy_helper.from_array(np.array(zero_point, dtype=np.uint8), zero_point_name)]
+        nodes.append(onnx.helper.make_node("QuantizeLinear", [node.input[0], scale_name, zero_point_name], [quantized],
+                                           name=f"{node.name}_static"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(fixed)
+    onnx.save(model, str(int8))
+    return len(fixed) // 2
+
+
+def smooth_graph(fp32: Path, out: Path, ranges: dict[str, tuple[np.ndarray, np.ndarray]],
+                 alpha: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Move activation outliers into the weights before int8 (SmoothQuant, Xiao et al. 2023).
 
     For each smoothable node, ``x @ W == (x / s) @ (s[:, None] * W)`` with ``s_j = max|x_j|^alpha /
     max|W_j|^(1 - alpha)``: a Mul node divides the input channels by ``s`` and the weight rows are multiplied
     by it. The fp32 function is unchanged, but per-tensor activation scales are no longer set by a few
-    outlier channels. Returns the number of nodes smoothed.
+    outlier channels. Returns the calibrated ranges of the smoothed inputs it creates (``ranges`` divided by ``s``;
+    every other activation keeps its range).
     """
     import onnx
     from onnx import numpy_helper
@@ -102,34 +169,35 @@ def smooth_graph(fp32: Path, out: Path, ranges: dict[str, np.ndarray], alpha: fl
     model = onnx.load(str(fp32))
     weights = {t.name: t for t in model.graph.initializer}
     targets = set(smoothable_nodes(model.graph))
-    nodes, scales = [], []
+    nodes, scales, created = [], [], {}
     for i, node in enumerate(model.graph.node):
         if i in targets and node.input[0] in ranges:
             w = numpy_helper.to_array(weights[node.input[1]])
-            act = np.maximum(ranges[node.input[0]], 1e-5)
+            low, high = ranges[node.input[0]]
+            act = np.maximum(np.maximum(np.abs(low), np.abs(high)), 1e-5)
             s = np.clip(act ** alpha / np.maximum(np.abs(w).max(axis=1), 1e-5) ** (1 - alpha), 1e-3, 1e3)
             weights[node.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32),
                                                                     node.input[1]))
             scales.append(numpy_helper.from_array((1 / s).astype(np.float32), f"{node.name}_smooth_scale"))
             nodes.append(onnx.helper.make_node("Mul", [node.input[0], scales[-1].name], [f"{node.name}_smoothed"],
                                                name=f"{node.name}_smooth"))
+            created[f"{node.name}_smoothed"] = (low / s, high / s)
             node.input[0] = f"{node.name}_smoothed"
         nodes.append(node)
     model.graph.initializer.extend(scales)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     onnx.save(model, str(out))
-    return len(scales)
+    return created
 
 
-def rank_by_sensitivity(fp32: Path, scratch: Path, error: Callable[[Path], float]) -> list[str]:
-    """The graph's quantizable nodes, the most sensitive first.
-
-    Each node is quantized alone (per-channel) and ranked by ``error``, the damage that graph does.
-    """
+def rank_by_sensitivity(nodes: Sequence[str], quantize: Callable[[dict, Path], None], scratch: Path,
+                        error: Callable[[Path], float]) -> list[str]:
+    """``nodes``, the most sensitive first: each is quantized alone (per-channel) and ranked by ``error``, the
+    damage that graph does."""
     damage = {}
-    for node in quantizable_nodes(fp32):
-        _quantize(fp32, scratch, per_channel=True, nodes_to_quantize=[node])
+    for node in nodes:
+        quantize({"per_channel": True, "nodes_to_quantize": [node]}, scratch)
         damage[node] = error(scratch)
     scratch.unlink(missing_ok=True)
     return sorted(damage, key=damage.__getitem__, reverse=True)
@@ -184,7 +252,8 @@ def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], dict
     Args:
         fp32: the fp32 graph.
         out: where the kept int8 graph goes (scratch files are written beside it).
-        calibrate: ``(fp32, scratch path) -> per-channel activation ranges`` on held-out inputs (for smoothing).
+        calibrate: ``(fp32, scratch path) -> per-channel activation ranges`` (:func:`activation_ranges`), which
+            set smoothing strengths and every variant's fixed activation scales.
         damage: how much a candidate graph moves the scores of the examples nearest to another decision.
         judge: ``candidate -> (why it fails or None, its parity report)``.
         metric: the primary metric, whose change each attempt records.
@@ -198,24 +267,28 @@ def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], dict
     kept_parity = None
 
     @functools.cache
-    def calibration() -> dict[str, np.ndarray]:
+    def calibration() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return calibrate(fp32, work / "calibration.onnx")
 
     @functools.lru_cache(maxsize=1)  # one smoothed graph on disk at a time
-    def smoothed(alpha: float) -> Path:
-        smooth_graph(fp32, work / "smoothed.onnx", calibration(), alpha)
-        return work / "smoothed.onnx"
+    def smoothed(alpha: float) -> tuple[Path, dict]:
+        created = smooth_graph(fp32, work / "smoothed.onnx", calibration(), alpha)
+        return work / "smoothed.onnx", {**calibration(), **created}
 
-    def source(alpha: float | None) -> Path:
-        """The fp32 graph a variant is quantized from."""
-        return fp32 if alpha is None else smoothed(alpha)
+    def source(alpha: float | None) -> tuple[Path, dict]:
+        """The fp32 graph a variant is quantized from, and its activations' calibrated ranges."""
+        return (fp32, calibration()) if alpha is None else smoothed(alpha)
 
     def quantize(options: dict, target: Path) -> None:
         options = dict(options)
-        _quantize(source(options.pop("smooth")), target, **options)
+        graph, ranges = source(options.pop("smooth", None))
+        _quantize(graph, target, **options)
+        freeze_scales(target, ranges)
 
     def smoothing() -> list[float]:
-        if not calibration():
+        import onnx
+
+        if not smoothable_nodes(onnx.load(str(fp32), load_external_data=False).graph):
             return []
         probe_file = work / "probe.onnx"
         measured = {}
@@ -227,7 +300,9 @@ def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], dict
         return sorted(measured, key=measured.__getitem__)
 
     def rank(alpha: float | None) -> list[str]:
-        return rank_by_sensitivity(source(alpha), work / "probe.onnx", damage)
+        return rank_by_sensitivity(quantizable_nodes(source(alpha)[0]),
+                                   lambda options, target: quantize({**options, "smooth": alpha}, target),
+                                   work / "probe.onnx", damage)
 
     attempts = int8_attempts(smoothing, rank)
     name, options = next(attempts)
@@ -238,6 +313,7 @@ def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], dict
         report["attempts"].append({"method": name, "passed": failure is None, "reason": failure,
                                    "label_agreement": parity.get("label_agreement"),
                                    "metric_delta": parity["metric_delta"].get(metric)})
+        logger.info("int8 %s: %s", name, "passes the gate" if failure is None else f"fails ({failure})")
         if failure is None:  # each variant that passes is more quantized than the one before
             os.replace(candidate, out)
             kept_parity = parity

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -9,15 +11,66 @@ from pathlib import Path
 from core.errors import ArtifactError
 from core.manifest import MODEL_DIR, read_manifest
 from core.onnx_runner import check_external_data
+from core.serving import onnx_serving_files
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+# The store label that holds an entry's content hash: an unchanged artifact is registered once.
+CONTENT_LABEL = "content_sha256"
 
 
-def register(artifact_dir: str | Path, name: str | None = None) -> str:
+def _files(artifact_dir: Path, onnx_only: bool = False) -> list[Path]:
+    """What registration copies: every file of the artifact but those in temporary dot-directories of an
+    interrupted export, or with ``onnx_only`` what the ONNX backend loads (core/serving.py)."""
+    if onnx_only:
+        try:
+            return [artifact_dir / relative for relative in onnx_serving_files(artifact_dir)]
+        except ValueError as exc:
+            raise ArtifactError(str(exc)) from None
+    files = []
+    for entry in sorted(item for item in artifact_dir.iterdir() if not item.name.startswith(".")):
+        files += [p for p in entry.rglob("*") if p.is_file()] if entry.is_dir() else [entry]
+    return files
+
+
+def content_hash(artifact_dir: str | Path, files: list[Path] | None = None) -> str:
+    """sha256 over the relative path, size and bytes of every file registration would copy (``files``, default
+    the whole artifact), in sorted order."""
+    artifact_dir = Path(artifact_dir)
+    files = _files(artifact_dir) if files is None else files
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.relative_to(artifact_dir).as_posix()):
+        # Length-prefixed fields: no two different artifacts feed the same byte stream.
+        relative = path.relative_to(artifact_dir).as_posix().encode()
+        digest.update(len(relative).to_bytes(8, "big") + relative + path.stat().st_size.to_bytes(8, "big"))
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _stored_with(name: str, digest: str):
+    """The store entries of ``name`` (newest first) and the newest one holding ``digest`` (None if none)."""
+    import bentoml
+
+    try:
+        models = sorted(bentoml.models.list(name), key=lambda m: m.info.creation_time, reverse=True)
+    except bentoml.exceptions.NotFound:
+        return [], None
+    return models, next((m for m in models if m.info.labels.get(CONTENT_LABEL) == digest), None)
+
+
+def register(artifact_dir: str | Path, name: str | None = None, *, onnx_only: bool = False) -> str:
     """Copy an artifact into the BentoML model store and return its tag (``name:version``).
 
-    The store entry is written by ``bentoml.models.create``, which keeps it only if the copy completes:
-    a crash leaves earlier entries untouched.
+    With ``onnx_only`` only what the ONNX Runtime backend loads is stored (manifest, card, tokenizer, the ONNX file
+    the ``auto`` backend serves), under ``<name>-onnx`` by default: the model a CPU bento packages, without the
+    PyTorch weights. A GPU bento needs the whole artifact.
+
+    An artifact already stored under ``name`` with the same content (hash of its files, kept in the entry's
+    ``content_sha256`` label) is not copied again: its tag is returned. The store entry is written by
+    ``bentoml.models.create``, which keeps it only if the copy completes: a crash leaves earlier entries untouched.
 
     Raises:
         ArtifactError: the artifact is incomplete, or the name is not a valid BentoML model name.
@@ -26,28 +79,37 @@ def register(artifact_dir: str | Path, name: str | None = None) -> str:
 
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
-    name = (name or manifest.name).lower()
+    name = (name or (f"{manifest.name}-onnx" if onnx_only else manifest.name)).lower()
     if not _NAME.match(name):
         raise ArtifactError(f"--name {name!r}: use lower-case letters, digits, '.', '_' and '-' (BentoML model names)")
-    if not (artifact_dir / MODEL_DIR / "model.safetensors").is_file():
+    if not onnx_only and not (artifact_dir / MODEL_DIR / "model.safetensors").is_file():
         raise ArtifactError(f"{artifact_dir}: {MODEL_DIR}/model.safetensors is missing")
-    backends = ["torch"]
+    files = _files(artifact_dir, onnx_only)
+    backends = [] if onnx_only else ["torch"]
     for key, backend in (("fp32", "onnx"), ("int8", "onnx-int8")):
         relative = getattr(manifest.export.onnx, key) if manifest.export else None
-        if relative:
+        if relative and artifact_dir / relative in files:
             if not (artifact_dir / relative).is_file():
                 raise ArtifactError(f"{artifact_dir}: the manifest lists {relative}, which is missing")
             check_external_data(artifact_dir / relative)
             backends.append(backend)
+    digest = content_hash(artifact_dir, files)
+    models, same = _stored_with(name, digest)
+    if same is not None:
+        if same.tag != models[0].tag:
+            logger.warning("%s is already in the store as %s, but %s is newer and is what %s:latest serves; "
+                           "serve %s by its tag", artifact_dir, same.tag, models[0].tag, name, same.tag)
+        else:
+            logger.info("%s is already in the store as %s (same content); nothing copied", artifact_dir, same.tag)
+        return str(same.tag)
     labels = {"task": manifest.task.value, "method": manifest.method, "backends": ",".join(backends),
-              "source": "tuneserve"}
+              "source": "tuneserve", CONTENT_LABEL: digest}
     metadata = {"primary_metric": manifest.primary_metric, "test_metrics": manifest.metrics.get("test", {}),
                 "labels": manifest.labels, "base_model": manifest.base_model,
                 "int8_kept": bool(manifest.export and manifest.export.int8.kept)}
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-        for item in artifact_dir.iterdir():
-            if item.name.startswith("."):  # temporary directories of an interrupted export
-                continue
-            target = Path(model.path) / item.name
-            shutil.copytree(item, target) if item.is_dir() else shutil.copy2(item, target)
+        for path in files:
+            target = Path(model.path) / path.relative_to(artifact_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
     return str(model.tag)

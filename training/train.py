@@ -31,7 +31,7 @@ from training.checkpoint import CHECKPOINTS, LoopState, latest_checkpoint, read_
 from training.config import Config
 from training.data import load_dataset
 from training.dropout import use_cpu_dropout
-from training.modeling import build_model, optimizer_groups, trainable_state
+from training.modeling import build_model, optimizer_groups, resolve_model, trainable_state
 from training.precision import DeviceFacts, choose_mixed_precision
 from training.tasks import IGNORE_INDEX, torch_task
 
@@ -107,7 +107,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         TrainingError: a fresh run would mix with an earlier run's checkpoints, there is nothing to
             resume, or the loss became non-finite.
     """
-    from training.artifact import publish_artifact  # imports matplotlib; keep it off the import path of tests that don't need it
+    # imports matplotlib; keep it off the import path of tests that don't need it
+    from training.artifact import publish_artifact
 
     started = time.time()
     output_dir = Path(cfg.output_dir)
@@ -132,9 +133,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     clear_earlier_run = not resume and resume_from is not None  # done once the data has passed its checks
 
     # -- data: read and check on the main process first, so a download or cache write happens once ----
+    model_path = resolve_model(cfg.model)  # a mistyped model fails before the data is read
     with accelerator.main_process_first():
         data = load_dataset(cfg.data, cfg.task, tc.seed)
-    built = build_model(cfg, data.labels)
+    built = build_model(cfg, data.labels, model_path)
     model, tokenizer = built.model, built.tokenizer
     if accelerator.device.type == "cpu":
         use_cpu_dropout(model)  # same distribution, masks drawn in bulk: see training/dropout.py
@@ -321,7 +323,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         if cfg.export.onnx:
             from training.export import HeldOut, export_artifact
 
-            held_out = HeldOut(data.validation.texts, data.validation.pairs, data.validation.targets, "validation")
+            held_out = HeldOut.from_splits(data.validation, data.train)
             result.export = export_artifact(result.artifact_dir, int8=cfg.export.int8, held_out=held_out,
                                             min_int8_agreement=cfg.export.int8_min_agreement,
                                             max_int8_drop=cfg.export.int8_max_metric_drop)

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from core.metrics import Evaluation
 
 
+# Largest score difference allowed between two batch arrangements of the same inputs on one backend (batch
+# invariance: the export gate, the self-test and the tests hold every backend to it).
+BATCH_INVARIANCE_TOLERANCE = 1e-5
+
+
 class LabelError(ValueError):
     """A single label value is not acceptable; the caller adds where it was found."""
 
@@ -139,12 +144,14 @@ class TaskSpec(ABC):
         return dict(encoder.encode(texts, pairs)), targets, {}
 
     def run(self, forward: Callable[[Any], np.ndarray], encoder: Encoder, texts: Sequence[str],
-            pairs: Sequence[str] | None = None, *, batch_size: int, return_tensors: str, progress: bool = False) -> Any:
-        """Encode texts, call ``forward`` (a model on one padded batch) and return raw outputs in input order."""
+            pairs: Sequence[str] | None = None, *, batch_size: int, return_tensors: str, progress: bool = False,
+            by_length: bool = True) -> Any:
+        """Encode texts, call ``forward`` (a model on one padded batch) and return raw outputs in input order
+        (batches cut after sorting by length, or in the given order when ``by_length`` is False)."""
         from core.encoding import run_in_length_batches
 
         return run_in_length_batches(forward, encoder, texts, pairs, batch_size=batch_size,
-                                     return_tensors=return_tensors, progress=progress)
+                                     return_tensors=return_tensors, progress=progress, by_length=by_length)
 
     def flat(self, scores: Any) -> np.ndarray:
         """Scores as one 2-D array (for score differences between backends)."""
@@ -219,6 +226,28 @@ class TaskSpec(ABC):
         """Decision agreement between two sets of scores (``label_agreement`` in [0, 1]); empty for tasks
         whose outputs are values."""
         return {}
+
+    def invariance(self, manifest: Manifest, reference: Any, arranged: dict[str, Any]) -> dict:
+        """How far a backend's outputs move when the same inputs are batched differently.
+
+        Args:
+            reference: scores of some examples in one arrangement (the export's length-sorted batches).
+            arranged: arrangement name -> the scores of the first examples of ``reference`` run that way.
+
+        Returns:
+            ``{"arrangements", "max_abs_diff", "decision_changes"}`` (the largest score difference and the number of
+            examples whose decision differs, over every arrangement); :data:`BATCH_INVARIANCE_TOLERANCE` bounds the
+            difference of a backend that serves every input the same whatever its batch.
+        """
+        worst, changed = 0.0, 0
+        decided = self.decide(manifest, reference)
+        for scores in arranged.values():
+            count = len(scores)
+            head = reference[:count]
+            worst = max(worst, float(np.abs(self.flat(head) - self.flat(scores)).max(initial=0.0)))
+            if self.has_labels:
+                changed += sum(a != b for a, b in zip(decided[:count], self.decide(manifest, scores)))
+        return {"arrangements": list(arranged), "max_abs_diff": worst, "decision_changes": int(changed)}
 
     def metric_drop(self, metric: str, report: dict) -> float:
         """How much worse ``metric`` got in a :meth:`compare` report (positive = worse)."""

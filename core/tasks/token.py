@@ -339,7 +339,7 @@ class TokenClassificationSpec(TaskSpec):
 
     def run(self, forward: Callable[[Any], np.ndarray], encoder: Encoder, texts: Sequence[str],
             pairs: Sequence[str] | None = None, *, batch_size: int, return_tensors: str,
-            progress: bool = False) -> list[TokenOutput]:
+            progress: bool = False, by_length: bool = True) -> list[TokenOutput]:
         """Per text, its sub-tokens' offsets and logits; windows of one text merged (overlaps averaged)."""
         if pairs is not None:
             raise ValueError("token classification takes single texts")
@@ -347,7 +347,8 @@ class TokenClassificationSpec(TaskSpec):
         offsets = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in batch["offset_mapping"]]
         owner = list(batch["overflow_to_sample_mapping"])
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
-        order = np.argsort([-len(ids) for ids in batch["input_ids"]], kind="stable")
+        order = (np.argsort([-len(ids) for ids in batch["input_ids"]], kind="stable") if by_length
+                 else np.arange(len(batch["input_ids"])))
         starts = range(0, len(order), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -487,9 +488,8 @@ def repair_bio(ids: np.ndarray, labels: Sequence[str]) -> np.ndarray:
 
 def tag_metrics(gold: Sequence[np.ndarray], predicted: Sequence[np.ndarray], labels: list[str]) -> Evaluation:
     """Entity-level precision, recall, F1 (seqeval, strict IOB2), per entity type, word accuracy, tag confusion."""
-    from seqeval.metrics import classification_report
+    from seqeval.metrics import classification_report, precision_score, recall_score
     from seqeval.metrics import f1_score as entity_f1
-    from seqeval.metrics import precision_score, recall_score
     from seqeval.scheme import IOB2
     from sklearn.metrics import confusion_matrix
 

@@ -236,6 +236,17 @@ def test_the_self_test_refuses_a_lying_manifest_and_a_backend_that_disagrees(art
 
     with pytest.raises(ArtifactError, match="predicts"):
         run_selftest(Disagreeing(), manifest)
+
+    class BatchDependent:
+        name = "onnx"
+
+        def logits(self, texts, pairs):  # what dynamic int8 does: each input's numbers move with its batch-mates
+            out = backend.logits(texts, pairs)
+            out[:, 0] += 1e-4 * (len(texts) - 1)  # within the score tolerance, but not the same alone
+            return out
+
+    with pytest.raises(ArtifactError, match="depend on the batch"):
+        run_selftest(BatchDependent(), manifest)
     no_samples = manifest.model_copy(update={"export": manifest.export.model_copy(update={"selftest": []})})
     with pytest.raises(ArtifactError, match="no self-test examples"):
         run_selftest(backend, no_samples)

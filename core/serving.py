@@ -1,0 +1,62 @@
+"""What a CPU deployment of an artifact carries: the files the ONNX Runtime backend loads, and nothing else.
+
+The manifest, the model card, the tokenizer (with the model's config.json, which names its type) and the ONNX file
+the ``auto`` backend serves on a CPU: the int8 variant when the export gate kept it, otherwise fp32. The PyTorch
+weights, the adapter and the report plots stay out. Standard library only, so that a bare Python can run it (the
+Dockerfile's first stage does: ``python core/serving.py ARTIFACT OUT``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+MANIFEST_FILE = "manifest.json"
+CARD_FILE = "README.md"
+MODEL_DIR = "model"
+# Model-directory files that hold weights; everything else there (tokenizer, vocabulary, config) is kept.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def onnx_serving_files(artifact_dir: str | Path) -> list[str]:
+    """Paths (relative to ``artifact_dir``) a CPU deployment needs, in a stable order.
+
+    Raises:
+        ValueError: the artifact has no ONNX export, or a file its manifest lists is missing.
+    """
+    artifact_dir = Path(artifact_dir)
+    manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
+    onnx = (manifest.get("export") or {}).get("onnx") or {}
+    chosen = onnx.get("int8") or onnx.get("fp32")
+    if not chosen:
+        raise ValueError(f"{artifact_dir}: no ONNX export to serve on a CPU; run `tuneserve export` first")
+    files = [MANIFEST_FILE, CARD_FILE, chosen]
+    files += sorted(f"{MODEL_DIR}/{p.name}" for p in (artifact_dir / MODEL_DIR).iterdir()
+                    if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
+    missing = [f for f in files if not (artifact_dir / f).is_file()]
+    if missing:
+        raise ValueError(f"{artifact_dir}: {', '.join(missing)} missing; the artifact is incomplete")
+    return files
+
+
+def copy_onnx_serving_files(artifact_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy :func:`onnx_serving_files` into ``out_dir`` (created; it must not exist yet) and return them."""
+    artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
+    files = onnx_serving_files(artifact_dir)
+    out_dir.mkdir(parents=True)
+    for relative in files:
+        (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(artifact_dir / relative, out_dir / relative)
+    return files
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python core/serving.py ARTIFACT OUT")
+    try:
+        copied = copy_onnx_serving_files(sys.argv[1], sys.argv[2])
+    except (OSError, ValueError) as exc:
+        sys.exit(f"serving files: {exc}")
+    print("\n".join(copied))
