@@ -1,11 +1,18 @@
 # syntax=docker/dockerfile:1
-# Slim CPU serving image: the BentoML service on ONNX Runtime, without torch. Build it from the repository
-# root after `make demo` (or any `tuneserve train`), naming the artifact to serve:
+# Slim CPU serving image: the BentoML service on ONNX Runtime, without torch and without the PyTorch weights.
+# Build it from the repository root after `make demo` (or any `tuneserve train`), naming the artifact to serve:
 #   docker build --build-arg ARTIFACT=runs/sentiment-lora/artifact -t tuneserve .
 #   docker run --rm -p 3000:3000 tuneserve
-FROM python:3.11-slim
 
+# Stage 1: from the artifact, only what the ONNX backend loads (core/serving.py: manifest, card, tokenizer, the
+# ONNX file `auto` serves). The rest of the artifact never reaches the image.
+FROM python:3.11-slim AS serving-files
 ARG ARTIFACT=runs/sentiment-lora/artifact
+COPY core/serving.py /build/serving.py
+COPY ${ARTIFACT} /build/artifact
+RUN python /build/serving.py /build/artifact /build/serving
+
+FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -23,7 +30,7 @@ RUN python -m pip install --no-cache-dir -r requirements/serve.txt
 COPY bentofile.yaml bentofile.yaml
 COPY core/ core/
 COPY service/ service/
-COPY ${ARTIFACT} /srv/artifact
+COPY --from=serving-files /build/serving /srv/artifact
 RUN mkdir -p /srv/bentoml && chown -R tuneserve /srv/bentoml
 
 USER tuneserve

@@ -24,12 +24,12 @@ install: $(BIN)/tuneserve
 # on 127.0.0.1:3000 (Ctrl+C stops the server).
 demo: install
 	$(BIN)/tuneserve train $(CONFIG) --overwrite
-	tag=$$($(BIN)/tuneserve register $$($(BIN)/tuneserve config $(CONFIG) | sed -n 's/^output_dir: //p')/artifact) && \
+	tag=$$($(BIN)/tuneserve register --onnx-only $$($(BIN)/tuneserve config $(CONFIG) | sed -n 's/^output_dir: //p')/artifact) && \
 	TUNESERVE_MODEL=$$tag $(BIN)/bentoml build . --output tag && \
 	echo "serving $$tag on http://127.0.0.1:$(PORT)" && \
 	TUNESERVE_MODEL=$$tag $(BIN)/bentoml serve . --host 127.0.0.1 --port $(PORT)
 
-# Serve a registered model (TUNESERVE_MODEL, default sentiment-lora:latest) or an artifact directory
+# Serve a registered model (TUNESERVE_MODEL, default sentiment-lora-onnx:latest) or an artifact directory
 # (TUNESERVE_ARTIFACT=runs/sentiment-lora/artifact make serve).
 serve: install
 	$(BIN)/bentoml serve . --host 127.0.0.1 --port $(PORT)

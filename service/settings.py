@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
 
-DEFAULT_MODEL = "sentiment-lora:latest"
+DEFAULT_MODEL = "sentiment-lora-onnx:latest"
 
 
 class Settings(BaseSettings):

@@ -30,6 +30,7 @@ def _table(columns: dict[str, dict[str, float]], names: list[str]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from core.verdict import compare_with_baselines
     from training.config import load_config
     from training.train import train
 
@@ -42,6 +43,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\nartifact: {result.artifact_dir}")
     if result.export:
         _print_export(result.export)
+    verdict = compare_with_baselines(cfg.monitor, result.metrics["test"][cfg.monitor], result.baselines)
+    if verdict and not verdict.beats:  # last, where it cannot scroll away
+        print(f"\nWARNING: {verdict.message}. Check the data, the labels and the recipe before serving it.")
     return 0
 
 
@@ -68,13 +72,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_labelled(artifact, data: str, text: str | None, text_pair: str | None, label: str | None,
+def _load_labelled(manifest, data: str, text: str | None, text_pair: str | None, label: str | None,
                    drop_missing: bool = False):
     """Read a labelled file with the artifact's columns (overridable) and map labels through its label set."""
     from training.config import DataConfig
     from training.data import attach_targets, load_split
 
-    manifest = artifact.manifest
     cfg = DataConfig(train=data, text=text or manifest.text_fields[0],
                      text_pair=text_pair or (manifest.text_fields[1] if manifest.has_pair else None),
                      label=label or manifest.label_field,
@@ -85,21 +88,30 @@ def _load_labelled(artifact, data: str, text: str | None, text_pair: str | None,
     return split
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.inference import load_artifact, predict_scores
+def _backend(args: argparse.Namespace):
+    """The artifact's manifest and the backend the service would answer with (``--backend``, default ``auto``)."""
+    from core.manifest import read_manifest
+    from service.backends import choose_backend
 
-    artifact = load_artifact(args.artifact)
-    manifest = artifact.manifest
-    split = _load_labelled(artifact, args.data, args.text, args.text_pair, args.label, args.drop_missing_labels)
-    scores = predict_scores(artifact, split.texts, split.pairs, batch_size=args.batch_size, progress=True)
+    manifest = read_manifest(args.artifact)
+    backend = choose_backend(Path(args.artifact), manifest, backend=args.backend, device="auto", threads=None,
+                             batch_size=args.batch_size)
+    print(f"backend: {backend.name}", file=sys.stderr)
+    return manifest, backend
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    manifest, backend = _backend(args)
+    split = _load_labelled(manifest, args.data, args.text, args.text_pair, args.label, args.drop_missing_labels)
+    scores = manifest.task.spec.scores(backend.logits(split.texts, split.pairs))
     result = manifest.task.spec.evaluate(split.targets, scores, manifest.labels, threshold=manifest.decision_threshold)
     recorded = manifest.metrics.get("test", {})
-    print(f"{args.data}: {result.n} examples")
+    print(f"{args.data}: {result.n} examples, backend {backend.name}")
     print(_table({"this data": result.metrics, "at training (test)": recorded}, list(manifest.task.spec.metric_names)))
     for note in result.notes:
         print(f"note: {note}")
     if args.output:
-        report = {"n": result.n, "metrics": result.metrics, "per_class": result.per_class,
+        report = {"n": result.n, "backend": backend.name, "metrics": result.metrics, "per_class": result.per_class,
                   "confusion_matrix": result.confusion_matrix, "training_metrics": recorded,
                   "delta": {k: v - recorded[k] for k, v in result.metrics.items() if k in recorded},
                   "notes": result.notes}
@@ -109,14 +121,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from training.inference import load_artifact, predict_scores
-
-    artifact = load_artifact(args.artifact)
-    manifest = artifact.manifest
+    manifest, backend = _backend(args)
     pairs = args.pair if args.pair else None
     if manifest.has_pair and (pairs is None or len(pairs) != len(args.texts)):
         raise TuneserveError(f"this model takes text pairs: give --pair once per text ({len(args.texts)} times)")
-    scores = predict_scores(artifact, args.texts, pairs)
+    scores = manifest.task.spec.scores(backend.logits(args.texts, pairs))
     for text, prediction in zip(args.texts, manifest.task.spec.shape(manifest, scores, ndigits=4)):
         print(json.dumps({"text": text, **prediction}, ensure_ascii=False))
     return 0
@@ -154,9 +163,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from training.register import register
 
-    tag = register(args.artifact, args.name)
+    tag = register(args.artifact, args.name, onnx_only=args.onnx_only)
     print(tag)
     return 0
+
+
+def _backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["auto", "onnx-int8", "onnx", "torch"], default="auto",
+                        help="what answers, as in the service: auto = torch on a GPU, else the int8 ONNX model "
+                             "the export gate kept, else ONNX fp32 (default: auto; the backend is printed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="label column (default: as at training)")
     p.add_argument("--drop-missing-labels", action="store_true", help="skip rows with no label instead of failing")
     p.add_argument("--batch-size", type=int, default=64)
+    _backend_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export an artifact to ONNX (fp32, int8 if it keeps quality) behind a parity gate")
@@ -193,13 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("register", help="copy an artifact into the BentoML model store and print its tag")
     p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
-    p.add_argument("--name", help="model name in the store (default: the artifact's name)")
+    p.add_argument("--name", help="model name in the store (default: the artifact's name, plus -onnx with --onnx-only)")
+    p.add_argument("--onnx-only", action="store_true",
+                   help="store only what the ONNX backend loads (no PyTorch weights): the model of a CPU bento")
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("predict", help="print predictions for a few texts")
     p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
     p.add_argument("texts", nargs="+", help="texts to classify")
     p.add_argument("--pair", action="append", help="second text, once per text, for pair models")
+    p.add_argument("--batch-size", type=int, default=64)
+    _backend_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("config", help="validate a config and print it with every default filled in")

@@ -127,7 +127,8 @@ def test_evaluate_matches_tuneserve_evaluate(server, artifacts, tmp_path):
     assert r.status_code == 200, r.text
     out = tmp_path / "eval.json"
     done = subprocess.run([sys.executable, "-m", "training.cli", "evaluate", str(art), "--data", str(data),
-                           "--output", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           "--output", str(out), "--backend", "torch"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     cli = json.loads(out.read_text())
     served = r.json()["metrics"]

@@ -45,11 +45,12 @@ def test_train_prints_metrics_beside_baselines(trained):
 def test_evaluate_reproduces_the_recorded_test_metrics(trained, data_dir, tmp_path):
     artifact, _ = trained
     out = tmp_path / "report.json"
-    result = tuneserve("evaluate", str(artifact), "--data", str(data_dir / "test.jsonl"), "--output", str(out))
+    result = tuneserve("evaluate", str(artifact), "--data", str(data_dir / "test.jsonl"), "--output", str(out),
+                       "--backend", "torch")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     recorded = read_manifest(artifact).metrics["test"]
-    assert report["n"] == 60
+    assert report["n"] == 60 and report["backend"] == "torch-cpu"
     assert report["metrics"]["accuracy"] == pytest.approx(recorded["accuracy"])
     assert report["metrics"]["f1_macro"] == pytest.approx(recorded["f1_macro"])
     assert abs(report["delta"]["accuracy"]) < 1e-9
@@ -63,6 +64,25 @@ def test_predict_prints_one_json_line_per_text(trained):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["label"] for line in lines] == ["positive", "negative"]
     assert all(0.5 <= line["score"] <= 1 for line in lines)
+
+
+def test_the_command_line_answers_with_the_backend_the_service_would_choose(trained, data_dir, tmp_path):
+    artifact, _ = trained
+    export = read_manifest(artifact).export
+    served = "onnx-int8" if export.onnx.int8 else "onnx"  # `auto` on a machine without a GPU
+    texts = ["a superb and lovely film", "dreadful, tedious acting"]
+    answers = {}
+    for backend in ("auto", served, "torch"):
+        result = tuneserve("predict", str(artifact), *texts, "--backend", backend)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"backend: {served if backend == 'auto' else 'torch-cpu' if backend == 'torch' else served}" in result.stderr
+        answers[backend] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert answers["auto"] == answers[served]  # the same answer as the service's backend, to the printed digit
+    assert [a["label"] for a in answers["auto"]] == [a["label"] for a in answers["torch"]]
+    out = tmp_path / "report.json"
+    result = tuneserve("evaluate", str(artifact), "--data", str(data_dir / "test.jsonl"), "--output", str(out))
+    assert result.returncode == 0 and f"backend {served}" in result.stdout
+    assert json.loads(out.read_text())["backend"] == served
 
 
 def test_errors_are_one_line_without_traceback(trained, tmp_path):
