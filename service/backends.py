@@ -59,7 +59,7 @@ class OnnxBackend:
 
         relative = (manifest.export.onnx.int8 if int8 else manifest.export.onnx.fp32) if manifest.export else None
         if not relative:
-            what = "an int8 variant (the export gate dropped it or int8 was off)" if int8 else "an ONNX export"
+            what = "int8 variant (the export gate dropped it or int8 was off)" if int8 else "ONNX export"
             raise ArtifactError(f"{artifact_dir}: the manifest lists no {what}; run `tuneserve export`")
         path = artifact_dir / relative
         if not path.is_file():
@@ -122,6 +122,12 @@ class TorchBackend:
         return self.spec.run(forward, self.encoder, texts, pairs, batch_size=self.batch_size, return_tensors="pt")
 
 
+def _torch_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("torch") is not None
+
+
 def _cuda_available() -> bool:
     try:
         import torch
@@ -135,7 +141,7 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
     """Build the backend the settings ask for.
 
     ``auto``: torch on CUDA when torch and a GPU are present, otherwise ONNX int8 if the export gate kept it,
-    otherwise ONNX fp32.
+    otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed).
 
     Raises:
         ArtifactError: the artifact lacks what the chosen backend needs.
@@ -145,6 +151,8 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
     if backend == "auto":
         if device != "cpu" and _cuda_available():
             backend, device = "torch", "cuda"
+        elif manifest.export is None and _torch_installed():  # never exported: PyTorch is all there is
+            backend, device = "torch", "cpu"
         else:
             backend = "onnx-int8" if manifest.export and manifest.export.onnx.int8 else "onnx"
     if backend == "torch":
