@@ -17,7 +17,6 @@ from scipy import stats
 from sklearn import metrics as skm
 
 
-
 @dataclass
 class Evaluation:
     """Flat metrics (name -> number; undefined metrics are left out), plus per-class detail."""
@@ -136,3 +135,34 @@ def regression_metrics(y: Any, pred: Any) -> Evaluation:
     else:
         notes.append("pearson/spearman undefined: targets or predictions are constant")
     return finished(Evaluation(metrics=m, notes=notes), len(y))
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def generation_metrics(references: Any, predictions: Any) -> Evaluation:
+    """Text-generation metrics of generated texts against one reference each, all on a 0-100 scale but exact match
+    and lengths: corpus BLEU and chrF (sacrebleu, its default tokenisation), mean ROUGE-1/2/L/Lsum F-measure
+    (rouge-score, Porter stemming; Lsum splits sentences on newlines), exact match after whitespace normalisation,
+    and mean word counts of predictions and references. Nothing is downloaded at run time."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    references, predictions = [str(r) for r in references], [str(p) for p in predictions]
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} references but {len(predictions)} generations")
+    if not references:
+        raise ValueError("cannot evaluate zero examples")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    rouge = {name: 0.0 for name in ROUGE_TYPES}
+    for reference, prediction in zip(references, predictions):
+        for name, score in scorer.score(reference, prediction).items():
+            rouge[name] += score.fmeasure
+    normal = [" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references)]
+    m: dict[str, float] = {name: 100 * total / len(references) for name, total in rouge.items()}
+    m["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score
+    m["chrf"] = sacrebleu.corpus_chrf(predictions, [references]).score
+    m["exact_match"] = float(np.mean(normal))
+    m["words"] = float(np.mean([len(p.split()) for p in predictions]))
+    m["reference_words"] = float(np.mean([len(r.split()) for r in references]))
+    return finished(Evaluation(metrics=m), len(references))

@@ -1,0 +1,153 @@
+"""Text generation: an input text in, a written text out (summaries, rewrites, answers).
+
+Targets are reference texts; a model's outputs are generated texts, scored with BLEU, chrF, ROUGE and exact match
+(:func:`core.metrics.generation_metrics`) beside simple baselines: copying the input, and retrieval (the reference
+of the most similar training input, TF-IDF cosine). The base model's own answer before fine-tuning, the baseline
+that matters most, needs the model and is added by the trainer.
+
+Training examples are the prompt (:mod:`core.prompting`, the same rendering the service uses) followed by the
+target and the end-of-sequence token; the loss covers the target tokens only. Inputs and targets longer than
+their budgets are cut, and every cut is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from core.metrics import Evaluation, generation_metrics
+from core.prompting import PromptFormat, render_prompt
+from core.tasks.base import LabelError, TaskSpec
+
+# Label of a position the loss ignores (the prompt, padding): PyTorch's cross-entropy default.
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    """One generation: its text, why it stopped, and how many tokens it took."""
+
+    text: str
+    finish_reason: Literal["stop", "length"] = "stop"
+    tokens: int = 0
+
+
+class Generation(BaseModel):
+    text: str = Field(description="The generated text, without the prompt.")
+    finish_reason: Literal["stop", "length"] = Field(
+        description="stop: the model ended it (end of sequence or a stop string); length: max_new_tokens reached.")
+    tokens: int = Field(description="Tokens generated.")
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX over the prompt
+    input_cut: bool
+    target_cut: bool
+
+
+def prompt_ids(tokenizer: Any, fmt: PromptFormat, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt. A chat template writes its special tokens as text; a plain prompt gets the
+    tokenizer's own (a beginning-of-sequence token, for the models that use one)."""
+    return list(tokenizer(prompt, add_special_tokens=fmt.style == "plain")["input_ids"])
+
+
+def encode_example(tokenizer: Any, fmt: PromptFormat, text: str, target: str, *, max_input_tokens: int,
+                   max_target_tokens: int) -> EncodedExample:
+    """The prompt of ``text`` followed by ``target`` and the end-of-sequence token, with loss labels on the target.
+
+    An input over ``max_input_tokens`` tokens loses its end before it is put in the prompt (the template's text
+    and the turn that cues the answer are kept whole); a target over ``max_target_tokens`` loses its end (and then
+    has no end-of-sequence token: the model is not taught to stop early).
+    """
+    words = tokenizer(text, add_special_tokens=False)["input_ids"]
+    input_cut = len(words) > max_input_tokens
+    if input_cut:
+        text = tokenizer.decode(words[:max_input_tokens])
+    prompt = prompt_ids(tokenizer, fmt, render_prompt(fmt, tokenizer, text))
+    answer = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+    target_cut = len(answer) + 1 > max_target_tokens
+    answer = answer[:max_target_tokens] if target_cut else answer + [tokenizer.eos_token_id]
+    return EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, input_cut, target_cut)
+
+
+def retrieval_targets(train_inputs: Sequence[str], train_targets: Sequence[str], inputs: Sequence[str]) -> list[str]:
+    """For each input, the target of the most similar training input (TF-IDF cosine on words and word pairs)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(train_inputs)
+    similarity = vectorizer.transform(inputs) @ vectorizer.transform(train_inputs).T
+    nearest = np.asarray(similarity.argmax(axis=1)).reshape(-1)
+    return [train_targets[i] for i in nearest]
+
+
+class GenerationSpec(TaskSpec):
+    """The generation task family. It joins the :class:`~core.tasks.Task` registry together with its torch side
+    (causal and sequence-to-sequence models in ``training/tasks.py``)."""
+
+    problem_type = "text_generation"
+    postprocess = "identity"
+    default_metric = "rougeL"
+    metric_names = ("rougeL", "rouge1", "rouge2", "rougeLsum", "bleu", "chrf", "exact_match", "words",
+                    "reference_words")
+    has_labels = False
+    label_noun = "reference texts"
+    label_key = "reference"
+    pipeline_tag = "text-generation"
+    plot = "generation"
+    auto_model = "AutoModelForCausalLM"
+
+    def parse_label(self, value: Any, delimiter: str | None = None) -> str:
+        if not isinstance(value, str):
+            raise LabelError(f"a target must be a text, not {type(value).__name__}")
+        if not value.strip():
+            raise LabelError("empty target text")
+        return value
+
+    def label_set(self, values) -> None:
+        return None
+
+    def to_targets(self, values: Sequence[Any], labels: Sequence[str] | None) -> np.ndarray:
+        return np.asarray(list(values), dtype=object)
+
+    def num_outputs(self, labels: Sequence[str] | None) -> int:
+        return 0
+
+    def scores(self, outputs: Any) -> list[GeneratedText]:
+        """Generations as :class:`GeneratedText` (plain strings are taken as finished texts)."""
+        return [o if isinstance(o, GeneratedText) else GeneratedText(str(o)) for o in outputs]
+
+    def evaluate(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *,
+                 threshold: float = 0.5) -> Evaluation:
+        return generation_metrics(list(targets), [g.text for g in self.scores(scores)])
+
+    def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float = 0.5,
+                  seed: int = 0) -> dict[str, dict[str, float]]:
+        train_inputs, _, train_targets = train
+        test_inputs, _, test_targets = test
+        return {
+            "copy_input": self.evaluate(test_targets, list(test_inputs)).metrics,
+            "retrieval": self.evaluate(test_targets, retrieval_targets(list(train_inputs), list(train_targets),
+                                                                       list(test_inputs))).metrics,
+        }
+
+    def decide(self, manifest, scores: Any) -> list[str]:
+        return [g.text for g in self.scores(scores)]
+
+    def shape(self, manifest, scores: Any, *, top_k: int | None = None,
+              ndigits: int | None = None) -> list[dict[str, Any]]:
+        return [{"text": g.text, "finish_reason": g.finish_reason, "tokens": g.tokens} for g in self.scores(scores)]
+
+    @property
+    def prediction_model(self) -> type[BaseModel]:
+        return Generation
+
+    def agreement(self, manifest, reference: Any, candidate: Any) -> dict:
+        """The share of generations that are identical (greedy decoding of a faithful copy reproduces them)."""
+        same = [a.text == b.text for a, b in zip(self.scores(reference), self.scores(candidate))]
+        return {"output_agreement": float(np.mean(same)) if same else 1.0}
