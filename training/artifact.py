@@ -18,7 +18,7 @@ from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
 from core.verdict import compare_with_baselines
 from training.card import adapter_readme, base_model_name, write_card
 from training.files import swap_into_place
-from training.modeling import merged_model, save_tokenizer_and_model
+from training.modeling import bundled_hub_id, merged_model, save_tokenizer_and_model
 from training.report import plot_confusion, plot_curves, plot_per_label, plot_regression
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         aggregation=cfg.export.aggregation if "aggregation" in cfg.task.spec.options else None,
         postprocess=cfg.task.spec.postprocess,
         threshold=cfg.train.threshold if "threshold" in cfg.task.spec.options else None,
-        base_model=cfg.model if cfg.model != "minilm" else "sentence-transformers/all-MiniLM-L6-v2",
+        base_model=bundled_hub_id(cfg.model) or cfg.model,
         method=cfg.method,
         trainable_parameters=built.trainable_parameters,
         total_parameters=built.total_parameters,

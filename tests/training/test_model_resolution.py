@@ -15,7 +15,7 @@ from core.errors import ConfigError
 from training.cli import main
 from training.modeling import resolve_model
 
-BUNDLED = "minilm = sentence-transformers/all-MiniLM-L6-v2"
+BUNDLED = "minilm = sentence-transformers/all-MiniLM-L6-v2, smollm2 = HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture
