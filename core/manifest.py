@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.errors import ArtifactError
+from core.prompting import PromptFormat
 from core.tasks import Task
 
 SCHEMA_VERSION = 2
@@ -47,6 +48,8 @@ class TrainingRecord(_Section):
     examples: dict[str, int] = Field(description="Examples per split.")
     windows: dict[str, dict[str, int]] = Field(default_factory=dict,
                                                description="Token tasks: texts split into windows, per split.")
+    truncation: dict[str, dict[str, int]] = Field(default_factory=dict, description="Generation: inputs and targets "
+                                                  "cut to their token budgets, per split.")
     history: dict[str, list[dict[str, Any]]] = Field(description="train_loss per step; validation metrics per evaluation.")
     lora_target_modules: list[str] | None = None
     head_modules: list[str] = Field(default_factory=list)
@@ -162,6 +165,12 @@ class Manifest(BaseModel):
     beats_baselines: bool | None = Field(None, description="Whether the test primary metric is strictly better than "
                                          "every baseline's (null when no baseline reports it).")
     per_class: dict[str, dict[str, float]] | None = None
+    prompt: PromptFormat | None = Field(None, description="Generation: how an input becomes the prompt (the "
+                                        "service renders it with the same function).")
+    decoding: dict[str, Any] | None = Field(None, description="Generation: the decoding evaluation used, and the "
+                                            "served defaults (transformers generate arguments).")
+    examples: list[dict[str, str]] | None = Field(None, description="Generation: test inputs with the reference, "
+                                                  "the base model's answer and the fine-tuned model's.")
     confusion_matrix: list[list[int]] | None = None
     training: TrainingRecord | None = Field(None, description="Epochs run, steps, best step, timings, history.")
     provenance: Provenance = Field(default_factory=Provenance)

@@ -19,7 +19,7 @@ from core.verdict import compare_with_baselines
 from training.card import adapter_readme, base_model_name, write_card
 from training.files import swap_into_place
 from training.modeling import bundled_hub_id, merged_model, save_tokenizer_and_model
-from training.report import plot_confusion, plot_curves, plot_per_label, plot_regression
+from training.report import plot_against_baselines, plot_confusion, plot_curves, plot_per_label, plot_regression
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,14 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         built.tokenizer.save_pretrained(tmp / ADAPTER_DIR)
     plain = merged_model(model)
     plain.config.name_or_path = cfg.run_name
+    generation = "generation" in cfg.task.spec.options
+    if generation:  # the decoding evaluation used is the saved model's default
+        for key, value in cfg.generation.decoding().items():
+            setattr(plain.generation_config, key, value)
     save_tokenizer_and_model(plain, built.tokenizer, tmp / MODEL_DIR)
 
-    monitor = cfg.monitor
-    verdict = compare_with_baselines(monitor, result.metrics["test"][monitor], result.baselines)
+    monitor, primary = cfg.monitor, cfg.primary_metric
+    verdict = compare_with_baselines(primary, result.metrics["test"][primary], result.baselines)
     if verdict and not verdict.beats:
         logger.warning("%s: the artifact is written, and its manifest and card say so", verdict.message)
     manifest = Manifest(
@@ -84,9 +88,12 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         total_parameters=built.total_parameters,
         metrics=result.metrics,
         baselines=result.baselines,
-        primary_metric=monitor,
+        primary_metric=primary,
         beats_baselines=verdict.beats if verdict else None,
         per_class=result.test.per_class,
+        prompt=result.prompt,
+        decoding=cfg.generation.decoding() if generation else None,
+        examples=result.examples,
         confusion_matrix=result.test.confusion_matrix,
         training={**training, "lora_target_modules": built.target_modules, "head_modules": built.head_modules},
         provenance={
@@ -114,6 +121,9 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         "confusion": lambda: plot_confusion(result.test.confusion_matrix, data.labels, report / "confusion_matrix.png"),
         "regression": lambda: plot_regression(result.test_targets, result.test_scores, report / "predicted_vs_true.png"),
         "per_label": lambda: plot_per_label(result.test.per_class, report / "per_label_f1.png"),
+        "generation": lambda: plot_against_baselines(result.metrics["test"], result.baselines,
+                                                     ("rougeL", "rouge1", "rouge2", "bleu", "chrf"),
+                                                     report / "metrics_vs_baselines.png"),
     }
     plots[cfg.task.spec.plot]()
 

@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\nartifact: {result.artifact_dir}")
     if result.export:
         _print_export(result.export)
-    verdict = compare_with_baselines(cfg.monitor, result.metrics["test"][cfg.monitor], result.baselines)
+    verdict = compare_with_baselines(cfg.primary_metric, result.metrics["test"][cfg.primary_metric], result.baselines)
     if verdict and not verdict.beats:  # last, where it cannot scroll away
         print(f"\nWARNING: {verdict.message}. Check the data, the labels and the recipe before serving it.")
     return 0

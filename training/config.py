@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
+from core.prompting import PromptFormat
 from core.tasks import Task
 
 
@@ -120,6 +121,61 @@ class ExportConfig(_Strict):
         "pipeline: a word's first sub-token, its most confident one, or sub-tokens grouped by their own tags).")
 
 
+class GenerationConfig(_Strict):
+    prompt: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="Generation: how an input becomes the prompt: the model's chat template (chat), the "
+        "template alone (plain), or chat when the tokenizer has a chat template (auto).")
+    template: str = Field("{input}", description="Generation: the user turn (chat) or whole prompt (plain); "
+                          "{input} marks the input, exactly once.")
+    system: str | None = Field(None, description="Generation: a system turn before the user turn (chat prompts).")
+    max_target_length: int = Field(64, gt=0, description="Generation: target tokens kept in training (longer "
+                                   "targets are cut, and counted).")
+    max_new_tokens: int = Field(64, gt=0, le=4096, description="Generation: most tokens written per input in "
+                                "evaluation (and the served default).")
+    num_beams: int = Field(1, ge=1, le=16, description="Generation: beam search width (1 = greedy, unless sampling).")
+    do_sample: bool = Field(False, description="Generation: sample instead of greedy/beam decoding (seeded by train.seed).")
+    temperature: float = Field(1.0, gt=0, le=5, description="Generation: sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Generation: nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Generation: sample among the k likeliest tokens (0 = all).")
+    eval_examples: int = Field(64, gt=0, description="Generation: validation and test examples written per "
+                               "evaluation (generation is slow on a CPU; loss covers every example).")
+
+    @field_validator("template")
+    @classmethod
+    def _one_input(cls, value: str) -> str:
+        if value.count("{input}") != 1:
+            raise ValueError(f"must contain {{input}} exactly once (found {value.count('{input}')} times)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_decoding(self) -> GenerationConfig:
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("generation: choose beam search (num_beams > 1) or sampling (do_sample), not both")
+        if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0 or self.top_k):
+            raise ValueError("generation: temperature, top_p and top_k apply only with do_sample: true")
+        return self
+
+    def prompt_format(self, tokenizer: Any) -> PromptFormat:
+        """The prompt format for this tokenizer (``auto``: its chat template when it has one).
+
+        Raises:
+            ConfigError: ``prompt: chat`` for a tokenizer without a chat template.
+        """
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if self.prompt == "chat" and not has_chat:
+            raise ConfigError("generation.prompt: chat, but this model's tokenizer has no chat template; use plain")
+        style = "chat" if self.prompt == "chat" or (self.prompt == "auto" and has_chat) else "plain"
+        return PromptFormat(style=style, template=self.template, system=self.system if style == "chat" else None)
+
+    def decoding(self) -> dict[str, Any]:
+        """Keyword arguments of transformers' ``generate`` (and the served defaults)."""
+        out: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
+                               "do_sample": self.do_sample}
+        if self.do_sample:
+            out.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return out
+
+
 DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "freeze": 1e-3}
 
 
@@ -134,6 +190,7 @@ class Config(_Strict):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output_dir: str = Field("runs/tuneserve", description="Checkpoints go to OUTPUT_DIR/checkpoints, the artifact to OUTPUT_DIR/artifact.")
 
     @model_validator(mode="after")
@@ -149,9 +206,11 @@ class Config(_Strict):
                              ("train.label_smoothing", bool(self.train.label_smoothing)),
                              ("data.tag_scheme", self.data.tag_scheme != "auto"),
                              ("data.repair_tags", self.data.repair_tags),
-                             ("train.label_all_tokens", self.train.label_all_tokens)):
-            if used and option.split(".")[1] not in self.task.spec.options:
-                takers = " or ".join(t.value for t in Task if option.split(".")[1] in t.spec.options)
+                             ("train.label_all_tokens", self.train.label_all_tokens),
+                             ("generation.*", self.generation != GenerationConfig())):
+            key = option.split(".")[1] if not option.endswith("*") else option.split(".")[0]
+            if used and key not in self.task.spec.options:
+                takers = " or ".join(t.value for t in Task if key in t.spec.options)
                 raise ValueError(f"{option} only applies to task: {takers}")
         return self
 
@@ -162,12 +221,22 @@ class Config(_Strict):
     @property
     def monitor(self) -> str:
         metric = self.train.early_stopping.metric
+        spec = self.task.spec
+        return (spec.early_stopping_metric or spec.default_metric) if metric == "auto" else metric
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric the artifact is judged by (against its baselines): the task's own unless one is chosen."""
+        metric = self.train.early_stopping.metric
         return self.task.spec.default_metric if metric == "auto" else metric
 
     @property
     def task_training_options(self) -> dict[str, Any]:
         """Options of train: that the task's spec takes when it encodes training examples."""
-        return {k: getattr(self.train, k) for k in ("label_all_tokens",) if k in self.task.spec.options}
+        options = {k: getattr(self.train, k) for k in ("label_all_tokens",) if k in self.task.spec.options}
+        if "generation" in self.task.spec.options:
+            options["max_target_length"] = self.generation.max_target_length
+        return options
 
     @property
     def run_name(self) -> str:

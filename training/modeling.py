@@ -308,7 +308,10 @@ class BuiltModel:
 
 
 def load_tokenizer(path: str):
-    return AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # GPT-2-like tokenizers: pad with EOS
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _head_modules(model: PreTrainedModel, missing_keys: set[str]) -> list[str]:
@@ -347,7 +350,7 @@ def build_model(cfg: Config, labels: list[str] | None, path: str | None = None) 
     as the config's method says."""
     path = path or resolve_model(cfg.model)
     num_labels = cfg.task.spec.num_outputs(labels)
-    kwargs = dict(num_labels=num_labels)
+    kwargs = dict(num_labels=num_labels) if num_labels else {}  # a language model keeps its own head
     if cfg.task.spec.hf_problem_type:  # transformers accepts only its sequence-level problem types
         kwargs["problem_type"] = cfg.task.spec.hf_problem_type
     if labels is not None:

@@ -70,3 +70,20 @@ def plot_per_label(per_class: dict[str, dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_against_baselines(model: dict[str, float], baselines: dict[str, dict[str, float]], metrics: tuple[str, ...],
+                           path: Path) -> None:
+    """Grouped bars: each metric for the model and for every baseline (test split)."""
+    shown = [m for m in metrics if m in model]
+    runs = {"fine-tuned": model, **baselines}
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(shown)), 3.8))
+    width = 0.8 / len(runs)
+    for k, (name, values) in enumerate(runs.items()):
+        ax.bar(np.arange(len(shown)) + k * width, [values.get(m, np.nan) for m in shown], width, label=name)
+    ax.set_xticks(np.arange(len(shown)) + 0.4 - width / 2, shown)
+    ax.set(ylabel="test score (0-100)", title="Fine-tuned model against baselines")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -28,6 +28,7 @@ class TorchTask:
     # (targets of the training split, number of outputs, class_weights, label_smoothing) -> loss function
     make_loss: Callable[[np.ndarray, int, str, float], LossFn]
     pads_targets: bool = False  # one target per token, padded with IGNORE_INDEX (else one per example)
+    generates: bool = False  # evaluated by loss over every example and by generated text (training/generate.py)
 
     def collect(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
         """Gathered evaluation batches of ``(logits, targets)`` as ``(loss logits, loss targets, targets,
@@ -98,11 +99,22 @@ def _token_loss(targets: Any, num_outputs: int, class_weights: str, smoothing: f
     return loss
 
 
+def _causal_lm_loss(targets: Any, num_outputs: int, class_weights: str, smoothing: float) -> LossFn:
+    """Next-token cross-entropy over the target tokens (the prompt and padding carry IGNORE_INDEX)."""
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shifted = logits[:, :-1].float()
+        return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
+
+    return loss
+
+
 TORCH_TASKS: dict[Task, TorchTask] = {
     Task.CLASSIFICATION: TorchTask("SEQ_CLS", torch.long, _single_label_loss),
     Task.MULTILABEL: TorchTask("SEQ_CLS", torch.float32, _multi_label_loss),
     Task.REGRESSION: TorchTask("SEQ_CLS", torch.float32, _regression_loss),
     Task.TOKEN_CLASSIFICATION: TorchTask("TOKEN_CLS", torch.long, _token_loss, pads_targets=True),
+    Task.GENERATION: TorchTask("CAUSAL_LM", torch.long, _causal_lm_loss, pads_targets=True, generates=True),
 }
 
 

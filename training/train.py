@@ -7,6 +7,7 @@ and publish the artifact. Runs unchanged on one process or under ``accelerate la
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -25,7 +26,9 @@ from transformers import get_scheduler
 from core.encoding import Encoder
 from core.errors import DataError, TrainingError
 from core.metrics import Evaluation
+from core.prompting import PromptFormat
 from core.tasks import is_better
+from core.tasks.generation import GeneratedText
 from training.batching import Collator, LengthGroupedBatchSampler, encode_split, without_content
 from training.checkpoint import CHECKPOINTS, LoopState, latest_checkpoint, read_state, save_checkpoint
 from training.config import Config
@@ -33,11 +36,13 @@ from training.data import load_dataset
 from training.dropout import use_cpu_dropout
 from training.modeling import build_model, optimizer_groups, resolve_model, trainable_state
 from training.precision import DeviceFacts, choose_mixed_precision
+from training.generate import examples_table, generate, token_loss, with_loss
 from training.tasks import IGNORE_INDEX, torch_task
 
 logger = logging.getLogger(__name__)
 
 BEST_WEIGHTS = "best.safetensors"
+BASE_ANSWERS = "base_answers.json"  # generation: the base model's test answers, written before training
 
 
 @dataclass
@@ -49,6 +54,8 @@ class RunResult:
     test_targets: np.ndarray
     test_scores: np.ndarray
     export: dict | None = None
+    examples: list[dict] | None = None  # generation: a few test inputs with reference, base and fine-tuned answers
+    prompt: PromptFormat | None = None  # generation: how inputs became prompts
 
 
 def make_loss(cfg: Config, targets: np.ndarray, num_outputs: int):
@@ -141,16 +148,25 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     if accelerator.device.type == "cpu":
         use_cpu_dropout(model)  # same distribution, masks drawn in bulk: see training/dropout.py
     encoder = Encoder(tokenizer, tc.max_length, tc.stride)
+    options = cfg.task_training_options
+    prompt = None
+    if "generation" in cfg.task.spec.options:  # the prompt format the artifact records and the service reuses
+        prompt = cfg.generation.prompt_format(tokenizer)
+        options["prompt"] = prompt
     encoded = {
         split.name: encode_split(encoder, cfg.task, split.texts, split.pairs, split.targets, data.labels,
-                                 desc=split.name, disable=not accelerator.is_local_main_process,
-                                 **cfg.task_training_options)
+                                 desc=split.name, disable=not accelerator.is_local_main_process, **options)
         for split in (data.train, data.validation, data.test)
     }
-    windows = {name: e.stats for name, e in encoded.items() if e.stats.get("texts_split_into_windows")}
-    for name, stats in windows.items():
-        accelerator.print(f"{name}: {stats['texts_split_into_windows']} text(s) longer than train.max_length were "
-                          f"split into overlapping windows (stride {tc.stride}); {stats['windows']} windows in all")
+    for name, stats in ((n, e.stats) for n, e in encoded.items()):
+        if stats.get("texts_split_into_windows"):
+            accelerator.print(f"{name}: {stats['texts_split_into_windows']} text(s) longer than train.max_length "
+                              f"were split into overlapping windows (stride {tc.stride}); {stats['windows']} windows "
+                              "in all")
+        if stats.get("inputs_cut") or stats.get("targets_cut"):
+            accelerator.print(f"{name}: {stats.get('inputs_cut', 0)} input(s) cut to train.max_length "
+                              f"({tc.max_length} tokens), {stats.get('targets_cut', 0)} target(s) cut to "
+                              f"generation.max_target_length ({cfg.generation.max_target_length})")
     for split in (data.train, data.validation, data.test):
         empty = without_content(tokenizer, encoded[split.name])
         if empty:
@@ -198,9 +214,40 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         state = read_state(resume_from)
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step})")
 
+    generates = torch_task(cfg.task).generates
+    held_out = {"validation": data.validation, "test": data.test}
+
+    def written(name: str, split_model) -> tuple[list, list]:
+        """Generation tasks: the references and the text ``split_model`` writes for the first examples of a split."""
+        split = held_out[name]
+        count = min(cfg.generation.eval_examples, len(split))
+        texts = generate(split_model, tokenizer, prompt, split.texts[:count], cfg.generation.decoding(),
+                         max_input_tokens=tc.max_length, batch_size=min(tc.eval_batch_size, 16), seed=tc.seed,
+                         desc=f"{name}: generate")
+        return list(split.targets[:count]), texts
+
+    def evaluate(name: str, dataloader) -> tuple[Evaluation, np.ndarray, np.ndarray]:
+        if not generates:
+            return run_evaluation(model, dataloader, accelerator, cfg, data.labels, loss_fn, name)
+        loss = token_loss(model, dataloader, accelerator, name)
+        references, texts = written(name, accelerator.unwrap_model(model))
+        return with_loss(cfg.task.spec.evaluate(references, texts), loss), references, texts
+
+    # Generation: the base model's own answers on the test sample, before any training (the baseline that
+    # matters most); kept beside the checkpoints so that a resumed run reuses them.
+    base_answers: list = []
+    if generates:
+        stored = output_dir / BASE_ANSWERS
+        if resume and stored.is_file():
+            base_answers = [GeneratedText(**a) for a in json.loads(stored.read_text())]
+        else:
+            _, base_answers = written("test", accelerator.unwrap_model(model))
+            if main:
+                stored.write_text(json.dumps([vars(a) for a in base_answers]))
+
     def validate() -> bool:
         """Evaluate, keep the best weights, and say whether early stopping should end the run."""
-        result, _, _ = run_evaluation(model, val_dl, accelerator, cfg, data.labels, loss_fn, "validate")
+        result, _, _ = evaluate("validation", val_dl)
         value = result.metrics.get(monitor)
         state.history["validation"].append({"step": state.step, "epoch": state.epoch, **result.metrics})
         if value is not None and is_better(monitor, value, state.best):
@@ -298,16 +345,23 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                 if name in best:
                     param.copy_(best[name].to(param.device, param.dtype))
     validation = next(v for v in reversed(state.history["validation"]) if v["step"] == state.best_step)
-    test, test_targets, test_scores = run_evaluation(model, test_dl, accelerator, cfg, data.labels, loss_fn, "test")
+    test, test_targets, test_scores = evaluate("test", test_dl)
     metrics = {"validation": {k: v for k, v in validation.items() if k not in ("step", "epoch")}, "test": test.metrics}
 
     # -- baselines and the artifact (main process only) ---------------------------------------------
     result = RunResult(artifact_dir=None, metrics=metrics, baselines={}, test=test, test_targets=test_targets,
                        test_scores=test_scores)
     if main:
+        scored = len(test_targets)  # generation tasks score a sample of the test split: baselines score the same
         result.baselines = cfg.task.spec.baselines(
             (data.train.texts, data.train.pairs, data.train.targets),
-            (data.test.texts, data.test.pairs, data.test.targets), data.labels, threshold=tc.threshold, seed=tc.seed)
+            (data.test.texts[:scored], data.test.pairs[:scored] if data.test.pairs else None, data.test.targets[:scored]),
+            data.labels, threshold=tc.threshold, seed=tc.seed)
+        if generates:
+            result.baselines = {"base_model": cfg.task.spec.evaluate(test_targets, base_answers).metrics,
+                                **result.baselines}
+            result.examples = examples_table(data.test.texts, test_targets, base_answers, test_scores)
+            result.prompt = prompt
         training_info = {
             "epochs_run": state.epoch, "steps": state.step, "best_step": state.best_step,
             "stopped_early": state.stopped_early, "steps_per_epoch": steps_per_epoch,
@@ -316,11 +370,14 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             "train_seconds": round(state.train_seconds, 2),
             "train_samples_per_second": round(state.train_samples / max(state.train_seconds, 1e-9), 2),
             "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
-            "windows": {name: e.stats for name, e in encoded.items() if e.stats},
+            "windows": {name: e.stats for name, e in encoded.items() if "windows" in e.stats},
+            "truncation": {name: e.stats for name, e in encoded.items() if "inputs_cut" in e.stats},
             "history": state.history,
         }
         result.artifact_dir = publish_artifact(cfg, unwrapped, built, data, result, training_info)
-        if cfg.export.onnx:
+        if generates and cfg.export.onnx:
+            accelerator.print("ONNX export of generation models is not available yet; the artifact serves with PyTorch")
+        elif cfg.export.onnx:
             from training.export import HeldOut, export_artifact
 
             held_out = HeldOut.from_splits(data.validation, data.train)

@@ -27,6 +27,7 @@ class Task(str, Enum):
     MULTILABEL = "multilabel"
     REGRESSION = "regression"
     TOKEN_CLASSIFICATION = "token_classification"
+    GENERATION = "generation"
 
     @property
     def spec(self) -> TaskSpec:
@@ -41,15 +42,17 @@ def spec_for(task: Task | str) -> TaskSpec:
     """The spec of a task (by enum member or name)."""
     if not _SPECS:
         from core.tasks.sequence import ClassificationSpec, MultiLabelSpec, RegressionSpec
+        from core.tasks.generation import GenerationSpec
         from core.tasks.token import TokenClassificationSpec
 
         _SPECS.update({Task.CLASSIFICATION: ClassificationSpec(), Task.MULTILABEL: MultiLabelSpec(),
-                       Task.REGRESSION: RegressionSpec(), Task.TOKEN_CLASSIFICATION: TokenClassificationSpec()})
+                       Task.REGRESSION: RegressionSpec(), Task.TOKEN_CLASSIFICATION: TokenClassificationSpec(),
+                       Task.GENERATION: GenerationSpec()})
     return _SPECS[Task(task)]
 
 
 # Metrics where smaller is better; every other metric is maximised.
-LOWER_IS_BETTER = frozenset({"loss", "log_loss", "hamming_loss", "mse", "rmse", "mae"})
+LOWER_IS_BETTER = frozenset({"loss", "log_loss", "hamming_loss", "mse", "rmse", "mae", "perplexity"})
 
 
 def is_better(metric: str, candidate: float, best: float | None) -> bool:

@@ -76,7 +76,8 @@ class TaskSpec(ABC):
     task: ClassVar[Task]
     problem_type: ClassVar[str]  # Hugging Face config.problem_type of the saved model
     postprocess: ClassVar[str]  # softmax | sigmoid | identity
-    default_metric: ClassVar[str]  # what early stopping watches by default
+    default_metric: ClassVar[str]  # the primary metric; what early stopping watches by default
+    early_stopping_metric: ClassVar[str | None] = None  # what early stopping watches when not default_metric
     metric_names: ClassVar[tuple[str, ...]]  # in the order tables show them
     has_labels: ClassVar[bool] = True  # whether the task has a label vocabulary
     label_noun: ClassVar[str] = "distinct labels"  # what error messages call the label vocabulary

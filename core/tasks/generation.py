@@ -87,14 +87,15 @@ def retrieval_targets(train_inputs: Sequence[str], train_targets: Sequence[str],
 
 
 class GenerationSpec(TaskSpec):
-    """The generation task family. It joins the :class:`~core.tasks.Task` registry together with its torch side
-    (causal and sequence-to-sequence models in ``training/tasks.py``)."""
 
     problem_type = "text_generation"
     postprocess = "identity"
     default_metric = "rougeL"
+    # Validation loss every evaluation (all examples, cheap); generation metrics on a bounded sample.
+    early_stopping_metric = "loss"
+    options = frozenset({"generation"})
     metric_names = ("rougeL", "rouge1", "rouge2", "rougeLsum", "bleu", "chrf", "exact_match", "words",
-                    "reference_words")
+                    "reference_words", "perplexity")
     has_labels = False
     label_noun = "reference texts"
     label_key = "reference"
@@ -108,6 +109,21 @@ class GenerationSpec(TaskSpec):
         if not value.strip():
             raise LabelError("empty target text")
         return value
+
+    def encode_training(self, encoder, texts, pairs, targets, labels, *, prompt: PromptFormat,
+                        max_target_length: int, **options: Any) -> tuple[dict[str, list], list, dict]:
+        """Prompt + target + EOS per example (:func:`encode_example`); ``encoder.max_length`` bounds the input."""
+        features: dict[str, list] = {"input_ids": [], "attention_mask": []}
+        encoded_targets, stats = [], {"inputs_cut": 0, "targets_cut": 0}
+        for text, target in zip(texts, targets):
+            example = encode_example(encoder.tokenizer, prompt, text, target, max_input_tokens=encoder.max_length,
+                                     max_target_tokens=max_target_length)
+            features["input_ids"].append(example.input_ids)
+            features["attention_mask"].append([1] * len(example.input_ids))
+            encoded_targets.append(example.labels)
+            stats["inputs_cut"] += example.input_cut
+            stats["targets_cut"] += example.target_cut
+        return features, encoded_targets, stats
 
     def label_set(self, values) -> None:
         return None

@@ -1,0 +1,110 @@
+"""Generation from end to end on a tiny random Llama: prompts, masked loss, evaluation by loss and by written text
+beside the base model, retrieval and copying, and the artifact."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from core.manifest import read_manifest
+from tests.conftest import write_jsonl
+from training.config import load_config
+from training.train import train
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = ["copy", "move", "list", "remove", "print", "sort", "files", "lines", "names", "disks", "users", "bytes"]
+
+
+def make_pairs(n: int, seed: int) -> list[dict]:
+    """'the tool to copy files and more' -> 'copy files': the summary is two words of the input."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        verb, noun = rng.choice(WORDS[:6]), rng.choice(WORDS[6:])
+        filler = " ".join(rng.sample(WORDS, 3))
+        rows.append({"input": f"this tool will {verb} {noun} , then {filler}", "target": f"{verb} {noun}"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [r["input"] + " " + r["target"] for r in make_pairs(200, 0)] + ["system user assistant"]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pairs")
+    for split, (n, seed) in {"train": (160, 1), "validation": (24, 2), "test": (24, 3)}.items():
+        write_jsonl(directory / f"{split}.jsonl", make_pairs(n, seed))
+    return directory
+
+
+def _config(model: str, data, output, **changes) -> dict:
+    raw = {"task": "generation", "model": model, "method": "lora", "output_dir": str(output),
+           "data": {"train": str(data / "train.jsonl"), "validation": str(data / "validation.jsonl"),
+                    "test": str(data / "test.jsonl"), "text": "input", "label": "target"},
+           "train": {"epochs": 6, "batch_size": 16, "eval_batch_size": 16, "lr": 1e-2, "warmup_ratio": 0.0,
+                     "max_length": 32},
+           "generation": {"max_target_length": 8, "max_new_tokens": 6, "eval_examples": 8},
+           "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+    raw.update(changes)
+    return raw
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_llama, pair_dir, tmp_path, method):
+    result = train(load_config(raw=_config(tiny_llama, pair_dir, tmp_path / "run", method=method,
+                                           **({"train": {"epochs": 6, "batch_size": 16, "eval_batch_size": 16,
+                                                         "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 32}}
+                                              if method == "full" else {}))))
+    manifest = read_manifest(result.artifact_dir)
+    history = manifest.training.history["validation"]
+    assert history[-1]["loss"] < history[0]["loss"]  # the masked loss goes down
+    test = manifest.metrics["test"]
+    assert {"loss", "perplexity", "rougeL", "bleu", "chrf", "exact_match"} <= set(test)
+    assert set(manifest.baselines) == {"base_model", "copy_input", "retrieval"}
+    assert manifest.primary_metric == "rougeL" and manifest.prompt.style == "chat"
+    assert manifest.decoding == {"max_new_tokens": 6, "num_beams": 1, "do_sample": False}
+    assert len(manifest.examples) == 5 and {"input", "reference", "base_model", "fine_tuned"} == set(manifest.examples[0])
+    # The fine-tuned model writes what it was taught far better than the random model it started from.
+    assert test["rougeL"] > manifest.baselines["base_model"]["rougeL"] + 20
+    assert manifest.training.truncation["train"] == {"inputs_cut": 0, "targets_cut": 0}
+    saved = json.loads((result.artifact_dir / "model" / "generation_config.json").read_text())
+    assert saved["max_new_tokens"] == 6
+    assert (result.artifact_dir / "report" / "metrics_vs_baselines.png").is_file()
+
+
+def test_generation_options_are_checked(tiny_llama, pair_dir, tmp_path):
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="generation.* only applies to task: generation"):
+        load_config(raw={**_config(tiny_llama, pair_dir, tmp_path), "task": "classification",
+                         "data": {"train": str(pair_dir / "train.jsonl")}})
+    with pytest.raises(ConfigError, match="beam search .* or sampling"):
+        load_config(raw=_config(tiny_llama, pair_dir, tmp_path, generation={"num_beams": 2, "do_sample": True}))
+    with pytest.raises(ConfigError, match="only with do_sample"):
+        load_config(raw=_config(tiny_llama, pair_dir, tmp_path, generation={"temperature": 0.7}))
+    with pytest.raises(ConfigError, match="exactly once"):
+        load_config(raw=_config(tiny_llama, pair_dir, tmp_path, generation={"template": "Summarize:"}))

@@ -1,0 +1,84 @@
+"""Evaluating a generation model: loss over every example, and text written for a bounded sample.
+
+Validation loss (and perplexity) is cheap and covers every example, so early stopping watches it. Writing text
+is slow on a CPU, so the generation metrics (BLEU, ROUGE, ...) are computed on the first
+``generation.eval_examples`` examples of a split, with the configured decoding, in batches padded on the left.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from core.metrics import Evaluation
+from core.prompting import PromptFormat, render_prompt
+from core.tasks.generation import GeneratedText, prompt_ids
+from training.tasks import IGNORE_INDEX
+
+
+@torch.no_grad()
+def token_loss(model, dataloader, accelerator, desc: str) -> float:
+    """Mean next-token cross-entropy over every target token of the split, on every process."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    for batch in tqdm(dataloader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1].float()
+        shifted = labels[:, 1:]
+        total[0] += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                      ignore_index=IGNORE_INDEX, reduction="sum")
+        total[1] += (shifted != IGNORE_INDEX).sum()
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: PromptFormat, texts: Sequence[str], decoding: dict, *, max_input_tokens: int,
+             batch_size: int = 8, seed: int = 0, desc: str = "generate") -> list[GeneratedText]:
+    """Write an answer to each input: prompts rendered as in training, left-padded batches, ``decoding`` as
+    transformers' ``generate`` takes it. Inputs over ``max_input_tokens`` are cut as in training."""
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token_id
+    outputs: list[GeneratedText] = []
+    torch.manual_seed(seed)  # sampling, when configured, is seeded
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
+        ids = []
+        for text in texts[start:start + batch_size]:
+            words = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(words) > max_input_tokens:
+                text = tokenizer.decode(words[:max_input_tokens])
+            ids.append(prompt_ids(tokenizer, prompt, render_prompt(prompt, tokenizer, text)))
+        width = max(len(i) for i in ids)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **decoding)
+        for row in out[:, width:].tolist():
+            stopped = eos in row
+            row = row[:row.index(eos)] if stopped else row
+            outputs.append(GeneratedText(tokenizer.decode(row, skip_special_tokens=True).strip(),
+                                         "stop" if stopped else "length", len(row)))
+    if was_training:
+        model.train()
+    return outputs
+
+
+def with_loss(result: Evaluation, loss: float) -> Evaluation:
+    """Add the split's loss and perplexity to its generation metrics."""
+    result.metrics["loss"] = loss
+    result.metrics["perplexity"] = math.exp(min(loss, 50.0))
+    return result
+
+
+def examples_table(texts: Sequence[str], references: Sequence[str], base: Sequence[GeneratedText],
+                   tuned: Sequence[GeneratedText], count: int = 5) -> list[dict[str, str]]:
+    """A few test examples with the reference, the base model's answer and the fine-tuned model's."""
+    rows = np.arange(min(count, len(tuned)))
+    return [{"input": texts[i], "reference": references[i], "base_model": base[i].text, "fine_tuned": tuned[i].text}
+            for i in rows]
