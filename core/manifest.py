@@ -91,8 +91,8 @@ class ParityReport(_Section):
 
     examples: int
     tokens: int | None = Field(None, description="Token tasks: sub-tokens compared.")
-    max_abs_diff: float
-    mean_abs_diff: float
+    max_abs_diff: float | None = Field(None, description="Largest score difference (null for generation).")
+    mean_abs_diff: float | None = None
     metrics_torch: dict[str, float]
     metrics_onnx: dict[str, float]
     metric_delta: dict[str, float]
@@ -100,6 +100,8 @@ class ParityReport(_Section):
     label_agreement_per_label: dict[str, float] | None = None
     entity_agreement: float | None = Field(None, description="Token tasks: texts whose entities are identical.")
     batch_invariance: BatchInvariance | None = None
+    output_agreement: float | None = Field(None, description="Generation: share of greedy outputs identical to "
+                                           "PyTorch's.")
 
 
 class Int8Attempt(_Section):

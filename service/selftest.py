@@ -20,7 +20,7 @@ def tolerance(manifest: Manifest, backend_name: str, half_precision: bool = Fals
     if backend_name.startswith("torch"):
         return HALF_TOLERANCE if half_precision else FP32_TOLERANCE
     parity = manifest.export.parity.get(backend_name) if manifest.export else None
-    return max(FP32_TOLERANCE, 2.0 * (parity.max_abs_diff if parity else 0.0))
+    return max(FP32_TOLERANCE, 2.0 * (parity.max_abs_diff or 0.0 if parity else 0.0))
 
 
 def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -> dict:

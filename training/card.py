@@ -222,9 +222,11 @@ def export_section(manifest: Manifest) -> str:
     columns += ["max diff across batchings", "decisions changed by batching"] if batching else []
     rows = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for variant, report in export.parity.items():
-        agreement = report.label_agreement if report.label_agreement is not None else report.entity_agreement
-        cells = [variant, f"{report.examples:,}", _figure(agreement), f"{report.max_abs_diff:.2e}",
-                 f"{report.mean_abs_diff:.2e}", _figure(report.metric_delta.get(primary))]
+        agreement = next((a for a in (report.label_agreement, report.entity_agreement, report.output_agreement)
+                          if a is not None), None)
+        cells = [variant, f"{report.examples:,}", _figure(agreement),
+                 *(f"{d:.2e}" if d is not None else "—" for d in (report.max_abs_diff, report.mean_abs_diff)),
+                 _figure(report.metric_delta.get(primary))]
         if batching:
             invariance = getattr(report, "batch_invariance", None)
             cells += [f"{invariance.max_abs_diff:.2e}", str(invariance.decision_changes)] if invariance else ["—", "—"]

@@ -242,6 +242,8 @@ def _export(artifact_dir: Path, int8: str, held_out: HeldOut | None, min_int8_ag
     from training.inference import load_artifact, predict_logits
     from training.tasks import auto_model_class
 
+    if "generation" in read_manifest(artifact_dir).task.spec.options:
+        return _export_generation(artifact_dir, read_manifest(artifact_dir), held_out)
     loaded = load_artifact(artifact_dir)
     manifest, encoder = loaded.manifest, loaded.encoder
     held_out = held_out or held_out_from_config(manifest, artifact_dir)
@@ -333,16 +335,35 @@ def _export(artifact_dir: Path, int8: str, held_out: HeldOut | None, min_int8_ag
             "int8": int8_report,
             "selftest": selftest,
         }
-        # Publish: the onnx/ directory first, then the manifest that points at it (both atomic renames).
-        swap_into_place(tmp, artifact_dir / ONNX_DIR)
-        ExportRecord.model_validate(section)  # the section is what the manifest's schema says
-        raw_manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
-        raw_manifest["export"] = section
-        raw_manifest["schema_version"] = SCHEMA_VERSION  # a version-1 artifact is upgraded by its re-export
-        staged = artifact_dir / f".{MANIFEST_FILE}.tmp"
-        staged.write_text(json.dumps(raw_manifest, indent=2, allow_nan=False) + "\n")
-        os.replace(staged, artifact_dir / MANIFEST_FILE)
-        write_card(artifact_dir, read_manifest(artifact_dir))  # still valid; the card gains the export's results
-        return section
+        return _publish(artifact_dir, tmp, section)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(artifact_dir: Path, tmp: Path, section: dict) -> dict:
+    """The onnx/ directory first, then the manifest that points at it (both atomic renames), then the card."""
+    ExportRecord.model_validate(section)  # the section is what the manifest's schema says
+    swap_into_place(tmp, artifact_dir / ONNX_DIR)
+    raw_manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
+    raw_manifest["export"] = section
+    raw_manifest["schema_version"] = SCHEMA_VERSION  # a version-1 artifact is upgraded by its re-export
+    staged = artifact_dir / f".{MANIFEST_FILE}.tmp"
+    staged.write_text(json.dumps(raw_manifest, indent=2, allow_nan=False) + "\n")
+    os.replace(staged, artifact_dir / MANIFEST_FILE)
+    write_card(artifact_dir, read_manifest(artifact_dir))  # still valid; the card gains the export's results
+    return section
+
+
+def _export_generation(artifact_dir: Path, manifest: Manifest, held_out: HeldOut | None) -> dict:
+    """A generation model: its decoder with a key/value cache, gated on greedy outputs (export_generation.py)."""
+    from training.export_generation import export_generation_artifact
+
+    held_out = held_out or held_out_from_config(manifest, artifact_dir)
+    tmp = artifact_dir / f".{ONNX_DIR}-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        section = export_generation_artifact(artifact_dir, held_out.texts, held_out.targets, held_out.name, tmp)
+        return _publish(artifact_dir, tmp, section)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -114,3 +114,59 @@ def export_decoder(model_dir: str | os.PathLike, out_path: str | os.PathLike, *,
     logger.info("exported %s (%d layers, %d kv heads of %d, %s attention) to %s", model.config.model_type,
                 num_layers, kv_heads, head_dim, attention, out_path)
     return out_path
+
+
+# The gate: greedy outputs of the exported decoder against PyTorch's on held-out inputs.
+GATE_EXAMPLES = 32
+MIN_OUTPUT_AGREEMENT = 0.95  # fp32: nearly every greedy output token-identical (float ties may differ)
+MAX_METRIC_DROP = 0.5  # points of the primary metric (0-100 scale)
+SELFTEST_EXAMPLES = 4
+
+
+def export_generation_artifact(artifact_dir: Path, texts: list[str], references: list, held_out_name: str,
+                               tmp: Path) -> dict:
+    """Export a generation artifact's decoder into ``tmp`` and gate it; return the manifest's ``export`` section.
+
+    Raises:
+        ExportError: the exported decoder's greedy outputs differ from PyTorch's too often, or lose metric.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.decoding import OnnxDecoder
+    from core.manifest import MODEL_DIR, read_manifest
+    from core.tasks.generation import prompt_for
+    from training.export import ExportError
+    from training.generate import generate
+
+    manifest = read_manifest(artifact_dir)
+    spec = manifest.task.spec
+    tokenizer = AutoTokenizer.from_pretrained(artifact_dir / MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(artifact_dir / MODEL_DIR, attn_implementation=ATTENTION).eval()
+    count = min(GATE_EXAMPLES, len(texts))
+    texts, references = texts[:count], list(references[:count])
+    greedy = {"max_new_tokens": manifest.decoding["max_new_tokens"], "num_beams": 1, "do_sample": False}
+    reference = generate(model, tokenizer, manifest.prompt, texts, greedy, max_input_tokens=manifest.max_length)
+    path = export_decoder(artifact_dir / MODEL_DIR, tmp / "model.onnx")
+    decoder = OnnxDecoder(path, tokenizer, tokenizer.eos_token_id)
+    prompts = [prompt_for(tokenizer, manifest.prompt, t, manifest.max_length)[0] for t in texts]
+    onnx = decoder.generate(prompts, greedy["max_new_tokens"])
+    alone = [decoder.generate([p], greedy["max_new_tokens"])[0] for p in prompts[:8]]
+    report = spec.compare(manifest, reference, onnx, references)
+    changed = sum(a.text != b.text for a, b in zip(alone, onnx))
+    report["batch_invariance"] = {"arrangements": [f"the first {len(alone)} alone"], "max_abs_diff": 0.0,
+                                  "decision_changes": changed}
+    primary = manifest.primary_metric
+    drop = -report["metric_delta"].get(primary, 0.0)
+    if report["output_agreement"] < MIN_OUTPUT_AGREEMENT or drop > MAX_METRIC_DROP or changed:
+        raise ExportError(f"{artifact_dir}: the ONNX decoder's greedy outputs match PyTorch's on "
+                          f"{report['output_agreement']:.0%} of {count} {held_out_name} examples (needs "
+                          f"{MIN_OUTPUT_AGREEMENT:.0%}), {primary} changes by {-drop:+.2f}, {changed} output(s) differ "
+                          "between alone and batched; nothing was written")
+    return {
+        "onnx": {"fp32": "onnx/model.onnx", "int8": None, "opset": OPSET, "held_out": held_out_name,
+                 "note": "decoder with key/value cache (core/decoding.py runs it)"},
+        "parity": {"onnx": report},
+        "int8": {"requested": "off", "kept": False, "reason": "int8 of generation models is not available yet"},
+        "selftest": [{"text": t, "text_pair": None, "scores": None, "decision": r.text}
+                     for t, r in list(zip(texts, reference))[:SELFTEST_EXAMPLES]],
+    }

@@ -15,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from core.metrics import Evaluation
-from core.prompting import PromptFormat, render_prompt
-from core.tasks.generation import GeneratedText, prompt_ids
+from core.prompting import PromptFormat
+from core.tasks.generation import GeneratedText, prompt_for
 from training.tasks import IGNORE_INDEX
 
 
@@ -48,12 +48,7 @@ def generate(model, tokenizer, prompt: PromptFormat, texts: Sequence[str], decod
     outputs: list[GeneratedText] = []
     torch.manual_seed(seed)  # sampling, when configured, is seeded
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
-        ids = []
-        for text in texts[start:start + batch_size]:
-            words = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(words) > max_input_tokens:
-                text = tokenizer.decode(words[:max_input_tokens])
-            ids.append(prompt_ids(tokenizer, prompt, render_prompt(prompt, tokenizer, text)))
+        ids = [prompt_for(tokenizer, prompt, text, max_input_tokens)[0] for text in texts[start:start + batch_size]]
         width = max(len(i) for i in ids)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])

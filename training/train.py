@@ -375,9 +375,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             "history": state.history,
         }
         result.artifact_dir = publish_artifact(cfg, unwrapped, built, data, result, training_info)
-        if generates and cfg.export.onnx:
-            accelerator.print("ONNX export of generation models is not available yet; the artifact serves with PyTorch")
-        elif cfg.export.onnx:
+        if cfg.export.onnx:
             from training.export import HeldOut, export_artifact
 
             held_out = HeldOut.from_splits(data.validation, data.train)

@@ -57,6 +57,16 @@ def prompt_ids(tokenizer: Any, fmt: PromptFormat, prompt: str) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=fmt.style == "plain")["input_ids"])
 
 
+def prompt_for(tokenizer: Any, fmt: PromptFormat, text: str, max_input_tokens: int) -> tuple[list[int], bool]:
+    """Token ids of the prompt for one input, the input cut to ``max_input_tokens`` first (training, evaluation,
+    export and serving all build prompts here), and whether it was cut."""
+    words = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = len(words) > max_input_tokens
+    if cut:
+        text = tokenizer.decode(words[:max_input_tokens])
+    return prompt_ids(tokenizer, fmt, render_prompt(fmt, tokenizer, text)), cut
+
+
 def encode_example(tokenizer: Any, fmt: PromptFormat, text: str, target: str, *, max_input_tokens: int,
                    max_target_tokens: int) -> EncodedExample:
     """The prompt of ``text`` followed by ``target`` and the end-of-sequence token, with loss labels on the target.
@@ -65,11 +75,7 @@ def encode_example(tokenizer: Any, fmt: PromptFormat, text: str, target: str, *,
     and the turn that cues the answer are kept whole); a target over ``max_target_tokens`` loses its end (and then
     has no end-of-sequence token: the model is not taught to stop early).
     """
-    words = tokenizer(text, add_special_tokens=False)["input_ids"]
-    input_cut = len(words) > max_input_tokens
-    if input_cut:
-        text = tokenizer.decode(words[:max_input_tokens])
-    prompt = prompt_ids(tokenizer, fmt, render_prompt(fmt, tokenizer, text))
+    prompt, input_cut = prompt_for(tokenizer, fmt, text, max_input_tokens)
     answer = list(tokenizer(target, add_special_tokens=False)["input_ids"])
     target_cut = len(answer) + 1 > max_target_tokens
     answer = answer[:max_target_tokens] if target_cut else answer + [tokenizer.eos_token_id]
@@ -162,6 +168,14 @@ class GenerationSpec(TaskSpec):
     @property
     def prediction_model(self) -> type[BaseModel]:
         return Generation
+
+    def compare(self, manifest, reference: Any, candidate: Any, targets: Any) -> dict:
+        """Two backends' generations on the same inputs: identical outputs and both sides' metrics."""
+        ref_metrics = self.evaluate(targets, reference).metrics
+        new_metrics = self.evaluate(targets, candidate).metrics
+        return {"examples": len(targets), "metrics_torch": ref_metrics, "metrics_onnx": new_metrics,
+                "metric_delta": {k: new_metrics[k] - v for k, v in ref_metrics.items() if k in new_metrics},
+                **self.agreement(manifest, reference, candidate)}
 
     def agreement(self, manifest, reference: Any, candidate: Any) -> dict:
         """The share of generations that are identical (greedy decoding of a faithful copy reproduces them)."""

@@ -94,6 +94,12 @@ def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_ll
     saved = json.loads((result.artifact_dir / "model" / "generation_config.json").read_text())
     assert saved["max_new_tokens"] == 6
     assert (result.artifact_dir / "report" / "metrics_vs_baselines.png").is_file()
+    # Exported with its key/value cache and gated on greedy outputs against PyTorch's.
+    parity = manifest.export.parity["onnx"]
+    assert parity.output_agreement >= 0.95 and parity.examples == 24
+    assert parity.batch_invariance.decision_changes == 0
+    assert (result.artifact_dir / manifest.export.onnx.fp32).is_file() and len(manifest.export.selftest) == 4
+    assert "Every variant against PyTorch" in (result.artifact_dir / "README.md").read_text()
 
 
 def test_generation_options_are_checked(tiny_llama, pair_dir, tmp_path):
