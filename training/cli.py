@@ -100,10 +100,22 @@ def _backend(args: argparse.Namespace):
     return manifest, backend
 
 
+def _answers(manifest, backend, texts: list[str], pairs: list[str] | None, max_new_tokens: int | None = None):
+    """Scores of a scoring model, or the greedy generations of a model that writes text (prompts built as in
+    training, with the artifact's prompt format)."""
+    spec = manifest.task.spec
+    if not hasattr(backend, "generate"):
+        return spec.scores(backend.logits(texts, pairs))
+    from core.tasks.generation import prompt_for
+
+    prompts = [prompt_for(backend.tokenizer, manifest.prompt, t, manifest.max_length)[0] for t in texts]
+    return spec.scores(backend.generate(prompts, max_new_tokens=max_new_tokens or manifest.decoding["max_new_tokens"]))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     manifest, backend = _backend(args)
     split = _load_labelled(manifest, args.data, args.text, args.text_pair, args.label, args.drop_missing_labels)
-    scores = manifest.task.spec.scores(backend.logits(split.texts, split.pairs))
+    scores = _answers(manifest, backend, split.texts, split.pairs)
     result = manifest.task.spec.evaluate(split.targets, scores, manifest.labels, threshold=manifest.decision_threshold)
     recorded = manifest.metrics.get("test", {})
     print(f"{args.data}: {result.n} examples, backend {backend.name}")
@@ -125,9 +137,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     pairs = args.pair if args.pair else None
     if manifest.has_pair and (pairs is None or len(pairs) != len(args.texts)):
         raise TuneserveError(f"this model takes text pairs: give --pair once per text ({len(args.texts)} times)")
-    scores = manifest.task.spec.scores(backend.logits(args.texts, pairs))
+    scores = _answers(manifest, backend, args.texts, pairs, args.max_new_tokens)
+    field = "input" if hasattr(backend, "generate") else "text"  # a generation's own text is under "text"
     for text, prediction in zip(args.texts, manifest.task.spec.shape(manifest, scores, ndigits=4)):
-        print(json.dumps({"text": text, **prediction}, ensure_ascii=False))
+        print(json.dumps({field: text, **prediction}, ensure_ascii=False))
     return 0
 
 
@@ -218,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
     p.add_argument("texts", nargs="+", help="texts to classify")
     p.add_argument("--pair", action="append", help="second text, once per text, for pair models")
+    p.add_argument("--max-new-tokens", type=int, help="generation models: most tokens to write (default: the "
+                   "artifact's decoding); greedy")
     p.add_argument("--batch-size", type=int, default=64)
     _backend_option(p)
     p.set_defaults(func=cmd_predict)

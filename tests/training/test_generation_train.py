@@ -114,3 +114,28 @@ def test_generation_options_are_checked(tiny_llama, pair_dir, tmp_path):
         load_config(raw=_config(tiny_llama, pair_dir, tmp_path, generation={"temperature": 0.7}))
     with pytest.raises(ConfigError, match="exactly once"):
         load_config(raw=_config(tiny_llama, pair_dir, tmp_path, generation={"template": "Summarize:"}))
+
+
+def test_the_command_line_writes_and_scores_with_the_served_backend(tiny_llama, pair_dir, tmp_path):
+    import subprocess
+    import sys
+
+    result = train(load_config(raw=_config(tiny_llama, pair_dir, tmp_path / "run")))
+    manifest = read_manifest(result.artifact_dir)
+    texts = [manifest.export.selftest[0].text, manifest.export.selftest[1].text]
+
+    def tuneserve(*args):
+        return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, timeout=300)
+
+    done = tuneserve("predict", str(result.artifact_dir), *texts)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "backend: onnx" in done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    # The exported decoder writes PyTorch's greedy answers, recorded at export.
+    assert [line["text"] for line in lines] == [s.decision for s in manifest.export.selftest[:2]]
+    assert lines[0]["input"] == texts[0] and lines[0]["finish_reason"] in ("stop", "length")
+    report = tmp_path / "report.json"
+    done = tuneserve("evaluate", str(result.artifact_dir), "--data", str(pair_dir / "test.jsonl"), "--text", "input",
+                     "--label", "target", "--output", str(report))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {"rougeL", "bleu", "exact_match"} <= set(json.loads(report.read_text())["metrics"])
