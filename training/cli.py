@@ -54,9 +54,12 @@ def _print_export(section: dict) -> None:
     fusions = ", ".join(f"{k} {v}" for k, v in onnx.get("fusions", {}).items()) or onnx.get("note", "none")
     print(f"onnx: {onnx['fp32']} (fusions: {fusions})")
     for variant, report in section["parity"].items():
-        agreement = f"label agreement {report['label_agreement']:.4%}, " if "label_agreement" in report else ""
-        print(f"  parity {variant}: {agreement}max |score diff| {report['max_abs_diff']:.2e} "
-              f"on {report['examples']} {onnx['held_out']} examples")
+        figures = [f"{name} {report[key]:.4%}" for key, name in (("label_agreement", "label agreement"),
+                                                                  ("output_agreement", "identical greedy outputs"))
+                   if report.get(key) is not None]
+        if report.get("max_abs_diff") is not None:
+            figures.append(f"max |score diff| {report['max_abs_diff']:.2e}")
+        print(f"  parity {variant}: {', '.join(figures)} on {report['examples']} {onnx['held_out']} examples")
     int8 = section["int8"]
     if int8["kept"]:
         print(f"  int8 kept ({int8['method']}): {onnx['int8']}")
