@@ -258,8 +258,39 @@ def _shell_quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
+def _generation_usage(manifest: Manifest) -> str:
+    sample = min(manifest.export.selftest, key=lambda s: len(s.text)) if manifest.export and manifest.export.selftest else None
+    text = sample.text if sample else "an example input"
+    answer = ("# " + json.dumps({"generations": [{"text": sample.decision, "finish_reason": "stop", "tokens": 0}],
+                                 "model": f"{manifest.name}:VERSION", "backend": "onnx"}, ensure_ascii=False)
+              + "\n# (PyTorch's greedy answer at export; tokens: how many were written)") if sample else ""
+    return f"""Serve it with the tuneserve service (from the root of the tuneserve repository):
+
+```bash
+TUNESERVE_ARTIFACT=path/to/this/directory bentoml serve .
+```
+
+Post inputs to `/generate`: each is wrapped in the prompt the model was trained with. `messages` (a conversation)
+or `"raw": true` (a prompt used as is) are there for callers who build the prompt themselves; `max_new_tokens`,
+`temperature`, `top_p`, `top_k`, `stop` and `seed` change the decoding, `"stream": true` answers with server-sent events.
+
+```bash
+curl -s localhost:3000/generate -H 'content-type: application/json' \\
+     -d {_shell_quote(json.dumps({"prompts": [text]}, ensure_ascii=False))}
+{answer}
+```
+
+From the command line, without a server:
+
+```bash
+tuneserve predict path/to/this/directory {_shell_quote(text)}
+```"""
+
+
 def usage_section(manifest: Manifest) -> str:
     """How to call the model: over HTTP once served, and from the command line."""
+    if "generation" in manifest.task.spec.options:
+        return _generation_usage(manifest)
     text, pair, prediction = _example(manifest)
     body: dict[str, Any] = {"texts": [text]}
     if pair is not None:
@@ -306,6 +337,20 @@ tuneserve predict path/to/this/directory {_shell_quote(text)}{pair_flag}
 ```"""
 
 
+def examples_table(manifest: Manifest) -> str:
+    """Generation: a few test inputs with the reference, the base model's answer and the fine-tuned model's."""
+    if not manifest.examples:
+        return ""
+
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")[:200]
+
+    rows = ["| input | reference | base model | fine-tuned |", "|---|---|---|---|"]
+    rows += [f"| {cell(e['input'])} | {cell(e['reference'])} | {cell(e['base_model'])} | {cell(e['fine_tuned'])} |"
+             for e in manifest.examples]
+    return "\n\nTest examples (the base model answers the same prompt before fine-tuning):\n\n" + "\n".join(rows)
+
+
 def model_card(manifest: Manifest) -> str:
     header = card_header(manifest)
     verdict = baseline_verdict(manifest)
@@ -323,17 +368,33 @@ def model_card(manifest: Manifest) -> str:
     origin = f", {DEMO_DATASETS[source]}" if source in DEMO_DATASETS else ""
     per_class = per_class_table(manifest)
     per_class_part = f"\n\nPer label on the test split:\n\n{per_class}" if per_class else ""
+    spec = manifest.task.spec
+    generation = "generation" in spec.options
+    chosen = train.get("early_stopping", {}).get("metric", "auto")
+    selected_on = (spec.early_stopping_metric or spec.default_metric) if chosen == "auto" else chosen
+    if generation:
+        prompt = manifest.prompt
+        what = [f"- **Output:** text written after the prompt ({prompt.style} prompt, template "
+                f"`{prompt.template!r}`), decoding {json.dumps(manifest.decoding)}" if prompt else "- **Output:** text"]
+        method = ("LoRA adapters on the linear layers of its transformer blocks; the adapters are merged into `model/`"
+                  if manifest.method == "lora" else _METHOD[manifest.method])
+        per_class_part += examples_table(manifest)
+    else:
+        what = [f"- **Labels:** {labels}",
+                f"- **Outputs:** logits; scores are their {manifest.postprocess}"
+                + (f" (a label is predicted at probability ≥ {manifest.threshold})" if manifest.threshold is not None else "")]
+        method = _METHOD[manifest.method]
+    what_lines = "\n".join(what)
     return f"""---
 {yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip()}
 ---
 
 # {manifest.name}
 
-{_warning(verdict)}A {manifest.task.value} model fine-tuned with tuneserve from `{base_model_name(manifest.base_model)}` by {_METHOD[manifest.method]}.
+{_warning(verdict)}A {manifest.task.value} model fine-tuned with tuneserve from `{base_model_name(manifest.base_model)}` by {method}.
 
-- **Labels:** {labels}
+{what_lines}
 - **Input:** {' + '.join(f'`{f}`' for f in manifest.text_fields)}, {_length(manifest)}
-- **Outputs:** logits; scores are their {manifest.postprocess}{f' (a label is predicted at probability ≥ {manifest.threshold})' if manifest.threshold is not None else ''}
 - **Trainable parameters:** {manifest.trainable_parameters:,} of {manifest.total_parameters:,}
 
 ## Data
@@ -345,7 +406,7 @@ stratified, unless given separately). Data hashes are in `manifest.json` under `
 ## Results
 
 Validation metrics are from the best checkpoint (step {run.best_step if run else '—'}, selected on validation
-`{manifest.primary_metric}`); test metrics are of that checkpoint, beside baselines fitted on the same training data
+`{selected_on}`); test metrics are of that checkpoint, beside baselines fitted on the same training data
 and scored on the same test split.
 
 {metrics_table(manifest)}
@@ -374,7 +435,7 @@ Plots are in `report/`.
 
 ## Limitations
 
-The model knows only the labels above and was measured on data like its training data; text far from that
+{"The model writes what it was taught to write" if generation else "The model knows only the labels above"} and was measured on data like its training data; text far from that
 (other domains, languages, lengths beyond {manifest.max_length} tokens, which are cut) may score worse than the test
 metrics suggest. Check it on your own labelled data with `tuneserve evaluate` before relying on it.
 """
