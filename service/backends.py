@@ -1,15 +1,17 @@
-"""Model backends behind one small protocol: ONNX Runtime (CPU, or CUDA where present) and PyTorch.
+"""Model backends behind small protocols: ONNX Runtime (CPU, or CUDA where present) and PyTorch.
 
-A backend turns texts into raw model outputs (logits); everything else (post-processing, labels, metrics)
-comes from core/ as recorded in the artifact. The ONNX backend needs no torch; torch is imported only when
-the torch backend is chosen.
+A scoring backend turns texts into raw model outputs (logits); everything else (post-processing, labels,
+metrics) comes from core/ as recorded in the artifact. A generation backend continues prompts (token ids built
+by core/ as in training) into texts. The ONNX backends need no torch; torch is imported only when a torch
+backend is chosen.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +20,7 @@ import numpy as np
 from core.encoding import Encoder
 from core.errors import ArtifactError, ConfigError
 from core.manifest import MODEL_DIR, Manifest
+from core.tasks.generation import GeneratedText, GenerationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,29 @@ class Backend(Protocol):
         """Raw outputs in input order, as the task's spec shapes them (an array (len(texts), num_outputs) for
         sequence tasks, one TokenOutput per text for token classification)."""
         ...
+
+
+class GenerationBackend(Protocol):
+    name: str  # onnx | torch-cuda | torch-cpu
+    tokenizer: Any  # the artifact's tokenizer, which builds the prompts (core.tasks.generation.prompt_for)
+    max_positions: int | None  # the model's position limit (prompt and new tokens), where its config states one
+    per_prompt_seeds: bool  # whether ``seed`` may be one seed per prompt (so that pooled requests keep their draws)
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: Any = None, stop: Sequence[str] = ()) -> list[GeneratedText]:
+        """Continue each prompt (token ids); temperature 0 is greedy decoding."""
+        ...
+
+    def stream(self, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, stop: Sequence[str] = ()) -> Generator[str, None, GeneratedText]:
+        """Continue one prompt, yielding its text in pieces; the return value is the whole generation. Closing the
+        generator stops decoding."""
+        ...
+
+
+def generates_text(manifest: Manifest) -> bool:
+    """Whether the artifact is a language model that writes text (served by /generate), not a scorer (/predict)."""
+    return isinstance(manifest.task.spec, GenerationSpec)
 
 
 def cpu_threads() -> int:
@@ -80,33 +106,42 @@ class OnnxBackend:
         return self.model.logits(self.encoder, texts, pairs, task=self.task, batch_size=self.batch_size)
 
 
+def _load_torch_model(artifact_dir: Path, manifest: Manifest, *, device: str, threads: int):
+    """The artifact's PyTorch model on ``device``, in eval mode, and whether it runs in half precision.
+
+    On CUDA the weights are loaded in the half precision the model was trained in (half the memory; the self-test
+    bounds the difference); on the CPU in fp32, with ``threads`` threads.
+    """
+    import torch
+    import transformers
+
+    model_dir = artifact_dir / MODEL_DIR
+    if not (model_dir / "model.safetensors").is_file():
+        raise ArtifactError(f"{artifact_dir}: {MODEL_DIR}/model.safetensors is missing")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("TUNESERVE_DEVICE=cuda, but torch sees no CUDA device")
+    # For the small encoder every precision is launch-bound at 4-5 ms per batch of 32 on an H100 (BENCHMARKS.md,
+    # CUDA sections); half precision halves the memory.
+    dtype = torch.float32
+    if device == "cuda":
+        trained = manifest.training.mixed_precision if manifest.training else "no"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained, torch.float32)
+    else:
+        torch.set_num_threads(threads)
+    try:
+        model = getattr(transformers, manifest.task.spec.auto_model).from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
+    except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
+        raise ArtifactError(f"{artifact_dir}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
+    return model.to(device).eval(), dtype != torch.float32
+
+
 class TorchBackend:
     """transformers on CUDA in the precision the model was trained with, or on the CPU in fp32."""
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, *, device: str, threads: int, batch_size: int):
         import torch
-        import transformers
 
-        model_dir = artifact_dir / MODEL_DIR
-        if not (model_dir / "model.safetensors").is_file():
-            raise ArtifactError(f"{artifact_dir}: {MODEL_DIR}/model.safetensors is missing")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("TUNESERVE_DEVICE=cuda, but torch sees no CUDA device")
-        # On CUDA the weights are loaded in the half precision the model was trained in (half the memory; the
-        # self-test bounds the difference). For this small encoder every precision is launch-bound at 4-5 ms
-        # per batch of 32 on an H100 (BENCHMARKS.md, CUDA sections).
-        dtype = torch.float32
-        if device == "cuda":
-            trained = manifest.training.mixed_precision if manifest.training else "no"
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained, torch.float32)
-        else:
-            torch.set_num_threads(threads)
-        self.half_precision = dtype != torch.float32
-        try:
-            model = getattr(transformers, manifest.task.spec.auto_model).from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
-        except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
-            raise ArtifactError(f"{artifact_dir}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
-        self.model = model.to(device).eval()
+        self.model, self.half_precision = _load_torch_model(artifact_dir, manifest, device=device, threads=threads)
         self.encoder = Encoder.from_manifest(load_tokenizer(artifact_dir), manifest)
         self.spec = manifest.task.spec
         self.batch_size = batch_size
@@ -120,6 +155,125 @@ class TorchBackend:
                 return self.model(**batch.to(self.device)).logits.float().cpu().numpy()
 
         return self.spec.run(forward, self.encoder, texts, pairs, batch_size=self.batch_size, return_tensors="pt")
+
+
+def _max_positions(artifact_dir: Path) -> int | None:
+    """``max_position_embeddings`` of the model's config.json (read as JSON: no model code), if it states one."""
+    import json
+
+    try:
+        value = json.loads((artifact_dir / MODEL_DIR / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _eos_token_id(tokenizer: Any, artifact_dir: Path) -> int:
+    # The token the trainer taught the model to end with (training appends tokenizer.eos_token_id to every target).
+    if tokenizer.eos_token_id is None:
+        raise ArtifactError(f"{artifact_dir}: the tokenizer in {MODEL_DIR}/ has no end-of-sequence token")
+    return int(tokenizer.eos_token_id)
+
+
+class OnnxGenerationBackend:
+    """The exported decoder with its key/value cache, run step by step by :class:`core.decoding.OnnxDecoder`
+    (no torch): greedy or seeded sampling, stop strings, streaming; finished rows leave the batch."""
+
+    per_prompt_seeds = True
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, *, threads: int):
+        import onnxruntime as ort
+
+        from core.decoding import OnnxDecoder
+        from core.onnx_runner import check_external_data
+
+        relative = manifest.export.onnx.fp32 if manifest.export else None
+        if not relative:
+            raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX export; run `tuneserve export`")
+        path = artifact_dir / relative
+        if not path.is_file():
+            raise ArtifactError(f"{artifact_dir}: the manifest lists {relative}, which is missing")
+        check_external_data(path)
+        self.tokenizer = load_tokenizer(artifact_dir)
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        try:
+            self.decoder = OnnxDecoder(path, self.tokenizer, _eos_token_id(self.tokenizer, artifact_dir),
+                                       threads=threads, providers=providers, spinning=False)
+        except ArtifactError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for a bad file
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+        self.max_positions = _max_positions(artifact_dir)
+        self.name = "onnx"
+        self.provider = self.decoder.session.get_providers()[0]
+
+    def generate(self, prompts: list[list[int]], **decoding: Any) -> list[GeneratedText]:
+        return self.decoder.generate(prompts, **decoding)
+
+    def stream(self, prompt: list[int], **decoding: Any) -> Generator[str, None, GeneratedText]:
+        return self.decoder.stream(prompt, **decoding)
+
+
+class TorchGenerationBackend:
+    """transformers' ``generate`` over the artifact's PyTorch weights, as the trainer decodes (left-padded batches,
+    the tokenizer's end-of-sequence token): on CUDA in the precision the model was trained in, on the CPU in fp32.
+
+    Sampling is seeded through torch's global generator, so one seed covers a whole call (``per_prompt_seeds`` is
+    False: sampled requests are not pooled), and :meth:`stream` sends the text in one piece when it is done.
+    """
+
+    per_prompt_seeds = False
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, *, device: str, threads: int):
+        import torch
+
+        self.model, self.half_precision = _load_torch_model(artifact_dir, manifest, device=device, threads=threads)
+        self.tokenizer = load_tokenizer(artifact_dir)
+        self.eos = _eos_token_id(self.tokenizer, artifact_dir)
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
+        self.max_positions = _max_positions(artifact_dir)
+        self.device = device
+        self.name = f"torch-{device}"
+        self._torch = torch
+        self._seeded = threading.Lock()  # the global generator: one sampled call at a time
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop: Sequence[str] = ()) -> list[GeneratedText]:
+        torch = self._torch
+        if not prompts:
+            return []
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": 1, "do_sample": temperature > 0,
+                                   "pad_token_id": self.pad, "eos_token_id": self.eos}
+        if temperature > 0:
+            options.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        stop = [s for s in stop if s]
+        if stop:
+            options.update(stop_strings=stop, tokenizer=self.tokenizer)
+        with self._seeded, torch.inference_mode():
+            if temperature > 0 and seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **options)
+        return [self._result(row, stop) for row in out[:, width:].tolist()]
+
+    def _result(self, row: list[int], stop: Sequence[str]) -> GeneratedText:
+        ended = self.eos in row
+        kept = row[:row.index(self.eos)] if ended else row
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        found = [at for at in (text.find(s) for s in stop) if at >= 0]
+        if found:  # generate stopped at the token that completed the string; the rest of the row is padding
+            while kept and kept[-1] == self.pad:
+                kept = kept[:-1]
+            return GeneratedText(text[:min(found)], "stop", len(kept))
+        return GeneratedText(text, "stop" if ended else "length", len(kept) + ended)
+
+    def stream(self, prompt: list[int], **decoding: Any) -> Generator[str, None, GeneratedText]:
+        result = self.generate([prompt], **decoding)[0]
+        if result.text:
+            yield result.text
+        return result
 
 
 def _torch_installed() -> bool:
@@ -137,11 +291,13 @@ def _cuda_available() -> bool:
 
 
 def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, device: str, threads: int | None,
-                   batch_size: int) -> Backend:
-    """Build the backend the settings ask for.
+                   batch_size: int) -> Backend | GenerationBackend:
+    """Build the backend the settings ask for: a :class:`GenerationBackend` for a model that writes text
+    (:func:`generates_text`), a scoring :class:`Backend` otherwise.
 
     ``auto``: torch on CUDA when torch and a GPU are present, otherwise ONNX int8 if the export gate kept it,
-    otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed).
+    otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed). A
+    generation model is exported in fp32 only: on a CPU, ``auto`` serves its decoder with ONNX Runtime.
 
     Raises:
         ArtifactError: the artifact lacks what the chosen backend needs.
@@ -155,11 +311,19 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
             backend, device = "torch", "cpu"
         else:
             backend = "onnx-int8" if manifest.export and manifest.export.onnx.int8 else "onnx"
+    generation = generates_text(manifest)
     if backend == "torch":
         try:
             import torch  # noqa: F401
         except ImportError:
             raise ConfigError("TUNESERVE_BACKEND=torch, but torch is not installed here; use onnx or onnx-int8") from None
         device = device if device != "auto" else ("cuda" if _cuda_available() else "cpu")
+        if generation:
+            return TorchGenerationBackend(artifact_dir, manifest, device=device, threads=threads)
         return TorchBackend(artifact_dir, manifest, device=device, threads=threads, batch_size=batch_size)
+    if generation:
+        if backend == "onnx-int8":
+            raise ArtifactError(f"{artifact_dir}: the manifest lists no int8 variant (a generation model is exported "
+                                "in fp32 only); use TUNESERVE_BACKEND=onnx")
+        return OnnxGenerationBackend(artifact_dir, manifest, threads=threads)
     return OnnxBackend(artifact_dir, manifest, int8=backend == "onnx-int8", threads=threads, batch_size=batch_size)

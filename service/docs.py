@@ -70,7 +70,9 @@ DOES = {
                      "probabilities",
     Task.REGRESSION: "predicts a number ({label_field}) for each text{pair}",
     Task.TOKEN_CLASSIFICATION: "finds the entities in each text, with their types and character offsets",
+    Task.GENERATION: "writes a text for each input",
 }
+PROMPT_STYLES = {"chat": "the model's chat template", "plain": "a plain template"}
 
 METHODS = {"full": "full fine-tuning", "lora": "LoRA adapters, merged", "freeze": "frozen encoder, trained head"}
 
@@ -131,6 +133,10 @@ def description(about: About) -> str:
     if m.task is Task.TOKEN_CLASSIFICATION:
         types = sorted({label[2:] for label in m.labels or [] if label[:2] in ("B-", "I-")})
         lines.append(f"Entity types: {', '.join(types)} (tags {', '.join(m.labels or [])}).")
+    elif m.task is Task.GENERATION and m.prompt is not None:
+        budget = (m.decoding or {}).get("max_new_tokens")
+        lines.append(f"Each input goes in its prompt as in training ({PROMPT_STYLES[m.prompt.style]}, inputs cut to "
+                     f"{m.max_length} tokens)" + (f"; answers up to {budget} new tokens by default." if budget else "."))
     elif m.labels:
         lines.append(f"Labels: {', '.join(m.labels)}.")
     test = m.metrics.get("test", {})
@@ -150,16 +156,32 @@ def description(about: About) -> str:
         lines.append(f"Served by the {about.backend} backend{provider}.")
     lines.append(f"Model {about.model_tag}" + (f", served by tuneserve {about.tuneserve_version}."
                                                if about.tuneserve_version else "."))
-    lines.append("POST /predict to use it, POST /evaluate to score it on labelled examples, GET /metadata for "
-                 "everything its artifact records.")
+    use = _use_route(m)
+    if m.task is Task.GENERATION:
+        lines.append('POST /generate to use it (prompts, or messages; "stream": true for server-sent events), POST '
+                     "/evaluate to score it on input and reference pairs, GET /metadata for everything its artifact "
+                     "records.")
+    else:
+        lines.append("POST /predict to use it, POST /evaluate to score it on labelled examples, GET /metadata for "
+                     "everything its artifact records.")
     if private:
-        lines.append("/predict, /evaluate and /metadata need the header 'Authorization: Bearer <key>'.")
+        lines.append(f"{use}, /evaluate and /metadata need the header 'Authorization: Bearer <key>'.")
     return "\n".join(lines)
+
+
+def _use_route(m: Manifest) -> str:
+    """The route that runs the model: /generate for a model that writes text, /predict for the others."""
+    return "/generate" if m.task is Task.GENERATION else "/predict"
 
 
 def _examples(about: About) -> dict[str, dict]:
     """A valid request body for each API method of this model."""
     m = about.manifest
+    if m.task is Task.GENERATION:
+        shown = (m.examples or [{}])[0]
+        text = shown.get("input") or "A text for the model to answer."
+        return {"/generate": {"prompts": [text]},
+                "/evaluate": {"examples": [{"input": text, "reference": shown.get("reference") or "The answer."}]}}
     text = "Ana flew from Oslo to see Acme Corp" if m.task is Task.TOKEN_CLASSIFICATION else "A gorgeous, moving film."
     predict: dict = {"texts": [text]}
     example: dict = {"text": text}
@@ -209,7 +231,33 @@ def api_document(base: dict, about: About) -> dict:
             body = operation.get("requestBody", {}).get("content", {}).get("application/json")
             if body is not None and path in examples:
                 body["example"] = examples[path]
+            if path in ROUTES_BY_KIND:
+                _describe_use_route(path, operation, m)
     return spec
+
+
+# The two routes that run a model: each answers for its kind of model only (404 for the other kind).
+ROUTES_BY_KIND = {"/predict": "a model that scores or labels text", "/generate": "a model that writes text"}
+
+
+def _response(operation: dict, status: int) -> dict:
+    """The response entry of ``status`` (BentoML's document keys responses by int, the ones added here by str)."""
+    responses = operation.setdefault("responses", {})
+    key = next((k for k in responses if str(k) == str(status)), str(status))
+    return responses.setdefault(key, {})
+
+
+def _describe_use_route(path: str, operation: dict, m: Manifest) -> None:
+    use = _use_route(m)
+    if path != use:
+        operation["description"] = f"For {ROUTES_BY_KIND[path]}; this model answers it with 404: use POST {use}."
+        _response(operation, 404).update(description=f"Not for this model: use {use}", content={
+            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}})
+        return
+    if path == "/generate":
+        _response(operation, 200).setdefault("content", {})["text/event-stream"] = {"schema": {
+            "type": "string", "description": 'With "stream": true: server-sent events, data: {"text": chunk} per '
+                                             'chunk, then data: {"finish_reason", "tokens"}, then data: [DONE].'}}
 
 
 # ---- the page ------------------------------------------------------------------------------------------------

@@ -28,6 +28,15 @@ def check_texts(field: str, texts: Sequence[str], settings: Settings, *, limit: 
             raise RequestError(f"{field}[{i}]: {len(text)} characters; the limit is {settings.max_chars}")
 
 
+def check_messages_size(conversations: Sequence[Sequence], settings: Settings) -> None:
+    """Each message's content within the character limit of a text (the count is in the request schema)."""
+    for i, conversation in enumerate(conversations):
+        for j, message in enumerate(conversation):
+            if len(message.content) > settings.max_chars:
+                raise RequestError(f"messages[{i}][{j}].content: {len(message.content)} characters; the limit is "
+                                   f"{settings.max_chars}")
+
+
 def check_pairs(manifest: Manifest, texts: Sequence[str], pairs: Sequence[str] | None, field: str) -> None:
     if manifest.has_pair and pairs is None:
         raise RequestError(f"{field}: this model scores text pairs ({' + '.join(manifest.text_fields)}); "
@@ -55,10 +64,14 @@ def examples_to_inputs(manifest: Manifest, examples: Sequence[Example], settings
             if example.text is not None:
                 raise RequestError(f"examples[{i}]: give text or tokens, not both")
             given, key, value = example.tokens, "tags", example.tags
-        elif example.text is None:
-            raise RequestError(f"examples[{i}].text: missing; give the text to score")
+        elif example.input is not None and example.text is not None:
+            raise RequestError(f"examples[{i}]: give input or text, not both")
+        elif example.input is None and example.text is None:
+            raise RequestError(f"examples[{i}].text: missing; give the text to score (or input, the same for a "
+                               "generation model)")
         else:
-            given, key, value = example.text, spec.label_key, getattr(example, spec.label_key)
+            given = example.text if example.text is not None else example.input
+            key, value = spec.label_key, getattr(example, spec.label_key)
         try:
             text, label = spec.parse_example(given, value)
         except LabelError as exc:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from core.tasks.generation import Generation
 from core.tasks.sequence import ClassPrediction, MultiLabelPrediction, RegressionPrediction
 from core.tasks.token import EntitySpan, TokenPrediction
 
@@ -12,6 +15,9 @@ class Example(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: StrictStr | None = Field(None, description="The text to score (or `tokens`, for token models).")
+    input: StrictStr | None = Field(None, description="Generation models: the input to write from (the same as "
+                                    "`text`).")
+    reference: StrictStr | None = Field(None, description="Generation models: the text the model should write.")
     text_pair: StrictStr | None = Field(None, description="The second text, for models trained on text pairs.")
     label: StrictStr | StrictInt | StrictFloat | None = Field(
         None, description="The true label: a class name (classification) or a number (regression).")
@@ -40,3 +46,16 @@ class EvaluateResponse(BaseModel):
     notes: list[str] = Field(default_factory=list, description="Metrics left out and why.")
     model: str
     backend: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"] = Field(description="Who says it; the last message is the user's.")
+    content: StrictStr = Field(description="What is said.")
+
+
+class GenerateResponse(BaseModel):
+    generations: list[Generation] = Field(description="One generation per prompt (or conversation), in request order.")
+    model: str = Field(description="The model served, as name:version.")
+    backend: str = Field(description="onnx | torch-cuda | torch-cpu")

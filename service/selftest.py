@@ -1,12 +1,17 @@
-"""Start-up self-test: the chosen backend must reproduce the outputs PyTorch gave at export time."""
+"""Start-up self-test: the chosen backend must reproduce the outputs PyTorch gave at export time (scores and labels
+for a scoring model, the very texts for a generation model)."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 
 from core.errors import ArtifactError
 from core.manifest import Manifest
 from core.tasks.base import BATCH_INVARIANCE_TOLERANCE
+
+logger = logging.getLogger("bentoml.tuneserve")
 
 # Score tolerance of backends that compute what PyTorch computed at export, in fp32.
 FP32_TOLERANCE = 1e-3
@@ -70,3 +75,47 @@ def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -
                             f"move by up to {invariance['max_abs_diff']:.3g} (bound {bound:g})")
     return {"examples": len(samples), "max_abs_diff": float(diff.max()), "tolerance": tol,
             "batch_invariance": invariance["max_abs_diff"]}
+
+
+# Half-precision greedy decoding may take the other branch of a near tie; at least this share of the recorded texts
+# must still come out identical.
+HALF_PRECISION_MIN_IDENTICAL = 0.5
+
+
+def run_generation_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -> dict:
+    """Decode the manifest's self-test inputs greedily, as the export gate did (prompts from
+    :func:`core.tasks.generation.prompt_for` with the manifest's prompt format and input budget, the manifest's
+    max_new_tokens), pooled in one call and each alone: every text must be the one PyTorch wrote at export.
+
+    Returns:
+        ``{"examples", "arrangements", "texts", "identical"}``: texts compared (examples times arrangements), and
+        how many of them are identical to PyTorch's.
+
+    Raises:
+        ArtifactError: naming the first example whose text differs (in half precision on a GPU: when fewer than
+            half are identical), or when the artifact records no examples.
+    """
+    from core.tasks.generation import prompt_for
+    from service.generation import default_max_new_tokens
+
+    samples = manifest.export.selftest if manifest.export else []
+    if not samples:
+        raise ArtifactError("the artifact records no self-test examples (export it with `tuneserve export`); "
+                            "refusing to serve a model whose outputs cannot be checked")
+    max_new_tokens = default_max_new_tokens(manifest)
+    prompts = [prompt_for(backend.tokenizer, manifest.prompt, s.text, manifest.max_length)[0] for s in samples]
+    arrangements = {"pooled": backend.generate(prompts, max_new_tokens=max_new_tokens),
+                    "each alone": [backend.generate([p], max_new_tokens=max_new_tokens)[0] for p in prompts]}
+    differences = [(i, arrangement, generations[i].text) for arrangement, generations in arrangements.items()
+                   for i, sample in enumerate(samples) if generations[i].text != sample.decision]
+    identical = len(samples) * len(arrangements) - len(differences)
+    if differences:
+        i, arrangement, text = differences[0]
+        problem = (f"self-test: backend {backend.name} writes {text!r} for example {i} ({samples[i].text[:60]!r}, "
+                   f"decoded {arrangement}); PyTorch wrote {samples[i].decision!r} at export "
+                   f"({len(differences)} of {len(samples) * len(arrangements)} texts differ)")
+        if not half_precision or identical < HALF_PRECISION_MIN_IDENTICAL * len(samples) * len(arrangements):
+            raise ArtifactError(problem)
+        logger.warning("%s; allowed in half precision", problem)
+    return {"examples": len(samples), "arrangements": list(arrangements), "texts": len(samples) * len(arrangements),
+            "identical": identical}

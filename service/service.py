@@ -1,10 +1,12 @@
-"""The tuneserve BentoML service: /predict, /evaluate and /metadata over one fine-tuned artifact.
+"""The tuneserve BentoML service: /predict (or /generate), /evaluate and /metadata over one fine-tuned artifact.
 
 Run it with ``bentoml serve`` from the repository root (bentofile.yaml names this class). The model comes
 from the BentoML store (``TUNESERVE_MODEL``, default ``sentiment-lora-onnx:latest``) so that ``bentoml build``
 packages it, or from an artifact directory (``TUNESERVE_ARTIFACT``). Each endpoint validates, calls the
-backend, and shapes the answer with core/ code: post-processing, labels and metrics are the trainer's own.
-The service is ready only after the backend has reproduced the outputs PyTorch gave at export.
+backend, and shapes the answer with core/ code: post-processing, labels, prompts and metrics are the trainer's
+own. A generation model writes text at /generate (JSON, or server-sent events with ``"stream": true``); the
+others answer /predict. The service is ready only after the backend has reproduced the outputs PyTorch gave at
+export.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import anyio.to_thread
 import bentoml
 import numpy as np
-from pydantic import Field, StrictStr
+from pydantic import Field, StrictBool, StrictStr
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -24,9 +27,22 @@ from starlette.routing import Route
 
 from core.errors import ArtifactError
 from core.manifest import Manifest, read_manifest
-from service.backends import choose_backend
+from core.tasks.generation import prompt_for
+from service.backends import choose_backend, generates_text
 from service.batcher import MicroBatcher
 from service.docs import About, api_document, docs_routes
+from service.generation import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    Decoding,
+    EventStream,
+    GenerationBatcher,
+    decoding_options,
+    default_max_new_tokens,
+    max_new_tokens_cap,
+    prompt_token_ids,
+    stream_events,
+)
 from service.logs import quiet_client_errors
 from service.middleware import (
     BearerAuthMiddleware,
@@ -34,9 +50,16 @@ from service.middleware import (
     JsonOnlyMiddleware,
     ValidationErrorShapeMiddleware,
 )
-from service.requests import RequestError, check_pairs, check_texts, evaluation_body, examples_to_inputs
-from service.schemas import EvaluateResponse, Example, PredictResponse
-from service.selftest import run_selftest
+from service.requests import (
+    RequestError,
+    check_messages_size,
+    check_pairs,
+    check_texts,
+    evaluation_body,
+    examples_to_inputs,
+)
+from service.schemas import EvaluateResponse, Example, GenerateResponse, Message, PredictResponse
+from service.selftest import run_generation_selftest, run_selftest
 from service.settings import load_settings
 
 logger = logging.getLogger("bentoml.tuneserve")  # under bentoml's logger, so `bentoml serve` shows it
@@ -45,10 +68,17 @@ quiet_client_errors()
 # The limits in force when the service starts are part of its OpenAPI schema; they are checked again at
 # request time (check_texts), which names the limit in the message.
 Text = Annotated[StrictStr, Field(max_length=SETTINGS.max_chars)]
+Stop = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Conversation = Annotated[list[Message], Field(min_length=1)]
 
 
 def _bad_request(exc: Exception) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+def _not_for_this_model(message: str) -> JSONResponse:
+    # The route exists for other kinds of model; this one has no such resource.
+    return JSONResponse({"error": message}, status_code=404)
 
 
 def _not_finite() -> JSONResponse:
@@ -100,16 +130,23 @@ class Tuneserve:
             self.manifest = read_manifest(directory)
             self.model_tag = str(stored.tag)
         self.spec = self.manifest.task.spec
+        self.generates = generates_text(self.manifest)
         self.backend = choose_backend(directory, self.manifest, backend=self.settings.backend,
                                       device=self.settings.device, threads=self.settings.threads,
                                       batch_size=self.settings.forward_batch_size)
-        self.selftest = run_selftest(self.backend, self.manifest,
-                                     half_precision=getattr(self.backend, "half_precision", False))
-        self.batcher = MicroBatcher(self.backend.logits, self.settings.max_batch_size)
+        half_precision = getattr(self.backend, "half_precision", False)
+        if self.generates:
+            self.selftest = run_generation_selftest(self.backend, self.manifest, half_precision=half_precision)
+            self.batcher = GenerationBatcher(self.backend, self.settings.max_batch_size)
+            measured = f"{self.selftest['identical']} of {self.selftest['texts']} texts identical to PyTorch's"
+        else:
+            self.selftest = run_selftest(self.backend, self.manifest, half_precision=half_precision)
+            self.batcher = MicroBatcher(self.backend.logits, self.settings.max_batch_size)
+            measured = f"max diff {self.selftest['max_abs_diff']:.2g}"
         self.startup_seconds = time.perf_counter() - started
-        logger.info("serving %s (%s) with backend %s; self-test passed on %d examples (max diff %.2g) in %.2f s",
+        logger.info("serving %s (%s) with backend %s; self-test passed on %d examples (%s) in %.2f s",
                     self.model_tag, self.manifest.task.value, self.backend.name, self.selftest["examples"],
-                    self.selftest["max_abs_diff"], self.startup_seconds)
+                    measured, self.startup_seconds)
 
     def __is_ready__(self) -> bool:
         # The constructor raises unless the self-test passed, so an instance is a ready service.
@@ -124,6 +161,9 @@ class Tuneserve:
         top_k: int | None = Field(None, ge=1, description="Classification: keep the k most likely labels in scores."),
     ) -> PredictResponse:
         """Predict labels (or values) for texts."""
+        if self.generates:
+            return _not_for_this_model(f"/predict: {self.manifest.name} is a generation model, which writes text: POST "
+                                       '/generate with {"prompts": [...]} (or "messages")')
         try:
             check_texts("texts", texts, self.settings, limit=self.settings.max_texts)
             check_pairs(self.manifest, texts, text_pairs, "text_pairs")
@@ -148,11 +188,75 @@ class Tuneserve:
             texts, pairs, targets = examples_to_inputs(self.manifest, examples, self.settings)
         except RequestError as exc:
             return _bad_request(exc)
+        if self.generates:
+            return await self._evaluate_generation(texts, targets)
         scores = self.spec.scores(await self.batcher(texts, pairs))
         if not np.all(np.isfinite(self.spec.flat(scores))):
             return _not_finite()
         evaluation = self.spec.evaluate(targets, scores, self.manifest.labels, threshold=self.manifest.decision_threshold)
         return EvaluateResponse(**evaluation_body(self.manifest, evaluation), model=self.model_tag,
+                                backend=self.backend.name)
+
+    async def _evaluate_generation(self, texts: list[str], targets) -> EvaluateResponse:
+        # Greedy decoding with the model's max_new_tokens: how the trainer scored its test split.
+        m, tokenizer = self.manifest, self.backend.tokenizer
+        prompts = await anyio.to_thread.run_sync(
+            lambda: [prompt_for(tokenizer, m.prompt, text, m.max_length)[0] for text in texts])
+        generations = await self.batcher(prompts, Decoding(default_max_new_tokens(m)))
+        evaluation = self.spec.evaluate(targets, generations)
+        return EvaluateResponse(**evaluation_body(m, evaluation), model=self.model_tag, backend=self.backend.name)
+
+    @bentoml.api
+    async def generate(
+        self,
+        prompts: list[Text] | None = Field(
+            None, min_length=1, max_length=SETTINGS.max_texts,
+            description="Inputs, each put in the model's prompt exactly as in training (or, with raw, whole prompts)."),
+        messages: list[Conversation] | None = Field(
+            None, min_length=1, max_length=SETTINGS.max_texts,
+            description="Instead of prompts: conversations, each rendered with the model's chat template and "
+                        "answered as the assistant's next turn."),
+        raw: StrictBool = Field(False, description="Use each prompt as it is: the caller built the whole prompt (it is "
+                                                   "tokenized as training tokenizes one)."),
+        max_new_tokens: int | None = Field(
+            None, ge=1, le=SETTINGS.max_new_tokens,
+            description="The most tokens to write per prompt (default: what the model was evaluated with; at most 4 "
+                        "times that)."),
+        temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy decoding; otherwise "
+                                                                         "sampling at this temperature."),
+        top_p: float | None = Field(None, gt=0, le=1, description="Sampling: keep the most likely tokens up to this "
+                                                                  "probability mass (default 1: all)."),
+        top_k: int | None = Field(None, ge=0, description="Sampling: keep the k most likely tokens (0 or absent: all)."),
+        stop: list[Stop] | None = Field(None, max_length=MAX_STOPS,
+                                        description="Strings that end a generation; the text is cut where one begins."),
+        seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Sampling: the same seed and request give the "
+                                                                       "same text."),
+        stream: StrictBool = Field(False, description="Answer with server-sent events (one prompt only): "
+                                                      '{"text": chunk} per chunk, then {"finish_reason", "tokens"}, '
+                                                      "then [DONE]."),
+    ) -> GenerateResponse:
+        """Write text for each prompt (generation models only)."""
+        if not self.generates:
+            return _not_for_this_model(f"/generate: {self.manifest.name} is a {self.manifest.task.value} model, which "
+                                       "does not write text: POST /predict")
+        try:
+            if prompts is not None:
+                check_texts("prompts", prompts, self.settings, limit=self.settings.max_texts)
+            if messages is not None:
+                check_messages_size(messages, self.settings)
+            decoding = decoding_options(self.manifest, self.settings, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_p=top_p, top_k=top_k, stop=stop)
+            ids = await anyio.to_thread.run_sync(lambda: prompt_token_ids(
+                self.backend.tokenizer, self.manifest, prompts=prompts, messages=messages, raw=raw,
+                max_new_tokens=decoding.max_new_tokens, max_positions=self.backend.max_positions))
+            if stream and len(ids) != 1:
+                raise RequestError(f"stream: streams one prompt at a time; this request has {len(ids)}")
+        except RequestError as exc:
+            return _bad_request(exc)
+        if stream:
+            return EventStream(stream_events(self.backend.stream(ids[0], seed=seed, **decoding.kwargs())))
+        generations = await self.batcher(ids, decoding, seed)
+        return GenerateResponse(generations=self.spec.shape(self.manifest, generations), model=self.model_tag,
                                 backend=self.backend.name)
 
     def metadata(self) -> dict:
@@ -168,8 +272,17 @@ class Tuneserve:
             "startup_seconds": round(self.startup_seconds, 3),
             "versions": {"trained_with": m.provenance.packages, "serving": _serving_versions()},
             "limits": {"max_texts": self.settings.max_texts, "max_chars": self.settings.max_chars,
-                       "max_examples": self.settings.max_examples, "max_body_bytes": self.settings.max_body_bytes},
+                       "max_examples": self.settings.max_examples, "max_body_bytes": self.settings.max_body_bytes,
+                       **({"max_new_tokens": max_new_tokens_cap(m, self.settings)} if self.generates else {})},
+            "generation": self._generation_metadata() if self.generates else None,
         }
+
+    def _generation_metadata(self) -> dict:
+        m = self.manifest
+        return {"prompt": m.prompt.model_dump(mode="json"), "decoding": m.decoding,
+                "max_new_tokens": default_max_new_tokens(m),
+                "chat_template": bool(getattr(self.backend.tokenizer, "chat_template", None)),
+                "max_positions": self.backend.max_positions, "examples": m.examples}
 
     def about(self) -> About:
         """What the API documents (/docs.json and the page at /) say about the model served."""

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     max_texts: int = Field(256, ge=1, description="Most texts in one /predict request.")
     max_chars: int = Field(20_000, ge=1, description="Longest text, in characters.")
     max_examples: int = Field(10_000, ge=1, description="Most examples in one /evaluate request.")
+    max_new_tokens: int = Field(
+        512, ge=1, description="Generation: the most tokens one /generate request may ask for per prompt (each model "
+                               "also caps it at 4 times the default it was evaluated with).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body, in bytes (413 above).")
     timeout: float = Field(60.0, gt=0, description="Seconds a request may take before it gets 504.")
     max_concurrency: int | None = Field(None, ge=1, description="Requests served at once; more get 429 (probes exempt).")
