@@ -26,21 +26,64 @@ class _Job:
     future: asyncio.Future = field(repr=False)
 
 
-class MicroBatcher:
-    def __init__(self, forward: Forward, max_batch_size: int):
-        self.forward = forward
+class PooledTurns:
+    """Jobs queued while a pass runs share the next one; a subclass says which jobs go together (:meth:`_take`),
+    runs a pass (:meth:`_run`, in a worker thread, so the event loop keeps answering) and how many outputs each
+    job gets back (:meth:`_count`)."""
+
+    def __init__(self, max_batch_size: int):
         self.max_batch_size = max_batch_size
-        self._queue: list[_Job] = []
+        self._queue: list = []
         self._running = False
-        self.batch_sizes: deque[int] = deque(maxlen=1000)  # texts per recent pass, for tests and benchmarks
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # outputs per recent pass, for tests and benchmarks
+
+    def _start(self) -> None:
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._drain())
+
+    def _take(self) -> list:
+        raise NotImplementedError
+
+    def _run(self, jobs: list) -> Sequence:
+        raise NotImplementedError
+
+    def _count(self, job) -> int:
+        raise NotImplementedError
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                jobs = [j for j in self._take() if not j.future.done()]  # a request already gone needs no pass
+                if not jobs:
+                    continue
+                try:
+                    out = await anyio.to_thread.run_sync(self._run, jobs)
+                except Exception as exc:  # the requests in this pass get the error; later ones still run
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                self.batch_sizes.append(sum(self._count(j) for j in jobs))
+                start = 0
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_result(out[start:start + self._count(job)])
+                    start += self._count(job)
+        finally:
+            self._running = False
+
+
+class MicroBatcher(PooledTurns):
+    def __init__(self, forward: Forward, max_batch_size: int):
+        super().__init__(max_batch_size)
+        self.forward = forward
 
     async def __call__(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
         """Raw outputs for ``texts``, computed together with whatever else is queued."""
         job = _Job(texts, pairs, asyncio.get_running_loop().create_future())
         self._queue.append(job)
-        if not self._running:
-            self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
+        self._start()
         return await job.future
 
     def _take(self) -> list[_Job]:
@@ -52,26 +95,10 @@ class MicroBatcher:
             jobs.append(self._queue.pop(0))
         return jobs
 
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                jobs = [j for j in self._take() if not j.future.done()]  # a cancelled request needs no pass
-                if not jobs:
-                    continue
-                texts = [t for j in jobs for t in j.texts]
-                pairs = [p for j in jobs for p in j.pairs] if jobs[0].pairs is not None else None
-                try:
-                    out = await anyio.to_thread.run_sync(self.forward, texts, pairs)
-                except Exception as exc:  # the requests in this pass get the error; later ones still run
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
-                    continue
-                self.batch_sizes.append(len(texts))
-                start = 0
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_result(out[start:start + len(job.texts)])
-                    start += len(job.texts)
-        finally:
-            self._running = False
+    def _run(self, jobs: list[_Job]) -> np.ndarray:
+        texts = [t for j in jobs for t in j.texts]
+        pairs = [p for j in jobs for p in j.pairs] if jobs[0].pairs is not None else None
+        return self.forward(texts, pairs)
+
+    def _count(self, job: _Job) -> int:
+        return len(job.texts)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from core.errors import ArtifactError
 from core.manifest import Manifest
 from core.prompting import check_messages, render_messages
 from core.tasks.generation import GeneratedText, prompt_for, prompt_ids
+from service.batcher import PooledTurns
 from service.requests import RequestError
 from service.settings import Settings
 
@@ -147,7 +147,7 @@ class _Job:
     future: asyncio.Future = field(repr=False)
 
 
-class GenerationBatcher:
+class GenerationBatcher(PooledTurns):
     """Requests that arrive while the decoder is busy share its next batch.
 
     As :class:`service.batcher.MicroBatcher` does for forward passes: a lone request runs at once; under load the
@@ -159,11 +159,8 @@ class GenerationBatcher:
     """
 
     def __init__(self, backend: Any, max_batch_size: int):
+        super().__init__(max_batch_size)
         self.backend = backend
-        self.max_batch_size = max_batch_size
-        self._queue: list[_Job] = []
-        self._running = False
-        self.batch_sizes: deque[int] = deque(maxlen=1000)  # prompts per recent batch, for tests and benchmarks
 
     async def __call__(self, prompts: list[list[int]], decoding: Decoding, seed: int | None = None) -> list[GeneratedText]:
         loop = asyncio.get_running_loop()
@@ -178,9 +175,7 @@ class GenerationBatcher:
         else:  # one seed for the call: a key no other job has, so this one runs alone and whole
             jobs = [_Job(prompts, decoding, seed, (decoding, object()), loop.create_future())]
         self._queue.extend(jobs)
-        if not self._running:
-            self._running = True
-            loop.create_task(self._drain())
+        self._start()
         try:
             return [g for job in jobs for g in await job.future]
         finally:  # a request that is gone (cancelled, timed out) leaves its parts not yet decoded
@@ -207,27 +202,8 @@ class GenerationBatcher:
             seed = jobs[0].seed
         return self.backend.generate(prompts, seed=seed, **jobs[0].decoding.kwargs())
 
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                jobs = [j for j in self._take() if not j.future.done()]  # a request already gone needs no decoding
-                if not jobs:
-                    continue
-                try:
-                    out = await anyio.to_thread.run_sync(self._run, jobs)
-                except Exception as exc:  # the requests of this batch get the error; later ones still run
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
-                    continue
-                self.batch_sizes.append(sum(len(j.prompts) for j in jobs))
-                start = 0
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_result(out[start:start + len(job.prompts)])
-                    start += len(job.prompts)
-        finally:
-            self._running = False
+    def _count(self, job: _Job) -> int:
+        return len(job.prompts)
 
 
 # ---- streaming ------------------------------------------------------------------------------------------------

@@ -34,9 +34,9 @@ from training.checkpoint import CHECKPOINTS, LoopState, latest_checkpoint, read_
 from training.config import Config
 from training.data import load_dataset
 from training.dropout import use_cpu_dropout
+from training.generate import examples_table, generate, token_loss, with_loss
 from training.modeling import build_model, optimizer_groups, resolve_model, trainable_state
 from training.precision import DeviceFacts, choose_mixed_precision
-from training.generate import examples_table, generate, token_loss, with_loss
 from training.tasks import IGNORE_INDEX, torch_task
 
 logger = logging.getLogger(__name__)

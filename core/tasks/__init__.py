@@ -41,8 +41,8 @@ _SPECS: dict[Task, TaskSpec] = {}
 def spec_for(task: Task | str) -> TaskSpec:
     """The spec of a task (by enum member or name)."""
     if not _SPECS:
-        from core.tasks.sequence import ClassificationSpec, MultiLabelSpec, RegressionSpec
         from core.tasks.generation import GenerationSpec
+        from core.tasks.sequence import ClassificationSpec, MultiLabelSpec, RegressionSpec
         from core.tasks.token import TokenClassificationSpec
 
         _SPECS.update({Task.CLASSIFICATION: ClassificationSpec(), Task.MULTILABEL: MultiLabelSpec(),

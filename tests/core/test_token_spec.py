@@ -6,13 +6,7 @@ import pytest
 from core.encoding import Encoder
 from core.tasks import Task
 from core.tasks.base import LabelError
-from core.tasks.token import (
-    TokenOutput,
-    entities_of,
-    normalise_tags,
-    tags_from_spans,
-    word_scores,
-)
+from core.tasks.token import TokenOutput, entities_of, normalise_tags, tags_from_spans, word_scores
 
 SPEC = Task.TOKEN_CLASSIFICATION.spec
 LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]

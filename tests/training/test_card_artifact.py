@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from core.manifest import read_manifest
+from tests.conftest import tiny_run_config
 from training.artifact import describe_adapter
 from training.cli import main
 from training.config import load_config
-from tests.conftest import tiny_run_config
 from training.train import train
 
 

@@ -5,9 +5,9 @@ import pytest
 
 from core.errors import DataError
 from core.tasks import Task
+from tests.conftest import make_rows, write_jsonl
 from training.config import DataConfig
 from training.data import load_dataset
-from tests.conftest import make_rows, write_jsonl
 
 
 def _cfg(train, **fields) -> DataConfig:

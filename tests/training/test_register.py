@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tiny_run_config
 from training import register as register_module
 from training.config import load_config
 from training.register import CONTENT_LABEL, content_hash, register
-from tests.conftest import tiny_run_config
 from training.train import train
 
 

@@ -58,10 +58,9 @@ def test_lora_multilabel_saves_adapter_and_merged_model(base_config):
 
 
 def test_adapter_reload_matches_merged_model(base_config):
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
-
-    import torch
 
     base_config.update(method="lora")
     base_config["train"]["epochs"] = 1
