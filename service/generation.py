@@ -77,8 +77,8 @@ def decoding_options(manifest: Manifest, settings: Settings, *, max_new_tokens: 
     """A request's decoding: absent fields take the served defaults (the model's max_new_tokens, greedy).
 
     Raises:
-        RequestError: max_new_tokens is over this model's cap (the ranges of the other fields are in the request
-            schema).
+        RequestError: max_new_tokens is over this model's cap, or top_p is 0 (the ranges of the other fields are
+            in the request schema).
     """
     cap = max_new_tokens_cap(manifest, settings)
     if max_new_tokens is None:
@@ -87,6 +87,8 @@ def decoding_options(manifest: Manifest, settings: Settings, *, max_new_tokens: 
         raise RequestError(f"max_new_tokens: {max_new_tokens} is over this model's cap of {cap} ({MAX_NEW_TOKENS_FACTOR} "
                            f"times the {default_max_new_tokens(manifest)} it was evaluated with, at most "
                            f"TUNESERVE_MAX_NEW_TOKENS={settings.max_new_tokens})")
+    if top_p is not None and top_p <= 0:
+        raise RequestError("top_p: must be above 0 (the probability mass sampling keeps)")
     temperature = temperature or 0.0
     if temperature == 0:  # greedy: the sampling filters do not apply
         return Decoding(max_new_tokens, stop=tuple(stop or ()))

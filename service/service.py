@@ -224,8 +224,9 @@ class Tuneserve:
                         "times that)."),
         temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy decoding; otherwise "
                                                                          "sampling at this temperature."),
-        top_p: float | None = Field(None, gt=0, le=1, description="Sampling: keep the most likely tokens up to this "
-                                                                  "probability mass (default 1: all)."),
+        # ge, not gt: OpenAPI 3.0 (the docs BentoML serves) has no numeric exclusiveMinimum; 0 is refused below.
+        top_p: float | None = Field(None, ge=0, le=1, description="Sampling: keep the most likely tokens up to this "
+                                                                  "probability mass, above 0 (default 1: all)."),
         top_k: int | None = Field(None, ge=0, description="Sampling: keep the k most likely tokens (0 or absent: all)."),
         stop: list[Stop] | None = Field(None, max_length=MAX_STOPS,
                                         description="Strings that end a generation; the text is cut where one begins."),
