@@ -9,6 +9,7 @@ The backend sorts each pass by length, so mixed lengths cost little padding.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ class _Job:
     future: asyncio.Future = field(repr=False)
 
 
-class PooledTurns:
+class PooledTurns(ABC):
     """Jobs queued while a pass runs share the next one; a subclass says which jobs go together (:meth:`_take`),
     runs a pass (:meth:`_run`, in a worker thread, so the event loop keeps answering) and how many outputs each
     job gets back (:meth:`_count`)."""
@@ -42,14 +43,17 @@ class PooledTurns:
             self._running = True
             asyncio.get_running_loop().create_task(self._drain())
 
+    @abstractmethod
     def _take(self) -> list:
-        raise NotImplementedError
+        """The next jobs to run together (at least one)."""
 
+    @abstractmethod
     def _run(self, jobs: list) -> Sequence:
-        raise NotImplementedError
+        """One pass over the jobs' inputs, outputs in order."""
 
+    @abstractmethod
     def _count(self, job) -> int:
-        raise NotImplementedError
+        """How many outputs of a pass belong to ``job``."""
 
     async def _drain(self) -> None:
         try:

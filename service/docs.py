@@ -63,15 +63,6 @@ METADATA = {
     },
 }
 
-# What the model does, for the page's first line (``{pair}``: " (or pair of texts)" for pair models).
-DOES = {
-    Task.CLASSIFICATION: "gives each text{pair} one of its labels, with the probability of each",
-    Task.MULTILABEL: "gives each text{pair} every label whose probability reaches {threshold}, with all the "
-                     "probabilities",
-    Task.REGRESSION: "predicts a number ({label_field}) for each text{pair}",
-    Task.TOKEN_CLASSIFICATION: "finds the entities in each text, with their types and character offsets",
-    Task.GENERATION: "writes a text for each input",
-}
 PROMPT_STYLES = {"chat": "the model's chat template", "plain": "a plain template"}
 
 METHODS = {"full": "full fine-tuning", "lora": "LoRA adapters, merged", "freeze": "frozen encoder, trained head"}
@@ -127,7 +118,7 @@ def description(about: About) -> str:
     """
     m, private = about.manifest, about.settings.api_key is not None
     pair = " (or pair of texts)" if m.has_pair else ""
-    does = DOES[m.task].format(pair=pair, threshold=m.decision_threshold, label_field=m.label_field)
+    does = m.task.spec.does.format(pair=pair, threshold=m.decision_threshold, label_field=m.label_field)
     method = METHODS.get(m.method, m.method)
     lines = [f"{m.name} {does}; fine-tuned from {m.base_model} ({method})."]
     if m.task is Task.TOKEN_CLASSIFICATION:
@@ -171,7 +162,7 @@ def description(about: About) -> str:
 
 def _use_route(m: Manifest) -> str:
     """The route that runs the model: /generate for a model that writes text, /predict for the others."""
-    return "/generate" if m.task is Task.GENERATION else "/predict"
+    return m.task.spec.route
 
 
 def _examples(about: About) -> dict[str, dict]:

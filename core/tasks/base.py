@@ -87,6 +87,9 @@ class TaskSpec(ABC):
     auto_model: ClassVar[str] = "AutoModelForSequenceClassification"  # the transformers class of the model
     hf_problem_type: ClassVar[str | None] = None  # config.problem_type handed to transformers (None: none)
     logits_axes: ClassVar[dict[int, str]] = {0: "batch"}  # dynamic axes of the exported graph's logits
+    # What the model does, for the API docs' first line ({pair}: " (or pair of texts)" for pair models).
+    does: ClassVar[str]
+    route: ClassVar[str] = "/predict"  # the service route that runs the model
     accepts_token_lists: ClassVar[bool] = False  # whether an input may be a list of tokens instead of a text
     # Config options that only some tasks accept (data.label_delimiter, train.label_smoothing, train.threshold).
     options: ClassVar[frozenset[str]] = frozenset()

@@ -95,6 +95,8 @@ def retrieval_targets(train_inputs: Sequence[str], train_targets: Sequence[str],
 class GenerationSpec(TaskSpec):
 
     problem_type = "text_generation"
+    does = "writes a text for each input"
+    route = "/generate"
     postprocess = "identity"
     default_metric = "rougeL"
     # Validation loss every evaluation (all examples, cheap); generation metrics on a bounded sample.

@@ -56,6 +56,7 @@ class RegressionPrediction(BaseModel):
 
 class ClassificationSpec(TaskSpec):
     """One class per text (or pair), from softmax probabilities."""
+    does = "gives each text{pair} one of its labels, with the probability of each"
 
     task = Task.CLASSIFICATION
     problem_type = hf_problem_type = "single_label_classification"
@@ -134,6 +135,7 @@ class ClassificationSpec(TaskSpec):
 
 class MultiLabelSpec(TaskSpec):
     """Any number of labels per text: each label's sigmoid probability against the manifest's threshold."""
+    does = "gives each text{pair} every label whose probability reaches {threshold}, with all the probabilities"
 
     task = Task.MULTILABEL
     problem_type = hf_problem_type = "multi_label_classification"
@@ -208,6 +210,7 @@ class MultiLabelSpec(TaskSpec):
 
 class RegressionSpec(TaskSpec):
     """One value per text (or pair)."""
+    does = "predicts a number ({label_field}) for each text{pair}"
 
     task = Task.REGRESSION
     problem_type = hf_problem_type = "regression"

@@ -235,6 +235,7 @@ def _ids(target: Any) -> np.ndarray:
 
 class TokenClassificationSpec(TaskSpec):
     """A tag per word; entities with character offsets out."""
+    does = "finds the entities in each text, with their types and character offsets"
 
     task = Task.TOKEN_CLASSIFICATION
     problem_type = "token_classification"

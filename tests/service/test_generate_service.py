@@ -19,7 +19,7 @@ import pytest
 from core.manifest import read_manifest
 from core.prompting import render_prompt
 from tests.conftest import write_jsonl
-from tests.service.test_serve_process import start_server, stop, wait_ready
+from tests.service.test_serve_process import refuses_to_start, start_server, stop, wait_ready
 from tests.training.test_generation_train import make_pairs, tiny_llama  # noqa: F401 (a fixture)
 
 TIMEOUT = 30  # seconds, for every HTTP call
@@ -225,21 +225,9 @@ def test_a_tampered_selftest_text_keeps_the_service_from_starting(artifact, tmp_
     raw["export"]["selftest"][1]["decision"] += " and more"
     (tampered / "manifest.json").write_text(json.dumps(raw))
     proc, url, log = start_server({"TUNESERVE_ARTIFACT": str(tampered)}, tmp_path / "bentoml")
-    reason = "for example 1"
-    ready = False
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None and reason not in log.read_text():
-            try:
-                ready = ready or httpx.get(url + "/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-    finally:
-        stop(proc)
-    assert not ready
+    assert refuses_to_start(proc, url, log, "for example 1", seconds=90)
     text = log.read_text()
-    assert reason in text and "self-test: backend onnx writes" in text and "and more" in text
+    assert "self-test: backend onnx writes" in text and "and more" in text
 
 
 # ---- in-process ---------------------------------------------------------------------------------------------

@@ -40,6 +40,23 @@ def start_server(env: dict, bentoml_home: Path, python: str = sys.executable) ->
     return proc, f"http://127.0.0.1:{port}", log
 
 
+def refuses_to_start(proc, url: str, log, reason: str, *, seconds: float) -> bool:
+    """Watch a server until its log gives ``reason`` (or it exits, or ``seconds`` pass), then stop it; whether it
+    never reported ready and the log holds ``reason``."""
+    ready = False
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and proc.poll() is None and reason not in log.read_text():
+            try:
+                ready = ready or httpx.get(url + "/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+    finally:
+        stop(proc)
+    return not ready and reason in log.read_text()
+
+
 def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 90) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -177,19 +194,7 @@ def test_a_broken_artifact_never_gets_ready_and_the_log_says_why(artifacts, tmp_
     damage(broken)
     proc, url, log = start_server({"TUNESERVE_ARTIFACT": str(broken), "TUNESERVE_BACKEND": backend,
                                    "TUNESERVE_DEVICE": "cpu"}, tmp_path / "bentoml")
-    ready = False
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None and reason not in log.read_text():
-            try:
-                ready = ready or httpx.get(url + "/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-    finally:
-        stop(proc)
-    assert not ready
-    assert reason in log.read_text()
+    assert refuses_to_start(proc, url, log, reason, seconds=60)
 
 
 def test_concurrency_limit_gives_429_timeouts_give_504_and_probes_keep_answering(artifacts, tmp_path):
