@@ -28,21 +28,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(env: dict, bentoml_home: Path, python: str = sys.executable) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    log = bentoml_home / f"serve-{port}.log"
+def start_server(env: dict, bentoml_home: Path, python: str = sys.executable,
+                 attempts: int = 3) -> tuple[subprocess.Popen, str, Path]:
+    """Start ``bentoml serve`` on a free port and return once it holds the port (or has exited).
+
+    ``free_port`` releases the port before the server binds it, so another process can take it in between; the
+    server then exits with "Could not bind" and is started again on a fresh port."""
     bentoml_home.mkdir(parents=True, exist_ok=True)
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
     full_env.update(BENTOML_HOME=str(bentoml_home), **env)
-    with log.open("w") as out:
-        proc = subprocess.Popen([python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}", log
+    for _ in range(attempts):
+        port = free_port()
+        log = bentoml_home / f"serve-{port}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen([python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+                                    cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and "listening on" not in log.read_text():
+            time.sleep(0.2)
+        if "Could not bind" not in log.read_text():
+            return proc, f"http://127.0.0.1:{port}", log
+        stop(proc)
+    raise AssertionError(f"no free port held after {attempts} attempts; last log: {log}")
 
 
 def refuses_to_start(proc, url: str, log, reason: str, *, seconds: float) -> bool:
     """Watch a server until its log gives ``reason`` (or it exits, or ``seconds`` pass), then stop it; whether it
-    never reported ready and the log holds ``reason``."""
+    never reported ready. A log without ``reason`` fails here, showing its end."""
     ready = False
     try:
         deadline = time.monotonic() + seconds
@@ -54,7 +67,10 @@ def refuses_to_start(proc, url: str, log, reason: str, *, seconds: float) -> boo
             time.sleep(0.3)
     finally:
         stop(proc)
-    return not ready and reason in log.read_text()
+    text = log.read_text()
+    if reason not in text:
+        raise AssertionError(f"{reason!r} never appeared in the server log; it ends:\n{text[-3000:]}")
+    return not ready
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 90) -> float:
