@@ -181,15 +181,18 @@ class OnnxGenerationBackend:
 
     per_prompt_seeds = True
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, *, threads: int):
+    def __init__(self, artifact_dir: Path, manifest: Manifest, *, threads: int, int8: bool = False):
         import onnxruntime as ort
 
         from core.decoding import OnnxDecoder
         from core.onnx_runner import check_external_data
 
-        relative = manifest.export.onnx.fp32 if manifest.export else None
-        if not relative:
+        if not manifest.export:
             raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX export; run `tuneserve export`")
+        relative = manifest.export.onnx.int8 if int8 else manifest.export.onnx.fp32
+        if not relative:
+            raise ArtifactError(f"{artifact_dir}: the manifest lists no quantised decoder (the export gate did not keep "
+                                f"it: {manifest.export.int8.reason or 'not requested'}); use TUNESERVE_BACKEND=onnx")
         path = artifact_dir / relative
         if not path.is_file():
             raise ArtifactError(f"{artifact_dir}: the manifest lists {relative}, which is missing")
@@ -204,7 +207,7 @@ class OnnxGenerationBackend:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for a bad file
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
         self.max_positions = _max_positions(artifact_dir)
-        self.name = "onnx"
+        self.name = "onnx-int8" if int8 else "onnx"
         self.provider = self.decoder.session.get_providers()[0]
 
     def generate(self, prompts: list[list[int]], **decoding: Any) -> list[GeneratedText]:
@@ -296,8 +299,8 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
     (:func:`generates_text`), a scoring :class:`Backend` otherwise.
 
     ``auto``: torch on CUDA when torch and a GPU are present, otherwise ONNX int8 if the export gate kept it,
-    otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed). A
-    generation model is exported in fp32 only: on a CPU, ``auto`` serves its decoder with ONNX Runtime.
+    otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed). For a
+    generation model, ``onnx-int8`` is its quantised decoder (4-bit weights, training/export_generation.py).
 
     Raises:
         ArtifactError: the artifact lacks what the chosen backend needs.
@@ -322,8 +325,5 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
             return TorchGenerationBackend(artifact_dir, manifest, device=device, threads=threads)
         return TorchBackend(artifact_dir, manifest, device=device, threads=threads, batch_size=batch_size)
     if generation:
-        if backend == "onnx-int8":
-            raise ArtifactError(f"{artifact_dir}: the manifest lists no int8 variant (a generation model is exported "
-                                "in fp32 only); use TUNESERVE_BACKEND=onnx")
-        return OnnxGenerationBackend(artifact_dir, manifest, threads=threads)
+        return OnnxGenerationBackend(artifact_dir, manifest, threads=threads, int8=backend == "onnx-int8")
     return OnnxBackend(artifact_dir, manifest, int8=backend == "onnx-int8", threads=threads, batch_size=batch_size)

@@ -243,7 +243,7 @@ def _export(artifact_dir: Path, int8: str, held_out: HeldOut | None, min_int8_ag
     from training.tasks import auto_model_class
 
     if "generation" in read_manifest(artifact_dir).task.spec.options:
-        return _export_generation(artifact_dir, read_manifest(artifact_dir), held_out)
+        return _export_generation(artifact_dir, read_manifest(artifact_dir), held_out, int8)
     loaded = load_artifact(artifact_dir)
     manifest, encoder = loaded.manifest, loaded.encoder
     held_out = held_out or held_out_from_config(manifest, artifact_dir)
@@ -354,8 +354,9 @@ def _publish(artifact_dir: Path, tmp: Path, section: dict) -> dict:
     return section
 
 
-def _export_generation(artifact_dir: Path, manifest: Manifest, held_out: HeldOut | None) -> dict:
-    """A generation model: its decoder with a key/value cache, gated on greedy outputs (export_generation.py)."""
+def _export_generation(artifact_dir: Path, manifest: Manifest, held_out: HeldOut | None, quantize: str) -> dict:
+    """A generation model: its decoder with a key/value cache, and one with 4-bit weights, gated on greedy outputs
+    (export_generation.py)."""
     from training.export_generation import export_generation_artifact
 
     held_out = held_out or held_out_from_config(manifest, artifact_dir)
@@ -363,7 +364,8 @@ def _export_generation(artifact_dir: Path, manifest: Manifest, held_out: HeldOut
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        section = export_generation_artifact(artifact_dir, held_out.texts, held_out.targets, held_out.name, tmp)
+        section = export_generation_artifact(artifact_dir, held_out.texts, held_out.targets, held_out.name, tmp,
+                                             quantize=quantize)
         return _publish(artifact_dir, tmp, section)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

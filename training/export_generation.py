@@ -116,21 +116,68 @@ def export_decoder(model_dir: str | os.PathLike, out_path: str | os.PathLike, *,
     return out_path
 
 
-# The gate: greedy outputs of the exported decoder against PyTorch's on held-out inputs.
+# The gate: greedy outputs of each exported decoder against PyTorch's on held-out inputs.
 GATE_EXAMPLES = 32
+ALONE_EXAMPLES = 8  # generated alone as well as in the gate's batch: the outputs must not change
 # fp32: nearly every greedy output token-identical. Rounding differences decide near-ties between two tokens, after
 # which greedy outputs part: on SmolLM2 fine-tuned on man pages, 30 of 32 outputs were identical and ROUGE-L the same.
 MIN_OUTPUT_AGREEMENT = 0.9
 MAX_METRIC_DROP = 0.5  # points of the primary metric (0-100 scale)
+# The quantised decoder is judged by its metric alone: 4-bit weights change many greedy outputs a little.
+MAX_QUANTIZED_DROP = 1.0  # points of the primary metric
 SELFTEST_EXAMPLES = 4
+FP32_FILE, QUANTIZED_FILE = "model.onnx", "model.int4.onnx"
+# Weight-only 4-bit (ONNX Runtime's MatMulNBits: symmetric blocks of 32 weights along the input dimension, one
+# fp32 scale each), computed in fp32 (accuracy level 1). Decoding one token reads every weight once, so it runs at
+# the speed of memory and smaller weights are faster. Why 4-bit with fp32 arithmetic (benchmarks/generation_speed.py
+# measures the choices side by side): 8-bit weights computed in int8 (accuracy level 4) were faster, but quantising
+# activations at run time turns rounding-level differences (a row decoded alone or beside a longer one, whose
+# padding shifts the terms an attention sum adds) into changes of up to 0.55 on the logits, and greedy outputs of 3
+# of 8 prompts changed between alone and pooled; 8-bit weights computed in fp32 have no fast kernel (4 tokens/s).
+QUANTIZATION = {"bits": 4, "block_size": 32, "is_symmetric": True, "accuracy_level": 1}
+QUANTIZED_METHOD = "weight-only int4 (MatMulNBits, symmetric blocks of 32, fp32 compute)"
+
+
+def quantize_decoder(fp32_path: Path, out_path: Path) -> Path:
+    """Write ``fp32_path``'s decoder with every weight matrix in 4 bits (:data:`QUANTIZATION`) to ``out_path``."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from training.export import library_noise_to_log
+
+    with library_noise_to_log():
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), **QUANTIZATION)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out_path), use_external_data_format=True)
+    return out_path
+
+
+def _judge(spec, manifest, decoder, prompts: list[list[int]], reference: list, references: list,
+           max_new_tokens: int) -> tuple[dict, list]:
+    """One decoder's greedy outputs against PyTorch's: the parity report (the first few inputs generated alone as
+    well as batched) and the outputs."""
+    outputs = decoder.generate(prompts, max_new_tokens)
+    alone = [decoder.generate([p], max_new_tokens)[0] for p in prompts[:ALONE_EXAMPLES]]
+    report = spec.compare(manifest, reference, outputs, references)
+    report["batch_invariance"] = {"arrangements": [f"the first {len(alone)} alone"], "max_abs_diff": 0.0,
+                                  "decision_changes": sum(a.text != b.text for a, b in zip(alone, outputs))}
+    return report, outputs
 
 
 def export_generation_artifact(artifact_dir: Path, texts: list[str], references: list, held_out_name: str,
-                               tmp: Path) -> dict:
+                               tmp: Path, *, quantize: str = "auto", max_quantized_drop: float | None = None
+                               ) -> dict:
     """Export a generation artifact's decoder into ``tmp`` and gate it; return the manifest's ``export`` section.
 
+    Args:
+        quantize: ``auto`` keeps the 4-bit decoder if it passes the gate, ``on`` fails the export if it does not,
+            ``off`` skips it.
+        max_quantized_drop: points of the primary metric the 4-bit decoder may lose against PyTorch (default
+            :data:`MAX_QUANTIZED_DROP`).
+
     Raises:
-        ExportError: the exported decoder's greedy outputs differ from PyTorch's too often, or lose metric.
+        ExportError: the fp32 decoder's greedy outputs differ from PyTorch's too often, or lose metric, or depend on
+            the batch; or ``quantize="on"`` and the 4-bit decoder fails its gate.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,35 +187,65 @@ def export_generation_artifact(artifact_dir: Path, texts: list[str], references:
     from training.export import ExportError
     from training.generate import generate
 
+    max_quantized_drop = MAX_QUANTIZED_DROP if max_quantized_drop is None else max_quantized_drop
     manifest = read_manifest(artifact_dir)
     spec = manifest.task.spec
+    primary = manifest.primary_metric
     tokenizer = AutoTokenizer.from_pretrained(artifact_dir / MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(artifact_dir / MODEL_DIR, attn_implementation=ATTENTION).eval()
     count = min(GATE_EXAMPLES, len(texts))
     texts, references = texts[:count], list(references[:count])
-    greedy = {"max_new_tokens": manifest.decoding["max_new_tokens"], "num_beams": 1, "do_sample": False}
+    new_tokens = manifest.decoding["max_new_tokens"]
+    greedy = {"max_new_tokens": new_tokens, "num_beams": 1, "do_sample": False}
     reference = generate(model, tokenizer, manifest.prompt, texts, greedy, max_input_tokens=manifest.max_length)
-    path = export_decoder(artifact_dir / MODEL_DIR, tmp / "model.onnx")
-    decoder = OnnxDecoder(path, tokenizer, tokenizer.eos_token_id)
     prompts = [prompt_for(tokenizer, manifest.prompt, t, manifest.max_length)[0] for t in texts]
-    onnx = decoder.generate(prompts, greedy["max_new_tokens"])
-    alone = [decoder.generate([p], greedy["max_new_tokens"])[0] for p in prompts[:8]]
-    report = spec.compare(manifest, reference, onnx, references)
-    changed = sum(a.text != b.text for a, b in zip(alone, onnx))
-    report["batch_invariance"] = {"arrangements": [f"the first {len(alone)} alone"], "max_abs_diff": 0.0,
-                                  "decision_changes": changed}
-    primary = manifest.primary_metric
-    drop = -report["metric_delta"].get(primary, 0.0)
+    eos = tokenizer.eos_token_id
+
+    fp32 = export_decoder(artifact_dir / MODEL_DIR, tmp / FP32_FILE)
+    report, outputs = _judge(spec, manifest, OnnxDecoder(fp32, tokenizer, eos), prompts, reference, references,
+                             new_tokens)
+    kept = [outputs]
+    drop = spec.metric_drop(primary, report)
+    changed = report["batch_invariance"]["decision_changes"]
     if report["output_agreement"] < MIN_OUTPUT_AGREEMENT or drop > MAX_METRIC_DROP or changed:
         raise ExportError(f"{artifact_dir}: the ONNX decoder's greedy outputs match PyTorch's on "
                           f"{report['output_agreement']:.0%} of {count} {held_out_name} examples (needs "
                           f"{MIN_OUTPUT_AGREEMENT:.0%}), {primary} changes by {-drop:+.2f}, {changed} output(s) differ "
                           "between alone and batched; nothing was written")
+    parity = {"onnx": report}
+
+    quantized = {"requested": quantize, "kept": False, "attempts": [], "method": QUANTIZED_METHOD}
+    if quantize != "off":
+        logger.info("export: quantising the decoder's weights to 4 bits and gating it on %d examples", count)
+        candidate = quantize_decoder(fp32, tmp / QUANTIZED_FILE)
+        q_report, q_outputs = _judge(spec, manifest, OnnxDecoder(candidate, tokenizer, eos), prompts, reference,
+                                     references, new_tokens)
+        q_drop = spec.metric_drop(primary, q_report)
+        q_changed = q_report["batch_invariance"]["decision_changes"]
+        reason = (f"{q_changed} output(s) differ between alone and batched" if q_changed else
+                  f"{primary} drops by {q_drop:.2f} points (> {max_quantized_drop})" if q_drop > max_quantized_drop
+                  else None)
+        quantized["attempts"].append({"method": QUANTIZED_METHOD, "passed": reason is None, "reason": reason,
+                                      "label_agreement": q_report["output_agreement"], "metric_delta": -q_drop})
+        quantized["kept"] = reason is None
+        if reason is None:
+            parity["onnx-int8"] = q_report
+            kept.append(q_outputs)
+        else:
+            quantized["reason"] = reason
+            for leftover in tmp.glob(QUANTIZED_FILE + "*"):
+                leftover.unlink()
+            if quantize == "on":
+                raise ExportError(f"{artifact_dir}: --int8 on, but the 4-bit decoder fails its gate: {reason}")
+            logger.info("export: the 4-bit decoder is not kept: %s", reason)
     return {
-        "onnx": {"fp32": "onnx/model.onnx", "int8": None, "opset": OPSET, "held_out": held_out_name,
-                 "note": "decoder with key/value cache (core/decoding.py runs it)"},
-        "parity": {"onnx": report},
-        "int8": {"requested": "off", "kept": False, "reason": "int8 of generation models is not available yet"},
-        "selftest": [{"text": t, "text_pair": None, "scores": None, "decision": r.text}
-                     for t, r in list(zip(texts, reference))[:SELFTEST_EXAMPLES]],
+        "onnx": {"fp32": f"onnx/{FP32_FILE}", "int8": f"onnx/{QUANTIZED_FILE}" if quantized["kept"] else None,
+                 "opset": OPSET, "held_out": held_out_name,
+                 "note": "decoder with key/value cache (core/decoding.py runs it); the quantised variant has 4-bit "
+                         "weights"},
+        "parity": parity,
+        "int8": quantized,
+        # The service checks its backend against PyTorch's text: inputs on which every kept decoder wrote it.
+        "selftest": [{"text": texts[i], "text_pair": None, "scores": None, "decision": reference[i].text}
+                     for i in range(count) if all(o[i].text == reference[i].text for o in kept)][:SELFTEST_EXAMPLES],
     }

@@ -82,7 +82,7 @@ def test_generate_writes_the_texts_pytorch_wrote_at_export(server, artifact):
     r = _generate(url, {"prompts": [s.text for s in samples]})
     assert _texts(r) == [s.decision for s in samples]
     body = r.json()
-    assert body["backend"] == "onnx" and body["model"] == f"{manifest.name}:local"
+    assert body["backend"] == "onnx-int8" and body["model"] == f"{manifest.name}:local"
     assert all(g["finish_reason"] in ("stop", "length") and 0 < g["tokens"] <= DEFAULT_NEW_TOKENS
                for g in body["generations"])
     # a model that writes text has no /predict; the answer says where to go
@@ -212,8 +212,17 @@ def test_evaluate_scores_generations_as_the_trainer_did(server, artifact):
     body = r.json()
     assert body["n"] == 8 and {"rougeL", "rouge1", "bleu", "chrf", "exact_match"} <= set(body["metrics"])
     assert body["training_metrics"]["rougeL"] == manifest.metrics["test"]["rougeL"]
-    assert body["metrics"]["rougeL"] == pytest.approx(manifest.metrics["test"]["rougeL"], abs=1e-9)
-    assert body["delta"]["rougeL"] == pytest.approx(0.0, abs=1e-9) and body["backend"] == "onnx"
+    # The served backend is the quantised decoder the gate kept: its own greedy generations, scored in process.
+    from core.tasks.generation import prompt_for
+    from service.backends import choose_backend
+
+    assert body["backend"] == "onnx-int8"
+    backend = choose_backend(artifact, manifest, backend="onnx-int8", device="cpu", threads=1, batch_size=8)
+    prompts = [prompt_for(backend.tokenizer, manifest.prompt, e["input"], manifest.max_length)[0] for e in examples]
+    generations = backend.generate(prompts, max_new_tokens=DEFAULT_NEW_TOKENS)
+    expected = manifest.task.spec.evaluate([e["reference"] for e in examples], generations).metrics
+    assert body["metrics"]["rougeL"] == pytest.approx(expected["rougeL"], abs=1e-9)
+    assert body["delta"]["rougeL"] == pytest.approx(expected["rougeL"] - manifest.metrics["test"]["rougeL"], abs=1e-9)
     r = httpx.post(url + "/evaluate", json={"examples": [{"input": "x"}]}, timeout=TIMEOUT)
     assert r.status_code == 400 and "examples[0].reference" in r.json()["error"]
 
@@ -227,7 +236,7 @@ def test_a_tampered_selftest_text_keeps_the_service_from_starting(artifact, tmp_
     proc, url, log = start_server({"TUNESERVE_ARTIFACT": str(tampered)}, tmp_path / "bentoml")
     assert refuses_to_start(proc, url, log, "for example 1", seconds=90)
     text = log.read_text()
-    assert "self-test: backend onnx writes" in text and "and more" in text
+    assert "self-test: backend onnx-int8 writes" in text and "and more" in text
 
 
 # ---- in-process ---------------------------------------------------------------------------------------------

@@ -100,6 +100,12 @@ def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_ll
     assert parity.batch_invariance.decision_changes == 0
     assert (result.artifact_dir / manifest.export.onnx.fp32).is_file() and len(manifest.export.selftest) == 4
     assert "Every variant against PyTorch" in (result.artifact_dir / "README.md").read_text()
+    # The decoder with 4-bit weights, gated on its metric and on writing the same alone as batched.
+    quantised = manifest.export.int8
+    assert quantised.kept and quantised.attempts[0].method.startswith("weight-only int4")
+    assert manifest.export.parity["onnx-int8"].metric_delta["rougeL"] >= -1.0
+    assert manifest.export.parity["onnx-int8"].batch_invariance.decision_changes == 0
+    assert (result.artifact_dir / manifest.export.onnx.int8).is_file()
 
 
 def test_generation_options_are_checked(tiny_llama, pair_dir, tmp_path):
@@ -139,3 +145,28 @@ def test_the_command_line_writes_and_scores_with_the_served_backend(tiny_llama, 
                      "--label", "target", "--output", str(report))
     assert done.returncode == 0, done.stderr[-2000:]
     assert {"rougeL", "bleu", "exact_match"} <= set(json.loads(report.read_text())["metrics"])
+
+
+def test_a_quantised_decoder_that_loses_metric_is_dropped_with_its_reason(tiny_llama, pair_dir, tmp_path,
+                                                                          monkeypatch):
+    import training.export_generation
+    from training.export import ExportError, export_artifact
+
+    result = train(load_config(raw=_config(tiny_llama, pair_dir, tmp_path / "run", export={"onnx": False})))
+    assert read_manifest(result.artifact_dir).export is None
+    # No decoder can lose less than nothing: the 4-bit one fails its gate.
+    monkeypatch.setattr(training.export_generation, "MAX_QUANTIZED_DROP", -1.0)
+    with pytest.raises(ExportError, match="--int8 on, but the 4-bit decoder fails its gate: rougeL drops by"):
+        export_artifact(result.artifact_dir, int8="on")
+    assert read_manifest(result.artifact_dir).export is None and not (result.artifact_dir / "onnx").exists()
+
+    export_artifact(result.artifact_dir, int8="auto")
+    manifest = read_manifest(result.artifact_dir)
+    assert not manifest.export.int8.kept and "rougeL drops by" in manifest.export.int8.reason
+    assert manifest.export.onnx.int8 is None and "onnx-int8" not in manifest.export.parity
+    assert sorted(p.name for p in (result.artifact_dir / "onnx").iterdir()) == ["model.onnx"]
+    # Served on a CPU, `auto` is then the fp32 decoder.
+    from service.backends import choose_backend
+
+    backend = choose_backend(result.artifact_dir, manifest, backend="auto", device="cpu", threads=1, batch_size=8)
+    assert backend.name == "onnx"
