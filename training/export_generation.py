@@ -9,6 +9,10 @@ left-padded prompts: :class:`core.decoding.OnnxDecoder` runs it.
 optimum-onnx, the usual route, pins transformers below the version this project pins, so this is
 ``torch.onnx.export`` (the TorchScript exporter) of a small wrapper that turns the flat tensors into a
 ``DynamicCache`` and back.
+
+Encoder-decoder models (T5, BART) are not exported: their artifact's export section says so (``"onnx": null``,
+``"backend": "torch"`` and the reason) and still records PyTorch's greedy answers for the service's start-up
+self-test.
 """
 
 from __future__ import annotations
@@ -123,11 +127,38 @@ GATE_EXAMPLES = 32
 MIN_OUTPUT_AGREEMENT = 0.9
 MAX_METRIC_DROP = 0.5  # points of the primary metric (0-100 scale)
 SELFTEST_EXAMPLES = 4
+NOT_EXPORTED_ENCODER_DECODER = ("encoder-decoder models are served by PyTorch: ONNX export of their decoder with "
+                                "cache is not available yet")
+
+
+def _selftest(texts: list[str], generations: list) -> list[dict]:
+    """A few inputs and the texts PyTorch wrote for them, for a serving backend to reproduce at start-up."""
+    return [{"text": t, "text_pair": None, "scores": None, "decision": g.text}
+            for t, g in list(zip(texts, generations))[:SELFTEST_EXAMPLES]]
+
+
+def _torch_only_section(model_dir: Path, manifest, texts: list[str], greedy: dict) -> dict:
+    """The export section of a model that PyTorch serves: no ONNX files, why, and PyTorch's greedy answers."""
+    from transformers import AutoTokenizer
+
+    from training.generate import generate
+    from training.tasks import auto_model_class, model_task
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = auto_model_class(manifest.task, model_task(manifest.task, str(model_dir))).from_pretrained(model_dir)
+    answers = generate(model.eval(), tokenizer, manifest.prompt, texts[:SELFTEST_EXAMPLES], greedy,
+                       max_input_tokens=manifest.max_length)
+    logger.info("not exported to ONNX: %s", NOT_EXPORTED_ENCODER_DECODER)
+    return {"onnx": None, "backend": "torch", "reason": NOT_EXPORTED_ENCODER_DECODER, "parity": {},
+            "int8": {"requested": "off", "kept": False, "reason": NOT_EXPORTED_ENCODER_DECODER},
+            "selftest": _selftest(texts, answers)}
 
 
 def export_generation_artifact(artifact_dir: Path, texts: list[str], references: list, held_out_name: str,
                                tmp: Path) -> dict:
     """Export a generation artifact's decoder into ``tmp`` and gate it; return the manifest's ``export`` section.
+    An encoder-decoder model is not exported (its section says why, with ``"onnx": null``) and writes nothing to
+    ``tmp``.
 
     Raises:
         ExportError: the exported decoder's greedy outputs differ from PyTorch's too often, or lose metric.
@@ -139,14 +170,17 @@ def export_generation_artifact(artifact_dir: Path, texts: list[str], references:
     from core.tasks.generation import prompt_for
     from training.export import ExportError
     from training.generate import generate
+    from training.tasks import is_encoder_decoder
 
     manifest = read_manifest(artifact_dir)
+    greedy = {"max_new_tokens": manifest.decoding["max_new_tokens"], "num_beams": 1, "do_sample": False}
+    if is_encoder_decoder(str(artifact_dir / MODEL_DIR)):
+        return _torch_only_section(artifact_dir / MODEL_DIR, manifest, texts, greedy)
     spec = manifest.task.spec
     tokenizer = AutoTokenizer.from_pretrained(artifact_dir / MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(artifact_dir / MODEL_DIR, attn_implementation=ATTENTION).eval()
     count = min(GATE_EXAMPLES, len(texts))
     texts, references = texts[:count], list(references[:count])
-    greedy = {"max_new_tokens": manifest.decoding["max_new_tokens"], "num_beams": 1, "do_sample": False}
     reference = generate(model, tokenizer, manifest.prompt, texts, greedy, max_input_tokens=manifest.max_length)
     path = export_decoder(artifact_dir / MODEL_DIR, tmp / "model.onnx")
     decoder = OnnxDecoder(path, tokenizer, tokenizer.eos_token_id)
@@ -169,6 +203,5 @@ def export_generation_artifact(artifact_dir: Path, texts: list[str], references:
                  "note": "decoder with key/value cache (core/decoding.py runs it)"},
         "parity": {"onnx": report},
         "int8": {"requested": "off", "kept": False, "reason": "int8 of generation models is not available yet"},
-        "selftest": [{"text": t, "text_pair": None, "scores": None, "decision": r.text}
-                     for t, r in list(zip(texts, reference))[:SELFTEST_EXAMPLES]],
+        "selftest": _selftest(texts, reference),
     }
