@@ -153,14 +153,14 @@ def test_encoder_decoder_examples_put_the_prompt_in_the_encoder_and_the_target_i
 
 
 def test_a_tiny_t5_learns_with_lora_and_is_served_by_pytorch(tiny_t5, pair_dir, tmp_path):
-    result = train(load_config(raw=seq2seq_config(tiny_t5, pair_dir, tmp_path / "run", "lora", 1e-2)))
+    result = train(load_config(raw=seq2seq_config(tiny_t5, pair_dir, tmp_path / "run", "lora", 3e-2, epochs=3)))
     artifact = result.artifact_dir
     manifest = read_manifest(artifact)
     assert manifest.prompt.style == "plain" and manifest.prompt.template == "summarize: {input}"
     # LoRA on every linear layer of the blocks: T5's attention (q, k, v, o, with cross-attention) and feed-forward
     assert {"q", "k", "v", "o", "wi", "wo"} <= set(manifest.training.lora_target_modules)
     history = manifest.training.history["validation"]
-    assert len(history) == 2 and history[-1]["loss"] < history[0]["loss"]
+    assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
     assert _train_loss(str(artifact / "model"), pair_dir) < _train_loss(tiny_t5, pair_dir) - 1.0
     assert set(manifest.baselines) == {"base_model", "copy_input", "retrieval"}
     assert "AutoModelForSeq2SeqLM" in (artifact / "adapter" / "README.md").read_text()
@@ -168,14 +168,14 @@ def test_a_tiny_t5_learns_with_lora_and_is_served_by_pytorch(tiny_t5, pair_dir, 
     export = manifest.export
     assert export.onnx is None and export.backend == "torch" and "encoder-decoder" in export.reason
     assert export.parity == {} and not (artifact / "onnx").exists()
-    assert len(export.selftest) == 4 and all(s.decision == s.decision.strip() for s in export.selftest)
+    assert len(export.selftest) == 4 and all(s.decision and s.decision == s.decision.strip() for s in export.selftest)
     assert "Not exported to ONNX: encoder-decoder models are served by PyTorch" in (artifact / "README.md").read_text()
     # Evaluation wrote the decoder's text only: never the prompt it was given.
     assert all(not row["fine_tuned"].startswith("summarize") for row in manifest.examples)
 
     def tuneserve(*args):
-        return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run([sys.executable, "-m", "training.cli", *args], check=False, capture_output=True,
+                              text=True, timeout=300)
 
     texts = [s.text for s in export.selftest[:2]]
     done = tuneserve("predict", str(artifact), *texts)
