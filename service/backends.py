@@ -86,7 +86,8 @@ class OnnxBackend:
 
         from core.onnx_runner import OnnxModel, check_external_data
 
-        relative = (manifest.export.onnx.int8 if int8 else manifest.export.onnx.fp32) if manifest.export else None
+        onnx = manifest.export.onnx if manifest.export else None
+        relative = (onnx.int8 if int8 else onnx.fp32) if onnx else None
         if not relative:
             what = "int8 variant (the export gate dropped it or int8 was off)" if int8 else "ONNX export"
             raise ArtifactError(f"{artifact_dir}: the manifest lists no {what}; run `tuneserve export`")
