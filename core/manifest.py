@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -135,8 +135,12 @@ class SelftestExample(_Section):
 
 
 class ExportRecord(_Section):
-    onnx: OnnxFiles
-    parity: dict[str, ParityReport] = Field(description="Variant (onnx, onnx-int8) -> its parity report.")
+    onnx: OnnxFiles | None = Field(description="The ONNX files; null: the model is not exported (see reason).")
+    backend: Literal["onnx", "torch"] = Field("onnx", description="What serves the model on a CPU: ONNX Runtime, "
+                                              "or PyTorch where there is no ONNX export.")
+    reason: str | None = Field(None, description="Why there is no ONNX export, where there is none.")
+    parity: dict[str, ParityReport] = Field(description="Variant (onnx, onnx-int8) -> its parity report (empty "
+                                            "without an ONNX export).")
     int8: Int8Report
     selftest: list[SelftestExample]
 

@@ -28,8 +28,11 @@ def onnx_serving_files(artifact_dir: str | Path) -> list[str]:
     """
     artifact_dir = Path(artifact_dir)
     manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
-    onnx = (manifest.get("export") or {}).get("onnx") or {}
+    export = manifest.get("export") or {}
+    onnx = export.get("onnx") or {}
     chosen = onnx.get("int8") or onnx.get("fp32")
+    if not chosen and export.get("reason"):  # exported without ONNX, on purpose: PyTorch serves it
+        raise ValueError(f"{artifact_dir}: no ONNX export to serve on a CPU ({export['reason']})")
     if not chosen:
         raise ValueError(f"{artifact_dir}: no ONNX export to serve on a CPU; run `tuneserve export` first")
     files = [MANIFEST_FILE, CARD_FILE, chosen]

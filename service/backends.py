@@ -3,7 +3,8 @@
 A scoring backend turns texts into raw model outputs (logits); everything else (post-processing, labels,
 metrics) comes from core/ as recorded in the artifact. A generation backend continues prompts (token ids built
 by core/ as in training) into texts. The ONNX backends need no torch; torch is imported only when a torch
-backend is chosen.
+backend is chosen. An encoder-decoder generation model (T5, BART: its config.json says ``is_encoder_decoder``) has no
+ONNX export and is served by PyTorch, on a CPU too.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import numpy as np
 from core.encoding import Encoder
 from core.errors import ArtifactError, ConfigError
 from core.manifest import MODEL_DIR, Manifest
-from core.tasks.generation import GeneratedText, GenerationSpec
+from core.tasks.generation import DECODER_ONLY, GeneratedText, GenerationSpec, Layout, layout
 
 logger = logging.getLogger(__name__)
+served_log = logging.getLogger("bentoml.tuneserve")  # the service's log, where the backend choice is told
 
 
 class Backend(Protocol):
@@ -39,6 +41,7 @@ class GenerationBackend(Protocol):
     tokenizer: Any  # the artifact's tokenizer, which builds the prompts (core.tasks.generation.prompt_for)
     max_positions: int | None  # the model's position limit (prompt and new tokens), where its config states one
     per_prompt_seeds: bool  # whether ``seed`` may be one seed per prompt (so that pooled requests keep their draws)
+    layout: Layout  # where the ids go: a decoder-only model continues its prompt, an encoder-decoder model answers it
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: Any = None, stop: Sequence[str] = ()) -> list[GeneratedText]:
@@ -83,7 +86,8 @@ class OnnxBackend:
 
         from core.onnx_runner import OnnxModel, check_external_data
 
-        relative = (manifest.export.onnx.int8 if int8 else manifest.export.onnx.fp32) if manifest.export else None
+        onnx = manifest.export.onnx if manifest.export else None
+        relative = (onnx.int8 if int8 else onnx.fp32) if onnx else None
         if not relative:
             what = "int8 variant (the export gate dropped it or int8 was off)" if int8 else "ONNX export"
             raise ArtifactError(f"{artifact_dir}: the manifest lists no {what}; run `tuneserve export`")
@@ -128,8 +132,11 @@ def _load_torch_model(artifact_dir: Path, manifest: Manifest, *, device: str, th
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained, torch.float32)
     else:
         torch.set_num_threads(threads)
+    auto_model = manifest.task.spec.auto_model
+    if generates_text(manifest):  # a decoder-only or an encoder-decoder language model: its Auto class
+        auto_model = generation_layout(artifact_dir).auto_model
     try:
-        model = getattr(transformers, manifest.task.spec.auto_model).from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
+        model = getattr(transformers, auto_model).from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
     except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
         raise ArtifactError(f"{artifact_dir}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
     return model.to(device).eval(), dtype != torch.float32
@@ -157,15 +164,26 @@ class TorchBackend:
         return self.spec.run(forward, self.encoder, texts, pairs, batch_size=self.batch_size, return_tensors="pt")
 
 
-def _max_positions(artifact_dir: Path) -> int | None:
-    """``max_position_embeddings`` of the model's config.json (read as JSON: no model code), if it states one."""
+def _model_config(artifact_dir: Path) -> dict:
+    """The model's config.json, read as JSON (no model code); empty when it is missing or unreadable."""
     import json
 
     try:
-        value = json.loads((artifact_dir / MODEL_DIR / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
-        return None
+        config = json.loads((artifact_dir / MODEL_DIR / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _max_positions(artifact_dir: Path) -> int | None:
+    """``max_position_embeddings`` of the model's config.json, if it states one."""
+    value = _model_config(artifact_dir).get("max_position_embeddings")
     return value if isinstance(value, int) and value > 0 else None
+
+
+def generation_layout(artifact_dir: Path) -> Layout:
+    """Where a generation model's ids go, as its config.json says (``is_encoder_decoder``: T5, BART, ...)."""
+    return layout(_model_config(artifact_dir).get("is_encoder_decoder") is True)
 
 
 def _eos_token_id(tokenizer: Any, artifact_dir: Path) -> int:
@@ -180,6 +198,7 @@ class OnnxGenerationBackend:
     (no torch): greedy or seeded sampling, stop strings, streaming; finished rows leave the batch."""
 
     per_prompt_seeds = True
+    layout = DECODER_ONLY  # the export covers decoder-only models
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, *, threads: int, int8: bool = False):
         import onnxruntime as ort
@@ -187,7 +206,10 @@ class OnnxGenerationBackend:
         from core.decoding import OnnxDecoder
         from core.onnx_runner import check_external_data
 
-        if not manifest.export:
+        if not manifest.export or not manifest.export.onnx:
+            if manifest.export and manifest.export.reason:
+                raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX export ({manifest.export.reason}); "
+                                    "use TUNESERVE_BACKEND=torch (or auto)")
             raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX export; run `tuneserve export`")
         relative = manifest.export.onnx.int8 if int8 else manifest.export.onnx.fp32
         if not relative:
@@ -218,8 +240,10 @@ class OnnxGenerationBackend:
 
 
 class TorchGenerationBackend:
-    """transformers' ``generate`` over the artifact's PyTorch weights, as the trainer decodes (left-padded batches,
-    the tokenizer's end-of-sequence token): on CUDA in the precision the model was trained in, on the CPU in fp32.
+    """transformers' ``generate`` over the artifact's PyTorch weights, as the trainer decodes (batches padded as the
+    model reads them, the tokenizer's end-of-sequence token, only the new tokens kept: a decoder-only model's
+    continuation, an encoder-decoder model's decoder output): on CUDA in the precision the model was trained in, on
+    the CPU in fp32.
 
     Sampling is seeded through torch's global generator, so one seed covers a whole call (``per_prompt_seeds`` is
     False: sampled requests are not pooled), and :meth:`stream` sends the text in one piece when it is done.
@@ -235,6 +259,7 @@ class TorchGenerationBackend:
         self.eos = _eos_token_id(self.tokenizer, artifact_dir)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
         self.max_positions = _max_positions(artifact_dir)
+        self.layout = generation_layout(artifact_dir)
         self.device = device
         self.name = f"torch-{device}"
         self._torch = torch
@@ -245,9 +270,9 @@ class TorchGenerationBackend:
         torch = self._torch
         if not prompts:
             return []
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[self.pad] * (width - len(p)) + list(p) for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        padded, mask = self.layout.pad_prompts(prompts, self.pad)
+        input_ids = torch.tensor(padded, device=self.device)
+        mask = torch.tensor(mask, device=self.device)
         options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": 1, "do_sample": temperature > 0,
                                    "pad_token_id": self.pad, "eos_token_id": self.eos}
         if temperature > 0:
@@ -259,7 +284,7 @@ class TorchGenerationBackend:
             if temperature > 0 and seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **options)
-        return [self._result(row, stop) for row in out[:, width:].tolist()]
+        return [self._result(self.layout.new_tokens(row, len(padded[0])), stop) for row in out.tolist()]
 
     def _result(self, row: list[int], stop: Sequence[str]) -> GeneratedText:
         ended = self.eos in row
@@ -299,21 +324,33 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
     (:func:`generates_text`), a scoring :class:`Backend` otherwise.
 
     ``auto``: torch on CUDA when torch and a GPU are present, otherwise ONNX int8 if the export gate kept it,
-    otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed). For a
-    generation model, ``onnx-int8`` is its quantised decoder (4-bit weights, training/export_generation.py).
+    otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed), or
+    whose export section says PyTorch serves it (an encoder-decoder generation model: no ONNX export yet). For a
+    decoder-only generation model, ``onnx-int8`` is its quantised decoder (4-bit weights,
+    training/export_generation.py). The choice and its reason go to the service's log.
 
     Raises:
-        ArtifactError: the artifact lacks what the chosen backend needs.
+        ArtifactError: the artifact lacks what the chosen backend needs (an artifact only PyTorch serves, where torch
+            is not installed).
         ConfigError: torch was asked for but is not installed, or CUDA was asked for but is absent.
     """
     threads = threads or cpu_threads()
     if backend == "auto":
+        torch_only = manifest.export is not None and manifest.export.onnx is None
         if device != "cpu" and _cuda_available():
-            backend, device = "torch", "cuda"
+            backend, device, why = "torch", "cuda", "torch sees a CUDA device"
+        elif torch_only:
+            if not _torch_installed():
+                raise ArtifactError(f"{artifact_dir}: no ONNX export ({manifest.export.reason}); serving it needs "
+                                    "torch, which is not installed here")
+            backend, device, why = "torch", "cpu", f"the artifact has no ONNX export: {manifest.export.reason}"
         elif manifest.export is None and _torch_installed():  # never exported: PyTorch is all there is
-            backend, device = "torch", "cpu"
+            backend, device, why = "torch", "cpu", "the artifact was never exported to ONNX"
         else:
             backend = "onnx-int8" if manifest.export and manifest.export.onnx.int8 else "onnx"
+            why = ("the quantised variant passed the export gate" if backend == "onnx-int8"
+                   else "ONNX Runtime runs the exported fp32 graph without a GPU")
+        served_log.info("backend auto: %s%s, because %s", backend, f" on {device}" if backend == "torch" else "", why)
     generation = generates_text(manifest)
     if backend == "torch":
         try:

@@ -98,14 +98,15 @@ def decoding_options(manifest: Manifest, settings: Settings, *, max_new_tokens: 
 
 def prompt_token_ids(tokenizer: Any, manifest: Manifest, *, prompts: Sequence[str] | None,
                      messages: Sequence[Sequence[Any]] | None, raw: bool, max_new_tokens: int,
-                     max_positions: int | None) -> list[list[int]]:
+                     max_positions: int | None, encoder_decoder: bool = False) -> list[list[int]]:
     """Token ids of each prompt of a request.
 
     Args:
         prompts: inputs, each put in the artifact's prompt exactly as training did (cut to the manifest's input
             budget first), or, with ``raw``, whole prompts tokenized as they are.
         messages: conversations ({role, content} objects), rendered with the model's chat template.
-        max_positions: the model's position limit: prompt and new tokens together must fit (None: no limit).
+        max_positions: the model's position limit: prompt and new tokens together must fit (None: no limit), or
+            with ``encoder_decoder`` each on its own (the encoder reads the prompt, the decoder writes the tokens).
 
     Raises:
         RequestError: naming the field: both or neither of prompts and messages, ``raw`` with messages, a malformed
@@ -134,7 +135,12 @@ def prompt_token_ids(tokenizer: Any, manifest: Manifest, *, prompts: Sequence[st
     for i, prompt in enumerate(ids):
         if not prompt:
             raise RequestError(f"{field_name}[{i}]: the prompt has no tokens")
-        if max_positions is not None and len(prompt) + max_new_tokens > max_positions:
+        if max_positions is None:
+            continue
+        if encoder_decoder and max(len(prompt), max_new_tokens) > max_positions:
+            raise RequestError(f"{field_name}[{i}]: {len(prompt)} prompt tokens or max_new_tokens {max_new_tokens} "
+                               f"exceed the model's {max_positions} positions (of its encoder, and of its decoder)")
+        if not encoder_decoder and len(prompt) + max_new_tokens > max_positions:
             raise RequestError(f"{field_name}[{i}]: {len(prompt)} prompt tokens and max_new_tokens {max_new_tokens} "
                                f"exceed the model's {max_positions} positions")
     return ids

@@ -249,7 +249,8 @@ class Tuneserve:
                                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop)
             ids = await anyio.to_thread.run_sync(lambda: prompt_token_ids(
                 self.backend.tokenizer, self.manifest, prompts=prompts, messages=messages, raw=raw,
-                max_new_tokens=decoding.max_new_tokens, max_positions=self.backend.max_positions))
+                max_new_tokens=decoding.max_new_tokens, max_positions=self.backend.max_positions,
+                encoder_decoder=self.backend.layout.encoder_decoder))
             if stream and len(ids) != 1:
                 raise RequestError(f"stream: streams one prompt at a time; this request has {len(ids)}")
         except RequestError as exc:

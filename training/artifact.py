@@ -135,9 +135,14 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
 def describe_adapter(adapter_dir: Path, manifest: Manifest) -> None:
     """Replace peft's empty card template with a note on loading the adapter, and point its config at the base
     model's Hub id (peft records the local path the base model was loaded from)."""
-    (adapter_dir / "README.md").write_text(adapter_readme(manifest))
+    from training.tasks import ENCODER_DECODER_TASKS
+
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
+    # An encoder-decoder base model (peft task type SEQ_2_SEQ_LM) loads with its own Auto class.
+    auto_model = next((t.auto_model for t in ENCODER_DECODER_TASKS.values()
+                       if t.peft_task_type == config.get("task_type")), None)
+    (adapter_dir / "README.md").write_text(adapter_readme(manifest, auto_model))
     config["base_model_name_or_path"] = base_model_name(manifest.base_model)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

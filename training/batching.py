@@ -7,7 +7,7 @@ similar length are batched together (seeded, so a run and its resumption see the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,20 +115,33 @@ class LengthGroupedBatchSampler:
 
 
 class Collator:
-    """Pads a list of examples to the longest one and stacks the targets with the task's dtype."""
+    """Pads a list of examples to the longest one and stacks the targets with the task's dtype.
 
-    def __init__(self, tokenizer, task: Task, pad_to_multiple_of: int | None = None):
+    With ``decoder_inputs`` (encoder-decoder models: the model's ``prepare_decoder_input_ids_from_labels``, as
+    transformers' ``DataCollatorForSeq2Seq`` uses it), the labels are the decoder's: padded to the longest target,
+    and shifted right by the model into the batch's ``decoder_input_ids``.
+    """
+
+    def __init__(self, tokenizer, task: Task, pad_to_multiple_of: int | None = None,
+                 decoder_inputs: Callable[..., torch.Tensor] | None = None):
         self.tokenizer = tokenizer
         self.dtype = torch_task(task).target_dtype
         self.pads_targets = torch_task(task).pads_targets
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.decoder_inputs = decoder_inputs
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         targets = [e.pop("labels") for e in examples]
         batch = self.tokenizer.pad(examples, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
                                    return_tensors="pt")
-        if self.pads_targets:  # one target per token: pad to the batch's length with the ignored value
+        if self.pads_targets:  # one target per token: pad to the batch's (or the decoder's) length, ignored
             length = batch["input_ids"].shape[1]
+            if self.decoder_inputs is not None:
+                length = max(len(t) for t in targets)
+                multiple = self.pad_to_multiple_of or 1
+                length = -(-length // multiple) * multiple
             targets = [list(t) + [IGNORE_INDEX] * (length - len(t)) for t in targets]
         batch["labels"] = torch.as_tensor(np.asarray(targets), dtype=self.dtype)
+        if self.decoder_inputs is not None:
+            batch["decoder_input_ids"] = self.decoder_inputs(labels=batch["labels"])
         return dict(batch)

@@ -197,6 +197,9 @@ def export_section(manifest: Manifest) -> str:
         return ("Not exported yet: `tuneserve export ARTIFACT` writes the ONNX files, runs the parity gate and "
                 "re-writes this card with its results.")
     onnx, primary = export.onnx, manifest.primary_metric
+    if onnx is None:
+        return (f"Not exported to ONNX: {export.reason or 'no ONNX export'}. The service runs the PyTorch weights "
+                "(backend `torch`, on a CPU too), and checks at start-up that they write the texts recorded at export.")
     lines = [f"- **ONNX fp32:** `{onnx.fp32}` (opset {onnx.opset}"
              + (f", optimized by {onnx.optimizer}" if onnx.optimizer else "") + ")"]
     if onnx.fusions:
@@ -262,7 +265,8 @@ def _generation_usage(manifest: Manifest) -> str:
     sample = min(manifest.export.selftest, key=lambda s: len(s.text)) if manifest.export and manifest.export.selftest else None
     text = sample.text if sample else "an example input"
     answer = ("# " + json.dumps({"generations": [{"text": sample.decision, "finish_reason": "stop", "tokens": 0}],
-                                 "model": f"{manifest.name}:VERSION", "backend": "onnx"}, ensure_ascii=False)
+                                 "model": f"{manifest.name}:VERSION",
+                                 "backend": "onnx" if manifest.export.onnx else "torch-cpu"}, ensure_ascii=False)
               + "\n# (PyTorch's greedy answer at export; tokens: how many were written)") if sample else ""
     return f"""Serve it with the tuneserve service (from the root of the tuneserve repository):
 
@@ -455,9 +459,12 @@ def write_card(artifact_dir: str | os.PathLike, manifest: Manifest | None = None
     return path
 
 
-def adapter_readme(manifest: Manifest) -> str:
-    """The note in ``adapter/README.md``: what the adapter is, its base model, and how to load it with peft."""
+def adapter_readme(manifest: Manifest, auto_model: str | None = None) -> str:
+    """The note in ``adapter/README.md``: what the adapter is, its base model, and how to load it with peft
+    (with ``auto_model``, the transformers class that loads the base model, where it is not the task's own: an
+    encoder-decoder model's ``AutoModelForSeq2SeqLM``)."""
     spec = manifest.task.spec
+    auto_model = auto_model or spec.auto_model
     base = base_model_name(manifest.base_model)
     public = public_base_model(manifest.base_model)
     kwargs = [f"num_labels={spec.num_outputs(manifest.labels)}"]
@@ -489,10 +496,10 @@ Base model: {where}.
 
 ```python
 from peft import PeftModel
-from transformers import AutoTokenizer, {spec.auto_model}
+from transformers import AutoTokenizer, {auto_model}
 
 base = "{public or base}"
-{labels_line}model = {spec.auto_model}.from_pretrained(base, {', '.join(kwargs)})
+{labels_line}model = {auto_model}.from_pretrained(base, {', '.join(kwargs)})
 model = PeftModel.from_pretrained(model, "path/to/artifact/adapter").eval()
 tokenizer = AutoTokenizer.from_pretrained("path/to/artifact/adapter")
 ```

@@ -51,6 +51,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_export(section: dict) -> None:
     onnx = section["onnx"]
+    if onnx is None:
+        print(f"onnx: not exported ({section.get('reason')}); served by {section.get('backend')}")
+        return
     fusions = ", ".join(f"{k} {v}" for k, v in onnx.get("fusions", {}).items()) or onnx.get("note", "none")
     print(f"onnx: {onnx['fp32']} (fusions: {fusions})")
     for variant, report in section["parity"].items():
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     # Our own progress at INFO; libraries (onnxruntime's quantizer logs on the root logger) at WARNING.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for ours in ("training", "core"):
+    for ours in ("training", "core", "bentoml.tuneserve"):  # the last: the backend choice, as the service logs it
         logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -343,7 +343,8 @@ def _export(artifact_dir: Path, int8: str, held_out: HeldOut | None, min_int8_ag
 def _publish(artifact_dir: Path, tmp: Path, section: dict) -> dict:
     """The onnx/ directory first, then the manifest that points at it (both atomic renames), then the card."""
     ExportRecord.model_validate(section)  # the section is what the manifest's schema says
-    swap_into_place(tmp, artifact_dir / ONNX_DIR)
+    if section["onnx"] is not None:  # a model served by PyTorch has no onnx/ directory (the section says why)
+        swap_into_place(tmp, artifact_dir / ONNX_DIR)
     raw_manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
     raw_manifest["export"] = section
     raw_manifest["schema_version"] = SCHEMA_VERSION  # a version-1 artifact is upgraded by its re-export

@@ -9,6 +9,10 @@ left-padded prompts: :class:`core.decoding.OnnxDecoder` runs it.
 optimum-onnx, the usual route, pins transformers below the version this project pins, so this is
 ``torch.onnx.export`` (the TorchScript exporter) of a small wrapper that turns the flat tensors into a
 ``DynamicCache`` and back.
+
+Encoder-decoder models (T5, BART) are not exported: their artifact's export section says so (``"onnx": null``,
+``"backend": "torch"`` and the reason) and still records PyTorch's greedy answers for the service's start-up
+self-test.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+
+from core.tasks.generation import GeneratedText
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +170,38 @@ def _judge(spec, manifest, decoder, prompts: list[list[int]], reference: list, r
     return report, outputs
 
 
+NOT_EXPORTED_ENCODER_DECODER = ("encoder-decoder models are served by PyTorch: ONNX export of their decoder with "
+                                "cache is not available yet")
+
+
+def _selftest(written: list[tuple[str, GeneratedText]]) -> list[dict]:
+    """A few inputs and the texts PyTorch wrote for them, for a serving backend to reproduce at start-up."""
+    return [{"text": t, "text_pair": None, "scores": None, "decision": g.text} for t, g in written[:SELFTEST_EXAMPLES]]
+
+
+def _torch_only_section(model_dir: Path, manifest, texts: list[str], greedy: dict) -> dict:
+    """The export section of a model that PyTorch serves: no ONNX files, why, and PyTorch's greedy answers."""
+    from transformers import AutoTokenizer
+
+    from training.generate import generate
+    from training.tasks import auto_model_class, model_task
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = auto_model_class(manifest.task, model_task(manifest.task, str(model_dir))).from_pretrained(model_dir)
+    answers = generate(model.eval(), tokenizer, manifest.prompt, texts[:SELFTEST_EXAMPLES], greedy,
+                       max_input_tokens=manifest.max_length)
+    logger.info("not exported to ONNX: %s", NOT_EXPORTED_ENCODER_DECODER)
+    return {"onnx": None, "backend": "torch", "reason": NOT_EXPORTED_ENCODER_DECODER, "parity": {},
+            "int8": {"requested": "off", "kept": False, "reason": NOT_EXPORTED_ENCODER_DECODER},
+            "selftest": _selftest(list(zip(texts, answers)))}
+
+
 def export_generation_artifact(artifact_dir: Path, texts: list[str], references: list, held_out_name: str,
                                tmp: Path, *, quantize: str = "auto", max_quantized_drop: float | None = None
                                ) -> dict:
     """Export a generation artifact's decoder into ``tmp`` and gate it; return the manifest's ``export`` section.
+    An encoder-decoder model is not exported (its section says why, with ``"onnx": null``) and writes nothing to
+    ``tmp``.
 
     Args:
         quantize: ``auto`` keeps the 4-bit decoder if it passes the gate, ``on`` fails the export if it does not,
@@ -186,17 +220,20 @@ def export_generation_artifact(artifact_dir: Path, texts: list[str], references:
     from core.tasks.generation import prompt_for
     from training.export import ExportError
     from training.generate import generate
+    from training.tasks import is_encoder_decoder
 
     max_quantized_drop = MAX_QUANTIZED_DROP if max_quantized_drop is None else max_quantized_drop
     manifest = read_manifest(artifact_dir)
+    new_tokens = manifest.decoding["max_new_tokens"]
+    greedy = {"max_new_tokens": new_tokens, "num_beams": 1, "do_sample": False}
+    if is_encoder_decoder(str(artifact_dir / MODEL_DIR)):
+        return _torch_only_section(artifact_dir / MODEL_DIR, manifest, texts, greedy)
     spec = manifest.task.spec
     primary = manifest.primary_metric
     tokenizer = AutoTokenizer.from_pretrained(artifact_dir / MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(artifact_dir / MODEL_DIR, attn_implementation=ATTENTION).eval()
     count = min(GATE_EXAMPLES, len(texts))
     texts, references = texts[:count], list(references[:count])
-    new_tokens = manifest.decoding["max_new_tokens"]
-    greedy = {"max_new_tokens": new_tokens, "num_beams": 1, "do_sample": False}
     reference = generate(model, tokenizer, manifest.prompt, texts, greedy, max_input_tokens=manifest.max_length)
     prompts = [prompt_for(tokenizer, manifest.prompt, t, manifest.max_length)[0] for t in texts]
     eos = tokenizer.eos_token_id
@@ -246,6 +283,6 @@ def export_generation_artifact(artifact_dir: Path, texts: list[str], references:
         "parity": parity,
         "int8": quantized,
         # The service checks its backend against PyTorch's text: inputs on which every kept decoder wrote it.
-        "selftest": [{"text": texts[i], "text_pair": None, "scores": None, "decision": reference[i].text}
-                     for i in range(count) if all(o[i].text == reference[i].text for o in kept)][:SELFTEST_EXAMPLES],
+        "selftest": _selftest([(texts[i], reference[i]) for i in range(count)
+                               if all(o[i].text == reference[i].text for o in kept)]),
     }

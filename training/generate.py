@@ -2,7 +2,9 @@
 
 Validation loss (and perplexity) is cheap and covers every example, so early stopping watches it. Writing text
 is slow on a CPU, so the generation metrics (BLEU, ROUGE, ...) are computed on the first
-``generation.eval_examples`` examples of a split, with the configured decoding, in batches padded on the left.
+``generation.eval_examples`` examples of a split, with the configured decoding, in batches padded as the model
+reads them (:class:`core.tasks.generation.Layout`: on the left for a decoder-only model, on the right for an
+encoder).
 """
 
 from __future__ import annotations
@@ -16,22 +18,28 @@ from tqdm.auto import tqdm
 
 from core.metrics import Evaluation
 from core.prompting import PromptFormat
-from core.tasks.generation import GeneratedText, prompt_for
+from core.tasks.generation import GeneratedText, layout, prompt_for
 from training.tasks import IGNORE_INDEX
 
 
 @torch.no_grad()
-def token_loss(model, dataloader, accelerator, desc: str) -> float:
-    """Mean next-token cross-entropy over every target token of the split, on every process."""
+def token_loss(model, dataloader, accelerator, desc: str, *, shift: bool = True) -> float:
+    """Mean next-token cross-entropy over every target token of the split, on every process.
+
+    ``shift``: a causal LM's logits at position t predict label t + 1; an encoder-decoder model's decoder read the
+    labels shifted right already (``decoder_input_ids`` in the batch), so its logits line up with them
+    (``TorchTask.shifts_labels``).
+    """
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
     for batch in tqdm(dataloader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1].float()
-        shifted = labels[:, 1:]
-        total[0] += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+        logits = model(**batch).logits.float()
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        total[0] += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                       ignore_index=IGNORE_INDEX, reduction="sum")
-        total[1] += (shifted != IGNORE_INDEX).sum()
+        total[1] += (labels != IGNORE_INDEX).sum()
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return float(total[0] / total[1].clamp(min=1))
@@ -40,21 +48,23 @@ def token_loss(model, dataloader, accelerator, desc: str) -> float:
 @torch.no_grad()
 def generate(model, tokenizer, prompt: PromptFormat, texts: Sequence[str], decoding: dict, *, max_input_tokens: int,
              batch_size: int = 8, seed: int = 0, desc: str = "generate") -> list[GeneratedText]:
-    """Write an answer to each input: prompts rendered as in training, left-padded batches, ``decoding`` as
-    transformers' ``generate`` takes it. Inputs over ``max_input_tokens`` are cut as in training."""
+    """Write an answer to each input: prompts rendered as in training, batches padded as the model reads them,
+    ``decoding`` as transformers' ``generate`` takes it; only the new text is returned (for an encoder-decoder
+    model, what its decoder wrote). Inputs over ``max_input_tokens`` are cut as in training."""
     was_training = model.training
     model.eval()
     eos = tokenizer.eos_token_id
+    lay = layout(bool(getattr(model.config, "is_encoder_decoder", False)))
     outputs: list[GeneratedText] = []
     torch.manual_seed(seed)  # sampling, when configured, is seeded
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
         ids = [prompt_for(tokenizer, prompt, text, max_input_tokens)[0] for text in texts[start:start + batch_size]]
-        width = max(len(i) for i in ids)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
-        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+        padded, mask = lay.pad_prompts(ids, tokenizer.pad_token_id)
+        out = model.generate(input_ids=torch.tensor(padded, device=model.device),
+                             attention_mask=torch.tensor(mask, device=model.device),
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **decoding)
-        for row in out[:, width:].tolist():
+        width = len(padded[0])
+        for row in (lay.new_tokens(r, width) for r in out.tolist()):
             stopped = eos in row
             row = row[:row.index(eos)] if stopped else row
             outputs.append(GeneratedText(tokenizer.decode(row, skip_special_tokens=True).strip(),

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from core.encoding import Encoder
 from core.errors import ArtifactError
 from core.manifest import MODEL_DIR, Manifest, read_manifest
-from training.tasks import auto_model_class
+from training.tasks import auto_model_class, model_task
 
 
 @dataclass
@@ -36,7 +36,8 @@ def load_artifact(directory: str | Path, device: str = "cpu") -> LoadedArtifact:
     if not (model_dir / "model.safetensors").is_file():
         raise ArtifactError(f"{directory}: {MODEL_DIR}/model.safetensors is missing")
     try:
-        model = auto_model_class(manifest.task).from_pretrained(model_dir, use_safetensors=True)
+        model_class = auto_model_class(manifest.task, model_task(manifest.task, str(model_dir)))
+        model = model_class.from_pretrained(model_dir, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
         raise ArtifactError(f"{directory}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None

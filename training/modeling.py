@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from core.errors import ConfigError
 from training.config import Config
 from training.demo_data import cache_dir
-from training.tasks import auto_model_class, torch_task
+from training.tasks import TorchTask, auto_model_class, model_task
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +305,7 @@ class BuiltModel:
     target_modules: list[str] | None
     trainable_parameters: int
     total_parameters: int
+    torch_task: TorchTask  # the task's torch side for this model (encoder-decoder or not: training/tasks.py)
 
 
 def load_tokenizer(path: str):
@@ -349,6 +350,7 @@ def build_model(cfg: Config, labels: list[str] | None, path: str | None = None) 
     """Load the base model (from ``path`` when it is already resolved) with a fresh task head and mark what trains,
     as the config's method says."""
     path = path or resolve_model(cfg.model)
+    torch_side = model_task(cfg.task, path)
     num_labels = cfg.task.spec.num_outputs(labels)
     kwargs = dict(num_labels=num_labels) if num_labels else {}  # a language model keeps its own head
     if cfg.task.spec.hf_problem_type:  # transformers accepts only its sequence-level problem types
@@ -356,7 +358,7 @@ def build_model(cfg: Config, labels: list[str] | None, path: str | None = None) 
     if labels is not None:
         kwargs.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     try:
-        model, info = auto_model_class(cfg.task).from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = auto_model_class(cfg.task, torch_side).from_pretrained(path, output_loading_info=True, **kwargs)
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model: cannot load {cfg.model!r} ({str(exc).splitlines()[0][:300]})") from None
@@ -373,7 +375,7 @@ def build_model(cfg: Config, labels: list[str] | None, path: str | None = None) 
             if not targets:
                 raise ConfigError(f"lora.target_modules: found no encoder linear layers in {cfg.model!r}; list them by name")
         lora = LoraConfig(
-            task_type=TaskType[torch_task(cfg.task).peft_task_type], r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            task_type=TaskType[torch_side.peft_task_type], r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             target_modules=targets, modules_to_save=list(heads),  # a copy: peft appends its defaults to it
         )
         try:
@@ -395,7 +397,7 @@ def build_model(cfg: Config, labels: list[str] | None, path: str | None = None) 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("model: %s, method %s, %s of %s parameters trainable (%.2f%%)", cfg.model, cfg.method,
                 f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    return BuiltModel(model, tokenizer, path, heads, target_modules, trainable, total)
+    return BuiltModel(model, tokenizer, path, heads, target_modules, trainable, total, torch_side)
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float, heads: Sequence[str] = (),

@@ -87,7 +87,7 @@ def register(artifact_dir: str | Path, name: str | None = None, *, onnx_only: bo
     files = _files(artifact_dir, onnx_only)
     backends = [] if onnx_only else ["torch"]
     for key, backend in (("fp32", "onnx"), ("int8", "onnx-int8")):
-        relative = getattr(manifest.export.onnx, key) if manifest.export else None
+        relative = getattr(manifest.export.onnx, key) if manifest.export and manifest.export.onnx else None
         if relative and (not onnx_only or artifact_dir / relative in files):
             if not (artifact_dir / relative).is_file():
                 raise ArtifactError(f"{artifact_dir}: the manifest lists {relative}, which is missing")

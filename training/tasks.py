@@ -1,7 +1,9 @@
 """The torch side of each task: its transformers model class, peft task type, loss and target dtype.
 
 Everything torch-free about a task lives in its spec under ``core/tasks/``; this registry adds what only
-training needs. Adding a task: one entry in :data:`TORCH_TASKS`.
+training needs. Adding a task: one entry in :data:`TORCH_TASKS`. A task that encoder-decoder models (T5, BART,
+EncoderDecoderModel) can do has a second entry in :data:`ENCODER_DECODER_TASKS`, chosen when the model's config says
+``is_encoder_decoder``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.errors import ConfigError
 from core.tasks import Task
+from core.tasks.generation import ENCODER_DECODER
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # The target value that losses and metrics skip (sub-tokens after a word's first, padding): PyTorch's default.
@@ -29,6 +33,9 @@ class TorchTask:
     make_loss: Callable[[np.ndarray, int, str, float], LossFn]
     pads_targets: bool = False  # one target per token, padded with IGNORE_INDEX (else one per example)
     generates: bool = False  # evaluated by loss over every example and by generated text (training/generate.py)
+    shifts_labels: bool = False  # position t's logits predict label t + 1 (a causal LM reading its own labels)
+    encoder_decoder: bool = False  # the inputs go to an encoder, the labels (shifted right) to a decoder
+    auto_model: str | None = None  # the transformers Auto class; None: the one the task spec names
 
     def collect(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
         """Gathered evaluation batches of ``(logits, targets)`` as ``(loss logits, loss targets, targets,
@@ -48,11 +55,26 @@ class TorchTask:
         return torch.cat(flat_l), torch.cat(flat_t), rows_t, rows_l
 
 
-def auto_model_class(task: Task):
-    """The transformers Auto class that builds and loads this task's model (named by the task spec)."""
+def auto_model_class(task: Task, torch_side: TorchTask | None = None):
+    """The transformers Auto class that builds and loads this task's model: the one ``torch_side`` (see
+    :func:`model_task`) names, else the one the task spec names."""
     import transformers
 
-    return getattr(transformers, task.spec.auto_model)
+    return getattr(transformers, (torch_side.auto_model if torch_side else None) or task.spec.auto_model)
+
+
+def is_encoder_decoder(path: str) -> bool:
+    """Whether the model at ``path`` (a directory or a Hub id) is an encoder-decoder model, as its config says.
+
+    Raises:
+        ConfigError: there is no readable config at ``path``.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return bool(getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model: cannot read the config of {path!r} ({str(exc).splitlines()[0][:300]})") from None
 
 
 def _single_label_loss(targets: np.ndarray, num_outputs: int, class_weights: str, smoothing: float) -> LossFn:
@@ -109,14 +131,42 @@ def _causal_lm_loss(targets: Any, num_outputs: int, class_weights: str, smoothin
     return loss
 
 
+def _seq2seq_lm_loss(targets: Any, num_outputs: int, class_weights: str, smoothing: float) -> LossFn:
+    """Cross-entropy of the decoder's logits against the target tokens at the same positions: no shift here, the
+    decoder read the labels shifted right (``decoder_input_ids``, made by the model from the labels; padding
+    carries IGNORE_INDEX)."""
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
+
+    return loss
+
+
 TORCH_TASKS: dict[Task, TorchTask] = {
     Task.CLASSIFICATION: TorchTask("SEQ_CLS", torch.long, _single_label_loss),
     Task.MULTILABEL: TorchTask("SEQ_CLS", torch.float32, _multi_label_loss),
     Task.REGRESSION: TorchTask("SEQ_CLS", torch.float32, _regression_loss),
     Task.TOKEN_CLASSIFICATION: TorchTask("TOKEN_CLS", torch.long, _token_loss, pads_targets=True),
-    Task.GENERATION: TorchTask("CAUSAL_LM", torch.long, _causal_lm_loss, pads_targets=True, generates=True),
+    Task.GENERATION: TorchTask("CAUSAL_LM", torch.long, _causal_lm_loss, pads_targets=True, generates=True,
+                               shifts_labels=True),
+}
+ENCODER_DECODER_TASKS: dict[Task, TorchTask] = {
+    Task.GENERATION: TorchTask("SEQ_2_SEQ_LM", torch.long, _seq2seq_lm_loss, pads_targets=True, generates=True,
+                               encoder_decoder=True, auto_model=ENCODER_DECODER.auto_model),
 }
 
 
-def torch_task(task: Task) -> TorchTask:
-    return TORCH_TASKS[task]
+def torch_task(task: Task, encoder_decoder: bool = False) -> TorchTask:
+    """The task's torch side; with ``encoder_decoder``, its encoder-decoder entry where it has one (elsewhere such a
+    model does the task as any other: transformers' BART and T5 classifiers read the text as BERT's do)."""
+    return ENCODER_DECODER_TASKS.get(task, TORCH_TASKS[task]) if encoder_decoder else TORCH_TASKS[task]
+
+
+def model_task(task: Task, path: str) -> TorchTask:
+    """The torch side of ``task`` for the model at ``path`` (a directory or a Hub id): the encoder-decoder entry
+    when the task has one and the model's config says ``is_encoder_decoder``.
+
+    Raises:
+        ConfigError: there is no readable config at ``path``.
+    """
+    return torch_task(task, task in ENCODER_DECODER_TASKS and is_encoder_decoder(path))

@@ -37,7 +37,7 @@ from training.dropout import use_cpu_dropout
 from training.generate import examples_table, generate, token_loss, with_loss
 from training.modeling import build_model, optimizer_groups, resolve_model, trainable_state
 from training.precision import DeviceFacts, choose_mixed_precision
-from training.tasks import IGNORE_INDEX, torch_task
+from training.tasks import IGNORE_INDEX, TorchTask, torch_task
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,10 @@ class RunResult:
     prompt: PromptFormat | None = None  # generation: how inputs became prompts
 
 
-def make_loss(cfg: Config, targets: np.ndarray, num_outputs: int):
-    """The task's loss, with class weights (single-label) or pos_weight (multi-label) from training frequencies."""
-    return torch_task(cfg.task).make_loss(targets, num_outputs, cfg.train.class_weights, cfg.train.label_smoothing)
+def make_loss(cfg: Config, torch_side: TorchTask, targets: np.ndarray, num_outputs: int):
+    """The task's loss for this model (``torch_side``: :func:`training.tasks.model_task`), with class weights
+    (single-label) or pos_weight (multi-label) from training frequencies."""
+    return torch_side.make_loss(targets, num_outputs, cfg.train.class_weights, cfg.train.label_smoothing)
 
 
 def make_scheduler(name: str, optimizer, warmup: int, total: int):
@@ -153,6 +154,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     if "generation" in cfg.task.spec.options:  # the prompt format the artifact records and the service reuses
         prompt = cfg.generation.prompt_format(tokenizer)
         options["prompt"] = prompt
+        options["encoder_decoder"] = built.torch_task.encoder_decoder  # which ids go where (core Layout)
     encoded = {
         split.name: encode_split(encoder, cfg.task, split.texts, split.pairs, split.targets, data.labels,
                                  desc=split.name, disable=not accelerator.is_local_main_process, **options)
@@ -179,7 +181,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             shutil.rmtree(output_dir / CHECKPOINTS)
             (output_dir / BEST_WEIGHTS).unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
-    collate = Collator(tokenizer, cfg.task, pad_to_multiple_of=8 if precision != "no" else None)
+    # An encoder-decoder model makes its decoder's inputs from the labels (its own shift right), in the collator.
+    decoder_inputs = model.prepare_decoder_input_ids_from_labels if built.torch_task.encoder_decoder else None
+    collate = Collator(tokenizer, cfg.task, pad_to_multiple_of=8 if precision != "no" else None,
+                       decoder_inputs=decoder_inputs)
     train_sampler = LengthGroupedBatchSampler(encoded["train"].lengths, tc.batch_size, seed=tc.seed,
                                               group_by_length=tc.group_by_length)
 
@@ -204,7 +209,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process).
     scheduler = make_scheduler(tc.scheduler, optimizer, round(tc.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(scheduler)
-    loss_fn = make_loss(cfg, data.train.targets, cfg.task.spec.num_outputs(data.labels))
+    loss_fn = make_loss(cfg, built.torch_task, data.train.targets, cfg.task.spec.num_outputs(data.labels))
     monitor = cfg.monitor
 
     # -- state that checkpoints carry ---------------------------------------------------------------
@@ -214,7 +219,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         state = read_state(resume_from)
         accelerator.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step})")
 
-    generates = torch_task(cfg.task).generates
+    generates = built.torch_task.generates
     held_out = {"validation": data.validation, "test": data.test}
 
     def written(name: str, split_model) -> tuple[list, list]:
@@ -229,7 +234,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     def evaluate(name: str, dataloader) -> tuple[Evaluation, np.ndarray, np.ndarray]:
         if not generates:
             return run_evaluation(model, dataloader, accelerator, cfg, data.labels, loss_fn, name)
-        loss = token_loss(model, dataloader, accelerator, name)
+        loss = token_loss(model, dataloader, accelerator, name, shift=built.torch_task.shifts_labels)
         references, texts = written(name, accelerator.unwrap_model(model))
         return with_loss(cfg.task.spec.evaluate(references, texts), loss), references, texts
 

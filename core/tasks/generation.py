@@ -8,6 +8,11 @@ that matters most, needs the model and is added by the trainer.
 Training examples are the prompt (:mod:`core.prompting`, the same rendering the service uses) followed by the
 target and the end-of-sequence token; the loss covers the target tokens only. Inputs and targets longer than
 their budgets are cut, and every cut is counted.
+
+Two kinds of model do this task, told apart by their config (``is_encoder_decoder``); :class:`Layout` says where
+the ids go for each. A decoder-only (causal) model reads prompt and target as one sequence and continues the prompt;
+an encoder-decoder model (T5, BART, EncoderDecoderModel) reads the prompt with its encoder and writes the target
+with its decoder, which starts from its own start token.
 """
 
 from __future__ import annotations
@@ -43,10 +48,54 @@ class Generation(BaseModel):
     tokens: int = Field(description="Tokens generated.")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where the ids go for one kind of language model (the torch side adds its loss: training/tasks.py)."""
+
+    encoder_decoder: bool
+    auto_model: str  # the transformers Auto class that loads such a model for this task
+
+    def example(self, prompt: list[int], answer: list[int]) -> tuple[list[int], list[int]]:
+        """(model input ids, loss labels) of one training example. Decoder-only: the prompt and the answer in one
+        sequence, the prompt's labels ignored (the loss shifts them by one). Encoder-decoder: the prompt is the
+        encoder's input, the answer its labels (the model shifts them right into the decoder's inputs)."""
+        if self.encoder_decoder:
+            return list(prompt), list(answer)
+        return list(prompt) + list(answer), [IGNORE_INDEX] * len(prompt) + list(answer)
+
+    def pad_prompts(self, prompts: Sequence[Sequence[int]], pad: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompts padded to one width for a batch, and their attention masks. A decoder-only model continues its
+        prompt, so prompts end together (padded on the left); an encoder reads them at their own positions (padded on
+        the right, so that each prompt keeps the positions it has alone)."""
+        width = max((len(p) for p in prompts), default=0)
+        left = not self.encoder_decoder
+        ids, mask = [], []
+        for p in prompts:
+            fill = width - len(p)
+            ids.append([pad] * fill + list(p) if left else list(p) + [pad] * fill)
+            mask.append([0] * fill + [1] * len(p) if left else [1] * len(p) + [0] * fill)
+        return ids, mask
+
+    def new_tokens(self, row: Sequence[int], width: int) -> list[int]:
+        """The tokens a model's ``generate`` wrote, from one row of its output for prompts ``width`` wide: a
+        decoder-only model returns the prompt and then its continuation; an encoder-decoder model only the decoder's
+        tokens, behind its start token."""
+        return list(row[1:] if self.encoder_decoder else row[width:])
+
+
+DECODER_ONLY = Layout(encoder_decoder=False, auto_model="AutoModelForCausalLM")
+ENCODER_DECODER = Layout(encoder_decoder=True, auto_model="AutoModelForSeq2SeqLM")
+
+
+def layout(encoder_decoder: bool) -> Layout:
+    """The :class:`Layout` of a model whose config says ``is_encoder_decoder``."""
+    return ENCODER_DECODER if encoder_decoder else DECODER_ONLY
+
+
 @dataclass
 class EncodedExample:
     input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX over the prompt
+    labels: list[int]  # the answer's ids (decoder-only: after IGNORE_INDEX over the prompt)
     input_cut: bool
     target_cut: bool
 
@@ -68,8 +117,10 @@ def prompt_for(tokenizer: Any, fmt: PromptFormat, text: str, max_input_tokens: i
 
 
 def encode_example(tokenizer: Any, fmt: PromptFormat, text: str, target: str, *, max_input_tokens: int,
-                   max_target_tokens: int) -> EncodedExample:
-    """The prompt of ``text`` followed by ``target`` and the end-of-sequence token, with loss labels on the target.
+                   max_target_tokens: int, encoder_decoder: bool = False) -> EncodedExample:
+    """The prompt of ``text`` and ``target`` followed by the end-of-sequence token, with loss labels on the target,
+    laid out for the kind of model (:class:`Layout`: one sequence, or the prompt for the encoder and the target as
+    the labels the decoder learns).
 
     An input over ``max_input_tokens`` tokens loses its end before it is put in the prompt (the template's text
     and the turn that cues the answer are kept whole); a target over ``max_target_tokens`` loses its end (and then
@@ -79,7 +130,7 @@ def encode_example(tokenizer: Any, fmt: PromptFormat, text: str, target: str, *,
     answer = list(tokenizer(target, add_special_tokens=False)["input_ids"])
     target_cut = len(answer) + 1 > max_target_tokens
     answer = answer[:max_target_tokens] if target_cut else answer + [tokenizer.eos_token_id]
-    return EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, input_cut, target_cut)
+    return EncodedExample(*layout(encoder_decoder).example(prompt, answer), input_cut, target_cut)
 
 
 def retrieval_targets(train_inputs: Sequence[str], train_targets: Sequence[str], inputs: Sequence[str]) -> list[str]:
@@ -109,7 +160,7 @@ class GenerationSpec(TaskSpec):
     label_key = "reference"
     pipeline_tag = "text-generation"
     plot = "generation"
-    auto_model = "AutoModelForCausalLM"
+    auto_model = DECODER_ONLY.auto_model  # an encoder-decoder model's: ENCODER_DECODER.auto_model
 
     def parse_label(self, value: Any, delimiter: str | None = None) -> str:
         if not isinstance(value, str):
@@ -119,13 +170,15 @@ class GenerationSpec(TaskSpec):
         return value
 
     def encode_training(self, encoder, texts, pairs, targets, labels, *, prompt: PromptFormat,
-                        max_target_length: int, **options: Any) -> tuple[dict[str, list], list, dict]:
-        """Prompt + target + EOS per example (:func:`encode_example`); ``encoder.max_length`` bounds the input."""
+                        max_target_length: int, encoder_decoder: bool = False,
+                        **options: Any) -> tuple[dict[str, list], list, dict]:
+        """Prompt + target + EOS per example (:func:`encode_example`, laid out for a decoder-only or an
+        encoder-decoder model); ``encoder.max_length`` bounds the input."""
         features: dict[str, list] = {"input_ids": [], "attention_mask": []}
         encoded_targets, stats = [], {"inputs_cut": 0, "targets_cut": 0}
         for text, target in zip(texts, targets):
             example = encode_example(encoder.tokenizer, prompt, text, target, max_input_tokens=encoder.max_length,
-                                     max_target_tokens=max_target_length)
+                                     max_target_tokens=max_target_length, encoder_decoder=encoder_decoder)
             features["input_ids"].append(example.input_ids)
             features["attention_mask"].append([1] * len(example.input_ids))
             encoded_targets.append(example.labels)

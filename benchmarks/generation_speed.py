@@ -1,0 +1,132 @@
+"""Decoding speed of a generation artifact: transformers' ``generate`` (fp32) against the exported ONNX decoders.
+
+Every runner writes the same number of new tokens for the same prompts (the artifact's held-out inputs, rendered
+as in training): end-of-sequence is ignored, so no runner gains by stopping early. Two figures per runner, taken in
+turns in one process with the same thread count:
+
+- batch 1: new tokens per second, prompt reading included, over prompts decoded one at a time;
+- concurrency 8: new tokens per second in total with 8 prompts decoded together (the service pools concurrent
+  requests into one batch the same way; transformers gets a left-padded batch of 8).
+
+``--candidates`` adds the quantisation schemes the export did not choose, made from the fp32 graph on the spot, with
+how many of the batch-1 outputs change when the same prompts are decoded pooled (the export gate requires none).
+
+    python benchmarks/generation_speed.py runs/summarize-lora/artifact [--prompts 8] [--new-tokens 32] [--candidates]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+THREADS = 2
+CONCURRENCY = 8
+# Schemes the export does not use, for --candidates: (name, MatMulNBits options)
+CANDIDATES = {
+    "onnx, 8-bit weights, int8 compute": {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_level": 4},
+    "onnx, 4-bit weights, int8 compute": {"bits": 4, "block_size": 32, "is_symmetric": True, "accuracy_level": 4},
+    "onnx, 8-bit weights, fp32 compute": {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_level": 1},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts decoded one at a time (batch 1)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--candidates", action="store_true", help="also time the quantisation schemes not chosen")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks._report import write_section
+    from core.decoding import OnnxDecoder
+    from core.manifest import MODEL_DIR, read_manifest
+    from core.tasks.generation import prompt_for
+    from training.export import held_out_from_config
+    from training.export_generation import ATTENTION
+
+    torch.set_num_threads(THREADS)
+    artifact = Path(args.artifact)
+    manifest = read_manifest(artifact)
+    if manifest.export is None or manifest.export.onnx is None:
+        sys.exit(f"{artifact}: not exported to ONNX; run `tuneserve export {artifact}` first")
+    tokenizer = AutoTokenizer.from_pretrained(artifact / MODEL_DIR)
+    texts = held_out_from_config(manifest, artifact).texts[:max(args.prompts, CONCURRENCY)]
+    prompts = [prompt_for(tokenizer, manifest.prompt, t, manifest.max_length)[0] for t in texts]
+    new = args.new_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(artifact / MODEL_DIR, attn_implementation=ATTENTION).eval()
+
+    def torch_run(batch: list[list[int]]) -> list[list[int]]:
+        width = max(map(len, batch))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return out[:, width:].tolist()
+
+    def onnx_runner(path: Path):
+        decoder = OnnxDecoder(path, tokenizer, [], threads=THREADS)  # no end-of-sequence: every row writes `new`
+        return lambda batch: [list(g.token_ids) for g in decoder.generate(batch, new)]
+
+    runners = {"transformers generate, fp32": torch_run, "onnx fp32": onnx_runner(artifact / manifest.export.onnx.fp32)}
+    if manifest.export.onnx.int8:
+        runners[f"onnx {manifest.export.int8.method}"] = onnx_runner(artifact / manifest.export.onnx.int8)
+    scratch = tempfile.TemporaryDirectory(prefix="generation-speed-")
+    if args.candidates:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        from training.export import library_noise_to_log
+
+        for i, (name, options) in enumerate(CANDIDATES.items()):
+            path = Path(scratch.name) / f"candidate{i}.onnx"
+            with library_noise_to_log():
+                quantizer = MatMulNBitsQuantizer(onnx.load(str(artifact / manifest.export.onnx.fp32)), **options)
+                quantizer.process()
+                quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
+            runners[name] = onnx_runner(path)
+
+    rows = {}
+    for name, run in runners.items():
+        run(prompts[:1])  # warm-up
+        start = time.perf_counter()
+        alone = [run([p])[0] for p in prompts[:args.prompts]]
+        batch1 = args.prompts * new / (time.perf_counter() - start)
+        start = time.perf_counter()
+        pooled = run(prompts[:CONCURRENCY])
+        concurrent = CONCURRENCY * new / (time.perf_counter() - start)
+        rows[name] = (batch1, concurrent, alone, pooled)
+        print(f"{name}: {batch1:.1f} tokens/s at batch 1, {concurrent:.1f} at concurrency {CONCURRENCY}", flush=True)
+
+    base_name = "transformers generate, fp32"
+    base1, base8, reference, _ = rows[base_name]
+    lines = [(f"| runner | batch 1 (tokens/s) | vs transformers | concurrency {CONCURRENCY} (tokens/s total) | "
+              "vs transformers | batch-1 outputs = transformers' | batch-1 outputs changed when pooled |"),
+             "|---|---|---|---|---|---|---|"]
+    for name, (b1, c8, alone, pooled) in rows.items():
+        same = sum(a == r for a, r in zip(alone, reference))
+        moved = sum(a != p for a, p in zip(alone, pooled[:len(alone)]))
+        lines.append(f"| {name} | {b1:.1f} | {b1 / base1:.2f}x | {c8:.1f} | {c8 / base8:.2f}x | "
+                     f"{same}/{len(alone)} | {moved}/{min(len(alone), len(pooled))} |")
+    body = (f"{manifest.name} ({manifest.base_model}), {len(prompts[:args.prompts])} held-out prompts of "
+            f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new} new tokens each (end of sequence "
+            f"ignored), {THREADS} threads for every runner.\n\n" + "\n".join(lines) + "\n\n"
+            "Identical outputs are counted over the forced tokens, well past where the model would have stopped, "
+            "so they understate agreement on real answers (the export gate measures that).")
+    print(body)
+    write_section("Generation decoding speed", " ".join(["python", "benchmarks/generation_speed.py", *sys.argv[1:]]),
+                  body)
+    scratch.cleanup()
+
+
+if __name__ == "__main__":
+    main()
