@@ -1,7 +1,8 @@
 """What a CPU deployment of an artifact carries: the files the ONNX Runtime backend loads, and nothing else.
 
 The manifest, the model card, the tokenizer (with the model's config.json, which names its type) and the ONNX file
-the ``auto`` backend serves on a CPU: the int8 variant when the export gate kept it, otherwise fp32. The PyTorch
+the ``auto`` backend serves on a CPU (the quantised variant when the export gate kept it, otherwise fp32), with its
+external weights file when it has one. The PyTorch
 weights, the adapter and the report plots stay out. Standard library only, so that a bare Python can run it (the
 Dockerfile's first stage does: ``python core/serving.py ARTIFACT OUT``).
 """
@@ -36,6 +37,8 @@ def onnx_serving_files(artifact_dir: str | Path) -> list[str]:
     if not chosen:
         raise ValueError(f"{artifact_dir}: no ONNX export to serve on a CPU; run `tuneserve export` first")
     files = [MANIFEST_FILE, CARD_FILE, chosen]
+    # Weights kept outside the graph (a quantised decoder's; any graph over protobuf's 2 GB) sit beside it.
+    files += [f"{chosen}.data"] if (artifact_dir / f"{chosen}.data").is_file() else []
     files += sorted(f"{MODEL_DIR}/{p.name}" for p in (artifact_dir / MODEL_DIR).iterdir()
                     if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
     missing = [f for f in files if not (artifact_dir / f).is_file()]

@@ -63,8 +63,6 @@ METADATA = {
     },
 }
 
-PROMPT_STYLES = {"chat": "the model's chat template", "plain": "a plain template"}
-
 METHODS = {"full": "full fine-tuning", "lora": "LoRA adapters, merged", "freeze": "frozen encoder, trained head"}
 
 # Headers of the page: the browser may apply its inline style and fetch nothing (no script, font, image or frame).
@@ -121,15 +119,7 @@ def description(about: About) -> str:
     does = m.task.spec.does.format(pair=pair, threshold=m.decision_threshold, label_field=m.label_field)
     method = METHODS.get(m.method, m.method)
     lines = [f"{m.name} {does}; fine-tuned from {m.base_model} ({method})."]
-    if m.task is Task.TOKEN_CLASSIFICATION:
-        types = sorted({label[2:] for label in m.labels or [] if label[:2] in ("B-", "I-")})
-        lines.append(f"Entity types: {', '.join(types)} (tags {', '.join(m.labels or [])}).")
-    elif m.task is Task.GENERATION and m.prompt is not None:
-        budget = (m.decoding or {}).get("max_new_tokens")
-        lines.append(f"Each input goes in its prompt as in training ({PROMPT_STYLES[m.prompt.style]}, inputs cut to "
-                     f"{m.max_length} tokens)" + (f"; answers up to {budget} new tokens by default." if budget else "."))
-    elif m.labels:
-        lines.append(f"Labels: {', '.join(m.labels)}.")
+    lines += m.task.spec.describe(m)
     test = m.metrics.get("test", {})
     if not private and m.primary_metric in test:
         line = f"Test {m.primary_metric}: {_figure(test[m.primary_metric])}"
@@ -148,13 +138,7 @@ def description(about: About) -> str:
     lines.append(f"Model {about.model_tag}" + (f", served by tuneserve {about.tuneserve_version}."
                                                if about.tuneserve_version else "."))
     use = _use_route(m)
-    if m.task is Task.GENERATION:
-        lines.append('POST /generate to use it (prompts, or messages; "stream": true for server-sent events), POST '
-                     "/evaluate to score it on input and reference pairs, GET /metadata for everything its artifact "
-                     "records.")
-    else:
-        lines.append("POST /predict to use it, POST /evaluate to score it on labelled examples, GET /metadata for "
-                     "everything its artifact records.")
+    lines.append(m.task.spec.usage)
     if private:
         lines.append(f"{use}, /evaluate and /metadata need the header 'Authorization: Bearer <key>'.")
     return "\n".join(lines)
@@ -167,23 +151,7 @@ def _use_route(m: Manifest) -> str:
 
 def _examples(about: About) -> dict[str, dict]:
     """A valid request body for each API method of this model."""
-    m = about.manifest
-    if m.task is Task.GENERATION:
-        shown = (m.examples or [{}])[0]
-        text = shown.get("input") or "A text for the model to answer."
-        return {"/generate": {"prompts": [text]},
-                "/evaluate": {"examples": [{"input": text, "reference": shown.get("reference") or "The answer."}]}}
-    text = "Ana flew from Oslo to see Acme Corp" if m.task is Task.TOKEN_CLASSIFICATION else "A gorgeous, moving film."
-    predict: dict = {"texts": [text]}
-    example: dict = {"text": text}
-    if m.has_pair:
-        predict["text_pairs"] = ["A second text."]
-        example["text_pair"] = "A second text."
-    labels = m.labels or []
-    example[m.task.spec.label_key] = {Task.CLASSIFICATION: labels[0] if labels else None,
-                                      Task.MULTILABEL: labels[:1], Task.REGRESSION: 0.0,
-                                      Task.TOKEN_CLASSIFICATION: []}[m.task]
-    return {"/predict": predict, "/evaluate": {"examples": [example]}}
+    return about.manifest.task.spec.request_examples(about.manifest)
 
 
 def api_document(base: dict, about: About) -> dict:

@@ -14,6 +14,36 @@ TOPICS = ["plot", "acting", "music", "ending", "camera", "script", "cast", "paci
 FILLER = ["the", "film", "was", "really", "quite", "and", "its", "honestly", "overall", "a", "bit", "very"]
 
 
+# ChatML, as SmolLM2 and many instruction-tuned models format a conversation.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_level_bpe(corpus: list[str], specials: list[str], *, vocab_size: int = 400, template: str | None = None,
+                   chat_template: str | None = None, **tokens):
+    """A byte-level BPE tokenizer trained here on ``corpus`` (no download) with ``specials`` as special tokens.
+
+    ``template`` is a post-processor that adds special tokens around a text (T5: ``$A </s>``; BART:
+    ``<s> $A </s>``), as real models' tokenizers do; ``chat_template`` a Jinja chat template; ``tokens`` go to
+    ``PreTrainedTokenizerFast`` (``eos_token``, ``pad_token``, ``padding_side``, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    if template:
+        bpe.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, bpe.token_to_id(t)) for t in specials if t in template])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **tokens)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def make_rows(n: int, seed: int = 0) -> list[dict]:
     """Sentences whose sentiment word decides the label; topics give a multi-label target."""
     rng = random.Random(seed)

@@ -213,11 +213,11 @@ def export_section(manifest: Manifest) -> str:
         calibration = getattr(int8, "calibration", None) or {}
         scales = (f"; activation scales fixed from {calibration['examples']} {calibration.get('split', '')} examples"
                   if calibration.get("examples") else "")
-        lines.append(f"- **ONNX int8:** `{onnx.int8}`, kept: method `{int8.method}`{alpha}{kept_fp32}{scales}")
+        lines.append(f"- **ONNX, quantised:** `{onnx.int8}`, kept: method `{int8.method}`{alpha}{kept_fp32}{scales}")
     elif int8.requested == "off":
-        lines.append("- **ONNX int8:** not requested (`--int8 off`)")
+        lines.append("- **ONNX, quantised:** not requested (`--int8 off`)")
     else:
-        lines.append(f"- **ONNX int8:** none kept: {int8.reason or 'no variant passed the gate'}")
+        lines.append(f"- **ONNX, quantised:** none kept: {int8.reason or 'no variant passed the gate'}")
     parts = ["\n".join(lines), f"Every variant against PyTorch on the {onnx.held_out} split:"]
     # Batch invariance: the variant against itself, batched as the service pools requests and run alone.
     batching = any(getattr(r, "batch_invariance", None) for r in export.parity.values())
@@ -236,11 +236,11 @@ def export_section(manifest: Manifest) -> str:
         rows.append("| " + " | ".join(cells) + " |")
     parts.append("\n".join(rows))
     if int8.attempts:
-        tried = ["| int8 method | passed | label agreement | metric change | reason |", "|---" * 5 + "|"]
+        tried = ["| method | passed | agreement | metric change | reason |", "|---" * 5 + "|"]
         for a in int8.attempts:
             tried.append(f"| {a.method} | {'yes' if a.passed else 'no'} | {_figure(a.label_agreement)} | "
                          f"{_figure(a.metric_delta)} | {a.reason or ''} |")
-        parts.append("int8 variants tried:\n\n" + "\n".join(tried))
+        parts.append("Quantised variants tried:\n\n" + "\n".join(tried))
     return "\n\n".join(parts)
 
 

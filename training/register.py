@@ -105,8 +105,9 @@ def register(artifact_dir: str | Path, name: str | None = None, *, onnx_only: bo
     labels = {"task": manifest.task.value, "method": manifest.method, "backends": ",".join(backends),
               "source": "tuneserve", CONTENT_LABEL: digest}
     metadata = {"primary_metric": manifest.primary_metric, "test_metrics": manifest.metrics.get("test", {}),
-                "labels": manifest.labels, "base_model": manifest.base_model,
-                "int8_kept": bool(manifest.export and manifest.export.int8.kept)}
+                "base_model": manifest.base_model, "int8_kept": bool(manifest.export and manifest.export.int8.kept)}
+    if manifest.labels is not None:  # regression and generation models have none (BentoML's metadata refuses null)
+        metadata["labels"] = manifest.labels
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         for path in files:
             target = Path(model.path) / path.relative_to(artifact_dir)

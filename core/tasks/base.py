@@ -90,6 +90,10 @@ class TaskSpec(ABC):
     # What the model does, for the API docs' first line ({pair}: " (or pair of texts)" for pair models).
     does: ClassVar[str]
     route: ClassVar[str] = "/predict"  # the service route that runs the model
+    # How to call the model, for the API docs.
+    usage: ClassVar[str] = ("POST /predict to use it, POST /evaluate to score it on labelled examples, GET /metadata "
+                            "for everything its artifact records.")
+    example_text: ClassVar[str] = "A gorgeous, moving film."  # the API docs' example input
     accepts_token_lists: ClassVar[bool] = False  # whether an input may be a list of tokens instead of a text
     # Config options that only some tasks accept (data.label_delimiter, train.label_smoothing, train.threshold).
     options: ClassVar[frozenset[str]] = frozenset()
@@ -252,6 +256,25 @@ class TaskSpec(ABC):
             if self.has_labels:
                 changed += sum(a != b for a, b in zip(decided[:count], self.decide(manifest, scores)))
         return {"arrangements": list(arranged), "max_abs_diff": worst, "decision_changes": int(changed)}
+
+    # -- documentation ----------------------------------------------------------------------------------
+    def describe(self, manifest: Manifest) -> list[str]:
+        """Lines for the API docs, after the one that says what the model does: what its outputs can be."""
+        return [f"Labels: {', '.join(manifest.labels)}."] if manifest.labels else []
+
+    def example_label(self, manifest: Manifest) -> Any:
+        """A valid truth for a posted example of this model (the API docs' /evaluate example)."""
+        return manifest.labels[0] if manifest.labels else None
+
+    def request_examples(self, manifest: Manifest) -> dict[str, dict]:
+        """A valid request body for each route of this model (the API docs' examples)."""
+        predict: dict = {"texts": [self.example_text]}
+        example: dict = {"text": self.example_text}
+        if manifest.has_pair:
+            predict["text_pairs"] = ["A second text."]
+            example["text_pair"] = "A second text."
+        example[self.label_key] = self.example_label(manifest)
+        return {self.route: predict, "/evaluate": {"examples": [example]}}
 
     def metric_drop(self, metric: str, report: dict) -> float:
         """How much worse ``metric`` got in a :meth:`compare` report (positive = worse)."""

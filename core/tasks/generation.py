@@ -162,6 +162,23 @@ class GenerationSpec(TaskSpec):
     plot = "generation"
     auto_model = DECODER_ONLY.auto_model  # an encoder-decoder model's: ENCODER_DECODER.auto_model
 
+    usage = ('POST /generate to use it (prompts, or messages; "stream": true for server-sent events), POST /evaluate '
+             "to score it on input and reference pairs, GET /metadata for everything its artifact records.")
+
+    def describe(self, manifest) -> list[str]:
+        if manifest.prompt is None:
+            return []
+        style = {"chat": "the model's chat template", "plain": "a plain template"}[manifest.prompt.style]
+        budget = (manifest.decoding or {}).get("max_new_tokens")
+        return [f"Each input goes in its prompt as in training ({style}, inputs cut to {manifest.max_length} tokens)"
+                + (f"; answers up to {budget} new tokens by default." if budget else ".")]
+
+    def request_examples(self, manifest) -> dict[str, dict]:
+        shown = (manifest.examples or [{}])[0]
+        text = shown.get("input") or "A text for the model to answer."
+        return {self.route: {"prompts": [text]},
+                "/evaluate": {"examples": [{"input": text, "reference": shown.get("reference") or "The answer."}]}}
+
     def parse_label(self, value: Any, delimiter: str | None = None) -> str:
         if not isinstance(value, str):
             raise LabelError(f"a target must be a text, not {type(value).__name__}")

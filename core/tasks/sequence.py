@@ -146,6 +146,9 @@ class MultiLabelSpec(TaskSpec):
     plot = "per_label"
     options = frozenset({"label_delimiter", "threshold"})
 
+    def example_label(self, manifest) -> Any:
+        return (manifest.labels or [])[:1]
+
     def parse_label(self, value: Any, delimiter: str | None = None) -> list[str]:
         if value is None:
             raise LabelError("missing label")
@@ -219,6 +222,9 @@ class RegressionSpec(TaskSpec):
     metric_names = ("mse", "rmse", "mae", "r2", "pearson", "spearman")
     has_labels = False
     plot = "regression"
+
+    def example_label(self, manifest) -> Any:
+        return 0.0
 
     def parse_label(self, value: Any, delimiter: str | None = None) -> float:
         if value is None:

@@ -253,6 +253,15 @@ class TokenClassificationSpec(TaskSpec):
     accepts_token_lists = True
 
     # -- labels ---------------------------------------------------------------------------------------
+    example_text = "Ana flew from Oslo to see Acme Corp"
+
+    def describe(self, manifest) -> list[str]:
+        types = sorted({label[2:] for label in manifest.labels or [] if label[:2] in ("B-", "I-")})
+        return [f"Entity types: {', '.join(types)} (tags {', '.join(manifest.labels or [])})."]
+
+    def example_label(self, manifest) -> Any:
+        return []
+
     def parse_example(self, text: Any, label: Any, options: dict | None = None) -> tuple[str, TaggedText]:
         """A text (or token list) and its tags (or entity spans) as a :class:`TaggedText`.
 

@@ -9,29 +9,16 @@ from core.metrics import generation_metrics
 from core.prompting import PromptFormat, check_messages, render_messages, render_prompt
 from core.tasks.base import LabelError
 from core.tasks.generation import IGNORE_INDEX, GeneratedText, GenerationSpec, encode_example, retrieval_targets
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from tests.conftest import CHATML, byte_level_bpe
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     """A small byte-level BPE tokenizer with ChatML special tokens and chat template, built here."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     corpus = ["copy a file to another place", "list the files of a directory", "remove a file",
               "Summarize: the cp command copies files and directories"] * 20
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    from tokenizers import decoders
-
-    bpe.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tok.chat_template = CHATML
-    return tok
+    return byte_level_bpe(corpus, ["<|im_start|>", "<|im_end|>"], vocab_size=300, chat_template=CHATML,
+                          eos_token="<|im_end|>", pad_token="<|im_end|>")
 
 
 def test_generation_metrics_on_known_cases():

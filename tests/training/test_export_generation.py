@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.decoding import Generated, OnnxDecoder
+from tests.conftest import byte_level_bpe
 from training.export_generation import export_decoder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,18 +31,12 @@ def tiny_lm(tmp_path_factory):
     """A random 2-layer Llama (4 heads, 2 of them for keys and values) with a byte-level BPE tokenizer whose
     end-of-sequence token is "<|im_end|>", saved together; its ONNX export beside it."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("tiny-llama")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(SENTENCES * 4, trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                        padding_side="left", clean_up_tokenization_spaces=False)
+    tokenizer = byte_level_bpe(SENTENCES * 4, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], vocab_size=1000,
+                               eos_token="<|im_end|>", pad_token="<|im_end|>", padding_side="left",
+                               clean_up_tokenization_spaces=False)
     tokenizer.save_pretrained(directory)
 
     torch.manual_seed(0)

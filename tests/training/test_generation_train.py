@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
 from core.manifest import read_manifest
-from tests.conftest import write_jsonl
+from tests.conftest import CHATML, byte_level_bpe, write_jsonl
+from tests.training.test_register import store  # noqa: F401 (a fixture)
 from training.config import load_config
 from training.train import train
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 WORDS = ["copy", "move", "list", "remove", "print", "sort", "files", "lines", "names", "disks", "users", "bytes"]
 
 
@@ -32,18 +32,12 @@ def make_pairs(n: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> str:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("tiny-llama")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
     corpus = [r["input"] + " " + r["target"] for r in make_pairs(200, 0)] + ["system user assistant"]
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tokenizer.chat_template = CHATML
+    tokenizer = byte_level_bpe(corpus, ["<|im_start|>", "<|im_end|>"], chat_template=CHATML, eos_token="<|im_end|>",
+                               pad_token="<|im_end|>")
     tokenizer.save_pretrained(directory)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -74,7 +68,8 @@ def _config(model: str, data, output, **changes) -> dict:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_llama, pair_dir, tmp_path, method):
+def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_llama, pair_dir, tmp_path, method,
+                                                                          store):  # noqa: F811 (the fixture)
     result = train(load_config(raw=_config(tiny_llama, pair_dir, tmp_path / "run", method=method,
                                            **({"train": {"epochs": 6, "batch_size": 16, "eval_batch_size": 16,
                                                          "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 32}}
@@ -106,6 +101,22 @@ def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_ll
     assert manifest.export.parity["onnx-int8"].metric_delta["rougeL"] >= -1.0
     assert manifest.export.parity["onnx-int8"].batch_invariance.decision_changes == 0
     assert (result.artifact_dir / manifest.export.onnx.int8).is_file()
+    # A CPU deployment carries the quantised decoder with its weights file, and no PyTorch weights.
+    from core.serving import onnx_serving_files
+
+    files = onnx_serving_files(result.artifact_dir)
+    assert {"onnx/model.int4.onnx", "onnx/model.int4.onnx.data", "model/tokenizer.json"} <= set(files)
+    assert not any(f.endswith(".safetensors") or f == "onnx/model.onnx" for f in files)
+    assert (result.artifact_dir / "onnx" / "model.int4.onnx.data").stat().st_mode & 0o777 == 0o644
+    # ... which is what `tuneserve register --onnx-only` stores (make demo serves it from the model store).
+    import bentoml
+
+    from training.register import register
+
+    stored = bentoml.models.get(register(result.artifact_dir, onnx_only=True))
+    assert sorted(str(p.relative_to(stored.path)) for p in Path(stored.path).rglob("*") if p.is_file()
+                  and p.name != "model.yaml") == sorted(files)
+    assert stored.info.labels["backends"] == "onnx-int8" and "labels" not in stored.info.metadata
 
 
 def test_generation_options_are_checked(tiny_llama, pair_dir, tmp_path):

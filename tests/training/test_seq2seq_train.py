@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from core.manifest import read_manifest
-from tests.conftest import write_jsonl
+from tests.conftest import byte_level_bpe, write_jsonl
 from tests.training.test_generation_train import make_pairs
 from training.config import load_config
 from training.train import train
@@ -21,18 +21,8 @@ from training.train import train
 def bpe_tokenizer(specials: list[str], template: str, **tokens: str):
     """A byte-level BPE tokenizer trained on the task's words, whose post-processor adds ``template``'s special
     tokens (T5: ``$A </s>``; BART: ``<s> $A </s>``), as the real models' tokenizers do."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
     corpus = [r["input"] + " " + r["target"] for r in make_pairs(200, 0)]
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(t, bpe.token_to_id(t)) for t in specials if t in template])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, **tokens)
+    return byte_level_bpe(corpus, specials, template=template, **tokens)
 
 
 @pytest.fixture(scope="module")
