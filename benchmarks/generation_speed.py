@@ -30,9 +30,9 @@ CONCURRENCY = 8
 # Weight-only schemes for --candidates (MatMulNBits options, blocks of 32): the export's own (when the artifact
 # does not carry it: its gate dropped it), and those it does not try.
 CANDIDATES = {
-    "onnx, 4-bit weights, fp32 compute (the export's)": {"bits": 4, "block_size": 32, "is_symmetric": True,
-                                                         "accuracy_level": 1},
-    "onnx, 8-bit weights, int8 compute": {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_level": 4},
+    "onnx, 8-bit weights, int8 compute (the export's)": {"bits": 8, "block_size": 32, "is_symmetric": True,
+                                                         "accuracy_level": 4},
+    "onnx, 4-bit weights, fp32 compute": {"bits": 4, "block_size": 32, "is_symmetric": True, "accuracy_level": 1},
     "onnx, 4-bit weights, int8 compute": {"bits": 4, "block_size": 32, "is_symmetric": True, "accuracy_level": 4},
     "onnx, 8-bit weights, fp32 compute": {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_level": 1},
 }

@@ -7,6 +7,12 @@ empty cache; each later step runs one token per row against the cache the previo
 come from the attention mask as transformers computes them in ``generate`` (``cumsum(mask) - 1``, 0 on padding),
 so greedy decoding reproduces ``model.generate(do_sample=False)`` token for token.
 
+Prompts are left-padded to a multiple of :data:`PAD_MULTIPLE` tokens, the same whether a prompt is decoded alone or
+pooled with others, and only prompts padded to the same width share a batch. A row's numbers then depend on its own
+padding only, never on its batch-mates: padding changes the order in which attention sums add their terms (3e-5 on
+SmolLM2's fp32 logits), and 8-bit kernels that quantise activations at run time turn that into changes of up to 0.55
+that alter greedy answers, so a row padded for a longer batch-mate would not write what it writes alone.
+
 A row stops at an end-of-sequence token (kept in its token ids, not in its text), at a stop string (cut from
 its text) or after ``max_new_tokens``; finished rows leave the batch, so a long answer does not make the short
 ones pay. Text is decoded incrementally (the window of recent tokens that vLLM and TGI decode), which is what lets
@@ -28,6 +34,7 @@ from core.tasks.generation import GeneratedText
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 STREAM_EVERY = 4  # tokens between streamed chunks
+PAD_MULTIPLE = 32  # prompts are left-padded to a multiple of this many tokens, alone or pooled
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -215,7 +222,7 @@ class OnnxDecoder:
     def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | Sequence[int | None] | None = None,
                  stop: Sequence[str] = ()) -> list[Generated]:
-        """Continue each prompt (token ids, any lengths, run as one left-padded batch).
+        """Continue each prompt (token ids, any lengths; prompts of one padded width run as one batch).
 
         Args:
             prompt_ids: one list of token ids per prompt.
@@ -229,10 +236,18 @@ class OnnxDecoder:
         Returns:
             One :class:`Generated` per prompt, in order.
         """
-        rows: list[_Row] = []
-        for rows in self._decode(prompt_ids, max_new_tokens, Sampling(temperature, top_p, top_k), seed, stop):
-            pass
-        return [row.result() for row in rows]
+        sampling = Sampling(temperature, top_p, top_k)
+        seeds = _seeds(seed, len(prompt_ids))
+        results: list[Generated | None] = [None] * len(prompt_ids)
+        for width in sorted({_padded(len(p)) for p in prompt_ids}):  # one batch per padded width
+            members = [i for i, p in enumerate(prompt_ids) if _padded(len(p)) == width]
+            rows: list[_Row] = []
+            for rows in self._decode([prompt_ids[i] for i in members], max_new_tokens, sampling,
+                                     [seeds[i] for i in members] if seeds else None, stop):
+                pass
+            for i, row in zip(members, rows):
+                results[i] = row.result()
+        return results
 
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
@@ -247,8 +262,8 @@ class OnnxDecoder:
             raise ValueError(f"every must be at least 1 token, not {every}")
         sent = 0
         row = None
-        for step, rows in enumerate(self._decode([prompt_ids], max_new_tokens,
-                                                 Sampling(temperature, top_p, top_k), seed, stop), start=1):
+        for step, rows in enumerate(self._decode([prompt_ids], max_new_tokens, Sampling(temperature, top_p, top_k),
+                                                 _seeds(seed, 1), stop), start=1):
             row = rows[0]
             if row.finish or step % every == 0:
                 text = row.settled()
@@ -258,9 +273,9 @@ class OnnxDecoder:
         return row.result()
 
     def _decode(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling,
-                seed: int | Sequence[int | None] | None, stop: Sequence[str]) -> Iterator[list[_Row]]:
-        """Run the batch step by step, yielding every row's state after each step (the last yield has them all
-        finished)."""
+                seeds: Sequence | None, stop: Sequence[str]) -> Iterator[list[_Row]]:
+        """Run the batch (prompts of one padded width; ``seeds``: one per prompt, for sampling) step by step,
+        yielding every row's state after each step (the last yield has them all finished)."""
         prompts = [list(map(int, p)) for p in prompt_ids]
         if not prompts:
             return
@@ -269,11 +284,11 @@ class OnnxDecoder:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         stop = tuple(s for s in stop if s)
-        rngs = None if sampling.greedy else _generators(seed, len(prompts))
+        rngs = None if sampling.greedy else [np.random.default_rng(s) for s in seeds]
         rows = [_Row(self.tokenizer, self.eos_token_ids, stop, max_new_tokens) for _ in prompts]
 
         # The prompts, left-padded; the first step runs them against an empty cache.
-        width = max(map(len, prompts))
+        width = _padded(max(map(len, prompts)))
         input_ids = np.zeros((len(prompts), width), dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
         for i, p in enumerate(prompts):
@@ -303,9 +318,16 @@ class OnnxDecoder:
             mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
 
 
-def _generators(seed: int | Sequence[int | None] | None, count: int) -> list[np.random.Generator]:
+def _padded(length: int) -> int:
+    """The width a prompt of ``length`` tokens is left-padded to."""
+    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def _seeds(seed: int | Sequence[int | None] | None, count: int) -> list:
+    """One seed per prompt (each a ``SeedSequence`` or an int or None for fresh entropy): row ``i`` of a call with one
+    int draws from child ``i`` of ``numpy.random.SeedSequence(seed)``."""
     if seed is None or isinstance(seed, (int, np.integer)):
-        return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(count)]
+        return list(np.random.SeedSequence(seed).spawn(count))
     if len(seed) != count:
         raise ValueError(f"{len(seed)} seeds for {count} prompts")
-    return [np.random.default_rng(s) for s in seed]
+    return list(seed)

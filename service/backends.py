@@ -326,7 +326,7 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
     ``auto``: torch on CUDA when torch and a GPU are present, otherwise ONNX int8 if the export gate kept it,
     otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed), or
     whose export section says PyTorch serves it (an encoder-decoder generation model: no ONNX export yet). For a
-    decoder-only generation model, ``onnx-int8`` is its quantised decoder (4-bit weights,
+    decoder-only generation model, ``onnx-int8`` is its quantised decoder (8-bit weights,
     training/export_generation.py). The choice and its reason go to the service's log.
 
     Raises:

@@ -356,7 +356,7 @@ def _publish(artifact_dir: Path, tmp: Path, section: dict) -> dict:
 
 
 def _export_generation(artifact_dir: Path, manifest: Manifest, held_out: HeldOut | None, quantize: str) -> dict:
-    """A generation model: its decoder with a key/value cache, and one with 4-bit weights, gated on greedy outputs
+    """A generation model: its decoder with a key/value cache, and one with 8-bit weights, gated on greedy outputs
     (export_generation.py)."""
     from training.export_generation import export_generation_artifact
 

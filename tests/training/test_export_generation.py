@@ -271,3 +271,24 @@ def test_decoding_needs_no_torch(tiny_lm, decoder):
                           check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == [str(list(expected.token_ids)), repr(expected.text)]
+
+
+def test_an_int8_decoder_answers_the_same_alone_as_pooled_with_longer_prompts(tiny_lm, tmp_path):
+    """8-bit weights with int8 arithmetic quantise activations at run time, which turns rounding-level differences
+    into visible ones; each prompt is padded to a width of its own (a multiple of PAD_MULTIPLE), never to its
+    batch-mates', so what it writes cannot depend on them. Sampling draws per row, so the seeded draws too."""
+    from core.decoding import PAD_MULTIPLE
+    from training.export_generation import quantize_decoder
+
+    _, tokenizer, onnx_path = tiny_lm
+    int8 = OnnxDecoder(quantize_decoder(onnx_path, tmp_path / "model.int8.onnx"), tokenizer, [], threads=1)
+    words = " ".join(SENTENCES).split()
+    # lengths on both sides of several padded widths, so rows of different widths share a call
+    prompts = [tokenizer(" ".join(words[:n]), add_special_tokens=False)["input_ids"] for n in (2, 5, 21, 30, 47)]
+    assert len({-(-len(p) // PAD_MULTIPLE) for p in prompts}) >= 2
+    for options in ({}, {"temperature": 1.0, "seed": [11, 12, 13, 14, 15]}):
+        pooled = int8.generate(prompts, NEW, **options)
+        seeds = options.pop("seed", [None] * len(prompts))
+        alone = [int8.generate([p], NEW, seed=[s], **options)[0] for p, s in zip(prompts, seeds)]
+        assert [a.token_ids for a in alone] == [p.token_ids for p in pooled]
+        assert all(len(p.token_ids) == NEW for p in pooled)  # no end-of-sequence token: every row ran its course

@@ -95,9 +95,9 @@ def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_ll
     assert parity.batch_invariance.decision_changes == 0
     assert (result.artifact_dir / manifest.export.onnx.fp32).is_file() and len(manifest.export.selftest) == 4
     assert "Every variant against PyTorch" in (result.artifact_dir / "README.md").read_text()
-    # The decoder with 4-bit weights, gated on its metric and on writing the same alone as batched.
+    # The decoder with int8 weights, gated on its metric and on writing the same alone as batched.
     quantised = manifest.export.int8
-    assert quantised.kept and quantised.attempts[0].method.startswith("weight-only int4")
+    assert quantised.kept and quantised.attempts[0].method.startswith("weight-only int8")
     assert manifest.export.parity["onnx-int8"].metric_delta["rougeL"] >= -1.0
     assert manifest.export.parity["onnx-int8"].batch_invariance.decision_changes == 0
     assert (result.artifact_dir / manifest.export.onnx.int8).is_file()
@@ -105,9 +105,9 @@ def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_ll
     from core.serving import onnx_serving_files
 
     files = onnx_serving_files(result.artifact_dir)
-    assert {"onnx/model.int4.onnx", "onnx/model.int4.onnx.data", "model/tokenizer.json"} <= set(files)
+    assert {"onnx/model.int8.onnx", "onnx/model.int8.onnx.data", "model/tokenizer.json"} <= set(files)
     assert not any(f.endswith(".safetensors") or f == "onnx/model.onnx" for f in files)
-    assert (result.artifact_dir / "onnx" / "model.int4.onnx.data").stat().st_mode & 0o777 == 0o644
+    assert (result.artifact_dir / "onnx" / "model.int8.onnx.data").stat().st_mode & 0o777 == 0o644
     # ... which is what `tuneserve register --onnx-only` stores (make demo serves it from the model store).
     import bentoml
 
@@ -165,9 +165,9 @@ def test_a_quantised_decoder_that_loses_metric_is_dropped_with_its_reason(tiny_l
 
     result = train(load_config(raw=_config(tiny_llama, pair_dir, tmp_path / "run", export={"onnx": False})))
     assert read_manifest(result.artifact_dir).export is None
-    # No decoder can lose less than nothing: the 4-bit one fails its gate.
+    # No decoder can lose less than nothing: the int8 one fails its gate.
     monkeypatch.setattr(training.export_generation, "MAX_QUANTIZED_DROP", -1.0)
-    with pytest.raises(ExportError, match="--int8 on, but the 4-bit decoder fails its gate: rougeL drops by"):
+    with pytest.raises(ExportError, match="--int8 on, but the int8 decoder fails its gate: rougeL drops by"):
         export_artifact(result.artifact_dir, int8="on")
     assert read_manifest(result.artifact_dir).export is None and not (result.artifact_dir / "onnx").exists()
 
