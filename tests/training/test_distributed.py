@@ -54,7 +54,7 @@ def test_torchrun_two_processes(tmp_path, tiny_model, data_dir):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_fine_tune_a_language_model(tmp_path, tiny_llama, pair_dir):
+def test_torchrun_two_processes_fine_tune_a_language_model(tmp_path, tiny_llama, pair_dir):  # noqa: F811
     """Generation under DDP: the masked loss reduced over both processes, text written once, an artifact that
     PyTorch and the exported decoder agree on."""
     config = {
