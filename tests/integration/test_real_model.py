@@ -60,3 +60,35 @@ def test_ner_lora_on_800_tweets_beats_both_baselines_and_exports(tmp_path):
     assert manifest.task.value == "token_classification" and manifest.labels[0] == "O"
     parity = manifest.export.parity["onnx"]
     assert parity.label_agreement >= 0.999 and abs(parity.metric_delta["f1"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_learns_the_man_page_summaries_and_its_decoders_write_what_pytorch_writes(tmp_path):
+    """The one real language model of the default suite, kept short: 64 man pages, 8 steps of LoRA, 8 words written
+    per page, 16 validation pages for the export gate."""
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "summarize-lora.yaml", [
+        "data.max_train_examples=64", "data.max_eval_examples=16", "train.epochs=1", "train.max_length=96",
+        "generation.max_new_tokens=8", "generation.eval_examples=8", f"output_dir={tmp_path / 'run'}",
+    ])
+    result = train(cfg)
+    manifest = read_manifest(result.artifact_dir)
+    assert manifest.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and manifest.prompt.style == "chat"
+    # Eight steps teach the format (a few lower-case words, no preamble) that the base model does not follow.
+    test, base = result.metrics["test"], result.baselines["base_model"]
+    assert test["words"] < base["words"] and test["rougeL"] > base["rougeL"], (test, base)
+
+    export = manifest.export
+    assert export.parity["onnx"].output_agreement >= 0.9 and export.parity["onnx"].examples == 16
+    assert export.parity["onnx"].batch_invariance.decision_changes == 0
+    assert export.int8.kept == ("onnx-int8" in export.parity)
+    if not export.int8.kept:
+        assert "drops by" in export.int8.reason
+
+    # The served decoder (ONNX Runtime, no torch) writes the recorded answers at start-up, alone and pooled.
+    from service.backends import choose_backend
+    from service.selftest import run_generation_selftest
+
+    backend = choose_backend(result.artifact_dir, manifest, backend="auto", device="cpu", threads=2, batch_size=8)
+    assert backend.name.startswith("onnx")
+    report = run_generation_selftest(backend, manifest)
+    assert report["identical"] == report["texts"] > 0
