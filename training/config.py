@@ -28,9 +28,10 @@ class DataConfig(_Strict):
                        "files, a demo set (vader:movie, vader:amazon, vader:nyt, vader:tweets, wnut16:tweets, manpages:debian) or a Hub data set name.")
     validation: str | None = Field(None, description="Validation data; carved from train (stratified, seeded) when null.")
     test: str | None = Field(None, description="Test data; carved from train (stratified, seeded) when null.")
-    text: str = Field("text", description="Column holding the input text.")
+    text: str = Field("text", description="Column holding the input text (generation: `input` unless set).")
     text_pair: str | None = Field(None, description="Column holding the second text, for pair tasks.")
-    label: str = Field("label", description="Column holding the label (class, list of classes, or number).")
+    label: str = Field("label", description="Column holding the label (class, list of classes, or number; "
+                       "generation: the target text, `target` unless set).")
     label_delimiter: str | None = Field(None, description="Multi-label only: split a string label on this delimiter.")
     drop_missing_labels: bool = Field(False, description="Drop rows whose label is null or empty (counted in the "
                                       "log) instead of failing on them.")
@@ -195,6 +196,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> Config:
+        for field, column in zip(("text", "label"), self.task.spec.default_columns):
+            if field not in self.data.model_fields_set:  # the task's own column names (generation: input, target)
+                setattr(self.data, field, column)
         metric = self.train.early_stopping.metric
         allowed = ("auto", "loss", *self.task.spec.metric_names)
         if metric not in allowed:

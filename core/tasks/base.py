@@ -94,6 +94,8 @@ class TaskSpec(ABC):
     usage: ClassVar[str] = ("POST /predict to use it, POST /evaluate to score it on labelled examples, GET /metadata "
                             "for everything its artifact records.")
     example_text: ClassVar[str] = "A gorgeous, moving film."  # the API docs' example input
+    # The input and truth columns data.text and data.label name when a config leaves them out.
+    default_columns: ClassVar[tuple[str, str]] = ("text", "label")
     accepts_token_lists: ClassVar[bool] = False  # whether an input may be a list of tokens instead of a text
     # Config options that only some tasks accept (data.label_delimiter, train.label_smoothing, train.threshold).
     options: ClassVar[frozenset[str]] = frozenset()

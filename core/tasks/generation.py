@@ -158,6 +158,7 @@ class GenerationSpec(TaskSpec):
     has_labels = False
     label_noun = "reference texts"
     label_key = "reference"
+    default_columns = ("input", "target")
     pipeline_tag = "text-generation"
     plot = "generation"
     auto_model = DECODER_ONLY.auto_model  # an encoder-decoder model's: ENCODER_DECODER.auto_model

@@ -181,3 +181,14 @@ def test_a_quantised_decoder_that_loses_metric_is_dropped_with_its_reason(tiny_l
 
     backend = choose_backend(result.artifact_dir, manifest, backend="auto", device="cpu", threads=1, batch_size=8)
     assert backend.name == "onnx"
+
+
+def test_generation_reads_input_and_target_columns_unless_told_otherwise(tiny_llama, pair_dir, tmp_path):
+    raw = _config(tiny_llama, pair_dir, tmp_path)
+    raw["data"] = {"train": str(pair_dir / "train.jsonl")}
+    cfg = load_config(raw=raw)
+    assert (cfg.data.text, cfg.data.label) == ("input", "target")
+    raw["data"].update(text="prompt", label="completion")
+    assert (load_config(raw=raw).data.text, load_config(raw=raw).data.label) == ("prompt", "completion")
+    classifier = load_config(raw={"model": tiny_llama, "data": {"train": str(pair_dir / "train.jsonl")}})
+    assert (classifier.data.text, classifier.data.label) == ("text", "label")
