@@ -12,14 +12,18 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.calibration import Calibration
 from core.errors import ArtifactError
 from core.prompting import PromptFormat
 from core.tasks import Task
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: the same fields, its sections untyped dicts (empty when absent)
+SCHEMA_VERSION = 3
+# version 1: the same fields, its sections untyped dicts (empty when absent); version 2: no calibration or per-label
+# thresholds (a reader that ignored them would serve other scores and decisions than were measured: hence 3).
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -160,7 +164,12 @@ class Manifest(BaseModel):
     aggregation: str | None = Field(None, description="Token tasks: how sub-token scores become word tags "
                                     "(first | max | simple).")
     postprocess: str = Field(description="softmax | sigmoid | identity, applied to the logits.")
-    threshold: float | None = Field(None, description="Multi-label decision threshold.")
+    threshold: float | None = Field(None, description="Multi-label decision threshold (the global one where "
+                                    "thresholds holds per-label ones).")
+    thresholds: dict[str, float] | None = Field(None, description="Multi-label: each label's decision threshold, "
+                                                "fitted on validation (labels too rare to fit have the global one).")
+    calibration: Calibration | None = Field(None, description="How logits are rescaled before postprocess, fitted on "
+                                            "validation, with calibration error and Brier score before and after.")
     base_model: str
     method: str
     trainable_parameters: int
@@ -187,8 +196,11 @@ class Manifest(BaseModel):
         return len(self.text_fields) == 2
 
     @property
-    def decision_threshold(self) -> float:
-        """The multi-label threshold a label's probability must reach (0.5 where the manifest records none)."""
+    def decision_threshold(self) -> float | np.ndarray:
+        """The multi-label threshold a label's probability must reach: per label (in label order) where the
+        manifest holds fitted ones, else one for all (0.5 where the manifest records none)."""
+        if self.thresholds is not None:
+            return np.asarray([self.thresholds[name] for name in self.labels or []])
         return self.threshold if self.threshold is not None else 0.5
 
 
@@ -234,4 +246,10 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         raise ArtifactError(f"{path}: a {manifest.task.value} manifest must list its labels")
     if manifest.labels is not None and len(set(manifest.labels)) != len(manifest.labels):
         raise ArtifactError(f"{path}: labels repeat a name: {manifest.labels}")
+    if manifest.thresholds is not None and set(manifest.thresholds) != set(manifest.labels or []):
+        raise ArtifactError(f"{path}: thresholds name other labels than labels: {sorted(manifest.thresholds)}")
+    if manifest.calibration is not None and not (
+            len(manifest.calibration.scale) == len(manifest.calibration.bias) == len(manifest.labels or [])):
+        raise ArtifactError(f"{path}: calibration has {len(manifest.calibration.scale)} scales and "
+                            f"{len(manifest.calibration.bias)} biases for {len(manifest.labels or [])} labels")
     return manifest

@@ -116,7 +116,8 @@ def description(about: About) -> str:
     """
     m, private = about.manifest, about.settings.api_key is not None
     pair = " (or pair of texts)" if m.has_pair else ""
-    does = m.task.spec.does.format(pair=pair, threshold=m.decision_threshold, label_field=m.label_field)
+    threshold = "its threshold" if m.thresholds is not None else f"{m.decision_threshold:g}"
+    does = m.task.spec.does.format(pair=pair, threshold=threshold, label_field=m.label_field)
     method = METHODS.get(m.method, m.method)
     lines = [f"{m.name} {does}; fine-tuned from {m.base_model} ({method})."]
     lines += m.task.spec.describe(m)

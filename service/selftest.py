@@ -47,7 +47,7 @@ def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -
     pairs = [s.text_pair for s in samples] if manifest.has_pair else None
     spec = manifest.task.spec
     expected = [spec.from_record(s.text, s.scores) for s in samples]
-    got = spec.scores(backend.logits(texts, pairs))
+    got = spec.scores(backend.logits(texts, pairs), manifest.calibration)
     if not np.all(np.isfinite(spec.flat(got))):
         raise ArtifactError(f"self-test: backend {backend.name} gives non-finite outputs")
     tol = tolerance(manifest, backend.name, half_precision)
@@ -65,7 +65,7 @@ def run_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -
         if diff[i] > tol:
             raise ArtifactError(f"self-test: backend {backend.name} is {diff[i]:.4g} away from PyTorch's scores on "
                                 f"example {i} ({sample.text[:60]!r}); tolerance {tol:.4g}")
-    alone = [spec.scores(backend.logits([text], [pairs[i]] if pairs else None))[0] for i, text in enumerate(texts)]
+    alone = [spec.scores(backend.logits([text], [pairs[i]] if pairs else None), manifest.calibration)[0] for i, text in enumerate(texts)]
     invariance = spec.invariance(manifest, got, {"each alone": alone})
     # Half precision on a GPU is not held to the CPU backends' bound (its kernels are chosen per batch shape).
     bound = tol if half_precision else BATCH_INVARIANCE_TOLERANCE

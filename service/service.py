@@ -171,7 +171,7 @@ class Tuneserve:
                 check_texts("text_pairs", text_pairs, self.settings, limit=self.settings.max_texts)
         except RequestError as exc:
             return _bad_request(exc)
-        scores = self.spec.scores(await self.batcher(texts, text_pairs))
+        scores = self.spec.scores(await self.batcher(texts, text_pairs), self.manifest.calibration)
         if not np.all(np.isfinite(self.spec.flat(scores))):
             return _not_finite()
         return PredictResponse(predictions=self.spec.shape(self.manifest, scores, top_k=top_k), model=self.model_tag,
@@ -190,7 +190,7 @@ class Tuneserve:
             return _bad_request(exc)
         if self.generates:
             return await self._evaluate_generation(texts, targets)
-        scores = self.spec.scores(await self.batcher(texts, pairs))
+        scores = self.spec.scores(await self.batcher(texts, pairs), self.manifest.calibration)
         if not np.all(np.isfinite(self.spec.flat(scores))):
             return _not_finite()
         evaluation = self.spec.evaluate(targets, scores, self.manifest.labels, threshold=self.manifest.decision_threshold)
@@ -265,7 +265,8 @@ class Tuneserve:
         m = self.manifest
         return {
             "model": self.model_tag, "name": m.name, "task": m.task.value, "labels": m.labels,
-            "text_fields": m.text_fields, "max_length": m.max_length, "threshold": m.threshold,
+            "text_fields": m.text_fields, "max_length": m.max_length, "threshold": m.threshold, "thresholds": m.thresholds,
+            "calibration": m.calibration.model_dump() if m.calibration else None,
             "stride": m.stride, "aggregation": m.aggregation,
             "base_model": m.base_model, "method": m.method, "primary_metric": m.primary_metric,
             "metrics": m.metrics, "baselines": m.baselines, "parity": m.export.model_dump(mode="json")["parity"] if m.export else None,

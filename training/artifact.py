@@ -14,12 +14,15 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
 from core.verdict import compare_with_baselines
 from training.card import adapter_readme, base_model_name, write_card
 from training.files import swap_into_place
 from training.modeling import bundled_hub_id, merged_model, save_tokenizer_and_model
-from training.report import plot_against_baselines, plot_confusion, plot_curves, plot_per_label, plot_regression
+from training.report import (plot_against_baselines, plot_confusion, plot_curves, plot_per_label, plot_regression,
+                             plot_reliability)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,18 @@ def git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def decision_fields(cfg, labels, decisions) -> dict:
+    """The manifest's calibration and multi-label threshold(s), from what was fitted on validation."""
+    fields: dict = {"calibration": decisions.calibration}
+    if "threshold" in cfg.task.spec.options:
+        if np.ndim(decisions.threshold):
+            fields["thresholds"] = {name: float(t) for name, t in zip(labels, decisions.threshold)}
+            fields["threshold"] = decisions.global_threshold
+        else:
+            fields["threshold"] = float(decisions.threshold)
+    return fields
 
 
 def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
@@ -81,7 +96,7 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         stride=cfg.train.stride if "stride" in cfg.task.spec.options else None,
         aggregation=cfg.export.aggregation if "aggregation" in cfg.task.spec.options else None,
         postprocess=cfg.task.spec.postprocess,
-        threshold=cfg.train.threshold if "threshold" in cfg.task.spec.options else None,
+        **decision_fields(cfg, data.labels, result.decisions),
         base_model=bundled_hub_id(cfg.model) or cfg.model,
         method=cfg.method,
         trainable_parameters=built.trainable_parameters,
@@ -126,6 +141,12 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
                                                      report / "metrics_vs_baselines.png"),
     }
     plots[cfg.task.spec.plot]()
+    calibration = result.decisions.calibration
+    if calibration is not None:
+        spec = cfg.task.spec
+        plot_reliability(spec.scores(result.test_logits), result.test_scores, result.test_targets, spec.postprocess,
+                         {"before": calibration.before["test"], "after": calibration.after["test"]},
+                         report / "reliability.png")
 
     swap_into_place(tmp, final)  # the old artifact stays whole until the new one is complete
     logger.info("artifact written to %s", final)

@@ -137,6 +137,26 @@ def _figure(value: Any) -> str:
     return f"{value:.4f}"
 
 
+def calibration_section(manifest: Manifest) -> str:
+    """What was fitted on validation to make the scores calibrated and the decisions good, and what it changed."""
+    c, parts = manifest.calibration, []
+    if c is not None:
+        how = (f"one temperature (T = {c.temperature:.3f}; the top class never changes)" if c.method == "temperature"
+               else "Platt scaling per label" + (f" ({len(c.pooled)} label(s) too rare on validation share one fit: "
+                                                 f"{', '.join(c.pooled)})" if c.pooled else ""))
+        rows = ["| split | ECE before | ECE after | Brier before | Brier after |", "|---|---|---|---|---|"]
+        rows += [f"| {split} | {c.before[split]['ece']:.4f} | {c.after[split]['ece']:.4f} | "
+                 f"{c.before[split]['brier']:.4f} | {c.after[split]['brier']:.4f} |" for split in c.before]
+        parts.append(f"Scores are calibrated by {how}, fitted on {c.examples} validation examples; every backend "
+                     "applies it. Expected calibration error (15 bins) and Brier score:\n\n" + "\n".join(rows)
+                     + "\n\nThe reliability diagram is `report/reliability.png`.")
+    if manifest.thresholds is not None:
+        parts.append(f"Each label's decision threshold was chosen on validation for `{manifest.primary_metric}` "
+                     f"(labels too rare to fit keep the global {manifest.threshold:g}): "
+                     + ", ".join(f"{name} {t:g}" for name, t in manifest.thresholds.items()) + ".")
+    return "\n## Calibration and decisions\n\n" + "\n\n".join(parts) + "\n" if parts else ""
+
+
 def metrics_table(manifest: Manifest) -> str:
     baselines = list(manifest.baselines)
     header = "| metric | validation | test | " + " | ".join(baselines) + " |"
@@ -386,7 +406,9 @@ def model_card(manifest: Manifest) -> str:
     else:
         what = [f"- **Labels:** {labels}",
                 f"- **Outputs:** logits; scores are their {manifest.postprocess}"
-                + (f" (a label is predicted at probability ≥ {manifest.threshold})" if manifest.threshold is not None else "")]
+                + (" (a label is predicted at its own threshold, fitted on validation: see Calibration and decisions)"
+                   if manifest.thresholds is not None else
+                   f" (a label is predicted at probability ≥ {manifest.threshold})" if manifest.threshold is not None else "")]
         method = _METHOD[manifest.method]
     what_lines = "\n".join(what)
     return f"""---
@@ -416,7 +438,7 @@ and scored on the same test split.
 {metrics_table(manifest)}
 
 {_verdict_line(verdict)}{per_class_part}
-
+{calibration_section(manifest)}
 Plots are in `report/`.
 
 ## Export

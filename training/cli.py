@@ -111,7 +111,7 @@ def _answers(manifest, backend, texts: list[str], pairs: list[str] | None, max_n
     training, with the artifact's prompt format)."""
     spec = manifest.task.spec
     if not hasattr(backend, "generate"):
-        return spec.scores(backend.logits(texts, pairs))
+        return spec.scores(backend.logits(texts, pairs), manifest.calibration)
     from core.tasks.generation import prompt_for
 
     prompts = [prompt_for(backend.tokenizer, manifest.prompt, t, manifest.max_length)[0] for t in texts]

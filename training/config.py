@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -95,7 +95,11 @@ class TrainConfig(_Strict):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     class_weights: Literal["auto", "none"] = Field(
         "auto", description="'auto' weighs classes by inverse training frequency (pos_weight for multilabel).")
-    threshold: float = Field(0.5, gt=0, lt=1, description="Multi-label decision threshold on each label's probability.")
+    threshold: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] = Field(
+        "auto", description="Multi-label decision threshold on each label's probability; 'auto' = one per label, "
+        "fitted on validation for the primary metric (the global best for labels too rare to fit).")
+    calibrate: bool = Field(True, description="Classification and multi-label: fit a temperature (per-label Platt "
+                            "scaling for multi-label) on validation so that scores are calibrated probabilities.")
     eval_every: Literal["epoch"] | int = Field("epoch", description="'epoch' or a number of optimizer steps.")
     save_every: Literal["epoch"] | int = Field("epoch", description="'epoch' or a number of optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (the newest ones).")
@@ -211,6 +215,7 @@ class Config(_Strict):
                              ("data.tag_scheme", self.data.tag_scheme != "auto"),
                              ("data.repair_tags", self.data.repair_tags),
                              ("train.label_all_tokens", self.train.label_all_tokens),
+                             ("train.calibrate", "calibrate" in self.train.model_fields_set),
                              ("generation.*", self.generation != GenerationConfig())):
             key = option.split(".")[1] if not option.endswith("*") else option.split(".")[0]
             if used and key not in self.task.spec.options:

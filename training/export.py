@@ -270,18 +270,18 @@ def _export(artifact_dir: Path, int8: str, held_out: HeldOut | None, min_int8_ag
             return OnnxModel(path).logits(encoder, texts, pairs, task=manifest.task, **arrangement)
 
         spec = manifest.task.spec
-        scores = spec.scores(reference)
+        scores = spec.scores(reference, manifest.calibration)
         pooled = np.random.default_rng(0).permutation(len(held_out.texts))
         alone = np.arange(min(ALONE_EXAMPLES, len(held_out.texts)))
 
         def compare(path: Path) -> dict:
             """The variant against PyTorch, and against itself batched as the service pools requests."""
-            candidate = spec.scores(run(path))
+            candidate = spec.scores(run(path), manifest.calibration)
             report = spec.compare(manifest, scores, candidate, held_out.targets)
-            shuffled = spec.scores(run(path, pooled, batch_size=POOLED_BATCH, by_length=False))
+            shuffled = spec.scores(run(path, pooled, batch_size=POOLED_BATCH, by_length=False), manifest.calibration)
             report["batch_invariance"] = spec.invariance(manifest, candidate, {
                 f"shuffled batches of {POOLED_BATCH} (mixed lengths)": _take(shuffled, np.argsort(pooled)),
-                f"the first {len(alone)} alone": spec.scores(run(path, alone, batch_size=1))})
+                f"the first {len(alone)} alone": spec.scores(run(path, alone, batch_size=1), manifest.calibration)})
             return report
 
         parity = {"onnx": compare(tmp / FP32_FILE)}
@@ -296,7 +296,7 @@ def _export(artifact_dir: Path, int8: str, held_out: HeldOut | None, min_int8_ag
         probe = np.argsort(spec.margins(manifest, scores), kind="stable")[:SENSITIVITY_PROBE]
 
         def damage(path: Path) -> float:  # mean score change on the examples nearest to another decision
-            changed = spec.flat(spec.scores(run(path, probe)))
+            changed = spec.flat(spec.scores(run(path, probe), manifest.calibration))
             return float(np.mean(np.abs(changed - spec.flat(_take(scores, probe)))))
 
         def judge(candidate: Path) -> tuple[str | None, dict]:

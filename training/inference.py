@@ -59,4 +59,5 @@ def predict_logits(artifact: LoadedArtifact, texts: Sequence[str], pairs: Sequen
 
 
 def predict_scores(artifact: LoadedArtifact, texts: Sequence[str], pairs: Sequence[str] | None = None, **kwargs) -> np.ndarray:
-    return artifact.manifest.task.spec.scores(predict_logits(artifact, texts, pairs, **kwargs))
+    return artifact.manifest.task.spec.scores(predict_logits(artifact, texts, pairs, **kwargs),
+                                               artifact.manifest.calibration)

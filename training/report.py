@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.calibration import reliability  # noqa: E402
+
 
 def plot_curves(history: dict, monitor: str, path: Path) -> None:
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -84,6 +86,29 @@ def plot_against_baselines(model: dict[str, float], baselines: dict[str, dict[st
     ax.set_xticks(np.arange(len(shown)) + 0.4 - width / 2, shown)
     ax.set(ylabel="test score (0-100)", title="Fine-tuned model against baselines")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(raw: np.ndarray, calibrated: np.ndarray, targets: np.ndarray, kind: str,
+                     calibration: dict[str, dict[str, float]], path: Path) -> None:
+    """Reliability diagram of the test split before and after calibration: observed frequency against confidence
+    per bin (top-class confidence for single-label, every label's probability for multi-label)."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--", label="perfectly calibrated")
+    for name, scores, color in (("before", raw, "C1"), ("after", calibrated, "C0")):
+        if kind == "softmax":
+            confidence, correct = scores.max(axis=1), (scores.argmax(axis=1) == targets).astype(np.float64)
+        else:
+            confidence, correct = scores.ravel(), np.asarray(targets, dtype=np.float64).ravel()
+        _, mean_conf, frequency, counts = reliability(confidence, correct)
+        kept = counts > 0
+        ax.plot(mean_conf[kept], frequency[kept], "o-", color=color, ms=4,
+                label=f"{name} (ECE {calibration[name]['ece']:.3f})")
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1),
+           title="Test reliability")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,7 +12,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from core.calibration import Decisions, fit_calibration, fit_thresholds
+from core.calibration import measure as measure_calibration
 from core.encoding import Encoder
 from core.errors import DataError, TrainingError
 from core.metrics import Evaluation
@@ -56,6 +58,8 @@ class RunResult:
     export: dict | None = None
     examples: list[dict] | None = None  # generation: a few test inputs with reference, base and fine-tuned answers
     prompt: PromptFormat | None = None  # generation: how inputs became prompts
+    decisions: Decisions = field(default_factory=Decisions)  # calibration and thresholds fitted on validation
+    test_logits: np.ndarray | None = None  # the test scores before calibration, as logits
 
 
 def make_loss(cfg: Config, torch_side: TorchTask, targets: np.ndarray, num_outputs: int):
@@ -75,12 +79,16 @@ def make_scheduler(name: str, optimizer, warmup: int, total: int):
 
 
 @torch.no_grad()
-def run_evaluation(model, dataloader, accelerator, cfg: Config, labels, loss_fn, desc: str
-                   ) -> tuple[Evaluation, np.ndarray, np.ndarray]:
+def run_evaluation(model, dataloader, accelerator, cfg: Config, labels, loss_fn, desc: str,
+                   decisions: Decisions | None = None) -> tuple[Evaluation, np.ndarray, np.ndarray]:
     """Evaluate on every process; ``gather_for_metrics`` drops the samples DDP padding duplicated.
 
+    Args:
+        decisions: the calibration and thresholds fitted on validation; None during training, when a multi-label
+            model with ``train.threshold: auto`` is judged at the thresholds that suit this evaluation best.
+
     Returns:
-        The evaluation, and the gathered targets and scores (in the loader's order).
+        The evaluation, and the gathered targets and logits (in the loader's order).
     """
     model.eval()
     per_token = torch_task(cfg.task).pads_targets
@@ -95,11 +103,33 @@ def run_evaluation(model, dataloader, accelerator, cfg: Config, labels, loss_fn,
         batches.append((logits.cpu(), targets.cpu()))
     loss_logits, loss_targets, targets, logits = torch_task(cfg.task).collect(batches)
     loss = float(loss_fn(loss_logits, loss_targets))
-    scores = cfg.task.spec.scores(logits)
-    result = cfg.task.spec.evaluate(targets, scores, labels, threshold=cfg.train.threshold)
+    decisions = decisions or fitted_threshold(cfg, cfg.task.spec.scores(logits), targets)
+    scores = cfg.task.spec.scores(logits, decisions.calibration)
+    result = cfg.task.spec.evaluate(targets, scores, labels, threshold=decisions.threshold)
     result.metrics["loss"] = loss
     model.train()
-    return result, targets, scores
+    return result, targets, logits
+
+
+def fitted_threshold(cfg: Config, scores, targets) -> Decisions:
+    """The multi-label threshold: the configured one, or (``auto``) one per label fitted to these scores."""
+    if "threshold" not in cfg.task.spec.options:
+        return Decisions()
+    if cfg.train.threshold != "auto":
+        return Decisions(threshold=cfg.train.threshold)
+    global_threshold, per_label, _ = fit_thresholds(scores, targets, cfg.primary_metric)
+    return Decisions(threshold=per_label, global_threshold=global_threshold)
+
+
+def fit_decisions(cfg: Config, labels, logits, targets) -> Decisions:
+    """Fit the calibration (``train.calibrate``), then the thresholds on the calibrated scores, on validation."""
+    spec = cfg.task.spec
+    calibration = None
+    if cfg.train.calibrate and "calibrate" in spec.options:
+        calibration = fit_calibration(logits, targets, spec.postprocess, labels)
+    decisions = fitted_threshold(cfg, spec.scores(logits, calibration), targets)
+    decisions.calibration = calibration
+    return decisions
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -231,9 +261,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                          desc=f"{name}: generate")
         return list(split.targets[:count]), texts
 
-    def evaluate(name: str, dataloader) -> tuple[Evaluation, np.ndarray, np.ndarray]:
+    def evaluate(name: str, dataloader, decisions: Decisions | None = None) -> tuple[Evaluation, np.ndarray, np.ndarray]:
         if not generates:
-            return run_evaluation(model, dataloader, accelerator, cfg, data.labels, loss_fn, name)
+            return run_evaluation(model, dataloader, accelerator, cfg, data.labels, loss_fn, name, decisions)
         loss = token_loss(model, dataloader, accelerator, name, shift=built.torch_task.shifts_labels)
         references, texts = written(name, accelerator.unwrap_model(model))
         return with_loss(cfg.task.spec.evaluate(references, texts), loss), references, texts
@@ -350,18 +380,33 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                 if name in best:
                     param.copy_(best[name].to(param.device, param.dtype))
     validation = next(v for v in reversed(state.history["validation"]) if v["step"] == state.best_step)
-    test, test_targets, test_scores = evaluate("test", test_dl)
-    metrics = {"validation": {k: v for k, v in validation.items() if k not in ("step", "epoch")}, "test": test.metrics}
+    validation = {k: v for k, v in validation.items() if k not in ("step", "epoch")}
+
+    # Calibration and multi-label thresholds are fitted on validation with the best weights, then judged on test.
+    spec, decisions = cfg.task.spec, Decisions()
+    if {"calibrate", "threshold"} & spec.options:
+        _, val_targets, val_logits = evaluate("validation", val_dl)
+        decisions = fit_decisions(cfg, data.labels, val_logits, val_targets)
+        rescored = spec.evaluate(val_targets, spec.scores(val_logits, decisions.calibration), data.labels,
+                                 threshold=decisions.threshold)
+        validation = {**rescored.metrics, "loss": validation["loss"]}
+    test, test_targets, test_outputs = evaluate("test", test_dl, decisions)  # logits, or the texts written
+    test_scores = test_outputs if generates else spec.scores(test_outputs, decisions.calibration)
+    if decisions.calibration is not None:
+        measure_calibration(decisions.calibration, "test", test_outputs, test_targets, spec.postprocess)
+    metrics = {"validation": validation, "test": test.metrics}
 
     # -- baselines and the artifact (main process only) ---------------------------------------------
     result = RunResult(artifact_dir=None, metrics=metrics, baselines={}, test=test, test_targets=test_targets,
-                       test_scores=test_scores)
+                       test_scores=test_scores, decisions=decisions,
+                       test_logits=None if generates else test_outputs)
     if main:
         scored = len(test_targets)  # generation tasks score a sample of the test split: baselines score the same
         result.baselines = cfg.task.spec.baselines(
             (data.train.texts, data.train.pairs, data.train.targets),
             (data.test.texts[:scored], data.test.pairs[:scored] if data.test.pairs else None, data.test.targets[:scored]),
-            data.labels, threshold=tc.threshold, seed=tc.seed)
+            data.labels, threshold=None if tc.threshold == "auto" else tc.threshold, seed=tc.seed,
+            validation=(data.validation.texts, data.validation.pairs, data.validation.targets), metric=cfg.primary_metric)
         if generates:
             result.baselines = {"base_model": cfg.task.spec.evaluate(test_targets, base_answers).metrics,
                                 **result.baselines}

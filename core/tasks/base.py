@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from core.calibration import Calibration
+from core.calibration import apply as calibrated
 from core.tasks import LOWER_IS_BETTER, Task, postprocess
 
 if TYPE_CHECKING:
@@ -179,19 +181,23 @@ class TaskSpec(ABC):
     # -- metrics and baselines --------------------------------------------------------------------------
     @abstractmethod
     def evaluate(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *,
-                 threshold: float = 0.5) -> Evaluation:
+                 threshold: float | np.ndarray = 0.5) -> Evaluation:
+        """Metrics of ``scores`` against ``targets`` (``threshold``: multi-label decisions, one or per label)."""
         ...
 
     @abstractmethod
-    def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float = 0.5,
-                  seed: int = 0) -> dict[str, dict[str, float]]:
-        """Fit each simple baseline on ``train`` and score it on ``test`` with :meth:`evaluate`."""
+    def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float | None = 0.5,
+                  seed: int = 0, validation: tuple | None = None, metric: str | None = None
+                  ) -> dict[str, dict[str, float]]:
+        """Fit each simple baseline on ``train`` and score it on ``test`` with :meth:`evaluate` (``validation``
+        and ``metric``: where a task fits its decisions on validation, the baselines' are fitted the same way)."""
         ...
 
     # -- decisions ------------------------------------------------------------------------------------
-    def scores(self, logits: Any) -> Any:
-        """Post-processed outputs, as :meth:`evaluate` and :meth:`shape` take them."""
-        return postprocess(logits, self.postprocess)
+    def scores(self, logits: Any, calibration: Calibration | None = None) -> Any:
+        """Post-processed outputs, as :meth:`evaluate` and :meth:`shape` take them (``calibration``: the manifest's,
+        which rescales the logits first)."""
+        return postprocess(calibrated(logits, calibration), self.postprocess)
 
     @abstractmethod
     def decide(self, manifest: Manifest, scores: Any) -> list[Any]:

@@ -213,16 +213,17 @@ class GenerationSpec(TaskSpec):
     def num_outputs(self, labels: Sequence[str] | None) -> int:
         return 0
 
-    def scores(self, outputs: Any) -> list[GeneratedText]:
-        """Generations as :class:`GeneratedText` (plain strings are taken as finished texts)."""
+    def scores(self, outputs: Any, calibration: None = None) -> list[GeneratedText]:
+        """Generations as :class:`GeneratedText` (plain strings are taken as finished texts; generation has no
+        calibration)."""
         return [o if isinstance(o, GeneratedText) else GeneratedText(str(o)) for o in outputs]
 
     def evaluate(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *,
                  threshold: float = 0.5) -> Evaluation:
         return generation_metrics(list(targets), [g.text for g in self.scores(scores)])
 
-    def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float = 0.5,
-                  seed: int = 0) -> dict[str, dict[str, float]]:
+    def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float | None = 0.5,
+                  seed: int = 0, **_: Any) -> dict[str, dict[str, float]]:
         train_inputs, _, train_targets = train
         test_inputs, _, test_targets = test
         return {

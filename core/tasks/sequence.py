@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from core.calibration import fit_thresholds
 from core.metrics import Evaluation, classification_metrics, multilabel_metrics, regression_metrics
 from core.tasks import Task
 from core.tasks.base import LabelError, TaskSpec, rounded, scalar_class
@@ -66,7 +67,7 @@ class ClassificationSpec(TaskSpec):
                     "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted", "roc_auc", "log_loss")
     plot = "confusion"
     label_noun = "classes"
-    options = frozenset({"label_smoothing"})
+    options = frozenset({"label_smoothing", "calibrate"})
 
     def parse_label(self, value: Any, delimiter: str | None = None) -> str:
         if value is None:
@@ -85,7 +86,8 @@ class ClassificationSpec(TaskSpec):
     def evaluate(self, targets, scores, labels=None, *, threshold: float = 0.5) -> Evaluation:
         return classification_metrics(targets, scores, list(labels or []))
 
-    def baselines(self, train, test, labels, *, threshold: float = 0.5, seed: int = 0) -> dict[str, dict[str, float]]:
+    def baselines(self, train, test, labels, *, threshold: float | None = 0.5, seed: int = 0, **_: Any
+                  ) -> dict[str, dict[str, float]]:
         from sklearn.dummy import DummyClassifier
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
@@ -137,6 +139,13 @@ class MultiLabelSpec(TaskSpec):
     """Any number of labels per text: each label's sigmoid probability against the manifest's threshold."""
     does = "gives each text{pair} every label whose probability reaches {threshold}, with all the probabilities"
 
+    def describe(self, manifest: Manifest) -> list[str]:
+        lines = super().describe(manifest)
+        if manifest.thresholds is not None:
+            lines.append("Thresholds, fitted on validation: "
+                         + ", ".join(f"{name} {t:g}" for name, t in manifest.thresholds.items()) + ".")
+        return lines
+
     task = Task.MULTILABEL
     problem_type = hf_problem_type = "multi_label_classification"
     postprocess = "sigmoid"
@@ -144,7 +153,7 @@ class MultiLabelSpec(TaskSpec):
     metric_names = ("subset_accuracy", "hamming_loss", "f1_micro", "f1_macro", "roc_auc_macro", "ndcg", "lrap")
     label_key = "labels"
     plot = "per_label"
-    options = frozenset({"label_delimiter", "threshold"})
+    options = frozenset({"label_delimiter", "threshold", "calibrate"})
 
     def example_label(self, manifest) -> Any:
         return (manifest.labels or [])[:1]
@@ -173,25 +182,34 @@ class MultiLabelSpec(TaskSpec):
     def evaluate(self, targets, scores, labels=None, *, threshold: float = 0.5) -> Evaluation:
         return multilabel_metrics(targets, scores, list(labels or []), threshold)
 
-    def baselines(self, train, test, labels, *, threshold: float = 0.5, seed: int = 0) -> dict[str, dict[str, float]]:
+    def baselines(self, train, test, labels, *, threshold: float | None = 0.5, seed: int = 0,
+                  validation: tuple | None = None, metric: str | None = None) -> dict[str, dict[str, float]]:
+        """``threshold`` None: each baseline's per-label thresholds are fitted on ``validation`` for ``metric``,
+        as the model's are (a fixed threshold would leave the baselines' rare labels undecided)."""
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.multiclass import OneVsRestClassifier
         from sklearn.pipeline import make_pipeline
 
         y_train, y_test = train[2], test[2]
-        prior = np.tile(y_train.mean(axis=0), (len(y_test), 1))
         model = make_pipeline(TfidfVectorizer(**TFIDF),
                               OneVsRestClassifier(LogisticRegression(max_iter=2000, C=4.0, random_state=seed)))
         model.fit(joined(train[0], train[1]), y_train)
+
+        def scored(predict) -> dict[str, float]:
+            fitted = threshold
+            if fitted is None:
+                fitted = fit_thresholds(predict(validation), validation[2], metric or self.default_metric)[1]
+            return self.evaluate(y_test, predict(test), labels, threshold=fitted).metrics
+
         return {
-            "majority": self.evaluate(y_test, prior, labels, threshold=threshold).metrics,
-            "tfidf_logreg": self.evaluate(y_test, model.predict_proba(joined(test[0], test[1])), labels,
-                                          threshold=threshold).metrics,
+            "majority": scored(lambda split: np.tile(y_train.mean(axis=0), (len(split[2]), 1))),
+            "tfidf_logreg": scored(lambda split: model.predict_proba(joined(split[0], split[1]))),
         }
 
     def decide(self, manifest: Manifest, scores) -> list[list[str]]:
-        return [[name for name, p in zip(manifest.labels, row) if p >= manifest.decision_threshold] for row in scores]
+        thresholds = np.broadcast_to(manifest.decision_threshold, (len(manifest.labels),))
+        return [[name for name, p, t in zip(manifest.labels, row, thresholds) if p >= t] for row in scores]
 
     def margins(self, manifest: Manifest, scores) -> np.ndarray:
         return np.min(np.abs(scores - manifest.decision_threshold), axis=1)
@@ -254,7 +272,8 @@ class RegressionSpec(TaskSpec):
     def evaluate(self, targets, scores, labels=None, *, threshold: float = 0.5) -> Evaluation:
         return regression_metrics(targets, np.reshape(np.asarray(scores, dtype=np.float64), -1))
 
-    def baselines(self, train, test, labels, *, threshold: float = 0.5, seed: int = 0) -> dict[str, dict[str, float]]:
+    def baselines(self, train, test, labels, *, threshold: float | None = 0.5, seed: int = 0, **_: Any
+                  ) -> dict[str, dict[str, float]]:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import Ridge
         from sklearn.pipeline import make_pipeline

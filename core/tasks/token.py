@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from core.calibration import Calibration
+from core.calibration import apply as calibrated
 from core.metrics import Evaluation, finished
 from core.tasks import Task, postprocess
 from core.tasks.base import LabelError, TaskSpec, rounded
@@ -384,10 +386,10 @@ class TokenClassificationSpec(TaskSpec):
         return out
 
     # -- scores and decisions ---------------------------------------------------------------------------
-    def scores(self, logits: Any) -> list[Any]:
+    def scores(self, logits: Any, calibration: Calibration | None = None) -> list[Any]:
         """Tag probabilities: per :class:`TokenOutput`, or per array of word logits (the training loop)."""
-        return [TokenOutput(o.text, o.offsets, postprocess(o.values, "softmax")) if isinstance(o, TokenOutput)
-                else postprocess(o, "softmax") for o in logits]
+        return [TokenOutput(o.text, o.offsets, postprocess(calibrated(o.values, calibration), "softmax"))
+                if isinstance(o, TokenOutput) else postprocess(calibrated(o, calibration), "softmax") for o in logits]
 
     def flat(self, scores: Sequence[TokenOutput]) -> np.ndarray:
         parts = [o.values for o in scores if len(o)]
@@ -470,7 +472,8 @@ class TokenClassificationSpec(TaskSpec):
                                                                          self.decide(manifest, candidate))]))}
 
     # -- baselines ------------------------------------------------------------------------------------
-    def baselines(self, train, test, labels, *, threshold: float = 0.5, seed: int = 0) -> dict[str, dict[str, float]]:
+    def baselines(self, train, test, labels, *, threshold: float | None = 0.5, seed: int = 0, **_: Any
+                  ) -> dict[str, dict[str, float]]:
         """All-O, and memorisation: each word's most frequent tag in training (O for unseen words)."""
         labels = list(labels or [])
         outside = labels.index(OUTSIDE)

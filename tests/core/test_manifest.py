@@ -3,7 +3,7 @@ import json
 import pytest
 
 from core.errors import ArtifactError
-from core.manifest import Manifest, read_manifest, write_manifest
+from core.manifest import SCHEMA_VERSION, Manifest, read_manifest, write_manifest
 from core.tasks import Task
 
 
@@ -46,7 +46,7 @@ def test_missing_and_unreadable(tmp_path):
 def test_sections_are_typed(tmp_path):
     write_manifest(_manifest(provenance={"seed": 3, "config": {"method": "full"}}), tmp_path)
     manifest = read_manifest(tmp_path)
-    assert manifest.schema_version == 2 and manifest.provenance.seed == 3 and manifest.export is None
+    assert manifest.schema_version == SCHEMA_VERSION and manifest.provenance.seed == 3 and manifest.export is None
     raw = json.loads((tmp_path / "manifest.json").read_text())
     raw["provenance"]["seed"] = "forty-two"
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
@@ -59,7 +59,7 @@ def test_a_version_1_manifest_still_loads_or_says_how_to_re_export(tmp_path):
     raw.update(schema_version=1, training={}, export={}, provenance={"seed": 1, "data_hashes": {}})
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     manifest = read_manifest(tmp_path)
-    assert manifest.schema_version == 2 and manifest.training is None and manifest.export is None
+    assert manifest.schema_version == SCHEMA_VERSION and manifest.training is None and manifest.export is None
     raw["export"] = {"onnx": {"fp32": "onnx/model.onnx"}}  # a section this release cannot read
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ArtifactError, match=r"field 'export.onnx.opset'.*re-export the artifact with `tuneserve export"):

@@ -26,7 +26,10 @@ def test_predict_classification_matches_pytorch(artifacts, serve):
     body = r.json()
     assert body["backend"] == "onnx" and body["model"].endswith(":local")
     manifest = read_manifest(art)
-    expected = postprocess(predict_logits(load_artifact(art), texts), manifest.postprocess)
+    # the scores are calibrated: the softmax of the logits divided by the temperature fitted on validation
+    temperature = manifest.calibration.temperature
+    assert manifest.calibration.method == "temperature" and temperature > 0
+    expected = postprocess(predict_logits(load_artifact(art), texts) / temperature, manifest.postprocess)
     for prediction, row in zip(body["predictions"], expected):
         assert prediction["label"] == manifest.labels[int(row.argmax())]
         assert prediction["score"] == pytest.approx(float(row.max()), abs=1e-4)
@@ -41,7 +44,11 @@ def test_multilabel_and_regression_predictions(artifacts, serve):
     client = serve(artifacts["multilabel"], backend="onnx")
     prediction = client.post("/predict", json={"texts": ["the plot and the music"]}).json()["predictions"][0]
     assert set(prediction["scores"]) == set(manifest.labels)
-    assert prediction["labels"] == [n for n, p in prediction["scores"].items() if p >= manifest.threshold]
+    assert prediction["labels"] == [n for n, p in prediction["scores"].items() if p >= manifest.thresholds[n]]
+    logits = predict_logits(load_artifact(artifacts["multilabel"]), ["the plot and the music"])[0]
+    platt = manifest.calibration  # per label: sigmoid(logit * scale + bias)
+    expected = 1 / (1 + np.exp(-(logits * np.array(platt.scale) + np.array(platt.bias))))
+    assert np.allclose(list(prediction["scores"].values()), expected, atol=1e-4)
 
     art = artifacts["regression"]
     client = serve(art, backend="onnx")

@@ -47,7 +47,11 @@ def test_lora_multilabel_saves_adapter_and_merged_model(base_config):
     result = train(load_config(raw=base_config))
     art = result.artifact_dir
     manifest = read_manifest(art)
-    assert manifest.task.value == "multilabel" and manifest.postprocess == "sigmoid" and manifest.threshold == 0.5
+    assert manifest.task.value == "multilabel" and manifest.postprocess == "sigmoid"
+    # train.threshold auto: per-label thresholds and Platt scaling, both fitted on validation
+    assert set(manifest.thresholds) == set(manifest.labels) and 0 < manifest.threshold < 1
+    assert manifest.calibration.method == "platt" and set(manifest.calibration.after) == {"validation", "test"}
+    assert (art / "report" / "reliability.png").is_file()
     assert {"f1_micro", "hamming_loss", "lrap", "ndcg"} <= set(manifest.metrics["test"])
     assert (art / "adapter" / "adapter_model.safetensors").is_file()
     heads = manifest.training.head_modules
