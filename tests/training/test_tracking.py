@@ -3,10 +3,14 @@
 import importlib.util
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from core.errors import ConfigError
 from core.manifest import read_manifest
@@ -159,3 +163,32 @@ def test_wandb_without_its_package_names_what_to_install(base_config):
     with pytest.raises(ConfigError, match=r"train.report_to: wandb is not installed \(pip install wandb\)"):
         train(load_config(raw=base_config))
     assert not Path(base_config["output_dir"]).exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_the_main_process_logs(tmp_path, base_config):
+    from mlflow import MlflowClient
+    from tbparse import SummaryReader
+
+    base_config["train"].update(epochs=1, batch_size=8, report_to=["tensorboard", "mlflow"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(base_config))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    with socket.socket() as probe:  # a free port for the rendezvous on 127.0.0.1
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", port, "-m", "training.cli", "train", str(path)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output_dir = Path(base_config["output_dir"])
+    manifest = read_manifest(output_dir / "artifact")
+    assert manifest.training.num_processes == 2 and manifest.training.steps == 15
+    tracking = manifest.training.tracking
+    scalars = SummaryReader(str(output_dir / tracking["tensorboard"])).scalars
+    assert sorted(scalars[scalars.tag == "train/loss"].step) == list(range(1, 16))  # each step once: one writer
+    client = MlflowClient(tracking["mlflow"]["tracking_uri"])
+    runs = client.search_runs([tracking["mlflow"]["experiment_id"]])
+    assert [r.info.run_id for r in runs] == [tracking["mlflow"]["run_id"]]
+    assert runs[0].data.metrics["test/accuracy"] == manifest.metrics["test"]["accuracy"]
