@@ -134,6 +134,7 @@ class Tracking:
         self.experiment = labels.experiment or cfg.run_name
         self.run_name = labels.run_name or cfg.run_name
         self.labels = labels
+        self.cfg = cfg
         self.mlflow_uri = mlflow_tracking_uri(self.output_dir, labels.mlflow_tracking_uri)
         self._previous_mlflow_uri = None
         self.accelerator = None
@@ -149,7 +150,7 @@ class Tracking:
                 "project_config": ProjectConfiguration(project_dir=str(self.output_dir),
                                                        logging_dir=str(self.output_dir / LOGS))}
 
-    def start(self, accelerator, cfg) -> None:
+    def start(self, accelerator) -> None:
         """Start every tracker's run (on the main process) with the config as hyperparameters."""
         if not self.report_to:
             return
@@ -176,11 +177,11 @@ class Tracking:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         _open.append(self)
-        hyperparameters = flatten(cfg.model_dump(mode="json"))
-        hyperparameters["train.lr"] = cfg.lr  # 'auto' resolved
+        hyperparameters = flatten(self.cfg.model_dump(mode="json"))
+        hyperparameters["train.lr"] = self.cfg.lr  # 'auto' resolved
         accelerator.init_trackers(self.experiment, config=hyperparameters, init_kwargs=init_kwargs)
-        if accelerator.is_main_process:
-            print("tracking: " + "; ".join(f"{name} {where}" for name, where in self.record().items()))
+        if accelerator.is_main_process:  # (only the main process's trackers have started)
+            accelerator.print("tracking: " + "; ".join(f"{name} {where}" for name, where in self.record().items()))
 
     def record(self) -> dict[str, Any]:
         """Where the logs went (the manifest's ``training.tracking``); empty without trackers."""

@@ -187,7 +187,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
             shutil.rmtree(output_dir / CHECKPOINTS)
             (output_dir / BEST_WEIGHTS).unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
-    tracking.start(accelerator, cfg)  # the data passed its checks: the trackers' run begins, with the config
+    tracking.start(accelerator)  # the data passed its checks: the trackers' run begins, with the config
     # An encoder-decoder model makes its decoder's inputs from the labels (its own shift right), in the collator.
     decoder_inputs = model.prepare_decoder_input_ids_from_labels if built.torch_task.encoder_decoder else None
     collate = Collator(tokenizer, cfg.task, pad_to_multiple_of=8 if precision != "no" else None,
