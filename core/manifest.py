@@ -57,6 +57,9 @@ class TrainingRecord(_Section):
     history: dict[str, list[dict[str, Any]]] = Field(description="train_loss per step; validation metrics per evaluation.")
     lora_target_modules: list[str] | None = None
     head_modules: list[str] = Field(default_factory=list)
+    tracking: dict[str, Any] = Field(default_factory=dict, description="Where the experiment trackers of "
+                                     "train.report_to logged the run (tensorboard: its directory, relative to the "
+                                     "output directory; mlflow: tracking_uri, experiment_id, run_id).")
 
 
 class Provenance(_Section):

@@ -67,6 +67,9 @@ class EarlyStoppingConfig(_Strict):
     patience: int | None = Field(2, ge=1, description="Evaluations without improvement before stopping; null = never stop early.")
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(3, gt=0, description="Passes over the training data (early stopping may end sooner).")
     batch_size: int = Field(32, gt=0, description="Examples per optimizer micro-step, per process.")
@@ -105,6 +108,20 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (the newest ones).")
     group_by_length: bool = Field(True, description="Batch examples of similar length together (seeded) to cut padding.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="Experiment trackers the run logs to, any of: "
+        f"{', '.join(get_args(Tracker))}; offline by default (tensorboard and MLflow under OUTPUT_DIR).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, value):
+        value = [] if value is None else [value] if isinstance(value, str) else value
+        if isinstance(value, list):
+            unknown = [name for name in value if name not in get_args(Tracker)]
+            if unknown:
+                raise ValueError(f"unknown tracker(s) {unknown}; accepted: {', '.join(get_args(Tracker))}")
+            value = list(dict.fromkeys(value))
+        return value
 
     @model_validator(mode="after")
     def _steps_positive(self) -> TrainConfig:

@@ -40,6 +40,7 @@ from training.generate import examples_table, generate, token_loss, with_loss
 from training.modeling import build_model, optimizer_groups, resolve_model, trainable_state
 from training.precision import DeviceFacts, choose_mixed_precision
 from training.tasks import IGNORE_INDEX, TorchTask, torch_task
+from training.tracking import RunLabels, Tracking, closes_failed_runs, prefixed
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ def fit_decisions(cfg: Config, labels, logits, targets) -> Decisions:
     return decisions
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+@closes_failed_runs
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels: RunLabels | None = None) -> RunResult:
     """Fine-tune, evaluate and publish ``OUTPUT_DIR/artifact``. See the module docstring for the flow.
 
     Args:
@@ -140,10 +142,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         resume: continue from the newest checkpoint in ``OUTPUT_DIR/checkpoints``.
         overwrite: start afresh even though ``OUTPUT_DIR`` holds checkpoints of an earlier run (they are
             removed; the earlier artifact stays until this run publishes its own).
+        labels: how the trackers of ``train.report_to`` name the run (a search's trial: as a child run).
 
     Raises:
         TrainingError: a fresh run would mix with an earlier run's checkpoints, there is nothing to
             resume, or the loss became non-finite.
+        ConfigError: a tracker of ``train.report_to`` is not installed.
     """
     # imports matplotlib; keep it off the import path of tests that don't need it
     from training.artifact import publish_artifact
@@ -155,7 +159,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     # -- set-up: device, precision, processes -------------------------------------------------------
     facts = DeviceFacts.detect()
     precision = choose_mixed_precision(tc.mixed_precision, facts)
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum, cpu=not facts.cuda)
+    tracking = Tracking(cfg, labels)  # train.report_to: tensorboard, mlflow, ... (training/tracking.py)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=tc.grad_accum, cpu=not facts.cuda,
+                              **tracking.accelerator_options)
     set_seed(tc.seed)
     main = accelerator.is_main_process
     accelerator.print(f"device {accelerator.device}, {accelerator.num_processes} process(es), precision {precision}")
@@ -211,6 +217,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             shutil.rmtree(output_dir / CHECKPOINTS)
             (output_dir / BEST_WEIGHTS).unlink(missing_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
+    tracking.start(accelerator)  # the data passed its checks: the trackers' run begins, with the config
     # An encoder-decoder model makes its decoder's inputs from the labels (its own shift right), in the collator.
     decoder_inputs = model.prepare_decoder_input_ids_from_labels if built.torch_task.encoder_decoder else None
     collate = Collator(tokenizer, cfg.task, pad_to_multiple_of=8 if precision != "no" else None,
@@ -285,6 +292,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         result, _, _ = evaluate("validation", val_dl)
         value = result.metrics.get(monitor)
         state.history["validation"].append({"step": state.step, "epoch": state.epoch, **result.metrics})
+        accelerator.log(prefixed("validation", result.metrics), step=state.step)
         if value is not None and is_better(monitor, value, state.best):
             state.best, state.best_step, state.bad_evals = value, state.step, 0
             if main:
@@ -341,6 +349,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             mean_loss = window_loss / tc.grad_accum
             state.history["train_loss"].append({"step": state.step, "loss": mean_loss,
                                                    "lr": scheduler.get_last_lr()[0]})
+            accelerator.log(prefixed("train", state.history["train_loss"][-1]), step=state.step)
             progress.update(1)
             progress.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4f}",
                                  samples_per_s=f"{window_n * accelerator.num_processes / (time.time() - window_start):.0f}")
@@ -423,6 +432,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             "windows": {name: e.stats for name, e in encoded.items() if "windows" in e.stats},
             "truncation": {name: e.stats for name, e in encoded.items() if "inputs_cut" in e.stats},
             "history": state.history,
+            "tracking": tracking.record(),
         }
         result.artifact_dir = publish_artifact(cfg, unwrapped, built, data, result, training_info)
         if cfg.export.onnx:
@@ -432,6 +442,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             result.export = export_artifact(result.artifact_dir, int8=cfg.export.int8, held_out=held_out,
                                             min_int8_agreement=cfg.export.int8_min_agreement,
                                             max_int8_drop=cfg.export.int8_max_metric_drop)
+        tracking.log_results(result, step=state.step)  # test metrics, baselines, plots and the final manifest
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    tracking.close()
     return result
