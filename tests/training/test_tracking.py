@@ -62,7 +62,9 @@ def test_tensorboard_and_mlflow_hold_the_manifests_values(base_config):
     hparams = dict(zip(reader.hparams.tag, reader.hparams.value))
     assert hparams == {k: float(v) if isinstance(v, (bool, int, float)) else v for k, v in expected_params.items()}
     images = EventAccumulator(str(output_dir / tracking["tensorboard"]), size_guidance={"images": 0})
-    assert set(images.Reload().Tags()["images"]) == {"report/curves", "report/confusion_matrix"}
+    plots = sorted((result.artifact_dir / "report").glob("*.png"))
+    assert {p.stem for p in plots} == {"curves", "confusion_matrix", "reliability"}
+    assert set(images.Reload().Tags()["images"]) == {f"report/{p.stem}" for p in plots}
 
     # MLflow: the SQLite store under OUTPUT_DIR, values as doubles
     record = tracking["mlflow"]
@@ -79,8 +81,7 @@ def test_tensorboard_and_mlflow_hold_the_manifests_values(base_config):
             (v["step"], v[name]) for v in history["validation"]]
         assert run.data.metrics[f"best_validation/{name}"] == manifest.metrics["validation"][name]
     assert {k: run.data.metrics[k] for k in final} == final
-    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "report")) == [
-        "report/confusion_matrix.png", "report/curves.png"]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "report")) == [f"report/{p.name}" for p in plots]
     copy = client.download_artifacts(run.info.run_id, "manifest.json", str(output_dir / "downloaded"))
     assert json.loads(Path(copy).read_text()) == json.loads((result.artifact_dir / "manifest.json").read_text())
     assert (output_dir / "mlartifacts").is_dir()
