@@ -192,3 +192,44 @@ def test_generation_reads_input_and_target_columns_unless_told_otherwise(tiny_ll
     assert (load_config(raw=raw).data.text, load_config(raw=raw).data.label) == ("prompt", "completion")
     classifier = load_config(raw={"model": tiny_llama, "data": {"train": str(pair_dir / "train.jsonl")}})
     assert (classifier.data.text, classifier.data.label) == ("text", "label")
+
+
+def test_a_generation_run_resumed_after_a_crash_ends_like_an_uninterrupted_one(tiny_llama, pair_dir, tmp_path,
+                                                                                monkeypatch):
+    import numpy as np
+    from safetensors.torch import load_file
+
+    import training.checkpoint as checkpoint_module
+
+    def config(name: str):
+        raw = _config(tiny_llama, pair_dir, tmp_path / name)
+        raw["train"].update(epochs=2, save_every="epoch")
+        raw["export"] = {"onnx": False}
+        return load_config(raw=raw)
+
+    expected = train(config("straight"))
+    real_save = checkpoint_module.save_checkpoint
+
+    def crash_after_first_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash right after the first checkpoint")
+
+    monkeypatch.setattr("training.train.save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(config("interrupted"))
+    base_answers = tmp_path / "interrupted" / "base_answers.json"
+    written = base_answers.read_text()  # the base model's answers, kept beside the checkpoints
+    assert not (tmp_path / "interrupted" / "artifact").exists()
+    monkeypatch.setattr("training.train.save_checkpoint", real_save)
+    resumed = train(config("interrupted"), resume=True)
+
+    assert base_answers.read_text() == written
+    for split in ("validation", "test"):
+        assert resumed.metrics[split] == pytest.approx(expected.metrics[split], abs=1e-6)
+    for name, figures in expected.baselines.items():
+        assert resumed.baselines[name] == pytest.approx(figures, abs=1e-6)
+    assert [g.text for g in resumed.test_scores] == [g.text for g in expected.test_scores]
+    a = load_file(str(expected.artifact_dir / "model" / "model.safetensors"))
+    b = load_file(str(resumed.artifact_dir / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert read_manifest(resumed.artifact_dir).training.steps == read_manifest(expected.artifact_dir).training.steps
