@@ -37,13 +37,15 @@ class PromptFormat(BaseModel):
         return value
 
 
-def check_messages(messages: Sequence[Any], where: str = "messages") -> list[dict[str, str]]:
-    """Chat messages as the chat template takes them.
+def check_messages(messages: Sequence[Any], where: str = "messages", last: str = "user") -> list[dict[str, str]]:
+    """Chat messages as the chat template takes them (``last``: the role the conversation must end with).
 
     Raises:
         ValueError: naming the first malformed message (not a {role, content} object, an unknown role, an empty
-            conversation, or one that does not end with a user turn).
+            conversation, or one that does not end with a ``last`` turn).
     """
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"{where}: expected a list of messages, got {type(messages).__name__}")
     if not messages:
         raise ValueError(f"{where}: give at least one message")
     checked = []
@@ -56,9 +58,29 @@ def check_messages(messages: Sequence[Any], where: str = "messages") -> list[dic
         if not isinstance(content, str):
             raise ValueError(f"{where}[{i}].content: must be a string")
         checked.append({"role": role, "content": content})
-    if checked[-1]["role"] != "user":
-        raise ValueError(f"{where}: the last message must be the user's (the model answers it)")
+    if checked[-1]["role"] != last:
+        raise ValueError(f"{where}: the last message must be the {last}'s"
+                         + (" (the model answers it)" if last == "user" else " (the answer the model learns)"))
     return checked
+
+
+def split_conversation(messages: Any) -> tuple[str | None, str, str]:
+    """One training example from a chat conversation: ``(system turn or None, the user's turn, the answer)``.
+
+    The user's turn is the input, which the artifact's prompt format wraps as it wraps every other input (the
+    chat template, the template string, the system turn), so training and serving render it the same way.
+
+    Raises:
+        ValueError: malformed messages, or a conversation other than [system,] user, assistant (several exchanges
+            would need their history rendered into each prompt, which the prompt format does not hold).
+    """
+    checked = check_messages(messages, where="conversation", last="assistant")
+    roles = [m["role"] for m in checked]
+    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+        raise ValueError(f"conversation: expected a user turn and the assistant's answer (after an optional system "
+                         f"turn), got the roles {roles}; split longer conversations into one example per answer")
+    system = checked[0]["content"] if roles[0] == "system" else None
+    return system, checked[-2]["content"], checked[-1]["content"]
 
 
 def render_messages(tokenizer: Any, messages: Sequence[Any]) -> str:

@@ -177,17 +177,31 @@ class GenerationConfig(_Strict):
             raise ValueError("generation: temperature, top_p and top_k apply only with do_sample: true")
         return self
 
-    def prompt_format(self, tokenizer: Any) -> PromptFormat:
+    def prompt_format(self, tokenizer: Any, data_system: str | None = None) -> PromptFormat:
         """The prompt format for this tokenizer (``auto``: its chat template when it has one).
 
+        Args:
+            data_system: the system turn of training data given as chat conversations; it becomes the prompt's
+                system turn (``generation.system`` may repeat it, not contradict it).
+
         Raises:
-            ConfigError: ``prompt: chat`` for a tokenizer without a chat template.
+            ConfigError: ``prompt: chat`` for a tokenizer without a chat template; conversations with a system turn
+                for a plain prompt, or one other than ``generation.system``.
         """
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if self.prompt == "chat" and not has_chat:
             raise ConfigError("generation.prompt: chat, but this model's tokenizer has no chat template; use plain")
         style = "chat" if self.prompt == "chat" or (self.prompt == "auto" and has_chat) else "plain"
-        return PromptFormat(style=style, template=self.template, system=self.system if style == "chat" else None)
+        system = self.system
+        if data_system is not None:
+            if style != "chat":
+                raise ConfigError("the training conversations have a system turn, but this model's prompt is plain "
+                                  "(no chat template): remove the system turns or use a model with a chat template")
+            if system is not None and system != data_system:
+                raise ConfigError(f"generation.system {system!r} differs from the training conversations' system "
+                                  f"turn {data_system!r}")
+            system = data_system
+        return PromptFormat(style=style, template=self.template, system=system if style == "chat" else None)
 
     def decoding(self) -> dict[str, Any]:
         """Keyword arguments of transformers' ``generate`` (and the served defaults)."""

@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from core.errors import DataError
+from core.prompting import split_conversation
 from core.tasks import Task
 from core.tasks.base import LabelError
 from training.config import DataConfig
@@ -50,6 +51,7 @@ class Split:
     labels: list[Any]
     rows: list[int] = field(default_factory=list)  # 1-based row numbers in the source, for error messages
     targets: np.ndarray | None = None
+    system: str | None = None  # generation from chat conversations: their system turn
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -61,7 +63,7 @@ class Split:
             texts=[self.texts[i] for i in pick],
             pairs=[self.pairs[i] for i in pick] if self.pairs is not None else None,
             labels=[self.labels[i] for i in pick], rows=[self.rows[i] for i in pick],
-            targets=self.targets[pick] if self.targets is not None else None,
+            targets=self.targets[pick] if self.targets is not None else None, system=self.system,
         )
 
 
@@ -72,6 +74,7 @@ class Dataset:
     test: Split
     labels: list[str] | None
     hashes: dict[str, str]
+    system: str | None = None  # generation from chat conversations: the system turn they share
 
 
 def read_table(source: str, where: str) -> tuple[dict[str, list], str]:
@@ -415,6 +418,9 @@ def load_split(
     else:
         columns, resolved = read_table(source, where)
     spec = task.spec
+    system = None
+    if "generation" in spec.options and cfg.label not in columns and _holds_lists(columns.get(cfg.text)):
+        columns, system = _conversations(columns, cfg.text, cfg.label, f"{where} ({resolved})")
     options = {"label_delimiter": cfg.label_delimiter, "tag_scheme": cfg.tag_scheme, "repair_tags": cfg.repair_tags}
     wanted = [cfg.text, cfg.label] + ([cfg.text_pair] if cfg.text_pair else [])
     for column in wanted:
@@ -451,7 +457,30 @@ def load_split(
         logger.info("%s: dropped %d of %d rows with no label (data.drop_missing_labels)", where, dropped, n)
     if not texts:
         raise DataError(f"{where} ({resolved}): no labelled rows left")
-    return Split(name=split, source=resolved, texts=texts, pairs=pairs, labels=labels, rows=rows)
+    return Split(name=split, source=resolved, texts=texts, pairs=pairs, labels=labels, rows=rows, system=system)
+
+
+def _holds_lists(values: list | None) -> bool:
+    return bool(values) and isinstance(next((v for v in values if v is not None), None), list)
+
+
+def _conversations(columns: dict[str, list], column: str, label: str, where: str) -> tuple[dict[str, list], str | None]:
+    """Generation from chat conversations (a column of message lists): each becomes the user's turn as the input
+    and the assistant's answer as the target; their system turn, which they must share, is returned."""
+    inputs, answers, systems = [], [], {}
+    for row, messages in enumerate(columns[column], start=1):
+        try:
+            system, user, answer = split_conversation(messages)
+        except ValueError as exc:
+            raise DataError(f"{where}: row {row}, column '{column}': {exc}") from None
+        systems.setdefault(system, row)
+        inputs.append(user)
+        answers.append(answer)
+    if len(systems) > 1:
+        (first, a), (second, b) = list(systems.items())[:2]
+        raise DataError(f"{where}: column '{column}': the conversations' system turns differ (row {a}: {first!r}, "
+                        f"row {b}: {second!r}); the prompt format holds one system turn for every input")
+    return {**columns, column: inputs, label: answers}, next(iter(systems))
 
 
 def attach_targets(split: Split, task: Task, labels: list[str] | None, label_column: str) -> None:
@@ -528,4 +557,8 @@ def load_dataset(cfg: DataConfig, task: Task, seed: int) -> Dataset:
     hashes = {s.name: h for s in (train, validation, test) if (h := file_hash(s.source))}
     logger.info("data: %d train, %d validation, %d test examples%s", len(train), len(validation), len(test),
                 f"; labels {labels}" if labels else "")
-    return Dataset(train=train, validation=validation, test=test, labels=labels, hashes=hashes)
+    systems = {s.name: s.system for s in (train, validation, test)}
+    if len(set(systems.values())) > 1:
+        raise DataError(f"the conversations' system turns differ between splits ({systems}); the prompt format holds "
+                        "one system turn for every input")
+    return Dataset(train=train, validation=validation, test=test, labels=labels, hashes=hashes, system=train.system)

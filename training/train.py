@@ -188,7 +188,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
     options = cfg.task_training_options
     prompt = None
     if "generation" in cfg.task.spec.options:  # the prompt format the artifact records and the service reuses
-        prompt = cfg.generation.prompt_format(tokenizer)
+        prompt = cfg.generation.prompt_format(tokenizer, data.system)
         options["prompt"] = prompt
         options["encoder_decoder"] = built.torch_task.encoder_decoder  # which ids go where (core Layout)
     encoded = {

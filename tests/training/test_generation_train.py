@@ -233,3 +233,70 @@ def test_a_generation_run_resumed_after_a_crash_ends_like_an_uninterrupted_one(t
     b = load_file(str(resumed.artifact_dir / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert read_manifest(resumed.artifact_dir).training.steps == read_manifest(expected.artifact_dir).training.steps
+
+
+def _conversation(row: dict, system: str | None = "Name what the tool does.") -> dict:
+    turns = [{"role": "user", "content": row["input"]}, {"role": "assistant", "content": row["target"]}]
+    return {"messages": ([{"role": "system", "content": system}] if system else []) + turns}
+
+
+def test_chat_conversations_train_with_their_system_turn_in_the_prompt(tiny_llama, pair_dir, tmp_path):
+    from core.prompting import render_prompt
+    from training.data import load_dataset
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "chats"
+    for split in ("train", "validation", "test"):
+        rows = [json.loads(line) for line in (pair_dir / f"{split}.jsonl").read_text().splitlines()]
+        write_jsonl(data / f"{split}.jsonl", [_conversation(r) for r in rows])
+    raw = _config(tiny_llama, data, tmp_path / "run", export={"onnx": False})
+    raw["data"].update(text="messages")
+    del raw["data"]["label"]
+    cfg = load_config(raw=raw)
+    loaded = load_dataset(cfg.data, cfg.task, cfg.train.seed)
+    plain = load_dataset(load_config(raw=_config(tiny_llama, pair_dir, tmp_path / "x")).data, cfg.task, cfg.train.seed)
+    assert loaded.system == "Name what the tool does."
+    assert loaded.test.texts == plain.test.texts and loaded.test.labels == plain.test.labels  # user turn -> answer
+
+    result = train(cfg)
+    manifest = read_manifest(result.artifact_dir)
+    assert manifest.prompt.style == "chat" and manifest.prompt.system == "Name what the tool does."
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompt = render_prompt(manifest.prompt, tokenizer, "this tool will sort files")
+    assert prompt.index("Name what the tool does.") < prompt.index("this tool will sort files")
+    assert {"rougeL", "loss"} <= set(manifest.metrics["test"])
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}],
+     "row 1, column 'messages': conversation: expected a user turn and the assistant's answer"),
+    ([{"messages": [{"role": "user", "content": "a"}]}], "row 1, column 'messages': conversation: the last message "
+                                                          "must be the assistant's"),
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}], r"conversation\[1\].role"),
+    ([{"messages": [{"role": "system", "content": "s1"}, {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"}]},
+      {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+     "system turns differ \\(row 1: 's1', row 2: None\\)"),
+])
+def test_malformed_conversations_are_named_by_row(tiny_llama, tmp_path, rows, message):
+    from core.errors import DataError
+    from training.data import load_split
+
+    path = write_jsonl(tmp_path / "chats.jsonl", rows)
+    cfg = load_config(raw={"task": "generation", "model": tiny_llama, "data": {"train": str(path), "text": "messages"}})
+    with pytest.raises(DataError, match=message):
+        load_split(str(path), "train", cfg.data, cfg.task)
+
+
+def test_a_system_turn_in_the_data_must_agree_with_the_config(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from core.errors import ConfigError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    generation = load_config(raw={"task": "generation", "model": tiny_llama, "data": {"train": "x.jsonl"},
+                                  "generation": {"system": "Be brief."}}).generation
+    assert generation.prompt_format(tokenizer, "Be brief.").system == "Be brief."
+    with pytest.raises(ConfigError, match="differs from the training conversations' system turn 'Be terse.'"):
+        generation.prompt_format(tokenizer, "Be terse.")
