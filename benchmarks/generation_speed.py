@@ -12,7 +12,14 @@ turns in one process with the same thread count:
 row says how many answers equal transformers' and how many outputs change when the same prompts are decoded
 pooled (the export gate requires none to change).
 
+``--llama-cpp`` adds llama.cpp (``llama-cpp-python``, installed by hand: it is not a dependency of the project) on the
+base model's original GGUF file, the engine a CPU user would otherwise pick. It reads the same prompt token ids (the
+GGUF holds the same vocabulary) and writes as many tokens. Its answers are the base model's, not the fine-tuned
+one's, so only its speed is compared; its Python binding decodes one sequence at a time, so "concurrency 8" is the
+8 prompts one after another.
+
     python benchmarks/generation_speed.py runs/summarize-lora/artifact [--prompts 8] [--new-tokens 32] [--candidates]
+        [--llama-cpp]
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts decoded one at a time (batch 1)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--candidates", action="store_true", help="also time the quantisation schemes not chosen")
+    parser.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp on the base model's GGUF file")
     args = parser.parse_args()
 
     import torch
@@ -107,6 +115,9 @@ def main() -> None:
                 quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
             runners[name] = onnx_runner(path)
 
+    if args.llama_cpp:
+        runners["llama.cpp (llama-cpp-python), the base model's Q4_1 GGUF"] = llama_cpp_runner(manifest, new)
+
     rows = {}
     for name, run in runners.items():
         run(prompts[:1])  # warm-up
@@ -129,7 +140,7 @@ def main() -> None:
               "vs transformers | answers = transformers' | outputs changed when pooled |"),
              "|---|---|---|---|---|---|---|"]
     for name, (b1, c8, alone, pooled) in rows.items():
-        same = ("(the reference)" if name == base_name
+        same = ("(the reference)" if name == base_name else "(the base model)" if name.startswith("llama.cpp")
                 else f"{sum(answer(a) == answer(r) for a, r in zip(alone, answers))}/{len(alone)}")
         moved = sum(a != p for a, p in zip(alone, pooled[:len(alone)]))
         lines.append(f"| {name} | {b1:.1f} | {b1 / base1:.2f}x | {c8:.1f} | {c8 / base8:.2f}x | "
@@ -145,6 +156,31 @@ def main() -> None:
     write_section("Generation decoding speed", " ".join(["python", "benchmarks/generation_speed.py", *sys.argv[1:]]),
                   body)
     scratch.cleanup()
+
+
+def llama_cpp_runner(manifest, new: int):
+    """Greedy decoding of ``new`` tokens per prompt with llama.cpp on the GGUF file the base model ships as."""
+    import importlib.util
+
+    from llama_cpp import Llama
+
+    from training.modeling import ALIASES
+
+    spec = next((s for s in ALIASES.values() if s.hub_id == manifest.base_model and s.gguf_file), None)
+    if spec is None:
+        sys.exit(f"--llama-cpp: the base model {manifest.base_model} is not one that ships as a GGUF file")
+    path = Path(importlib.util.find_spec(spec.package).submodule_search_locations[0]) / spec.gguf_file
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+
+    def one(prompt: list[int]) -> list[int]:
+        tokens = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            tokens.append(token)
+            if len(tokens) == new:
+                return tokens
+        return tokens
+
+    return lambda batch: [one(p) for p in batch]
 
 
 if __name__ == "__main__":
