@@ -39,7 +39,7 @@ class AugmentConfig(_Strict):
 
     @model_validator(mode="after")
     def _copies_need_an_operation(self) -> AugmentConfig:
-        if "copies" in self.model_fields_set and not self.enabled:
+        if self.copies != 1 and not self.enabled:  # (a dumped config names copies: 1 with no operation on)
             raise ValueError("copies is set but no operation is on: set synonym, insert, swap or delete above 0")
         return self
 

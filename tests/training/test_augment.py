@@ -181,6 +181,8 @@ def test_the_manifest_records_the_augmentation_and_baselines_learn_from_the_orig
     assert record["rows_added"] > 100 and "wordnet" not in record  # swap needs no WordNet
     assert manifest.provenance.config["data"]["augment"] == {"synonym": 0.0, "insert": 0.0, "swap": 0.2, "delete": 0.0,
                                                               "copies": 2}
+    card = (result.artifact_dir / "README.md").read_text()
+    assert f"include {record['rows_added']} augmented copies of the 60 original ones (`data.augment`: swap 0.2" in card
     del base_config["data"]["augment"]
     plain = train(load_config(raw={**base_config, "output_dir": base_config["output_dir"] + "-plain"}))
     assert result.baselines == plain.baselines  # the same original rows
@@ -202,7 +204,9 @@ def test_bad_augment_configs_name_the_field(raw, message):
 
 
 def test_augmentation_is_off_by_default_and_on_for_the_sequence_tasks():
-    assert not load_config(raw={"data": {"train": "x"}}).data.augment.enabled
+    default = load_config(raw={"data": {"train": "x"}})
+    assert not default.data.augment.enabled
+    assert load_config(raw=default.model_dump(mode="json")) == default  # as export reloads it from the manifest
     for task in ("classification", "multilabel", "regression"):
         assert load_config(raw={"task": task, "data": {"train": "x", "augment": {"insert": 0.1}}}).data.augment.enabled
 
