@@ -43,6 +43,7 @@ DEMO_DATASETS = {
     "wnut16:tweets": "WNUT 2016 Twitter named entities, training tweets (Strauss et al., 2016)",
     "manpages:debian": "Debian 12 manual pages (manpages, manpages-dev, coreutils): DESCRIPTION paragraph to NAME "
                        "summary",
+    "jokes:one-liners": "Tagged one-liner jokes of the npm package one-liner-joke 1.2.2 (20 tags)",
 }
 DEMO_LANGUAGE = "en"
 
