@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from core.manifest import Manifest, read_manifest
+from core.manifest import Manifest, TrainingRecord, read_manifest
 from core.verdict import BaselineVerdict, baseline_verdict
 
 CARD_FILE = "README.md"
@@ -43,6 +43,7 @@ DEMO_DATASETS = {
     "wnut16:tweets": "WNUT 2016 Twitter named entities, training tweets (Strauss et al., 2016)",
     "manpages:debian": "Debian 12 manual pages (manpages, manpages-dev, coreutils): DESCRIPTION paragraph to NAME "
                        "summary",
+    "jokes:one-liners": "Tagged one-liner jokes of the npm package one-liner-joke 1.2.2 (20 tags)",
 }
 DEMO_LANGUAGE = "en"
 
@@ -375,6 +376,17 @@ def examples_table(manifest: Manifest) -> str:
     return "\n\nTest examples (the base model answers the same prompt before fine-tuning):\n\n" + "\n".join(rows)
 
 
+def _augmentation(run: TrainingRecord | None) -> str:
+    """A sentence on data.augment, where the run used it (its record is under training.augmentation)."""
+    record = (run.model_extra or {}).get("augmentation") if run else None
+    if not record:
+        return ""
+    operations = ", ".join(f"{name} {share:g}" for name, share in record["operations"].items())
+    return (f"\nThe training examples include {record['rows_added']} augmented copies of the {record['examples']} "
+            f"original ones (`data.augment`: {operations}, {record['copies']} per example, seed {record['seed']}); "
+            "validation and test were not augmented, and the baselines learned from the original rows.")
+
+
 def model_card(manifest: Manifest) -> str:
     header = card_header(manifest)
     verdict = baseline_verdict(manifest)
@@ -427,7 +439,7 @@ def model_card(manifest: Manifest) -> str:
 
 Training data `{source}`{origin}. {examples.get('train', '?')} training, {examples.get('validation', '?')}
 validation and {examples.get('test', '?')} test examples (validation and test carved from the training data, seeded and
-stratified, unless given separately). Data hashes are in `manifest.json` under `provenance.data_hashes`.
+stratified, unless given separately). Data hashes are in `manifest.json` under `provenance.data_hashes`.{_augmentation(run)}
 
 ## Results
 

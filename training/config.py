@@ -23,9 +23,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class AugmentConfig(_Strict):
+    synonym: float = Field(0.0, ge=0, lt=1, description="Augmentation (training split only): share of a text's words "
+                           "replaced by a WordNet synonym (at least one word while above 0; 0 = off).")
+    insert: float = Field(0.0, ge=0, lt=1, description="Augmentation: as many WordNet synonyms of the text's words as "
+                          "this share of its words, inserted at random places.")
+    swap: float = Field(0.0, ge=0, lt=1, description="Augmentation: share of the words swapped with a neighbour.")
+    delete: float = Field(0.0, ge=0, lt=1, description="Augmentation: share of the words deleted.")
+    copies: int = Field(1, ge=1, le=32, description="Augmented copies of each training example added (each applies "
+                        "every operation above 0; seeded by train.seed; recorded in the manifest).")
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.synonym, self.insert, self.swap, self.delete))
+
+    @model_validator(mode="after")
+    def _copies_need_an_operation(self) -> AugmentConfig:
+        if self.copies != 1 and not self.enabled:  # (a dumped config names copies: 1 with no operation on)
+            raise ValueError("copies is set but no operation is on: set synonym, insert, swap or delete above 0")
+        return self
+
+
 class DataConfig(_Strict):
     train: str = Field(description="Training data: a file (csv, tsv, jsonl, json, parquet), a directory of such "
-                       "files, a demo set (vader:movie, vader:amazon, vader:nyt, vader:tweets, wnut16:tweets, manpages:debian) or a Hub data set name.")
+                       "files, a demo set (vader:movie, vader:amazon, vader:nyt, vader:tweets, wnut16:tweets, manpages:debian, "
+                       "jokes:one-liners) or a Hub data set name.")
     validation: str | None = Field(None, description="Validation data; carved from train (stratified, seeded) when null.")
     test: str | None = Field(None, description="Test data; carved from train (stratified, seeded) when null.")
     text: str = Field("text", description="Column holding the input text (generation: `input` unless set).")
@@ -46,6 +68,7 @@ class DataConfig(_Strict):
         "auto", description="Token tasks: the tags' scheme, normalised to BIO; 'auto' = BIOES if E-/S- tags appear, else BIO.")
     repair_tags: bool = Field(False, description="Token tasks: an I- tag that continues no entity starts one "
                               "instead of failing.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class LoraConfig(_Strict):
@@ -247,6 +270,7 @@ class Config(_Strict):
                              ("data.repair_tags", self.data.repair_tags),
                              ("train.label_all_tokens", self.train.label_all_tokens),
                              ("train.calibrate", "calibrate" in self.train.model_fields_set),
+                             ("data.augment", self.data.augment.enabled),
                              ("generation.*", self.generation != GenerationConfig())):
             key = option.split(".")[1] if not option.endswith("*") else option.split(".")[0]
             if used and key not in self.task.spec.options:

@@ -75,6 +75,14 @@ class Dataset:
     labels: list[str] | None
     hashes: dict[str, str]
     system: str | None = None  # generation from chat conversations: the system turn they share
+    augmentation: dict | None = None  # what data.augment added to train (its rows follow the originals)
+
+    @property
+    def original_train(self) -> Split:
+        """The training split without the rows augmentation added."""
+        if self.augmentation is None:
+            return self.train
+        return self.train.subset(range(self.augmentation["examples"]))
 
 
 def read_table(source: str, where: str) -> tuple[dict[str, list], str]:
@@ -552,6 +560,9 @@ def load_dataset(cfg: DataConfig, task: Task, seed: int) -> Dataset:
     train = _sample(train, cfg.max_train_examples, seed)
     validation = _sample(validation, cfg.max_eval_examples, seed)
     test = _sample(test, cfg.max_eval_examples, seed)
+    augmentation = None
+    if cfg.augment.enabled:  # the training split only, once validation and test are set apart
+        train, augmentation = _augment(train, cfg, seed)
     for split in (train, validation, test):
         attach_targets(split, task, labels, cfg.label)
     hashes = {s.name: h for s in (train, validation, test) if (h := file_hash(s.source))}
@@ -561,4 +572,17 @@ def load_dataset(cfg: DataConfig, task: Task, seed: int) -> Dataset:
     if len(set(systems.values())) > 1:
         raise DataError(f"the conversations' system turns differ between splits ({systems}); the prompt format holds "
                         "one system turn for every input")
-    return Dataset(train=train, validation=validation, test=test, labels=labels, hashes=hashes, system=train.system)
+    return Dataset(train=train, validation=validation, test=test, labels=labels, hashes=hashes, system=train.system,
+                   augmentation=augmentation)
+
+
+def _augment(train: Split, cfg: DataConfig, seed: int) -> tuple[Split, dict]:
+    """``train`` followed by its augmented copies (each with its example's label and source row)."""
+    from training.augment import augment_texts  # nlpaug loads only when augmentation is on
+
+    added = augment_texts(train.texts, train.pairs, cfg.augment, seed)
+    copies = train.subset(added.origin)
+    logger.info("data.augment: %d augmented rows added to %d training examples", len(copies), len(train))
+    return Split(name=train.name, source=train.source, texts=train.texts + added.texts,
+                 pairs=train.pairs + added.pairs if train.pairs is not None else None,
+                 labels=train.labels + copies.labels, rows=train.rows + copies.rows), added.record

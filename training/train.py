@@ -411,8 +411,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
                        test_logits=None if generates else test_outputs)
     if main:
         scored = len(test_targets)  # generation tasks score a sample of the test split: baselines score the same
+        original = data.original_train  # baselines learn from the data as given, without augmentation
         result.baselines = cfg.task.spec.baselines(
-            (data.train.texts, data.train.pairs, data.train.targets),
+            (original.texts, original.pairs, original.targets),
             (data.test.texts[:scored], data.test.pairs[:scored] if data.test.pairs else None, data.test.targets[:scored]),
             data.labels, threshold=None if tc.threshold == "auto" else tc.threshold, seed=tc.seed,
             validation=(data.validation.texts, data.validation.pairs, data.validation.targets), metric=cfg.primary_metric)
@@ -434,6 +435,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
             "history": state.history,
             "tracking": tracking.record(),
         }
+        if data.augmentation is not None:
+            training_info["augmentation"] = data.augmentation
         result.artifact_dir = publish_artifact(cfg, unwrapped, built, data, result, training_info)
         if cfg.export.onnx:
             from training.export import HeldOut, export_artifact

@@ -99,7 +99,8 @@ class TaskSpec(ABC):
     # The input and truth columns data.text and data.label name when a config leaves them out.
     default_columns: ClassVar[tuple[str, str]] = ("text", "label")
     accepts_token_lists: ClassVar[bool] = False  # whether an input may be a list of tokens instead of a text
-    # Config options that only some tasks accept (data.label_delimiter, train.label_smoothing, train.threshold).
+    # Config options that only some tasks accept (data.label_delimiter, train.label_smoothing, train.threshold,
+    # data.augment: word-level augmentation, for tasks whose labels are not aligned to the words).
     options: ClassVar[frozenset[str]] = frozenset()
 
     # -- labels ---------------------------------------------------------------------------------------

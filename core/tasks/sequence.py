@@ -67,7 +67,7 @@ class ClassificationSpec(TaskSpec):
                     "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted", "roc_auc", "log_loss")
     plot = "confusion"
     label_noun = "classes"
-    options = frozenset({"label_smoothing", "calibrate"})
+    options = frozenset({"label_smoothing", "calibrate", "augment"})
 
     def parse_label(self, value: Any, delimiter: str | None = None) -> str:
         if value is None:
@@ -153,7 +153,7 @@ class MultiLabelSpec(TaskSpec):
     metric_names = ("subset_accuracy", "hamming_loss", "f1_micro", "f1_macro", "roc_auc_macro", "ndcg", "lrap")
     label_key = "labels"
     plot = "per_label"
-    options = frozenset({"label_delimiter", "threshold", "calibrate"})
+    options = frozenset({"label_delimiter", "threshold", "calibrate", "augment"})
 
     def example_label(self, manifest) -> Any:
         return (manifest.labels or [])[:1]
@@ -240,6 +240,7 @@ class RegressionSpec(TaskSpec):
     metric_names = ("mse", "rmse", "mae", "r2", "pearson", "spearman")
     has_labels = False
     plot = "regression"
+    options = frozenset({"augment"})
 
     def example_label(self, manifest) -> Any:
         return 0.0
