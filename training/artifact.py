@@ -20,7 +20,7 @@ from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
 from core.verdict import compare_with_baselines
 from training.card import adapter_readme, base_model_name, write_card
 from training.files import swap_into_place
-from training.modeling import bundled_hub_id, merged_model, save_tokenizer_and_model
+from training.modeling import PEFT_METHODS, bundled_hub_id, merged_model, save_tokenizer_and_model
 from training.report import (plot_against_baselines, plot_confusion, plot_curves, plot_per_label, plot_regression,
                              plot_reliability)
 
@@ -70,16 +70,16 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    if cfg.method == "lora":
+    if cfg.method in PEFT_METHODS:
         model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)  # the adapter alone, before merging
         built.tokenizer.save_pretrained(tmp / ADAPTER_DIR)
-    plain = merged_model(model)
+    plain, tokenizer = merged_model(model, built.tokenizer)
     plain.config.name_or_path = cfg.run_name
     generation = "generation" in cfg.task.spec.options
     if generation:  # the decoding evaluation used is the saved model's default
         for key, value in cfg.generation.decoding().items():
             setattr(plain.generation_config, key, value)
-    save_tokenizer_and_model(plain, built.tokenizer, tmp / MODEL_DIR)
+    save_tokenizer_and_model(plain, tokenizer, tmp / MODEL_DIR)
 
     monitor, primary = cfg.monitor, cfg.primary_metric
     verdict = compare_with_baselines(primary, result.metrics["test"][primary], result.baselines)
@@ -92,7 +92,8 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         labels=data.labels,
         text_fields=[cfg.data.text] + ([cfg.data.text_pair] if cfg.data.text_pair else []),
         label_field=cfg.data.label,
-        max_length=cfg.train.max_length,
+        # prompt tuning: the virtual tokens, now the tokenizer's, come before the max_length tokens trained on
+        max_length=cfg.train.max_length + (cfg.prompt.num_virtual_tokens if cfg.method == "prompt" else 0),
         stride=cfg.train.stride if "stride" in cfg.task.spec.options else None,
         aggregation=cfg.export.aggregation if "aggregation" in cfg.task.spec.options else None,
         postprocess=cfg.task.spec.postprocess,
@@ -126,7 +127,7 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
     )
     write_manifest(manifest, tmp)
     write_card(tmp, manifest)  # re-written after the export, with its results
-    if cfg.method == "lora":
+    if cfg.method in PEFT_METHODS:
         describe_adapter(tmp / ADAPTER_DIR, manifest)
 
     report = tmp / "report"

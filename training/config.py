@@ -77,6 +77,26 @@ class LoraConfig(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: Literal["auto"] | list[str] = Field(
         "auto", description="Module names to adapt; 'auto' = every linear layer inside the encoder blocks.")
+    use_dora: bool = Field(False, description="DoRA: split each adapted weight into a magnitude and a direction, the "
+                           "LoRA update acting on the direction (merged into `model/` as plain LoRA is).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, "
+                             "which keeps high ranks learning.")
+
+
+class Ia3Config(_Strict):
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="method=ia3: modules whose outputs (or, for feed-forward ones, inputs) are rescaled; "
+                            "'auto' = peft's choice for the architecture (BERT: key, value, output.dense).")
+    feedforward_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="method=ia3: the target modules that are feed-forward layers (rescaled on their input); "
+                            "'auto' = peft's choice for the architecture.")
+
+
+class PromptConfig(_Strict):
+    num_virtual_tokens: int = Field(20, gt=0, description="method=prompt: trained embeddings put before every input "
+                                    "(the artifact's tokenizer adds them as special tokens).")
+    init_text: str | None = Field(None, description="method=prompt: start the virtual tokens from this text's "
+                                  "token embeddings (repeated to length); null = random.")
 
 
 class FreezeConfig(_Strict):
@@ -93,15 +113,31 @@ class EarlyStoppingConfig(_Strict):
 Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
 
 
+class DropoutConfig(_Strict):
+    hidden: float | None = Field(None, ge=0, lt=1, description="Dropout on hidden states and embeddings (BERT "
+                                 "hidden_dropout_prob, GPT-2 resid_pdrop and embd_pdrop, T5 dropout_rate); null = "
+                                 "the model's own.")
+    attention: float | None = Field(None, ge=0, lt=1, description="Dropout on attention probabilities (BERT "
+                                    "attention_probs_dropout_prob, Llama attention_dropout, GPT-2 attn_pdrop); null = "
+                                    "the model's own.")
+    classifier: float | None = Field(None, ge=0, lt=1, description="Dropout before the classification head (BERT "
+                                     "classifier_dropout, DistilBERT seq_classif_dropout); null = the model's own.")
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(3, gt=0, description="Passes over the training data (early stopping may end sooner).")
     batch_size: int = Field(32, gt=0, description="Examples per optimizer micro-step, per process.")
     eval_batch_size: int = Field(128, gt=0, description="Examples per forward pass in evaluation, per process.")
-    lr: float | Literal["auto"] = Field("auto", description="Peak learning rate; 'auto' = 5e-5 (full), 5e-4 (lora), 1e-3 (freeze).")
+    lr: float | Literal["auto"] = Field("auto", description="Peak learning rate; 'auto' = 5e-5 (full), 5e-4 (lora), 1e-3 (freeze), "
+                                                    "3e-3 (ia3), 3e-2 (prompt).")
     head_lr: float | None = Field(None, gt=0, description="Peak learning rate of the task head and pooler; null = lr.")
     scheduler: Literal["linear", "cosine", "constant", "exponential"] = Field("linear", description="Decay after warmup.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of optimizer steps spent warming up linearly.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay (not applied to biases and LayerNorm weights).")
+    l1: float = Field(0.0, ge=0, description="L1 penalty: this times the summed absolute values of the trained weights "
+                      "(not biases and LayerNorm weights) is added to the training objective; the logged losses "
+                      "are the task's loss without it. 0 = off.")
+    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Classification only.")
     grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
@@ -235,7 +271,12 @@ class GenerationConfig(_Strict):
         return out
 
 
-DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "freeze": 1e-3}
+# Soft prompts and IA3 scaling vectors are few parameters far from their starting point: they need larger steps.
+DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "freeze": 1e-3, "ia3": 3e-3, "prompt": 3e-2}
+# Options that only one method reads (the older lora fields stay accepted with any method, as configs shipped with a
+# lora section suggest `--set method=full`).
+METHOD_OPTIONS = {"lora.use_dora": "lora", "lora.use_rslora": "lora", "ia3.*": "ia3", "prompt.*": "prompt",
+                  "freeze.layers": "freeze"}
 
 
 class Config(_Strict):
@@ -244,8 +285,12 @@ class Config(_Strict):
                        "SmolLM2-135M-Instruct, a small Llama-architecture language model), a local directory, or a Hub model id.")
     name: str | None = Field(None, description="Model name in the artifact and model store; default: the output directory's name.")
     data: DataConfig
-    method: Literal["full", "lora", "freeze"] = Field("lora", description="What is trained: everything, LoRA adapters + head, or the head only.")
+    method: Literal["full", "lora", "freeze", "ia3", "prompt"] = Field(
+        "lora", description="What is trained: everything, LoRA adapters + head, the head only, IA3 scaling vectors + "
+        "head, or soft-prompt tokens + head (prompt tuning; classification, multilabel and regression).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    ia3: Ia3Config = Field(default_factory=Ia3Config)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -276,6 +321,16 @@ class Config(_Strict):
             if used and key not in self.task.spec.options:
                 takers = " or ".join(t.value for t in Task if key in t.spec.options)
                 raise ValueError(f"{option} only applies to task: {takers}")
+        for option, method in METHOD_OPTIONS.items():
+            section, _, key = option.partition(".")
+            value, default = getattr(self, section), type(getattr(self, section))()
+            used = value != default if key == "*" else getattr(value, key) != getattr(default, key)
+            if used and self.method != method:
+                raise ValueError(f"{option} only applies to method: {method} (method is {self.method})")
+        # peft's prompt tuning prepends virtual tokens: one output per text is unaffected, per-token outputs would shift.
+        if self.method == "prompt" and self.task.spec.auto_model != "AutoModelForSequenceClassification":
+            raise ValueError(f"method: prompt applies to classification, multilabel and regression, not task: "
+                             f"{self.task.value}")
         return self
 
     @property

@@ -37,7 +37,7 @@ from training.config import Config
 from training.data import load_dataset
 from training.dropout import use_cpu_dropout
 from training.generate import examples_table, generate, token_loss, with_loss
-from training.modeling import build_model, optimizer_groups, resolve_model, trainable_state
+from training.modeling import build_model, l1_parameters, optimizer_groups, resolve_model, trainable_state
 from training.precision import DeviceFacts, choose_mixed_precision
 from training.tasks import IGNORE_INDEX, TorchTask, torch_task
 from training.tracking import RunLabels, Tracking, closes_failed_runs, prefixed
@@ -247,6 +247,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
     scheduler = make_scheduler(tc.scheduler, optimizer, round(tc.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(scheduler)
     loss_fn = make_loss(cfg, built.torch_task, data.train.targets, cfg.task.spec.num_outputs(data.labels))
+    penalised = l1_parameters(model) if tc.l1 else []  # train.l1: the same tensors the prepared model trains
     monitor = cfg.monitor
 
     # -- state that checkpoints carry ---------------------------------------------------------------
@@ -333,7 +334,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step + 1}; "
                                         "lower train.lr or check the data. No artifact was published from this run.")
-                accelerator.backward(loss)
+                # L1 joins the objective only: the logged losses stay the task's, comparable with validation's
+                accelerator.backward(loss + tc.l1 * sum(p.abs().sum() for p in penalised) if penalised else loss)
                 if accelerator.sync_gradients and tc.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
                 optimizer.step()
