@@ -107,6 +107,13 @@ def test_each_method_trains_exports_through_the_gate_and_predicts(base_config, n
     parity = manifest.export.parity["onnx"]
     assert manifest.export.backend == "onnx" and (art / "onnx" / "model.onnx").is_file()
     assert parity.label_agreement >= 0.999 and parity.max_abs_diff < 1e-3
+    # Both of the service's backends pass the start-up self-test: nothing there knows about the method.
+    from service.backends import choose_backend
+    from service.selftest import run_selftest
+
+    for backend in ("onnx", "torch"):
+        served = choose_backend(art, manifest, backend=backend, device="cpu", threads=1, batch_size=8)
+        assert run_selftest(served, manifest)
     if name == "prompt":  # the virtual tokens are the tokenizer's now, ahead of its own
         assert manifest.max_length == base_config["train"]["max_length"] + 4
         ids = loaded.tokenizer("a great plot")["input_ids"]
