@@ -2,6 +2,7 @@
 prompt tuning, DoRA, rsLoRA), each merged (or folded) into a plain model that exports through the same gate."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_each_method_trains_exports_through_the_gate_and_predicts(base_config, n
         assert adapter_config["use_rslora"]
     # The artifact reloads without peft and gives the trainer's test scores; ONNX passes the gate.
     loaded = load_artifact(art)
-    rows = [json.loads(line) for line in open(base_config["data"]["test"])]
+    rows = [json.loads(line) for line in Path(base_config["data"]["test"]).read_text().splitlines()]
     logits = predict_logits(loaded, [r["text"] for r in rows])
     scores = manifest.task.spec.scores(logits)  # in input order; the trainer's come in its loader's (by length)
     assert np.allclose(np.sort(scores[:, 1]), np.sort(result.test_scores[:, 1]), atol=2e-6)
