@@ -95,8 +95,9 @@ class Ia3Config(_Strict):
 class PromptConfig(_Strict):
     num_virtual_tokens: int = Field(20, gt=0, description="method=prompt: trained embeddings put before every input "
                                     "(the artifact's tokenizer adds them as special tokens).")
-    init_text: str | None = Field(None, description="method=prompt: start the virtual tokens from this text's "
-                                  "token embeddings (repeated to length); null = random.")
+    init_text: str | None = Field(None, description="method=prompt: start the virtual tokens from the embeddings "
+                                  "of this text's tokens (special tokens included, as peft tokenizes it; repeated or cut "
+                                  "to length); null = random.")
 
 
 class FreezeConfig(_Strict):

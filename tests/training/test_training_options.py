@@ -172,3 +172,19 @@ def test_a_dropout_the_model_does_not_have_is_named(tmp_path, base_config):
     base_config["train"]["dropout"] = {"attention": 0.1, "hidden": 0.2}
     with pytest.raises(ConfigError, match=r"train.dropout.hidden: .*\(llama\) has no such dropout"):
         dropout_overrides(load_config(raw=base_config), base_config["model"])
+
+
+def test_prompt_init_text_starts_the_virtual_tokens_from_its_words(base_config):
+    base_config.update(method="prompt", prompt={"num_virtual_tokens": 7, "init_text": "great or awful"})
+    built = build_model(load_config(raw=base_config), ["negative", "positive"])
+    ids = built.tokenizer("great or awful")["input_ids"]  # as peft tokenizes it: [CLS] great or awful [SEP]
+    words = built.model.get_base_model().get_input_embeddings().weight[ids].detach()
+    prompt = built.model.get_prompt_embedding_to_save("default")
+    assert len(ids) == 5 and torch.equal(prompt[:5], words) and torch.equal(prompt[5:], words[:2])  # repeated to length
+
+
+def test_prompt_tokens_must_fit_the_models_positions(base_config):
+    base_config.update(method="prompt", prompt={"num_virtual_tokens": 100})  # the tiny model has 128 positions
+    base_config["train"]["max_length"] = 32
+    with pytest.raises(ConfigError, match="prompt.num_virtual_tokens: 100 virtual tokens .* exceed the 128 positions"):
+        build_model(load_config(raw=base_config), ["negative", "positive"])
