@@ -116,17 +116,21 @@ def test_full_finetune_learns_entities_and_the_artifact_reproduces_them(tiny_mod
     assert json.loads(report.read_text())["metrics"]["f1"] == pytest.approx(test["f1"], abs=0.02)
 
 
-@pytest.mark.parametrize("method", ["lora", "freeze"])
+@pytest.mark.parametrize("method", ["lora", "freeze", "ia3"])
 def test_lora_and_freeze_train_the_token_head(tiny_model, entity_dir, tmp_path, method):
     raw = _config(tiny_model, entity_dir, tmp_path, epochs=2)
     raw["method"] = method
+    if method == "ia3":  # merged like LoRA, and exported through the same gate
+        raw["export"] = {"onnx": True, "int8": "off"}
     result = train(load_config(raw=raw))
     manifest = read_manifest(result.artifact_dir)
     assert "classifier" in manifest.training.head_modules
     assert manifest.trainable_parameters < manifest.total_parameters / 2
-    if method == "lora":
+    if method != "freeze":
         config = json.loads((result.artifact_dir / "adapter" / "adapter_config.json").read_text())
         assert config["task_type"] == "TOKEN_CLS"
+    if method == "ia3":
+        assert manifest.export.parity["onnx"].max_abs_diff < 1e-3
     assert np.isfinite(result.metrics["test"]["loss"])
 
 
