@@ -111,7 +111,9 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         decoding=cfg.generation.decoding() if generation else None,
         examples=result.examples,
         confusion_matrix=result.test.confusion_matrix,
-        training={**training, "lora_target_modules": built.target_modules, "head_modules": built.head_modules},
+        # lora_target_modules, or ia3_target_modules (prompt tuning adapts no module)
+        training={**training, **({f"{cfg.method}_target_modules": built.target_modules} if built.target_modules else {}),
+                  "head_modules": built.head_modules},
         provenance={
             "seed": cfg.train.seed,
             # What reproducibility was asked for: one seed for weights of new modules, dropout, batch order and

@@ -88,6 +88,8 @@ def test_each_method_trains_exports_through_the_gate_and_predicts(base_config, n
     assert manifest.provenance.config[manifest.method] == load_config(raw=base_config).model_dump(mode="json")[manifest.method]
     assert 0 < manifest.trainable_parameters < manifest.total_parameters / 10  # full fine-tuning trains them all
     assert "classifier" in manifest.training.head_modules
+    adapted = {"ia3": ["key", "value", "output.dense"], "prompt": None}.get(name, ["dense", "key", "query", "value"])
+    assert getattr(manifest.training, f"{manifest.method}_target_modules", None) == adapted
     # The adapter is saved with the head; model/ is a plain transformers checkpoint.
     adapter = load_file(str(art / "adapter" / "adapter_model.safetensors"))
     assert any("classifier" in key for key in adapter)
