@@ -14,7 +14,7 @@ from core.errors import ConfigError
 from core.manifest import read_manifest
 from training.config import DEFAULT_LR, load_config
 from training.dropout import CpuDropout, use_cpu_dropout
-from training.inference import load_artifact, predict_logits
+from training.inference import load_artifact, predict_scores
 from training.modeling import build_model, dropout_overrides, merged_model
 from training.train import train
 
@@ -104,8 +104,7 @@ def test_each_method_trains_exports_through_the_gate_and_predicts(base_config, n
     # The artifact reloads without peft and gives the trainer's test scores; ONNX passes the gate.
     loaded = load_artifact(art)
     rows = [json.loads(line) for line in Path(base_config["data"]["test"]).read_text().splitlines()]
-    logits = predict_logits(loaded, [r["text"] for r in rows])
-    scores = manifest.task.spec.scores(logits)  # in input order; the trainer's come in its loader's (by length)
+    scores = predict_scores(loaded, [r["text"] for r in rows])  # in input order; the trainer's in its loader's (by length)
     assert np.allclose(np.sort(scores[:, 1]), np.sort(result.test_scores[:, 1]), atol=2e-6)
     parity = manifest.export.parity["onnx"]
     assert manifest.export.backend == "onnx" and (art / "onnx" / "model.onnx").is_file()
