@@ -63,7 +63,8 @@ METADATA = {
     },
 }
 
-METHODS = {"full": "full fine-tuning", "lora": "LoRA adapters, merged", "freeze": "frozen encoder, trained head"}
+METHODS = {"full": "full fine-tuning", "lora": "LoRA adapters, merged", "freeze": "frozen encoder, trained head",
+           "ia3": "IA3 scaling vectors, merged", "prompt": "prompt tuning, its virtual tokens in the vocabulary"}
 
 # Headers of the page: the browser may apply its inline style and fetch nothing (no script, font, image or frame).
 PAGE_HEADERS = {
