@@ -152,6 +152,22 @@ class ExportRecord(_Section):
     selftest: list[SelftestExample]
 
 
+class StudyRecord(_Section):
+    """The hyperparameter search (``tuneserve tune --train-best``) that chose this run's configuration."""
+
+    name: str = Field(description="The Optuna study's name.")
+    metric: str = Field(description="The validation metric the search optimised (the test split was not scored).")
+    direction: Literal["minimize", "maximize"]
+    sampler: str
+    pruner: str
+    trials: dict[str, int] = Field(description="Trials by state (COMPLETE, PRUNED, FAIL, ...).")
+    best_trial: int
+    best_value: float = Field(description="The best trial's validation value.")
+    best_params: dict[str, Any] = Field(description="Config path -> the value the best trial used.")
+    importances: dict[str, float] | None = Field(None, description="Config path -> importance (Optuna's "
+                                                 "get_param_importances; null with fewer than 2 complete trials).")
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -193,6 +209,8 @@ class Manifest(BaseModel):
     training: TrainingRecord | None = Field(None, description="Epochs run, steps, best step, timings, history.")
     provenance: Provenance = Field(default_factory=Provenance)
     export: ExportRecord | None = Field(None, description="The ONNX export and its gate; null until exported.")
+    study: StudyRecord | None = Field(None, description="The hyperparameter search that chose the configuration; "
+                                      "null for a run configured by hand.")
 
     @property
     def has_pair(self) -> bool:

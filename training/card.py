@@ -393,6 +393,29 @@ def _augmentation(run: TrainingRecord | None) -> str:
             "validation and test were not augmented, and the baselines learned from the original rows.")
 
 
+def study_section(manifest: Manifest) -> str:
+    """The hyperparameter search behind the configuration, where there was one (else nothing)."""
+    study = manifest.study
+    if study is None:
+        return ""
+    states = ", ".join(f"{count} {state.lower()}" for state, count in study.trials.items())
+    importances = study.importances or {}
+    rows = "\n".join(f"| `{path}` | {f'{value:.4g}' if isinstance(value, float) else value} | "
+                     f"{_figure(importances[path]) if path in importances else '—'} |"
+                     for path, value in study.best_params.items())
+    return f"""## Hyperparameter search
+
+The configuration above won the Optuna study `{study.name}` ({sum(study.trials.values())} trials: {states}; sampler
+{study.sampler}, pruner {study.pruner}), judged on validation `{study.metric}` ({study.direction}) only: trial
+{study.best_trial} reached {_figure(study.best_value)}. The test split was scored once, for this model.
+
+| parameter | best value | importance |
+|---|---|---|
+{rows}
+
+"""
+
+
 def model_card(manifest: Manifest) -> str:
     header = card_header(manifest)
     verdict = baseline_verdict(manifest)
@@ -477,7 +500,7 @@ Plots are in `report/`.
 {yaml.safe_dump(hyper, sort_keys=False).strip()}
 ```
 
-## Limitations
+{study_section(manifest)}## Limitations
 
 {"The model writes what it was taught to write" if generation else "The model knows only the labels above"} and was measured on data like its training data; text far from that
 (other domains, languages, lengths beyond {manifest.max_length} tokens, which are cut) may score worse than the test

@@ -1,4 +1,4 @@
-"""The ``tuneserve`` command line: train, evaluate, export, register, predict, config, data.
+"""The ``tuneserve`` command line: train, tune, evaluate, export, register, predict, config, data.
 
 Errors a user can act on (bad config, bad data, a broken artifact) are printed as one message and
 exit with status 2, without a traceback.
@@ -30,14 +30,21 @@ def _table(columns: dict[str, dict[str, float]], names: list[str]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from core.verdict import compare_with_baselines
     from training.config import load_config
     from training.train import train
 
     cfg = load_config(args.config, args.set)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    _print_run(cfg, result)
+    return 0
+
+
+def _print_run(cfg, result) -> None:
+    """Test metrics beside the baselines, the artifact, the export and the verdict of a finished run."""
+    from core.verdict import compare_with_baselines
+
     if result.artifact_dir is None:  # not the main process
-        return 0
+        return
     print(f"\ntest metrics ({len(result.test_targets)} examples) beside the baselines:")
     print(_table({"model": result.metrics["test"], **result.baselines}, [*cfg.task.spec.metric_names, "loss"]))
     print(f"\nartifact: {result.artifact_dir}")
@@ -46,6 +53,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     verdict = compare_with_baselines(cfg.primary_metric, result.metrics["test"][cfg.primary_metric], result.baselines)
     if verdict and not verdict.beats:  # last, where it cannot scroll away
         print(f"\nWARNING: {verdict.message}. Check the data, the labels and the recipe before serving it.")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.search import run_search, train_best
+
+    cfg = load_config(args.config, args.set)
+    search = run_search(cfg, trials=args.trials, timeout=args.timeout, seed=args.seed, storage=args.storage,
+                        study_name=args.study_name, pruner=args.pruner)
+    record = search.record
+    states = ", ".join(f"{n} {state.lower()}" for state, n in record["trials"].items())
+    print(f"\nstudy {record['name']}: {sum(record['trials'].values())} trials ({states}), "
+          f"validation {record['metric']} ({record['direction']})")
+    if search.best_config is None:
+        print("no trial completed: no best configuration")
+        return 1
+    print(f"best: trial {record['best_trial']}, validation {record['metric']} {record['best_value']:.4f}")
+    importances = record["importances"] or {}
+    for path, value in record["best_params"].items():
+        share = f"  (importance {importances[path]:.2f})" if path in importances else ""
+        print(f"  {path}: {value}{share}")
+    print(f"best configuration: {search.best_config}")
+    for plot in search.plots:
+        print(f"plot: {plot}")
+    if args.train_best:
+        print("\ntraining the best configuration (the test split is scored now, once)")
+        _print_run(load_config(search.best_config), train_best(search.best_config, record))
     return 0
 
 
@@ -207,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--overwrite", action="store_true",
                       help="start afresh although output_dir holds checkpoints of an earlier run")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search the config's search: section with Optuna, on the validation split")
+    p.add_argument("config", help="run configuration (YAML) with a search: section")
+    p.add_argument("--trials", type=int, help="trials this process runs (several processes on one study add up)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this many seconds")
+    p.add_argument("--seed", type=int, help="sampler seed (default: train.seed)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage shared by workers: postgresql://user@host/db, "
+                   "sqlite:///file.db or a journal file (default: OUTPUT_DIR/study.journal; a study resumes there)")
+    p.add_argument("--study-name", help="study name (default: the run name)")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                   help="stop weak trials from their validation metric at each evaluation (default: median)")
+    p.add_argument("--train-best", action="store_true",
+                   help="then train the best configuration into OUTPUT_DIR/artifact (test split scored once)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value, e.g. --set train.epochs=1 (repeatable)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="score an artifact on labelled data with the training metrics")
     p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")

@@ -7,9 +7,10 @@ rejected with their full path.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -272,6 +273,28 @@ class GenerationConfig(_Strict):
         return out
 
 
+class SearchRange(_Strict):
+    """One searched value of ``tuneserve tune``: a range (``low``..``high``, on a log scale with ``log``) or ``choices``."""
+
+    low: int | float | None = Field(None, description="Smallest value; integers stay integers (when the field takes them).")
+    high: int | float | None = Field(None, description="Largest value (included).")
+    log: bool = Field(False, description="Sample on a log scale (both bounds > 0).")
+    choices: list[bool | int | float | str | None] | None = Field(
+        None, min_length=1, description="The values to choose from, instead of a range (numbers, words, true/false, null).")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchRange:
+        if (self.choices is None) == (self.low is None or self.high is None):
+            raise ValueError("give either low and high, or choices")
+        if self.choices is not None and self.log:
+            raise ValueError("log applies to a range (low, high), not to choices")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
 # Soft prompts and IA3 scaling vectors are few parameters, each acting on every input: their papers train them with
 # larger steps (IA3 in T-Few: 3e-3; prompt tuning: 0.3 with Adafactor, 3e-2 a common AdamW choice).
 DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "freeze": 1e-3, "ia3": 3e-3, "prompt": 3e-2}
@@ -298,6 +321,9 @@ class Config(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     output_dir: str = Field("runs/tuneserve", description="Checkpoints go to OUTPUT_DIR/checkpoints, the artifact to OUTPUT_DIR/artifact.")
+    search: dict[str, SearchRange] = Field(
+        default_factory=dict, description="`tuneserve tune` only (train ignores it): dotted config path -> "
+        "{low, high, log} or {choices: [...]}, e.g. `train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}`.")
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> Config:
@@ -333,7 +359,38 @@ class Config(_Strict):
         if self.method == "prompt" and self.task.spec.auto_model != "AutoModelForSequenceClassification":
             raise ValueError(f"method: prompt applies to classification, multilabel and regression, not task: "
                              f"{self.task.value}")
+        self._check_search()
         return self
+
+    def _check_search(self) -> None:
+        """Each searched path names a value of this config, and every candidate value passes that field's own
+        checks: the bounds (and choices) are tried by building the config with them."""
+        base = self.model_dump(exclude_unset=True, exclude={"search"})
+        for path, space in self.search.items():
+            if path.split(".")[0] in ("search", "output_dir"):
+                raise ValueError(f"'search.{path}': tune sets {path.split('.')[0]} itself; it cannot be searched")
+            field = config_field(path)
+            if space.choices is None:
+                kinds = _annotation_types(field.annotation)
+                if not kinds & {int, float}:
+                    raise ValueError(f"'search.{path}': {path} is not a number; give choices instead of low and high")
+                if float not in kinds and not all(_is_int(v) for v in (space.low, space.high)):
+                    raise ValueError(f"'search.{path}': {path} takes integers; write low and high as integers "
+                                     f"(got {space.low}, {space.high})")
+            candidates = space.choices if space.choices is not None else [space.low, space.high]
+            for value in candidates:
+                try:
+                    Config.model_validate(with_value(base, path, value))
+                except ValidationError as exc:
+                    raise ValueError(f"'search.{path}': {value!r} is not a valid {path}: {_describe(exc)}") from None
+
+    def search_kind(self, path: str) -> Literal["int", "float", "choices"]:
+        """How ``tuneserve tune`` draws the searched value at ``path``: integers stay integers."""
+        space = self.search[path]
+        if space.choices is not None:
+            return "choices"
+        takes_int = int in _annotation_types(config_field(path).annotation)
+        return "int" if takes_int and _is_int(space.low) and _is_int(space.high) else "float"
 
     @property
     def lr(self) -> float:
@@ -362,6 +419,48 @@ class Config(_Strict):
     @property
     def run_name(self) -> str:
         return self.name or Path(self.output_dir).resolve().name
+
+
+def _annotation_types(annotation: Any) -> set:
+    return {annotation, *get_args(annotation)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def config_field(path: str):
+    """The pydantic field a dotted path (``train.lr``) names.
+
+    Raises:
+        ValueError: no such key, or the path ends at a section rather than a value.
+    """
+    model: type[BaseModel] = Config
+    keys = path.split(".")
+    for depth, key in enumerate(keys):
+        field = model.model_fields.get(key)
+        if field is None:
+            raise ValueError(f"'search.{path}': unknown config key '{'.'.join(keys[:depth + 1])}'")
+        nested = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        if depth == len(keys) - 1:
+            if nested is not None:
+                raise ValueError(f"'search.{path}': {path} is a section; name one of its values")
+            return field
+        if nested is None:
+            raise ValueError(f"'search.{path}': '{'.'.join(keys[:depth + 1])}' is a value, not a section")
+        model = nested
+    raise AssertionError("unreachable")
+
+
+def with_value(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of raw config data with the value at a dotted path replaced (sections created as needed)."""
+    out = copy.deepcopy(raw)
+    node = out
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return out
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
@@ -443,13 +542,16 @@ def reference_table() -> str:
         for name, field in model.model_fields.items():
             nested = [t for t in (field.annotation, *get_args(field.annotation))
                       if isinstance(t, type) and issubclass(t, BaseModel)]
-            if nested:
+            keyed = get_origin(field.annotation) is dict  # search: config path -> SearchRange
+            if nested and not keyed:
                 walk(nested[0], f"{prefix}{name}.")
                 continue
             default = "required" if field.is_required() else field.get_default(call_default_factory=True)
             default = getattr(default, "value", default)
             text = (field.description or "").replace("|", "\\|")
             rows.append(f"| `{prefix}{name}` | `{'null' if default is None else default}` | {text} |")
+            if nested and keyed:
+                walk(nested[0], f"{prefix}{name}.PATH.")
 
     walk(Config, "")
     return "\n".join(rows)

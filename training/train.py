@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +54,9 @@ class RunResult:
     artifact_dir: Path | None
     metrics: dict[str, dict[str, float]]
     baselines: dict[str, dict[str, float]]
-    test: Evaluation
-    test_targets: np.ndarray
-    test_scores: np.ndarray
+    test: Evaluation | None = None  # None: a run that stopped before the test split (publish=False)
+    test_targets: np.ndarray | None = None
+    test_scores: np.ndarray | None = None
     export: dict | None = None
     examples: list[dict] | None = None  # generation: a few test inputs with reference, base and fine-tuned answers
     prompt: PromptFormat | None = None  # generation: how inputs became prompts
@@ -134,7 +135,8 @@ def fit_decisions(cfg: Config, labels, logits, targets) -> Decisions:
 
 
 @closes_failed_runs
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels: RunLabels | None = None) -> RunResult:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels: RunLabels | None = None,
+          publish: bool = True, on_evaluation: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
     """Fine-tune, evaluate and publish ``OUTPUT_DIR/artifact``. See the module docstring for the flow.
 
     Args:
@@ -143,6 +145,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
         overwrite: start afresh even though ``OUTPUT_DIR`` holds checkpoints of an earlier run (they are
             removed; the earlier artifact stays until this run publishes its own).
         labels: how the trackers of ``train.report_to`` name the run (a search's trial: as a child run).
+        publish: score the test split, fit the baselines and publish the artifact; False stops once the best
+            weights are known (a search trial: the test split is never touched, ``metrics`` holds validation only).
+        on_evaluation: called after each validation with the step and the validation metrics; an exception
+            it raises ends the run (a search stops a weak trial this way).
 
     Raises:
         TrainingError: a fresh run would mix with an earlier run's checkpoints, there is nothing to
@@ -279,7 +285,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
     # Generation: the base model's own answers on the test sample, before any training (the baseline that
     # matters most); kept beside the checkpoints so that a resumed run reuses them.
     base_answers: list = []
-    if generates:
+    if generates and publish:
         stored = output_dir / BASE_ANSWERS
         if resume and stored.is_file():
             base_answers = [GeneratedText(**a) for a in json.loads(stored.read_text())]
@@ -304,6 +310,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
             state.bad_evals += 1
         accelerator.print(f"step {state.step}: validation {monitor} {value:.4f} (best {state.best:.4f} at step {state.best_step})"
                           if value is not None else f"step {state.step}: validation {monitor} undefined")
+        if on_evaluation is not None:
+            on_evaluation(state.step, result.metrics)
         patience = tc.early_stopping.patience
         return patience is not None and state.bad_evals >= patience
 
@@ -392,6 +400,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
                     param.copy_(best[name].to(param.device, param.dtype))
     validation = next(v for v in reversed(state.history["validation"]) if v["step"] == state.best_step)
     validation = {k: v for k, v in validation.items() if k not in ("step", "epoch")}
+    if not publish:  # a search's trial: judged on the monitored validation metric, the test split never touched
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        tracking.close()
+        return RunResult(artifact_dir=None, metrics={"validation": validation}, baselines={})
 
     # Calibration and multi-label thresholds are fitted on validation with the best weights, then judged on test.
     spec, decisions = cfg.task.spec, Decisions()
