@@ -18,13 +18,16 @@ import logging
 import os
 import shutil
 import socket
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
+import sqlalchemy
 import yaml
 
 from core.errors import ConfigError, TrainingError
@@ -70,9 +73,18 @@ def open_storage(url: str | None, output_dir: Path) -> optuna.storages.BaseStora
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     if url.startswith(("postgresql://", "postgres://")):  # SQLAlchemy 2.1 would ask for psycopg 3; psycopg2 is ours
         url = "postgresql+psycopg2://" + url.partition("://")[2]
-    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+    for attempt in range(1, 4):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+        except sqlalchemy.exc.IntegrityError:
+            # Workers started together on an empty database race to create Optuna's tables; the loser finds them
+            # made on its next try.
+            if attempt == 3:
+                raise
+            logger.info("another worker is creating the study's tables; trying again")
+            time.sleep(attempt)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -168,9 +180,6 @@ def run_search(cfg: Config, *, trials: int | None = None, timeout: float | None 
         study.sampler = make_sampler(seed + trial.number)
         params = suggest(trial, cfg)
         trial_dir = output_dir / TRIALS / f"{trial.number:03d}"
-        run_cfg = load_config(raw=configured(cfg, params, trial_dir))
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        (trial_dir / TRIAL_CONFIG).write_text(yaml.safe_dump(configured(cfg, params, trial_dir), sort_keys=False))
         trial.set_user_attr("output_dir", str(trial_dir))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         evaluations = 0
@@ -187,6 +196,10 @@ def run_search(cfg: Config, *, trials: int | None = None, timeout: float | None 
                 raise optuna.TrialPruned(f"validation {monitor} {value:.4f} at evaluation {evaluations} (step {step})")
 
         try:
+            raw = configured(cfg, params, trial_dir)
+            run_cfg = load_config(raw=raw)
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            (trial_dir / TRIAL_CONFIG).write_text(yaml.safe_dump(raw, sort_keys=False))
             result: RunResult = train(run_cfg, overwrite=True, publish=False, on_evaluation=report)
         except optuna.TrialPruned:
             raise
@@ -219,7 +232,10 @@ def study_record(study: optuna.Study, metric: str, pruner: str) -> dict[str, Any
     best = study.best_trial
     record.update(best_trial=best.number, best_value=best.value, best_params=best.params)
     if len(complete) >= 2:
-        record["importances"] = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        try:
+            record["importances"] = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        except (RuntimeError, ValueError) as exc:  # e.g. no parameter varied across the complete trials
+            logger.warning("parameter importances not computed: %s", exc)
     return record
 
 
@@ -257,7 +273,7 @@ def save_plots(study: optuna.Study, output_dir: Path) -> list[Path]:
         figure = axes.figure
         figure.set_size_inches(8, 4.5)
         figure.tight_layout()
-        _write_atomically(output_dir / name, lambda p: figure.savefig(p, format="png", dpi=120))
+        _write_atomically(output_dir / name, partial(figure.savefig, format="png", dpi=120))
         plt.close(figure)
         written.append(output_dir / name)
     return written

@@ -198,7 +198,7 @@ def test_tune_command_trains_the_best_into_an_artifact_that_records_the_study(se
 
 def _postgres_bin() -> Path | None:
     try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["pg_config", "--bindir"], check=False, capture_output=True, text=True, timeout=10)
         candidates = [Path(out.stdout.strip())] if out.returncode == 0 else []
     except OSError:
         candidates = []
