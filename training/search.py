@@ -156,13 +156,17 @@ def run_search(cfg: Config, *, trials: int | None = None, timeout: float | None 
         pruner: ``median`` | ``hyperband`` | ``none``, or an Optuna pruner.
 
     Raises:
-        ConfigError: the config has no search section, or the study was created for another direction.
+        ConfigError: the config has no search section, no budget (trials or timeout) is given, the command runs
+            under a multi-process launcher, or the study was created for another direction.
     """
     if not cfg.search:
         raise ConfigError("the config has no search section: add one, e.g. search: {train.lr: {low: 1.0e-4, "
                           "high: 3.0e-3, log: true}}")
     if trials is None and timeout is None:
         raise ConfigError("give --trials or --timeout (or both), or the search never ends")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("tuneserve tune runs one process per trial: start several tune workers on one study "
+                          "instead of accelerate launch / torchrun")
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     monitor, seed = cfg.monitor, cfg.train.seed if seed is None else seed

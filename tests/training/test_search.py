@@ -85,9 +85,14 @@ def test_search_errors_name_the_path(base_config, search, message):
         load_config(raw={**base_config, "search": search})
 
 
-def test_tune_without_a_search_section_says_what_to_add(base_config):
+def test_tune_without_a_search_section_or_a_budget_says_what_to_add(search_config, monkeypatch):
     with pytest.raises(ConfigError, match="no search section"):
-        run_search(load_config(raw=base_config), trials=1)
+        run_search(load_config(raw={k: v for k, v in search_config.items() if k != "search"}), trials=1)
+    with pytest.raises(ConfigError, match="give --trials or --timeout"):
+        run_search(load_config(raw=search_config))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="one process per trial"):
+        run_search(load_config(raw=search_config), trials=1)
 
 
 # -- studies --------------------------------------------------------------------------------------------
@@ -156,10 +161,11 @@ def test_a_crashing_trial_is_recorded_as_failed_and_the_study_goes_on(search_con
     assert (Path(cfg.output_dir) / HISTORY_PLOT).is_file() and not (Path(cfg.output_dir) / IMPORTANCE_PLOT).exists()
 
 
-def test_a_study_resumes_from_its_storage(search_config):
+def test_a_study_resumes_from_its_storage(search_config, tmp_path):
     cfg = load_config(raw=search_config)
-    first = run_search(cfg, trials=2, pruner="none")
-    again = run_search(cfg, trials=2, pruner="none")  # a new process would do the same: same journal file
+    storage = f"sqlite:///{tmp_path / 'study.db'}"  # a database URL, as for PostgreSQL
+    first = run_search(cfg, trials=2, pruner="none", storage=storage)
+    again = run_search(cfg, trials=2, pruner="none", storage=storage)  # as a new process would: same storage
     numbers = [t.number for t in again.study.get_trials()]
     assert numbers == [0, 1, 2, 3] and again.record["trials"] == {"COMPLETE": 4}
     assert first.study.study_name == again.study.study_name
@@ -173,7 +179,7 @@ def test_tune_command_trains_the_best_into_an_artifact_that_records_the_study(se
                                "train.batch_size": {"choices": [16, 32]}}
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(search_config))
-    code = main(["tune", str(path), "--trials", "2", "--pruner", "none", "--seed", "3", "--train-best",
+    code = main(["tune", str(path), "--trials", "2", "--pruner", "hyperband", "--seed", "3", "--train-best",
                  "--set", "train.epochs=1"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -181,6 +187,7 @@ def test_tune_command_trains_the_best_into_an_artifact_that_records_the_study(se
     manifest = read_manifest(tmp_path / "run" / "artifact")
     study = manifest.study
     assert study.name == "run" and study.trials == {"COMPLETE": 2} and study.metric == "f1_macro"
+    assert study.pruner == "hyperband"  # one evaluation per trial: nothing for it to stop
     assert set(study.best_params) == {"train.lr", "train.batch_size"} and set(study.importances) == set(study.best_params)
     assert manifest.provenance.config["train"]["lr"] == study.best_params["train.lr"]
     assert manifest.provenance.config["train"]["epochs"] == 1  # --set reached the trials and the best config
