@@ -79,7 +79,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"plot: {plot}")
     if args.train_best:
         print("\ntraining the best configuration (the test split is scored now, once)")
-        _print_run(load_config(search.best_config), train_best(search.best_config, record))
+        _print_run(load_config(search.best_config), train_best(search.best_config, record, search.labels))
     return 0
 
 

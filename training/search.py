@@ -21,7 +21,7 @@ import socket
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from core.errors import ConfigError, TrainingError
 from core.tasks import LOWER_IS_BETTER
 from training.checkpoint import CHECKPOINTS
 from training.config import Config, load_config, with_value
+from training.tracking import RunLabels, create_parent_run, mlflow_tracking_uri
 from training.train import BEST_WEIGHTS, RunResult, train
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,38 @@ class SearchResult:
     record: dict[str, Any]  # what the manifest's study section holds (core.manifest.StudyRecord)
     best_config: Path | None  # None: no trial completed
     plots: list[Path]
+    labels: RunLabels | None = None  # train.report_to: how the best run joins the search's trackers
+
+
+def search_labels(cfg: Config, study: optuna.Study, output_dir: Path) -> RunLabels | None:
+    """With ``train.report_to``: the trackers' names for the study's runs, which share one MLflow store (the
+    study's, or ``MLFLOW_TRACKING_URI``) and, for MLflow, one parent run per store (its id kept with the study)."""
+    if not cfg.train.report_to:
+        return None
+    uri = mlflow_tracking_uri(output_dir)
+    parent = None
+    if "mlflow" in cfg.train.report_to:
+        key = f"mlflow_parent_run_id {uri}"  # workers on other machines may log to stores of their own
+        parent = study.user_attrs.get(key)
+        if parent is None:
+            parent = create_parent_run(output_dir, study.study_name, "search", tags={"optuna.study": study.study_name})
+            study.set_user_attr(key, parent)
+    return RunLabels(experiment=study.study_name, run_name="search", parent_run_id=parent, group=study.study_name,
+                     tags={"optuna.study": study.study_name}, mlflow_tracking_uri=uri)
+
+
+def close_parent_run(labels: RunLabels | None, record: dict[str, Any]) -> None:
+    """Give the MLflow parent run the best validation value so far, and mark it finished."""
+    if labels is None or labels.parent_run_id is None:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(labels.mlflow_tracking_uri)
+    if record.get("best_trial") is not None:
+        client.log_metric(labels.parent_run_id, f"best_validation/{record['metric']}", record["best_value"],
+                          step=sum(record["trials"].values()))
+        client.set_tag(labels.parent_run_id, "best_trial", str(record["best_trial"]))
+    client.set_terminated(labels.parent_run_id)
 
 
 def direction(metric: str) -> Literal["minimize", "maximize"]:
@@ -178,6 +211,7 @@ def run_search(cfg: Config, *, trials: int | None = None, timeout: float | None 
     if study.direction.name.lower() != direction(monitor):
         raise ConfigError(f"study {study.study_name!r} was created to {study.direction.name.lower()} its metric; "
                           f"validation {monitor} must {direction(monitor)}: use another --study-name")
+    labels = search_labels(cfg, study, output_dir)
 
     def objective(trial: optuna.Trial) -> float:
         # Trial N draws from its own seed: a study shared by workers never proposes one trial twice.
@@ -204,7 +238,10 @@ def run_search(cfg: Config, *, trials: int | None = None, timeout: float | None 
             run_cfg = load_config(raw=raw)
             trial_dir.mkdir(parents=True, exist_ok=True)
             (trial_dir / TRIAL_CONFIG).write_text(yaml.safe_dump(raw, sort_keys=False))
-            result: RunResult = train(run_cfg, overwrite=True, publish=False, on_evaluation=report)
+            trial_labels = labels and replace(labels, run_name=f"trial-{trial.number:03d}",
+                                              tags={**labels.tags, "optuna.trial": str(trial.number)})
+            result: RunResult = train(run_cfg, overwrite=True, publish=False, on_evaluation=report,
+                                      labels=trial_labels)
         except optuna.TrialPruned:
             raise
         except Exception as exc:  # kept with the trial: the study records it as failed and goes on
@@ -220,7 +257,9 @@ def run_search(cfg: Config, *, trials: int | None = None, timeout: float | None 
     study.optimize(objective, n_trials=trials, timeout=timeout, catch=(Exception,), gc_after_trial=True)
     record = study_record(study, monitor, pruner_name)
     best_config = write_best_config(cfg, study, output_dir) if record.get("best_trial") is not None else None
-    return SearchResult(study=study, record=record, best_config=best_config, plots=save_plots(study, output_dir))
+    close_parent_run(labels, record)
+    return SearchResult(study=study, record=record, best_config=best_config, plots=save_plots(study, output_dir),
+                        labels=labels and replace(labels, run_name="best"))
 
 
 def study_record(study: optuna.Study, metric: str, pruner: str) -> dict[str, Any]:
@@ -283,12 +322,13 @@ def save_plots(study: optuna.Study, output_dir: Path) -> list[Path]:
     return written
 
 
-def train_best(best_config: Path, record: dict[str, Any]) -> RunResult:
-    """Train the best configuration into an artifact whose manifest and model card record the study."""
+def train_best(best_config: Path, record: dict[str, Any], labels: RunLabels | None = None) -> RunResult:
+    """Train the best configuration into an artifact whose manifest and model card record the study (``labels``:
+    in the trackers, as the search's run ``best``)."""
     from core.manifest import StudyRecord, read_manifest, write_manifest
     from training.card import write_card
 
-    result = train(load_config(best_config), overwrite=True)
+    result = train(load_config(best_config), overwrite=True, labels=labels)
     if result.artifact_dir is not None:  # the main process
         manifest = read_manifest(result.artifact_dir)
         manifest.study = StudyRecord(**record)

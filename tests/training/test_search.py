@@ -201,6 +201,29 @@ def test_tune_command_trains_the_best_into_an_artifact_that_records_the_study(se
     assert "test metrics" in out and "best configuration:" in out
 
 
+def test_trials_report_to_mlflow_as_children_of_the_search_run(search_config, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    search_config["train"]["report_to"] = ["mlflow"]
+    cfg = load_config(raw=search_config)
+    result = run_search(cfg, trials=2, pruner="none")
+    store = f"sqlite:///{(Path(cfg.output_dir) / 'mlflow.db').resolve()}"  # the study's own, shared by its trials
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(result.study.study_name)
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"search", "trial-000", "trial-001"}
+    parent = runs["search"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == str(result.study.best_trial.number)
+    assert parent.data.metrics["best_validation/f1_macro"] == pytest.approx(result.study.best_value)
+    for trial in result.study.get_trials():
+        run = runs[f"trial-{trial.number:03d}"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
+        logged = client.get_metric_history(run.info.run_id, "validation/f1_macro")
+        assert [m.value for m in logged] == pytest.approx(list(trial.intermediate_values.values()))
+        assert not any(name.startswith("test/") for name in run.data.metrics)  # trials never score the test split
+
+
 # -- several workers on one PostgreSQL study ------------------------------------------------------------
 
 def _postgres_bin() -> Path | None:
