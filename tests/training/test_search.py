@@ -174,6 +174,27 @@ def test_a_study_resumes_from_its_storage(search_config, tmp_path):
     assert len(set(params)) == 4  # trial N draws from seed + N: no repeat after a restart
 
 
+def test_a_study_interrupted_mid_trial_goes_on_where_it_stopped(search_config, monkeypatch):
+    from training import search as search_module
+
+    real, calls = search_module.train, []
+
+    def interrupted_in_second_trial(cfg, **kwargs):
+        calls.append(cfg.output_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second trial trains
+        return real(cfg, **kwargs)
+
+    cfg = load_config(raw=search_config)
+    monkeypatch.setattr(search_module, "train", interrupted_in_second_trial)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg, trials=3, pruner="none")
+    monkeypatch.setattr(search_module, "train", real)
+    again = run_search(cfg, trials=2, pruner="none")
+    assert [t.state for t in again.study.get_trials()] == [COMPLETE, FAIL, COMPLETE, COMPLETE]  # none left RUNNING
+    assert again.record["trials"] == {"COMPLETE": 3, "FAIL": 1}
+
+
 def test_tune_command_trains_the_best_into_an_artifact_that_records_the_study(search_config, tmp_path, capsys):
     search_config["search"] = {"train.lr": {"low": 1e-3, "high": 1e-2, "log": True},
                                "train.batch_size": {"choices": [16, 32]}}
