@@ -274,7 +274,10 @@ def postgres():
     as_user = {}
     root = Path(tempfile.mkdtemp(prefix="tuneserve-pg-"))
     if os.geteuid() == 0:
-        owner = pwd.getpwnam("postgres")
+        try:
+            owner = pwd.getpwnam("postgres")  # the PostgreSQL packages create this user
+        except KeyError:
+            pytest.fail("running as root, and there is no 'postgres' user to run the test's server as")
         os.chown(root, owner.pw_uid, owner.pw_gid)
         as_user = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
     data, port = root / "data", _free_port()
