@@ -163,7 +163,8 @@ class TrainConfig(_Strict):
         "auto", description="Multi-label decision threshold on each label's probability; 'auto' = one per label, "
         "fitted on validation for the primary metric (the global best for labels too rare to fit).")
     calibrate: bool = Field(True, description="Classification and multi-label: fit a temperature (per-label Platt "
-                            "scaling for multi-label) on validation so that scores are calibrated probabilities.")
+                            "scaling for multi-label) on validation so that scores are calibrated probabilities "
+                            "(other tasks have nothing to calibrate).")
     eval_every: Literal["epoch"] | int = Field("epoch", description="'epoch' or a number of optimizer steps.")
     save_every: Literal["epoch"] | int = Field("epoch", description="'epoch' or a number of optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (the newest ones).")
@@ -342,7 +343,6 @@ class Config(_Strict):
                              ("data.tag_scheme", self.data.tag_scheme != "auto"),
                              ("data.repair_tags", self.data.repair_tags),
                              ("train.label_all_tokens", self.train.label_all_tokens),
-                             ("train.calibrate", "calibrate" in self.train.model_fields_set),
                              ("data.augment", self.data.augment.enabled),
                              ("generation.*", self.generation != GenerationConfig())):
             key = option.split(".")[1] if not option.endswith("*") else option.split(".")[0]

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError
+from core.tasks import Task
 from training.config import load_config
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
@@ -60,3 +61,10 @@ def test_bad_override_and_bad_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("task", [t.value for t in Task])
+def test_every_tasks_recorded_config_loads_back(task):
+    """The manifest records the whole config (every default spelled out) and the export validates it again."""
+    cfg = load_config(raw={"task": task, "data": {"train": "x.jsonl"}})
+    assert load_config(raw=cfg.model_dump(mode="json")) == cfg
