@@ -114,29 +114,14 @@ def demo_fields(source: str) -> str:
 
 def demo_path(source: str) -> Path:
     """Path of the cached JSONL of a demo set, fetching and converting it on first use."""
-    if source.startswith(MANPAGES_PREFIX):
-        if source != MANPAGES_PREFIX + "debian":
-            raise DataError(f"unknown demo set {source!r}; choose one of {DEMO_SETS}")
-        target = cache_dir() / "manpages" / "debian.jsonl"
+    if source in SINGLE_FILE_SETS:
+        relative, materialise = SINGLE_FILE_SETS[source]
+        target = cache_dir() / relative
         if not target.is_file():
-            _materialise_manpages(target, MANPAGES_DEBS)
-        return target
-    if source.startswith(JOKES_PREFIX):
-        if source != JOKES_PREFIX + "one-liners":
-            raise DataError(f"unknown demo set {source!r}; choose one of {DEMO_SETS}")
-        target = cache_dir() / "jokes" / "one-liners.jsonl"
-        if not target.is_file():
-            _materialise_jokes(target, JOKES_TGZ)
-        return target
-    if source.startswith(WNUT_PREFIX):
-        if source != WNUT_PREFIX + "tweets":
-            raise DataError(f"unknown demo set {source!r}; choose one of {DEMO_SETS}")
-        target = cache_dir() / "wnut16" / "tweets.jsonl"
-        if not target.is_file():
-            _materialise_wnut(target)
+            materialise(target)
         return target
     domain = source[len(PREFIX):]
-    if domain not in VADER_DOMAINS:
+    if not source.startswith(PREFIX) or domain not in VADER_DOMAINS:
         raise DataError(f"unknown demo set {source!r}; choose one of {DEMO_SETS}")
     target = cache_dir() / "vader" / f"{domain}.jsonl"
     if not target.is_file():
@@ -556,3 +541,11 @@ def _materialise_jokes(target: Path, pin: PinnedFile) -> None:
         with tarfile.open(fileobj=io.BytesIO(fetch_pinned(pin)), mode="r:gz") as archive:
             text = archive.extractfile(JOKES_MEMBER).read().decode("utf-8")
         _write_jsonl(read_jokes(text), target, tmp)
+
+
+# The demo sets that are one file each: their cached path under the cache directory, and how it is made.
+SINGLE_FILE_SETS = {
+    MANPAGES_PREFIX + "debian": ("manpages/debian.jsonl", lambda target: _materialise_manpages(target, MANPAGES_DEBS)),
+    JOKES_PREFIX + "one-liners": ("jokes/one-liners.jsonl", lambda target: _materialise_jokes(target, JOKES_TGZ)),
+    WNUT_PREFIX + "tweets": ("wnut16/tweets.jsonl", _materialise_wnut),
+}
