@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "lovely", "brilliant", "delightful"]
 NEGATIVE = ["bad", "awful", "terrible", "boring", "dull", "poor", "dreadful", "tedious"]
@@ -138,3 +143,18 @@ def tiny_run_config(tiny_model: str, data_dir: Path, output_dir: Path, **changes
 def base_config(tiny_model, data_dir, tmp_path) -> dict:
     """Raw config for a fast run on the tiny model (callers adjust it)."""
     return tiny_run_config(tiny_model, data_dir, tmp_path / "run")
+
+
+def torchrun_train(config: dict, directory: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``tuneserve train`` on 2 processes with torchrun (gloo on the CPU), the config written to ``directory``;
+    the rendezvous listens on a free port of 127.0.0.1."""
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", port, "-m", "training.cli", "train", str(path)],
+        capture_output=True, text=True, env=env, timeout=timeout)

@@ -1,15 +1,13 @@
 """Two processes on the CPU (torchrun, gloo): DDP trains and the gathered metrics are exact."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
-import yaml
 
 from core.manifest import read_manifest
+from tests.conftest import torchrun_train
 from tests.training.test_generation_train import pair_dir, tiny_llama  # noqa: F401 (fixtures)
 
 
@@ -24,17 +22,7 @@ def test_torchrun_two_processes(tmp_path, tiny_model, data_dir):
         "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "max_length": 32},
         "export": {"onnx": False},
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    with socket.socket() as probe:  # a free port for the rendezvous on 127.0.0.1
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", port,
-         "-m", "training.cli", "train", str(path)],
-        capture_output=True, text=True, env=env, timeout=300)
+    result = torchrun_train(config, tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     artifact = tmp_path / "run" / "artifact"
     manifest = read_manifest(artifact)
@@ -46,7 +34,7 @@ def test_torchrun_two_processes(tmp_path, tiny_model, data_dir):
     out = tmp_path / "single.json"
     single = subprocess.run(
         [sys.executable, "-m", "training.cli", "evaluate", str(artifact), "--data", str(data_dir / "test.jsonl"),
-         "--output", str(out)], capture_output=True, text=True, env=env, timeout=300)
+         "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     report = json.loads(out.read_text())
     for name in ("accuracy", "f1_macro", "roc_auc", "log_loss"):
@@ -66,16 +54,7 @@ def test_torchrun_two_processes_fine_tune_a_language_model(tmp_path, tiny_llama,
         "generation": {"max_target_length": 8, "max_new_tokens": 6, "eval_examples": 8},
         "export": {"int8": "off"},
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", port, "-m", "training.cli", "train", str(path)],
-        capture_output=True, text=True, env=env, timeout=600)
+    result = torchrun_train(config, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(tmp_path / "run" / "artifact")
     assert manifest.training.num_processes == 2

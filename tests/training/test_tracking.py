@@ -3,17 +3,14 @@
 import importlib.util
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from core.errors import ConfigError
 from core.manifest import read_manifest
+from tests.conftest import torchrun_train
 from training import checkpoint as checkpoint_module
 from training.config import load_config
 from training.tracking import RunLabels, create_parent_run, flatten
@@ -172,16 +169,7 @@ def test_under_torchrun_only_the_main_process_logs(tmp_path, base_config):
     from tbparse import SummaryReader
 
     base_config["train"].update(epochs=1, batch_size=8, report_to=["tensorboard", "mlflow"])
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(base_config))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    with socket.socket() as probe:  # a free port for the rendezvous on 127.0.0.1
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", port, "-m", "training.cli", "train", str(path)],
-        capture_output=True, text=True, env=env, timeout=300)
+    done = torchrun_train(base_config, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     output_dir = Path(base_config["output_dir"])
     manifest = read_manifest(output_dir / "artifact")
