@@ -8,6 +8,7 @@ configs/sentiment-lora.yaml, the config tuned by hand (read from train_quality.p
     python benchmarks/search.py [--trials 12] [--output-root runs/bench]
     python benchmarks/search.py --reuse            # tabulate the runs already there
     python benchmarks/search.py --dry-run          # print the table, leave BENCHMARKS.md as it is
+    python benchmarks/search.py --trials 6 --set data.max_train_examples=2000   # a bounded run, every run alike
 
 Both studies draw trial N from seed + N; once the pruner stops a trial, TPE sees another history and the two
 searches part ways, so the best values differ by more than pruning alone.
@@ -62,7 +63,10 @@ def main() -> None:
     parser.add_argument("--output-root", default="runs/bench")
     parser.add_argument("--reuse", action="store_true", help="tabulate the studies and artifacts already there")
     parser.add_argument("--dry-run", action="store_true", help="print the table without writing BENCHMARKS.md")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every run: the hand-tuned config, both studies and the winner")
     args = parser.parse_args()
+    sets = [arg for item in args.overrides for arg in ("--set", item)]
 
     from benchmarks._report import write_section
     from training.config import load_config
@@ -70,7 +74,7 @@ def main() -> None:
     root = Path(args.output_root)
     hand = root / Path(args.hand_tuned).stem
     if not (args.reuse and (ROOT / hand / "artifact" / "manifest.json").is_file()):
-        run("train", args.hand_tuned, "--overwrite", "--set", f"output_dir={hand}")
+        run("train", args.hand_tuned, "--overwrite", "--set", f"output_dir={hand}", *sets)
     hand_manifest = json.loads((ROOT / hand / "artifact" / "manifest.json").read_text())
     metric = hand_manifest["primary_metric"]
 
@@ -81,13 +85,13 @@ def main() -> None:
         if not args.reuse:
             shutil.rmtree(ROOT / output, ignore_errors=True)  # a fresh study: the budget is exactly --trials
             wall = run("tune", args.config, "--trials", str(args.trials), "--pruner", pruner,
-                       "--set", f"output_dir={output}")
+                       "--set", f"output_dir={output}", *sets)
             wall_file.write_text(json.dumps({"seconds": wall}))
         walls[pruner] = json.loads(wall_file.read_text())["seconds"]
         studies[pruner] = study_figures(output)
     winner = root / f"{Path(args.config).stem}-median"
     if not (args.reuse and (ROOT / winner / "artifact" / "manifest.json").is_file()):
-        run("train", str(winner / "best.yaml"), "--overwrite")  # the test split, scored once
+        run("train", str(winner / "best.yaml"), "--overwrite", *sets)  # the test split, scored once
     best_manifest = json.loads((ROOT / winner / "artifact" / "manifest.json").read_text())
 
     def counts(states: dict) -> str:
@@ -114,7 +118,9 @@ def main() -> None:
             f"number), judged on validation `{metric}`; only the pruned study's best configuration is trained again "
             f"and scored on the test split (once). The hand-tuned config's validation and test figures are of its "
             f"best checkpoint. The search took {walls['median']:.0f} s with the median pruner and {walls['none']:.0f} s "
-            f"without: {saved:.0%} of the wall time saved.\n\n{table}\n\n"
+            f"without: {saved:.0%} of the wall time saved."
+            + (f" Every run with {', '.join(f'`{o}`' for o in args.overrides)}." if args.overrides else "")
+            + f"\n\n{table}\n\n"
             f"Best configuration found (median pruner): {params}.\n")
     print("\n" + body)
     if not args.dry_run:
