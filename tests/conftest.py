@@ -158,3 +158,20 @@ def torchrun_train(config: dict, directory: Path, timeout: float = 300) -> subpr
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", port, "-m", "training.cli", "train", str(path)],
         capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def crash_after_first_checkpoint(monkeypatch, cfg) -> None:
+    """Run ``train(cfg)`` until its first checkpoint is written, then stop it there (a simulated crash)."""
+    import training.checkpoint
+    from training.train import train
+
+    real_save = training.checkpoint.save_checkpoint
+
+    def crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash right after the first checkpoint")
+
+    monkeypatch.setattr("training.train.save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr("training.train.save_checkpoint", real_save)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.manifest import read_manifest
-from tests.conftest import CHATML, byte_level_bpe, write_jsonl
+from tests.conftest import CHATML, byte_level_bpe, crash_after_first_checkpoint, write_jsonl
 from tests.training.test_register import store  # noqa: F401 (a fixture)
 from training.config import load_config
 from training.train import train
@@ -199,7 +199,6 @@ def test_a_generation_run_resumed_after_a_crash_ends_like_an_uninterrupted_one(t
     import numpy as np
     from safetensors.torch import load_file
 
-    import training.checkpoint as checkpoint_module
 
     def config(name: str):
         raw = _config(tiny_llama, pair_dir, tmp_path / name)
@@ -208,19 +207,10 @@ def test_a_generation_run_resumed_after_a_crash_ends_like_an_uninterrupted_one(t
         return load_config(raw=raw)
 
     expected = train(config("straight"))
-    real_save = checkpoint_module.save_checkpoint
-
-    def crash_after_first_checkpoint(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt("simulated crash right after the first checkpoint")
-
-    monkeypatch.setattr("training.train.save_checkpoint", crash_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        train(config("interrupted"))
+    crash_after_first_checkpoint(monkeypatch, config("interrupted"))
     base_answers = tmp_path / "interrupted" / "base_answers.json"
     written = base_answers.read_text()  # the base model's answers, kept beside the checkpoints
     assert not (tmp_path / "interrupted" / "artifact").exists()
-    monkeypatch.setattr("training.train.save_checkpoint", real_save)
     resumed = train(config("interrupted"), resume=True)
 
     assert base_answers.read_text() == written
@@ -241,9 +231,10 @@ def _conversation(row: dict, system: str | None = "Name what the tool does.") ->
 
 
 def test_chat_conversations_train_with_their_system_turn_in_the_prompt(tiny_llama, pair_dir, tmp_path):
+    from transformers import AutoTokenizer
+
     from core.prompting import render_prompt
     from training.data import load_dataset
-    from transformers import AutoTokenizer
 
     data = tmp_path / "chats"
     for split in ("train", "validation", "test"):

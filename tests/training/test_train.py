@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 from core.errors import TrainingError
 from core.manifest import read_manifest
-from training import checkpoint as checkpoint_module
+from tests.conftest import crash_after_first_checkpoint
 from training.checkpoint import latest_checkpoint, list_checkpoints, read_state
 from training.config import load_config
 from training.inference import load_artifact, predict_scores
@@ -121,17 +121,8 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(base_config
     expected = train(load_config(raw=straight))
 
     interrupted = dict(base_config, output_dir=str(tmp_path / "interrupted"))
-    real_save = checkpoint_module.save_checkpoint
-
-    def crash_after_first_checkpoint(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt("simulated crash right after the first checkpoint")
-
-    monkeypatch.setattr("training.train.save_checkpoint", crash_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(raw=interrupted))
+    crash_after_first_checkpoint(monkeypatch, load_config(raw=interrupted))
     assert not (tmp_path / "interrupted" / "artifact").exists()
-    monkeypatch.setattr("training.train.save_checkpoint", real_save)
     resumed = train(load_config(raw=interrupted), resume=True)
 
     assert resumed.metrics["test"] == pytest.approx(expected.metrics["test"], abs=1e-6)
