@@ -34,7 +34,7 @@ from core.errors import ConfigError, TrainingError
 from core.tasks import LOWER_IS_BETTER
 from training.checkpoint import CHECKPOINTS
 from training.config import Config, load_config, with_value
-from training.tracking import RunLabels, create_parent_run, mlflow_tracking_uri
+from training.tracking import RunLabels, RunStopped, create_parent_run, mlflow_tracking_uri
 from training.train import BEST_WEIGHTS, RunResult, train
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ HISTORY_PLOT = "optimization_history.png"
 IMPORTANCE_PLOT = "param_importances.png"
 PRUNERS = ("median", "hyperband", "none")
 SAMPLER = "TPE"
+
+
+class Pruned(optuna.TrialPruned, RunStopped):
+    """A trial pruned at an evaluation: Optuna records it as pruned, the trackers as stopped (not failed)."""
 
 
 @dataclass
@@ -231,7 +235,7 @@ def run_search(cfg: Config, *, trials: int | None = None, timeout: float | None 
             # Evaluations, not optimizer steps: trials of other batch sizes stay comparable.
             trial.report(value, evaluations)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"validation {monitor} {value:.4f} at evaluation {evaluations} (step {step})")
+                raise Pruned(f"validation {monitor} {value:.4f} at evaluation {evaluations} (step {step})")
 
         try:
             raw = configured(cfg, params, trial_dir)

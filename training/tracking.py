@@ -120,6 +120,11 @@ def create_parent_run(output_dir: str | Path, experiment: str, run_name: str, ta
     return client.create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
 
 
+class RunStopped(Exception):
+    """Raised (by an ``on_evaluation`` callback) to stop a run on purpose, as a search prunes a weak trial: its
+    tracker runs end as stopped (MLflow KILLED), not as failed."""
+
+
 _open: list[Tracking] = []  # started and not yet finished: closed as failed if train() raises
 
 
@@ -219,34 +224,50 @@ class Tracking:
                 mlflow_tracker.log_artifact(str(path), artifact_path="report")
             mlflow_tracker.log_artifact(str(result.artifact_dir / "manifest.json"))
         if "tensorboard" in self.report_to:
-            import numpy as np
-            from PIL import Image
-
             writer = accelerator.get_tracker("tensorboard", unwrap=True)
             for path in plots:
-                with Image.open(path) as image:
-                    writer.add_image(f"report/{path.stem}", np.asarray(image.convert("RGB")), global_step=step,
-                                     dataformats="HWC")
+                writer.add_image(f"report/{path.stem}", _rgb(path), global_step=step, dataformats="HWC")
             writer.flush()
+        if "wandb" in self.report_to:
+            accelerator.get_tracker("wandb").log_images({f"report/{p.stem}": [_rgb(p)] for p in plots}, step=step)
+        if "trackio" in self.report_to:
+            import trackio
 
-    def close(self, failed: bool = False) -> None:
-        """After ``accelerator.end_training()``: give back the previous MLflow store. ``failed``: instead of it,
-        finish every tracker's run, the MLflow run as FAILED (the process group stays as it is)."""
+            accelerator.get_tracker("trackio").log(
+                {f"report/{p.stem}": trackio.Image(str(p), caption=p.stem) for p in plots}, step=step)
+
+    def close(self, failed: bool = False, stopped: bool = False) -> None:
+        """After ``accelerator.end_training()``: give back the previous MLflow store. ``failed`` (the run raised):
+        first finish every tracker's run as failed (MLflow FAILED, wandb exit code 1), or as stopped with
+        ``stopped`` (MLflow KILLED, wandb exit code 255); the process group stays as it is."""
         if self not in _open:
             return
         _open.remove(self)
         main = self.accelerator.is_main_process
-        if failed:
-            if "mlflow" in self.report_to and main:
-                import mlflow
-
-                mlflow.end_run(status="FAILED")  # the tracker's own finish() would record FINISHED
+        if failed and main:
             for tracker in self.accelerator.trackers:
-                tracker.finish()
+                # The trackers' own finish() would record a finished run.
+                if tracker.name == "mlflow":
+                    import mlflow
+
+                    mlflow.end_run(status="KILLED" if stopped else "FAILED")
+                elif tracker.name == "wandb":
+                    tracker.tracker.finish(exit_code=255 if stopped else 1)
+                else:
+                    tracker.finish()
         if "mlflow" in self.report_to and main:
             import mlflow
 
             mlflow.set_tracking_uri(self._previous_mlflow_uri)
+
+
+def _rgb(path: Path):
+    """A PNG as an RGB array (height, width, 3)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def closes_failed_runs(function):
@@ -258,10 +279,11 @@ def closes_failed_runs(function):
         opened = len(_open)
         try:
             return function(*args, **kwargs)
-        except BaseException:
+        except BaseException as exc:
+            stopped = isinstance(exc, (RunStopped, KeyboardInterrupt))
             while len(_open) > opened:
                 try:
-                    _open[-1].close(failed=True)
+                    _open[-1].close(failed=True, stopped=stopped)
                 except Exception:  # the original error matters more than a tracker's
                     logger.exception("closing the trackers of a failed run")
                     _open.pop()

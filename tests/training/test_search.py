@@ -126,8 +126,11 @@ def test_a_study_writes_the_best_config_and_plots_and_never_scores_the_test_spli
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_a_weak_trial_is_pruned_before_its_end(search_config, evaluated_splits):
-    search_config["train"].update(epochs=3, batch_size=16)
+def test_a_weak_trial_is_pruned_before_its_end(search_config, evaluated_splits, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    search_config["train"].update(epochs=3, batch_size=16, report_to=["mlflow"])
     search_config["search"] = {"train.lr": {"low": 1e-9, "high": 3e-3, "log": True}}
     cfg = load_config(raw=search_config)
     study = optuna.create_study(storage=open_storage(None, Path(cfg.output_dir)), study_name=cfg.run_name,
@@ -143,6 +146,10 @@ def test_a_weak_trial_is_pruned_before_its_end(search_config, evaluated_splits):
     assert max(second.intermediate_values.values()) < first.value
     assert evaluated_splits == ["validation"] * (3 + evaluations)
     assert not (Path(cfg.output_dir) / "trials" / "001" / "checkpoints").exists()
+    client = MlflowClient(f"sqlite:///{(Path(cfg.output_dir) / 'mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name(result.study.study_name).experiment_id])
+    assert {r.info.run_name: r.info.status for r in runs} == {"search": "FINISHED", "trial-000": "FINISHED",
+                                                               "trial-001": "KILLED"}  # stopped, not failed
 
 
 def test_a_crashing_trial_is_recorded_as_failed_and_the_study_goes_on(search_config, tmp_path):

@@ -1,12 +1,14 @@
 """Experiment tracking (train.report_to): the logs, read back with each tracker's own reader, hold the manifest's values."""
 
-import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from core.errors import ConfigError
 from core.manifest import read_manifest
@@ -84,6 +86,110 @@ def test_tensorboard_and_mlflow_hold_the_manifests_values(base_config):
     assert (output_dir / "mlartifacts").is_dir()
 
 
+def wandb_records(path: Path):
+    """The records of a wandb run file (``run-ID.wandb``), decoded with wandb's own protobuf schema.
+
+    The file is a 7-byte header (``:W&B``, magic, version) and then LevelDB's log format: 32 KiB blocks of
+    chunks, each with a 7-byte header (CRC, length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4), holding one
+    ``wandb_internal_pb2.Record`` per record. (wandb 0.31 reads it in its Go core only.)
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, offset, pending = 32768, 7, b""
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a header is padding
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
+        pending += data[offset + 7:offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def trackio_run(store: Path, project: str, run: str) -> dict:
+    """A trackio run's logs and config, read by trackio's own storage in a process whose ``TRACKIO_DIR`` is
+    ``store`` (trackio fixes its directory at import)."""
+    reader = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
+              "print(json.dumps({'logs': S.get_logs(sys.argv[1], sys.argv[2]), "
+              "'config': S.get_run_config(sys.argv[1], sys.argv[2])}))")
+    done = subprocess.run([sys.executable, "-c", reader, project, run], capture_output=True, text=True, check=True,
+                          env=dict(os.environ, TRACKIO_DIR=str(store)))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_wandb_and_trackio_offline_hold_the_manifests_values(base_config, tmp_path):
+    base_config["train"].update(epochs=1, eval_every=5, report_to=["wandb", "trackio"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(base_config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TRACKIO_"))}
+    done = subprocess.run([sys.executable, "-m", "training.cli", "train", str(path)], capture_output=True, text=True,
+                          env=dict(env, TRACKIO_DIR=str(tmp_path / "trackio")), timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output_dir = Path(base_config["output_dir"])
+    manifest = read_manifest(output_dir / "artifact")
+    history, tracking, steps = manifest.training.history, manifest.training.tracking, manifest.training.steps
+    expected_params = {**flatten(manifest.provenance.config), "train.lr": manifest.training.lr}
+    final = {**{f"test/{k}": v for k, v in manifest.metrics["test"].items()},
+             **{f"baseline/{b}/{k}": v for b, m in manifest.baselines.items() for k, v in m.items()}}
+    plots = sorted(p.stem for p in (output_dir / "artifact" / "report").glob("*.png"))
+    assert plots == ["confusion_matrix", "curves", "reliability"]
+
+    def by_step(rows: list[dict]) -> dict[int, dict]:
+        merged: dict[int, dict] = {}
+        for row in rows:
+            merged.setdefault(int(row["step"]), {}).update(row)
+        return merged
+
+    def check(logged: dict[int, dict]) -> None:
+        for entry in history["train_loss"]:
+            assert (logged[entry["step"]]["train/loss"], logged[entry["step"]]["train/lr"]) == (entry["loss"], entry["lr"])
+        for evaluation in history["validation"]:
+            for name in manifest.metrics["validation"]:
+                assert logged[evaluation["step"]][f"validation/{name}"] == evaluation[name]
+        assert {k: logged[steps][k] for k in final} == final
+        assert sorted(k.split("/")[1] for k in logged[steps] if k.startswith("report/")) == plots
+
+    # wandb: offline by default, its run file under OUTPUT_DIR/wandb
+    record = tracking["wandb"]
+    assert record["mode"] == "offline" and record["project"] == "run"
+    run_file, = output_dir.glob(f"wandb/offline-run-*-{record['run_id']}/run-{record['run_id']}.wandb")
+    records = {}
+    for r in wandb_records(run_file):
+        records.setdefault(r.WhichOneof("record_type"), []).append(r)
+    run, = records["run"]
+    assert (run.run.run_id, run.run.project, run.run.display_name) == (record["run_id"], "run", "run")
+    config = {item.key: json.loads(item.value_json) for r in records["config"] for item in r.config.update}
+    assert {k: config[k] for k in expected_params} == expected_params
+    logged = by_step([{"step": r.history.step.num,
+                       **{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}}
+                      for r in records["history"]])
+    check({step: {("/".join(k.split("/")[:2]) if k.startswith("report/") else k): v for k, v in row.items()}
+           for step, row in logged.items()})
+    for name in plots:
+        image, = logged[steps][f"report/{name}/filenames"]
+        assert (run_file.parent / "files" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert records["exit"][0].exit.exit_code == 0
+
+    # trackio: its local store (TRACKIO_DIR), project and run named as the manifest says
+    assert tracking["trackio"] == {"project": "run", "run_name": "run"}
+    stored = trackio_run(tmp_path / "trackio", "run", "run")
+    assert {k: stored["config"][k] for k in expected_params} == expected_params
+    check(by_step(stored["logs"]))
+    for name in plots:
+        media = stored["logs"][-1][f"report/{name}"]
+        assert media["_type"] == "trackio.image"
+        assert (tmp_path / "trackio" / "media" / media["file_path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_without_report_to_nothing_is_logged(base_config):
     base_config["train"]["epochs"] = 1
     result = train(load_config(raw=base_config))
@@ -100,7 +206,7 @@ def test_trials_are_child_runs_and_a_failed_trial_leaves_the_next_one_a_clean_st
     store = f"sqlite:///{tmp_path / 'study.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # one store for the whole search
     parent = create_parent_run(tmp_path / "study", "sentiment-search", "search")
-    base_config["train"].update(epochs=1, report_to=["mlflow"])
+    base_config["train"].update(epochs=1, report_to=["mlflow", "wandb"])
 
     def trial(number: int) -> tuple:
         raw = dict(base_config, output_dir=str(tmp_path / f"trial-{number}"))
@@ -133,6 +239,10 @@ def test_trials_are_child_runs_and_a_failed_trial_leaves_the_next_one_a_clean_st
     assert runs["trial-1"].data.tags["optuna.trial"] == "1"
     assert runs["trial-1"].data.metrics["test/f1_macro"] == result.metrics["test"]["f1_macro"]
     assert read_manifest(result.artifact_dir).training.tracking["mlflow"]["run_id"] == runs["trial-1"].info.run_id
+    for number, exit_code in ((0, 1), (1, 0)):  # wandb: the crashed run ends with exit code 1
+        run_file, = (tmp_path / f"trial-{number}").glob("wandb/offline-run-*/run-*.wandb")
+        exits = [r.exit.exit_code for r in wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]
+        assert exits == [exit_code]
     assert not (tmp_path / "trial-1" / "mlflow.db").exists()
     assert (tmp_path / "mlruns").is_dir()
 
@@ -155,8 +265,8 @@ def test_report_to_takes_one_name_or_a_list_without_repeats():
     assert load_config(raw={"data": {"train": "x"}}).train.report_to == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
-def test_wandb_without_its_package_names_what_to_install(base_config):
+def test_a_tracker_without_its_package_names_what_to_install(base_config, monkeypatch):
+    monkeypatch.setattr("accelerate.utils.is_wandb_available", lambda: False)  # as where wandb is not installed
     base_config["train"]["report_to"] = ["tensorboard", "wandb"]
     with pytest.raises(ConfigError, match=r"train.report_to: wandb is not installed \(pip install wandb\)"):
         train(load_config(raw=base_config))
