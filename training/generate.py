@@ -9,6 +9,7 @@ encoder).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -22,6 +23,32 @@ from core.tasks.generation import GeneratedText, layout, prompt_for
 from training.tasks import IGNORE_INDEX
 
 
+def keeps_logits(model) -> bool:
+    """Whether the causal LM under ``model`` (a peft or DDP wrapper, or none) computes logits for its last positions
+    only when asked (``logits_to_keep``: Llama, GPT-2, Qwen2, ... in transformers 5)."""
+    while hasattr(model, "module"):  # DDP
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+
+
+def causal_lm_logits(model, batch: dict, labels: torch.Tensor, keeps: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's logits for the positions its loss reads, and the labels they line up with (shift them as
+    usual: logits ``[:, :-1]`` against labels ``[:, 1:]``).
+
+    The loss covers the target tokens only, and the positions before the batch's first target (the prompt: most of
+    a long input) need no logits: with ``keeps`` (:func:`keeps_logits`) the model runs its LM head, the largest
+    matmul of a small model with a large vocabulary, on the last positions only. The loss is the same.
+    """
+    width = labels.shape[1]
+    columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    keep = width - max(int(columns[0]) - 1, 0) if keeps and len(columns) else width
+    if keep == width:
+        return model(**batch).logits, labels
+    return model(**batch, logits_to_keep=keep).logits, labels[:, -keep:]
+
+
 @torch.no_grad()
 def token_loss(model, dataloader, accelerator, desc: str, *, shift: bool = True) -> float:
     """Mean next-token cross-entropy over every target token of the split, on every process.
@@ -31,12 +58,15 @@ def token_loss(model, dataloader, accelerator, desc: str, *, shift: bool = True)
     (``TorchTask.shifts_labels``).
     """
     model.eval()
+    keeps = shift and keeps_logits(model)
     total = torch.zeros(2, device=accelerator.device)
     for batch in tqdm(dataloader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
         if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
+            logits, labels = causal_lm_logits(model, batch, labels, keeps)
+            logits, labels = logits[:, :-1].float(), labels[:, 1:]
+        else:
+            logits = model(**batch).logits.float()
         total[0] += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                       ignore_index=IGNORE_INDEX, reduction="sum")
         total[1] += (labels != IGNORE_INDEX).sum()

@@ -37,7 +37,7 @@ from training.checkpoint import CHECKPOINTS, LoopState, latest_checkpoint, read_
 from training.config import Config
 from training.data import load_dataset
 from training.dropout import use_cpu_dropout
-from training.generate import examples_table, generate, token_loss, with_loss
+from training.generate import causal_lm_logits, examples_table, generate, keeps_logits, token_loss, with_loss
 from training.modeling import build_model, l1_parameters, optimizer_groups, resolve_model, trainable_state
 from training.precision import DeviceFacts, choose_mixed_precision
 from training.tasks import IGNORE_INDEX, TorchTask, torch_task
@@ -255,6 +255,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
     loss_fn = make_loss(cfg, built.torch_task, data.train.targets, cfg.task.spec.num_outputs(data.labels))
     penalised = l1_parameters(model) if tc.l1 else []  # train.l1: the same tensors the prepared model trains
     monitor = cfg.monitor
+    shifts_labels = built.torch_task.shifts_labels
+    keeps = shifts_labels and keeps_logits(model)
 
     # -- state that checkpoints carry ---------------------------------------------------------------
     state = LoopState()
@@ -337,8 +339,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
         for batch in batches:
             with accelerator.accumulate(model):
                 targets = batch.pop("labels")
-                logits = model(**batch).logits
-                loss = loss_fn(logits, targets)
+                if shifts_labels:  # a causal LM: logits only where the loss reads them
+                    logits, loss_targets = causal_lm_logits(model, batch, targets, keeps)
+                else:
+                    logits, loss_targets = model(**batch).logits, targets
+                loss = loss_fn(logits, loss_targets)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step + 1}; "
                                         "lower train.lr or check the data. No artifact was published from this run.")

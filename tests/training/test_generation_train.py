@@ -291,3 +291,38 @@ def test_a_system_turn_in_the_data_must_agree_with_the_config(tiny_llama):
     assert generation.prompt_format(tokenizer, "Be brief.").system == "Be brief."
     with pytest.raises(ConfigError, match="differs from the training conversations' system turn 'Be terse.'"):
         generation.prompt_format(tokenizer, "Be terse.")
+
+
+def test_the_lm_head_runs_from_the_first_target_only_and_the_loss_is_unchanged(tiny_llama):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from core.tasks import Task
+    from training.generate import causal_lm_logits, keeps_logits
+    from training.tasks import IGNORE_INDEX, torch_task
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    assert keeps_logits(model)
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 20))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 14:18], labels[1, 12:20], labels[2, 16:19] = ids[0, 14:18], ids[1, 12:20], ids[2, 16:19]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    seen = []
+    model.get_base_model().lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    loss = torch_task(Task.GENERATION).make_loss(None, 0, "none", 0.0)
+
+    full = loss(model(**batch).logits, labels)
+    logits, kept = causal_lm_logits(model, batch, labels)
+    assert seen == [20, 9] and logits.shape[1] == kept.shape[1] == 9  # from position 11, which predicts token 12
+    torch.testing.assert_close(loss(logits, kept), full)
+    full.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    loss(logits, kept).backward()
+    for before, after in zip(grads, [p.grad for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(after, before)
+    everything = torch.full_like(labels, IGNORE_INDEX)  # no target in the batch: every position, as before
+    assert causal_lm_logits(model, batch, everything)[0].shape[1] == 20
