@@ -10,6 +10,7 @@ augmentation helps most there, with more copies the smaller the set.
     python benchmarks/augmentation.py                                # full size and 500 examples, seeds 42 43 44
     python benchmarks/augmentation.py --sizes 500 --seeds 42 --copies 500=8
     python benchmarks/augmentation.py --reuse                        # tabulate the runs already on disk
+    python benchmarks/augmentation.py --seeds-at full=42 --reuse     # the full size with one seed only
     python benchmarks/augmentation.py --sizes 60 --seeds 42 --set train.epochs=1 --set data.max_eval_examples=64
 
 ``--set`` overrides go to every run (a smoke test with them writes its own section, ``augmentation-smoke``).
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["full", "500"],
                         help="training-set sizes: 'full' (the config's whole training split) or a number of examples")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    parser.add_argument("--seeds-at", nargs="*", default=[], metavar="SIZE=SEED,SEED",
+                        help="other seeds at one size (e.g. full=42: one full-size pair, the full size being slow)")
     parser.add_argument("--share", type=float, default=0.1, help="each operation's share of a text's words")
     parser.add_argument("--copies", nargs="*", default=["full=1", "500=4"],
                         help="augmented copies per example at each size (SIZE=COUNT; 1 where not named)")
@@ -60,6 +63,13 @@ def main() -> None:
     from benchmarks.train_quality import read, train
 
     copies = _copies(args.copies)
+    seeds_at = {}
+    for item in args.seeds_at:
+        size, _, seeds = item.partition("=")
+        try:
+            seeds_at[size] = [int(seed) for seed in seeds.split(",")]
+        except ValueError:
+            raise SystemExit(f"--seeds-at {item!r}: expected SIZE=SEED,SEED (e.g. full=42)") from None
     rows = []
     for size in args.sizes:
         if size != "full" and not size.isdigit():
@@ -68,10 +78,10 @@ def main() -> None:
         sized = [] if size == "full" else [f"data.max_train_examples={size}"]
         variants = {"none": [], "eda": [f"data.augment.{op}={args.share}" for op in OPERATIONS]
                     + [f"data.augment.copies={n_copies}"]}
-        results = {}
+        results, seeds = {}, seeds_at.get(size, args.seeds)
         for variant, augment in variants.items():
             runs = []
-            for seed in args.seeds:
+            for seed in seeds:
                 output = Path(args.output_root) / f"{size}-{variant}-seed{seed}"
                 done = args.reuse and (ROOT / output / "artifact" / "manifest.json").is_file()
                 overrides = [*sized, *augment, f"train.seed={seed}", "export.onnx=false", *args.set]
@@ -86,7 +96,7 @@ def main() -> None:
             spread = f" ± {statistics.stdev(tests):.4f}" if len(tests) > 1 else ""
             label = "none" if variant == "none" else f"EDA, {args.share:g} of words per operation, {n_copies} cop{'y' if n_copies == 1 else 'ies'}"
             rows.append(f"| {size} ({info[0]['examples']['train'] - added[0]}) | {label} | {statistics.mean(added):.0f} | "
-                        f"{', '.join(str(s) for s in args.seeds)} | {', '.join(f'{v:.4f}' for v in tests)} | "
+                        f"{', '.join(str(s) for s in seeds)} | {', '.join(f'{v:.4f}' for v in tests)} | "
                         f"{statistics.mean(tests):.4f}{spread} | {statistics.mean(vals):.4f} | {statistics.mean(tfidf):.4f} | "
                         f"{statistics.mean(i['seconds'] for i in info):.0f} s |")
             print(rows[-1], flush=True)

@@ -13,7 +13,10 @@ like the model's where ``train.threshold`` is ``auto``, and fixed at the same nu
 nothing`` is the Hamming loss of predicting no label at all.
 
     python benchmarks/multilabel_decisions.py [--configs configs/jokes-multilabel.yaml] [--output-root runs/bench]
-        [--seeds 43 44]
+        [--seeds 43 44] [--seeded defaults]
+
+``--seeded`` names the settings (by the first word of their name: defaults, no, threshold) that the further
+seeds apply to; all of them when not given. A run already on disk is read back with ``--reuse``.
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ def main() -> None:
     from benchmarks.train_quality import quality_parser, read, train
 
     parser = quality_parser(__doc__, DEFAULT)
+    parser.add_argument("--seeded", nargs="*", metavar="SETTING",
+                        help="the settings the further seeds apply to (default: all)")
     args = parser.parse_args()
-    seeds = [None, *args.seeds]
     rows, wins = [], {}
     for config in args.configs:
         for name, overrides in VARIANTS.items():
-            for seed in seeds:
+            seeded = args.seeded is None or name.split()[0] in args.seeded
+            for seed in [None, *(args.seeds if seeded else [])]:
                 slug = name.split(" (")[0].replace(" ", "-").replace(",", "").replace(".", "")
                 output = Path(args.output_root) / f"{Path(config).stem}-{slug}" / (f"seed{seed}" if seed else "shipped")
                 extra = (*overrides, "export.onnx=false", *((f"train.seed={seed}",) if seed else ()))
