@@ -72,6 +72,9 @@ class Provenance(_Section):
     data_hashes: dict[str, str] = Field(default_factory=dict, description="sha256 of each split's source file(s).")
     git_sha: str | None = None
     config: dict[str, Any] = Field(default_factory=dict, description="The resolved run configuration.")
+    base_model_origin: dict[str, Any] | None = Field(
+        None, description="A bundled base model made on first use (a GGUF file dequantised, an encoder-decoder "
+                          "warm-started): where its weights came from, and in 'note' what that means for quality.")
 
 
 class OnnxFiles(_Section):

@@ -20,7 +20,7 @@ from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
 from core.verdict import compare_with_baselines
 from training.card import adapter_readme, base_model_name, write_card
 from training.files import swap_into_place
-from training.modeling import PEFT_METHODS, bundled_hub_id, merged_model, save_tokenizer_and_model
+from training.modeling import PEFT_METHODS, bundled_hub_id, merged_model, read_conversion, save_tokenizer_and_model
 from training.report import (plot_against_baselines, plot_confusion, plot_curves, plot_per_label, plot_regression,
                              plot_reliability)
 
@@ -125,6 +125,7 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
             "data_hashes": data.hashes,
             "git_sha": git_sha(),
             "config": cfg.model_dump(mode="json"),
+            "base_model_origin": read_conversion(built.base_path),
         },
     )
     write_manifest(manifest, tmp)

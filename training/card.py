@@ -416,6 +416,12 @@ The configuration above won the Optuna study `{study.name}` ({sum(study.trials.v
 """
 
 
+def _origin(manifest: Manifest) -> str:
+    """A line on where a bundled base model's weights came from, where it was made on first use."""
+    origin = manifest.provenance.base_model_origin
+    return f"\n- **Base model:** {origin['note']}" if origin and origin.get("note") else ""
+
+
 def model_card(manifest: Manifest) -> str:
     header = card_header(manifest)
     verdict = baseline_verdict(manifest)
@@ -460,7 +466,7 @@ def model_card(manifest: Manifest) -> str:
 
 {_warning(verdict)}A {manifest.task.value} model fine-tuned with tuneserve from `{base_model_name(manifest.base_model)}` by {method}.
 
-{what_lines}
+{what_lines}{_origin(manifest)}
 - **Input:** {' + '.join(f'`{f}`' for f in manifest.text_fields)}, {_length(manifest)}
 - **Trainable parameters:** {manifest.trainable_parameters:,} of {manifest.total_parameters:,}
 

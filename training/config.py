@@ -308,7 +308,8 @@ METHOD_OPTIONS = {"lora.use_dora": "lora", "lora.use_rslora": "lora", "ia3.*": "
 class Config(_Strict):
     task: Task = Field(Task.CLASSIFICATION, description=" | ".join(t.value for t in Task))
     model: str = Field("minilm", description="'minilm' (the bundled all-MiniLM-L6-v2), 'smollm2' (the bundled "
-                       "SmolLM2-135M-Instruct, a small Llama-architecture language model), a local directory, or a Hub model id.")
+                       "SmolLM2-135M-Instruct, a small Llama-architecture language model), 'minilm2minilm' (an encoder-decoder "
+                       "warm-started from MiniLM, for generation), a local directory, or a Hub model id.")
     name: str | None = Field(None, description="Model name in the artifact and model store; default: the output directory's name.")
     data: DataConfig
     method: Literal["full", "lora", "freeze", "ia3", "prompt"] = Field(

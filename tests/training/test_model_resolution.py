@@ -15,7 +15,8 @@ from core.errors import ConfigError
 from training.cli import main
 from training.modeling import resolve_model
 
-BUNDLED = "minilm = sentence-transformers/all-MiniLM-L6-v2, smollm2 = HuggingFaceTB/SmolLM2-135M-Instruct"
+BUNDLED = ("minilm = sentence-transformers/all-MiniLM-L6-v2, smollm2 = HuggingFaceTB/SmolLM2-135M-Instruct, "
+           "minilm2minilm = an encoder-decoder warm-started from sentence-transformers/all-MiniLM-L6-v2")
 
 
 @pytest.fixture
