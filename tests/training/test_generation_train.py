@@ -293,17 +293,25 @@ def test_a_system_turn_in_the_data_must_agree_with_the_config(tiny_llama):
         generation.prompt_format(tokenizer, "Be terse.")
 
 
-def test_the_lm_head_runs_from_the_first_target_only_and_the_loss_is_unchanged(tiny_llama):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_lm_head_runs_from_the_first_target_only_and_the_loss_is_unchanged(tiny_llama, family):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     from core.tasks import Task
     from training.generate import causal_lm_logits, keeps_logits
     from training.tasks import IGNORE_INDEX, torch_task
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    if family == "llama":
+        model, targets = AutoModelForCausalLM.from_pretrained(tiny_llama), ["q_proj", "v_proj"]
+    else:
+        vocab = AutoModelForCausalLM.from_pretrained(tiny_llama).config.vocab_size
+        model, targets = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2,
+                                                    n_positions=64)), ["c_attn"]
+    model = get_peft_model(model.eval(), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=targets,
+                                                    lora_dropout=0.0))  # eval: no dropout, two passes alike
     assert keeps_logits(model)
     torch.manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (3, 20))
