@@ -119,7 +119,86 @@ def export_decoder(model_dir: str | os.PathLike, out_path: str | os.PathLike, *,
                           output_names=["logits", *present_names], dynamic_axes=dynamic_axes)
     logger.info("exported %s (%d layers, %d kv heads of %d, %s attention) to %s", model.config.model_type,
                 num_layers, kv_heads, head_dim, attention, out_path)
+    if getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False):
+        share_tied_embeddings(out_path)
     return out_path
+
+
+TIED_PREFIX = "/tied_embedding/Transpose/"
+
+
+def share_tied_embeddings(path: Path) -> int:
+    """Store a tied input embedding once in the ONNX file at ``path``; return how many copies were dropped.
+
+    The TorchScript exporter writes a tied embedding twice: as the table its ``Gather`` reads and, transposed, as the
+    output projection's ``MatMul`` weight (SmolLM2: 49,152 x 576, 113 MB of a 652 MB file). Each such weight that
+    equals a gathered table transposed, exactly, is replaced by a ``Transpose`` of the table, which ONNX Runtime folds
+    into a constant when the session starts: the same numbers through the same kernel, so the logits are identical,
+    and the file is smaller. :func:`quantize_decoder` materialises the weight again so that it is quantised too.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {w.name: w for w in graph.initializer}
+    tables = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in weights}
+    transposed: dict[str, str] = {}
+    dropped = 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in weights:
+            continue
+        weight = weights[node.input[1]]
+        for table in tables:
+            if list(weights[table].dims) != list(reversed(weight.dims)):
+                continue
+            if not np.array_equal(numpy_helper.to_array(weight), numpy_helper.to_array(weights[table]).T):
+                continue
+            if table not in transposed:
+                transposed[table] = f"{table}.transposed"
+                graph.node.insert(0, helper.make_node("Transpose", [table], [transposed[table]], perm=[1, 0],
+                                                      name=f"{TIED_PREFIX}{table}"))
+            graph.initializer.remove(weight)
+            del weights[weight.name]
+            node.input[1] = transposed[table]
+            dropped += 1
+            break
+    if dropped:
+        _save_over(model, path)
+        logger.info("export: the tied embedding is stored once (%d copy dropped)", dropped)
+    return dropped
+
+
+def _save_over(model, path: Path) -> None:
+    """Write ``model`` (its weights in memory) over the ONNX file at ``path``: inline as before, or, where the file
+    kept its weights outside (over 2 GB), in one ``.data`` file beside it, removing the files it used before."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    before = [w for w in onnx.load(str(path), load_external_data=False).graph.initializer if uses_external_data(w)]
+    if not before:
+        onnx.save(model, str(path))
+        return
+    location = path.name + ".data"
+    old = {ExternalDataInfo(w).location for w in before} - {location}
+    (path.parent / location).unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
+    for name in old:
+        (path.parent / name).unlink(missing_ok=True)
+
+
+def _materialise_tied_embeddings(model) -> None:
+    """Undo :func:`share_tied_embeddings` in memory: each ``Transpose`` of a weight becomes a weight again, so that
+    the quantiser, which quantises only ``MatMul`` nodes whose weight is stored, quantises the output projection."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    weights = {w.name: w for w in graph.initializer}
+    for node in [n for n in graph.node if n.name.startswith(TIED_PREFIX) and n.input[0] in weights]:
+        table = numpy_helper.to_array(weights[node.input[0]])
+        graph.initializer.append(numpy_helper.from_array(table.T.copy(), node.output[0]))
+        graph.node.remove(node)
 
 
 # The gate: greedy outputs of each exported decoder against PyTorch's on held-out inputs.
@@ -153,7 +232,9 @@ def quantize_decoder(fp32_path: Path, out_path: Path) -> Path:
     from training.export import library_noise_to_log
 
     with library_noise_to_log():
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), **QUANTIZATION)
+        model = onnx.load(str(fp32_path))
+        _materialise_tied_embeddings(model)
+        quantizer = MatMulNBitsQuantizer(model, **QUANTIZATION)
         quantizer.process()
         quantizer.model.save_model_to_file(str(out_path), use_external_data_format=True)
     for path in (out_path, out_path.with_name(out_path.name + ".data")):  # the weights file is written 0600

@@ -292,3 +292,49 @@ def test_an_int8_decoder_answers_the_same_alone_as_pooled_with_longer_prompts(ti
         alone = [int8.generate([p], NEW, seed=[s], **options)[0] for p, s in zip(prompts, seeds)]
         assert [a.token_ids for a in alone] == [p.token_ids for p in pooled]
         assert all(len(p.token_ids) == NEW for p in pooled)  # no end-of-sequence token: every row ran its course
+
+
+def test_a_tied_embedding_is_stored_once_and_decodes_and_quantises_as_before(tmp_path):
+    """SmolLM2 ties its output projection to its input embedding; the export keeps one copy (a Transpose of the
+    table, folded by ONNX Runtime at start-up) and the logits stay bit for bit those of the graph with two copies.
+    The int8 decoder still has its output projection in 8 bits."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.export_generation import _materialise_tied_embeddings, quantize_decoder, share_tied_embeddings
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=1, pad_token_id=1)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "lm")
+    tied = export_decoder(tmp_path / "lm", tmp_path / "tied" / "model.onnx", all_logits=True)
+    shapes = [list(w.dims) for w in onnx.load(str(tied)).graph.initializer]
+    assert shapes.count([300, 32]) == 1 and [32, 300] not in shapes
+
+    # The same graph with the second copy put back, as the exporter wrote it.
+    untied = onnx.load(str(tied))
+    _materialise_tied_embeddings(untied)
+    onnx.save(untied, str(tmp_path / "untied.onnx"))
+    assert share_tied_embeddings(tmp_path / "untied.onnx") == 1  # and it is found again
+    onnx.save(untied, str(tmp_path / "untied.onnx"))
+    assert (tmp_path / "untied.onnx").stat().st_size > tied.stat().st_size + 300 * 32 * 4 - 1024  # the table's bytes
+
+    feeds = {"input_ids": np.array([[5, 17, 250, 3]]), "attention_mask": np.ones((1, 4), dtype=np.int64),
+             "position_ids": np.arange(4)[None]}
+    feeds |= {f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 8), dtype=np.float32) for i in range(2)
+              for k in ("key", "value")}
+    logits = [ort.InferenceSession(str(p)).run(["logits"], feeds)[0] for p in (tied, tmp_path / "untied.onnx")]
+    assert np.array_equal(logits[0], logits[1])
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(feeds["input_ids"])).logits.numpy()
+    np.testing.assert_allclose(logits[0], expected, atol=1e-4)
+
+    int8 = onnx.load(str(quantize_decoder(tied, tmp_path / "model.int8.onnx")))
+    assert [n.op_type for n in int8.graph.node].count("MatMulNBits") == 2 * 7 + 1  # 7 per layer, and the projection
+    assert not any(n.op_type == "Transpose" and n.input[0] in {w.name for w in int8.graph.initializer}
+                   for n in int8.graph.node if n.name.startswith("/tied"))
