@@ -62,7 +62,7 @@ def main() -> None:
     from core.manifest import MODEL_DIR, read_manifest
     from core.tasks.generation import prompt_for
     from training.export import held_out_from_config
-    from training.export_generation import ATTENTION, QUANTIZATION
+    from training.export_generation import ATTENTION, QUANTIZATION, quantize_decoder
 
     torch.set_num_threads(THREADS)
     artifact = Path(args.artifact)
@@ -100,19 +100,11 @@ def main() -> None:
         runners[f"onnx {manifest.export.int8.method}"] = onnx_runner(artifact / manifest.export.onnx.int8)
     scratch = tempfile.TemporaryDirectory(prefix="generation-speed-")
     if args.candidates:
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        from training.export import library_noise_to_log
-
         for i, (name, options) in enumerate(CANDIDATES.items()):
             if options == QUANTIZATION and manifest.export.onnx.int8:
                 continue  # timed above, from the artifact
-            path = Path(scratch.name) / f"candidate{i}.onnx"
-            with library_noise_to_log():
-                quantizer = MatMulNBitsQuantizer(onnx.load(str(artifact / manifest.export.onnx.fp32)), **options)
-                quantizer.process()
-                quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
+            path = quantize_decoder(artifact / manifest.export.onnx.fp32, Path(scratch.name) / f"candidate{i}.onnx",
+                                    options)
             runners[name] = onnx_runner(path)
 
     if args.llama_cpp:

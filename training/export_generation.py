@@ -224,8 +224,9 @@ QUANTIZATION = {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_lev
 QUANTIZED_METHOD = "weight-only int8 (MatMulNBits, symmetric blocks of 32, int8 compute)"
 
 
-def quantize_decoder(fp32_path: Path, out_path: Path) -> Path:
-    """Write ``fp32_path``'s decoder with every weight matrix in 8 bits (:data:`QUANTIZATION`) to ``out_path``."""
+def quantize_decoder(fp32_path: Path, out_path: Path, options: dict | None = None) -> Path:
+    """Write ``fp32_path``'s decoder with every weight matrix quantised to ``out_path``: in 8 bits
+    (:data:`QUANTIZATION`), or by other ``MatMulNBitsQuantizer`` options (``bits``, ``block_size``, ...)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -234,7 +235,7 @@ def quantize_decoder(fp32_path: Path, out_path: Path) -> Path:
     with library_noise_to_log():
         model = onnx.load(str(fp32_path))
         _materialise_tied_embeddings(model)
-        quantizer = MatMulNBitsQuantizer(model, **QUANTIZATION)
+        quantizer = MatMulNBitsQuantizer(model, **(QUANTIZATION if options is None else options))
         quantizer.process()
         quantizer.model.save_model_to_file(str(out_path), use_external_data_format=True)
     for path in (out_path, out_path.with_name(out_path.name + ".data")):  # the weights file is written 0600
