@@ -215,8 +215,8 @@ FP32_FILE, QUANTIZED_FILE = "model.onnx", "model.int8.onnx"
 # Weight-only 8-bit (ONNX Runtime's MatMulNBits: symmetric blocks of 32 weights along the input dimension, one fp32
 # scale each) with int8 arithmetic (accuracy level 4: activations are quantised per block as the kernel runs).
 # Decoding a token reads every weight once, so it runs at the speed of memory and smaller weights are faster.
-# Measured on SmolLM2 fine-tuned on man pages (benchmarks/generation_speed.py, BENCHMARKS.md): 3.4x transformers'
-# generate at batch 1 against 2.3x for the fp32 graph, ROUGE-L within the gate on 64 validation pages. 4-bit weights
+# Measured on SmolLM2 fine-tuned on man pages (benchmarks/generation_speed.py, BENCHMARKS.md): 4.3x transformers'
+# generate at batch 1 against 2.4x for the fp32 graph, ROUGE-L within the gate on 64 validation pages. 4-bit weights
 # lost 2.7 points of ROUGE-L (1.2 with the output projection kept in fp32, 17 with HQQ); 8-bit weights with fp32
 # arithmetic have no fast kernel (4 tokens/s). Run-time activation quantisation is also why core/decoding.py pads
 # each prompt to a width of its own: otherwise a row's logits moved by up to 0.55 with its batch-mates' lengths.
