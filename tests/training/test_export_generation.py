@@ -328,8 +328,15 @@ def test_a_tied_embedding_is_stored_once_and_decodes_and_quantises_as_before(tmp
              "position_ids": np.arange(4)[None]}
     feeds |= {f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 8), dtype=np.float32) for i in range(2)
               for k in ("key", "value")}
-    logits = [ort.InferenceSession(str(p)).run(["logits"], feeds)[0] for p in (tied, tmp_path / "untied.onnx")]
-    assert np.array_equal(logits[0], logits[1])
+    # A decoder over 2 GB keeps its weights outside the graph file: the shared graph does too, in one file.
+    outside = tmp_path / "outside" / "model.onnx"
+    outside.parent.mkdir()
+    onnx.save(untied, str(outside), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert share_tied_embeddings(outside) == 1
+    assert sorted(p.name for p in outside.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+    logits = [ort.InferenceSession(str(p)).run(["logits"], feeds)[0] for p in (tied, tmp_path / "untied.onnx", outside)]
+    assert np.array_equal(logits[0], logits[1]) and np.array_equal(logits[0], logits[2])
     with torch.no_grad():
         expected = model(input_ids=torch.tensor(feeds["input_ids"])).logits.numpy()
     np.testing.assert_allclose(logits[0], expected, atol=1e-4)
