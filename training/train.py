@@ -296,14 +296,22 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
             if main:
                 stored.write_text(json.dumps([vars(a) for a in base_answers]))
 
+    # The best evaluation's validation targets and logits, for fitting calibration and thresholds after training
+    # without another pass over validation (absent when the best step predates a resume).
+    fits_decisions = publish and bool({"calibrate", "threshold"} & cfg.task.spec.options)
+    best_outputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
     def validate() -> bool:
         """Evaluate, keep the best weights, and say whether early stopping should end the run."""
-        result, _, _ = evaluate("validation", val_dl)
+        result, targets, outputs = evaluate("validation", val_dl)
         value = result.metrics.get(monitor)
         state.history["validation"].append({"step": state.step, "epoch": state.epoch, **result.metrics})
         accelerator.log(prefixed("validation", result.metrics), step=state.step)
         if value is not None and is_better(monitor, value, state.best):
             state.best, state.best_step, state.bad_evals = value, state.step, 0
+            if fits_decisions:
+                best_outputs.clear()
+                best_outputs[state.step] = (targets, outputs)
             if main:
                 tmp = output_dir / f".{BEST_WEIGHTS}.tmp"
                 save_file(trainable_state(accelerator.unwrap_model(model)), str(tmp))
@@ -413,8 +421,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
 
     # Calibration and multi-label thresholds are fitted on validation with the best weights, then judged on test.
     spec, decisions = cfg.task.spec, Decisions()
-    if {"calibrate", "threshold"} & spec.options:
-        _, val_targets, val_logits = evaluate("validation", val_dl)
+    if fits_decisions:
+        # the best weights' validation logits: kept from their evaluation, or computed again
+        val_targets, val_logits = best_outputs.get(state.best_step) or evaluate("validation", val_dl)[1:]
         decisions = fit_decisions(cfg, data.labels, val_logits, val_targets)
         rescored = spec.evaluate(val_targets, spec.scores(val_logits, decisions.calibration), data.labels,
                                  threshold=decisions.threshold)

@@ -61,6 +61,27 @@ def test_lora_multilabel_saves_adapter_and_merged_model(base_config):
     assert manifest.trainable_parameters < manifest.total_parameters / 2
 
 
+def test_calibration_is_fitted_on_the_best_evaluations_logits_without_another_validation_pass(base_config,
+                                                                                                monkeypatch):
+    """Two evaluations (one per epoch), then the test split: the calibration reuses the validation logits the best
+    evaluation computed. (A resumed run whose best step came before the interruption computes them again; the resume
+    tests check that it ends as an uninterrupted run does.)"""
+    import training.train
+
+    passes = []
+    real = training.train.run_evaluation
+
+    def counted(model, dataloader, accelerator, cfg, labels, loss_fn, desc, decisions=None):
+        passes.append(desc)
+        return real(model, dataloader, accelerator, cfg, labels, loss_fn, desc, decisions)
+
+    monkeypatch.setattr(training.train, "run_evaluation", counted)
+    result = train(load_config(raw=base_config))
+    assert passes == ["validation", "validation", "test"]
+    manifest = read_manifest(result.artifact_dir)
+    assert manifest.calibration.method == "temperature" and set(manifest.calibration.after) == {"validation", "test"}
+
+
 def test_adapter_reload_matches_merged_model(base_config):
     import torch
     from peft import PeftModel
