@@ -4,13 +4,13 @@
 #   docker build --build-arg ARTIFACT=runs/sentiment-lora/artifact -t tuneserve .
 #   docker run --rm -p 3000:3000 tuneserve
 
-# Stage 1: from the artifact, only what the ONNX backend loads (core/serving.py: manifest, card, tokenizer, the
+# Stage 1: from the artifact, only what the ONNX backend loads (core/cpu_files.py: manifest, card, tokenizer, the
 # ONNX file `auto` serves). The rest of the artifact never reaches the image.
 FROM python:3.11-slim AS serving-files
 ARG ARTIFACT=runs/sentiment-lora/artifact
-COPY core/serving.py /build/serving.py
+COPY core/cpu_files.py /build/cpu_files.py
 COPY ${ARTIFACT} /build/artifact
-RUN python /build/serving.py /build/artifact /build/serving
+RUN python /build/cpu_files.py /build/artifact /build/serving
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \

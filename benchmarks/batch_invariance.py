@@ -46,7 +46,7 @@ def main() -> None:
     from core.manifest import read_manifest
     from core.onnx_runner import OnnxModel
     from service.backends import choose_backend, cpu_threads
-    from training.demo_data import demo_path
+    from training.data.demo import demo_path
 
     artifact = Path(args.artifact)
     manifest = read_manifest(artifact)
@@ -59,7 +59,7 @@ def main() -> None:
 
     backends = {}
     for name in ("torch", "onnx", "onnx-int8"):
-        if name == "onnx-int8" and not manifest.export.onnx.int8:
+        if name == "onnx-int8" and not manifest.export.variant("onnx-int8"):
             continue
         backend = choose_backend(artifact, manifest, backend=name, device="cpu", threads=cpu_threads(), batch_size=1)
         backends[f"{backend.name} (the service's)"] = backend

@@ -77,7 +77,7 @@ def main() -> None:
         "torch-cpu fp32": TorchBackend(art, manifest, device="cpu", threads=cpu_threads(), batch_size=32),
         "onnx fp32 (CPU)": OnnxBackend(art, manifest, int8=False, threads=cpu_threads(), batch_size=32),
     }
-    if manifest.export.onnx.int8:
+    if manifest.export.variant("onnx-int8"):
         backends["onnx-int8 (CPU)"] = OnnxBackend(art, manifest, int8=True, threads=cpu_threads(), batch_size=32)
     serve_rows = []
     for name, backend in backends.items():

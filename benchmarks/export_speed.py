@@ -34,7 +34,7 @@ def main() -> None:
 
     from benchmarks._report import matmul_gflops, write_section
     from core.onnx_runner import OnnxModel
-    from training.demo_data import demo_path
+    from training.data.demo import demo_path
     from training.inference import load_artifact, predict_logits
 
     artifact = load_artifact(args.artifact)
@@ -48,11 +48,11 @@ def main() -> None:
     spec = manifest.task.spec
     runners = {"torch eager fp32": lambda batch: predict_logits(artifact, batch, batch_size=32)}
     threads = torch.get_num_threads()
-    for variant, key in (("ORT fp32 (fused)", "fp32"), ("ORT int8", "int8")):
-        relative = getattr(manifest.export.onnx, key)
-        if relative:
-            model = OnnxModel(Path(args.artifact) / relative, threads=threads)
-            runners[variant] = (lambda m: lambda batch: m.logits(artifact.encoder, batch, task=manifest.task,
+    for label, name in (("ORT fp32 (fused)", "onnx"), ("ORT int8", "onnx-int8")):
+        variant = manifest.export.variant(name)
+        if variant:
+            model = OnnxModel(Path(args.artifact) / variant.path, threads=threads)
+            runners[label] = (lambda m: lambda batch: m.logits(artifact.encoder, batch, task=manifest.task,
                                                                  batch_size=32))(model)
     tokens = sum(len(ids) for ids in artifact.tokenizer(texts, truncation=True, max_length=manifest.max_length)["input_ids"])
     params = sum(p.numel() for n, p in artifact.model.named_parameters() if "embeddings" not in n)

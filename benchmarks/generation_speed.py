@@ -66,12 +66,12 @@ def main() -> None:
     from core.manifest import MODEL_DIR, read_manifest
     from core.tasks.generation import prompt_for
     from training.export import held_out_from_config
-    from training.export_generation import ATTENTION, QUANTIZATION, quantize_decoder
+    from training.export.decoder import ATTENTION, QUANTIZATION, quantize_decoder
 
     torch.set_num_threads(THREADS)
     artifact = Path(args.artifact)
     manifest = read_manifest(artifact)
-    if manifest.export is None or manifest.export.onnx is None:
+    if manifest.export is None or manifest.export.variant("onnx") is None:
         sys.exit(f"{artifact}: not exported to ONNX; run `tuneserve export {artifact}` first")
     tokenizer = AutoTokenizer.from_pretrained(artifact / MODEL_DIR)
     texts = held_out_from_config(manifest, artifact).texts[:max(args.prompts, CONCURRENCY)]
@@ -99,15 +99,15 @@ def main() -> None:
         decoder = OnnxDecoder(path, tokenizer, [], threads=THREADS)  # no end-of-sequence: every row writes `new`
         return lambda batch: [list(g.token_ids) for g in decoder.generate(batch, new)]
 
-    runners = {"transformers generate, fp32": torch_run, "onnx fp32": onnx_runner(artifact / manifest.export.onnx.fp32)}
-    if manifest.export.onnx.int8:
-        runners[f"onnx {manifest.export.int8.method}"] = onnx_runner(artifact / manifest.export.onnx.int8)
+    runners = {"transformers generate, fp32": torch_run, "onnx fp32": onnx_runner(artifact / manifest.export.variant("onnx").path)}
+    if manifest.export.variant("onnx-int8"):
+        runners[f"onnx {manifest.export.int8.method}"] = onnx_runner(artifact / manifest.export.variant("onnx-int8").path)
     scratch = tempfile.TemporaryDirectory(prefix="generation-speed-")
     if args.candidates:
         for i, (name, options) in enumerate(CANDIDATES.items()):
-            if options == QUANTIZATION and manifest.export.onnx.int8:
+            if options == QUANTIZATION and manifest.export.variant("onnx-int8"):
                 continue  # timed above, from the artifact
-            path = quantize_decoder(artifact / manifest.export.onnx.fp32, Path(scratch.name) / f"candidate{i}.onnx",
+            path = quantize_decoder(artifact / manifest.export.variant("onnx").path, Path(scratch.name) / f"candidate{i}.onnx",
                                     options)
             runners[name] = onnx_runner(path)
 
@@ -168,7 +168,7 @@ def llama_cpp_runner(manifest, new: int):
 
     from llama_cpp import Llama
 
-    from training.modeling import ALIASES
+    from training.recipe.modeling import ALIASES
 
     spec = next((s for s in ALIASES.values() if s.hub_id == manifest.base_model and s.gguf_file), None)
     if spec is None:

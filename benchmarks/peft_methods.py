@@ -40,8 +40,9 @@ def row(method: str, overrides: list[str], manifest: dict) -> str:
     test, validation, info = manifest["metrics"]["test"], manifest["metrics"]["validation"], manifest["training"]
     share = 100 * manifest["trainable_parameters"] / manifest["total_parameters"]
     export = manifest.get("export")
-    if export and export.get("onnx"):
-        parity = export["parity"]["onnx"]
+    fp32 = next((v for v in export["variants"] if v["name"] == "onnx"), None) if export else None
+    if fp32:
+        parity = fp32["parity"]
         int8 = export["int8"]
         kept = "off" if int8["requested"] == "off" else "kept" if int8["kept"] else "dropped"
         gate = f"passed (agreement {parity['label_agreement']:.4f}), int8 {kept}"

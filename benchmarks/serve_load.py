@@ -165,7 +165,7 @@ def main() -> None:
     from benchmarks._report import latency_and_throughput, write_section
     from core.manifest import read_manifest
     from service.backends import choose_backend
-    from training.demo_data import demo_path
+    from training.data.demo import demo_path
 
     manifest = read_manifest(artifact)
     rows = [json.loads(line) for line in demo_path("vader:movie").read_text().splitlines()]

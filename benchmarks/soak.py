@@ -118,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from benchmarks._report import write_section
-    from training.demo_data import demo_path
+    from training.data.demo import demo_path
 
     rows = [json.loads(line) for line in demo_path("vader:movie").read_text().splitlines()]
     labelled = [{"text": r["text"], "label": r["polarity"]} for r in rows if r.get("polarity")]

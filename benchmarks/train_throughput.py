@@ -53,14 +53,14 @@ def generation_worker(runner: str, steps: int, seed: int) -> dict:
 
     from core.tasks.generation import encode_example
     from training.config import load_config
-    from training.data import load_dataset
-    from training.modeling import build_model, optimizer_groups
+    from training.data.reading import load_dataset
+    from training.recipe.modeling import build_model, optimizer_groups
 
     tmp = tempfile.mkdtemp()
     cfg = load_config(GENERATION_CONFIG, _generation_overrides(steps, seed, tmp))
     data = load_dataset(cfg.data, cfg.task, cfg.train.seed)
     if runner == "tuneserve":
-        from training.train import train
+        from training.run import train
 
         result = train(cfg)
         info = json.loads((result.artifact_dir / "manifest.json").read_text())["training"]
@@ -103,8 +103,8 @@ def worker(runner: str, steps: int, seed: int) -> dict:
 
     from core.encoding import encode
     from training.config import load_config
-    from training.data import load_dataset
-    from training.modeling import build_model, optimizer_groups
+    from training.data.reading import load_dataset
+    from training.recipe.modeling import build_model, optimizer_groups
 
     tmp = tempfile.mkdtemp()
     cfg = load_config(CONFIG, _overrides(steps, seed, tmp))
@@ -112,7 +112,7 @@ def worker(runner: str, steps: int, seed: int) -> dict:
     tokens = sum(len(ids) for ids in encode(load_tokenizer(cfg), data.train.texts, max_length=cfg.train.max_length)["input_ids"])
 
     if runner == "tuneserve":
-        from training.train import train
+        from training.run import train
 
         result = train(cfg)
         info = json.loads((result.artifact_dir / "manifest.json").read_text())["training"]
@@ -152,8 +152,8 @@ def worker(runner: str, steps: int, seed: int) -> dict:
 
 
 def load_tokenizer(cfg):
-    from training.modeling import load_tokenizer as load
-    from training.modeling import resolve_model
+    from training.recipe.modeling import load_tokenizer as load
+    from training.recipe.modeling import resolve_model
 
     return load(resolve_model(cfg.model))
 
@@ -161,7 +161,7 @@ def load_tokenizer(cfg):
 def non_embedding(cfg) -> int:
     from transformers import AutoModel
 
-    from training.modeling import resolve_model
+    from training.recipe.modeling import resolve_model
 
     model = AutoModel.from_pretrained(resolve_model(cfg.model))
     return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)

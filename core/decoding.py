@@ -1,6 +1,6 @@
 """Decoding text from an exported causal language model with ONNX Runtime: no torch.
 
-The graph is a decoder with its key/value cache as flat inputs and outputs (``training/export_generation.py``
+The graph is a decoder with its key/value cache as flat inputs and outputs (``training/export/decoder.py``
 writes one): ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.{i}.key`` / ``.value`` in,
 ``logits`` and ``present.{i}.key`` / ``.value`` out. The first step runs the left-padded prompts against an
 empty cache; each later step runs one token per row against the cache the previous step returned. Position ids

@@ -20,10 +20,12 @@ from core.errors import ArtifactError
 from core.prompting import PromptFormat
 from core.tasks import Task
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # version 1: the same fields, its sections untyped dicts (empty when absent); version 2: no calibration or per-label
-# thresholds (a reader that ignored them would serve other scores and decisions than were measured: hence 3).
-READABLE_VERSIONS = (1, 2, 3)
+# thresholds (a reader that ignored them would serve other scores and decisions than were measured: hence 3);
+# version 3: the export section named its ONNX files by field (onnx.fp32, onnx.int8) beside parity reports by variant,
+# so that a new runtime meant a new field (version 4: a list of variants; older sections are read into it).
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
@@ -77,11 +79,10 @@ class Provenance(_Section):
                           "warm-started): where its weights came from, and in 'note' what that means for quality.")
 
 
-class OnnxFiles(_Section):
-    fp32: str = Field(description="Path of the fp32 graph, relative to the artifact.")
-    int8: str | None = Field(None, description="Path of the int8 graph the gate kept (null: none).")
+class GraphRecord(_Section):
+    """How the exported graph was made: opset, and what the graph optimizer fused."""
+
     opset: int
-    held_out: str = Field(description="The split the gate measured on.")
     optimizer: str | None = None
     fusions: dict[str, int] = Field(default_factory=dict)
     not_fused: dict[str, str] = Field(default_factory=dict)
@@ -144,15 +145,65 @@ class SelftestExample(_Section):
     decision: Any
 
 
+class ExportVariant(_Section):
+    """One exported variant that passed its gate: what runs it, its files, its precision, and its parity report. A
+    new runtime or an adapter file is a new entry here, not a new field."""
+
+    name: str = Field(description="The backend that serves it (onnx, onnx-int8).")
+    runtime: str = Field(description="What runs the files (onnxruntime).")
+    files: list[str] = Field(min_length=1, description="Its files, relative to the artifact: the graph first, then "
+                             "any weights kept outside it.")
+    precision: str = Field(description="fp32 | int8.")
+    method: str | None = Field(None, description="How a quantised variant was made.")
+    gate: Literal["passed"] = Field("passed", description="The gate's outcome: only variants that pass are kept "
+                                    "(int8 attempts that failed are in the int8 report).")
+    parity: ParityReport = Field(description="Against PyTorch on the held-out split, at the task level.")
+
+    @property
+    def path(self) -> str:
+        """The graph file, relative to the artifact."""
+        return self.files[0]
+
+
 class ExportRecord(_Section):
-    onnx: OnnxFiles | None = Field(description="The ONNX files; null: the model is not exported (see reason).")
     backend: Literal["onnx", "torch"] = Field("onnx", description="What serves the model on a CPU: ONNX Runtime, "
                                               "or PyTorch where there is no ONNX export.")
     reason: str | None = Field(None, description="Why there is no ONNX export, where there is none.")
-    parity: dict[str, ParityReport] = Field(description="Variant (onnx, onnx-int8) -> its parity report (empty "
-                                            "without an ONNX export).")
+    held_out: str | None = Field(None, description="The split the gate measured on.")
+    graph: GraphRecord | None = Field(None, description="How the graph was made; null without an ONNX export.")
+    variants: list[ExportVariant] = Field(default_factory=list, description="Every variant that passed its gate "
+                                          "(empty without an ONNX export).")
     int8: Int8Report
     selftest: list[SelftestExample]
+
+    def variant(self, name: str) -> ExportVariant | None:
+        """The kept variant a backend of that name serves (None: there is none)."""
+        return next((v for v in self.variants if v.name == name), None)
+
+    @property
+    def parity(self) -> dict[str, ParityReport]:
+        """Variant name -> its parity report."""
+        return {v.name: v.parity for v in self.variants}
+
+
+# The variants a version-3 export section named by field: (its backend name, the field, the precision).
+_V3_VARIANTS = (("onnx", "fp32", "fp32"), ("onnx-int8", "int8", "int8"))
+
+
+def upgrade_export(section: dict, directory: Path) -> dict:
+    """A version-1 to -3 export section in the layout of version 4 (its files read from ``directory``)."""
+    onnx, parity, int8 = section.get("onnx"), section.get("parity") or {}, section.get("int8") or {}
+    variants = []
+    for name, field, precision in _V3_VARIANTS if onnx else ():
+        path = onnx.get(field)
+        if path and name in parity:
+            files = [path] + ([f"{path}.data"] if (directory / f"{path}.data").is_file() else [])
+            variants.append({"name": name, "runtime": "onnxruntime", "files": files, "precision": precision,
+                             "method": int8.get("method") if field == "int8" else None, "parity": parity[name]})
+    graph = {k: v for k, v in onnx.items() if k not in ("fp32", "int8", "held_out")} if onnx else None
+    return {"backend": section.get("backend", "onnx"), "reason": section.get("reason"),
+            "held_out": onnx.get("held_out") if onnx else None, "graph": graph, "variants": variants,
+            "int8": int8, "selftest": section.get("selftest", [])}
 
 
 class StudyRecord(_Section):
@@ -256,15 +307,17 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         raise ArtifactError(f"{path}: schema_version {version!r} is not supported (this version reads "
                             f"{', '.join(map(str, READABLE_VERSIONS))})")
     if version == 1:  # the same fields; an absent section was an empty dict
-        raw = {**raw, "schema_version": SCHEMA_VERSION,
-               **{k: None for k in ("training", "export") if raw.get(k) == {}}}
+        raw = {**raw, **{k: None for k in ("training", "export") if raw.get(k) == {}}}
+    if version < 4 and isinstance(raw.get("export"), dict) and isinstance(raw["export"].get("onnx", {}), (dict, type(None))):
+        raw = {**raw, "export": upgrade_export(raw["export"], directory)}
+    raw = {**raw, "schema_version": SCHEMA_VERSION}
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        hint = (" (a version-1 manifest this release cannot read: re-export the artifact with `tuneserve export "
-                f"{directory}`, or retrain it)") if version == 1 else ""
+        hint = (f" (a version-{version} manifest this release cannot read: re-export the artifact with `tuneserve "
+                f"export {directory}`, or retrain it)") if version < SCHEMA_VERSION else ""
         raise ArtifactError(f"{path}: field '{where}': {first['msg']}{hint}") from None
     if manifest.task.spec.has_labels and not manifest.labels:
         raise ArtifactError(f"{path}: a {manifest.task.value} manifest must list its labels")

@@ -86,8 +86,8 @@ class OnnxBackend:
 
         from core.onnx_runner import OnnxModel, check_external_data
 
-        onnx = manifest.export.onnx if manifest.export else None
-        relative = (onnx.int8 if int8 else onnx.fp32) if onnx else None
+        variant = manifest.export.variant("onnx-int8" if int8 else "onnx") if manifest.export else None
+        relative = variant.path if variant else None
         if not relative:
             what = "int8 variant (the export gate dropped it or int8 was off)" if int8 else "ONNX export"
             raise ArtifactError(f"{artifact_dir}: the manifest lists no {what}; run `tuneserve export`")
@@ -206,12 +206,13 @@ class OnnxGenerationBackend:
         from core.decoding import OnnxDecoder
         from core.onnx_runner import check_external_data
 
-        if not manifest.export or not manifest.export.onnx:
+        if not manifest.export or not manifest.export.variant("onnx"):
             if manifest.export and manifest.export.reason:
                 raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX export ({manifest.export.reason}); "
                                     "use TUNESERVE_BACKEND=torch (or auto)")
             raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX export; run `tuneserve export`")
-        relative = manifest.export.onnx.int8 if int8 else manifest.export.onnx.fp32
+        variant = manifest.export.variant("onnx-int8" if int8 else "onnx")
+        relative = variant.path if variant else None
         if not relative:
             raise ArtifactError(f"{artifact_dir}: the manifest lists no quantised decoder (the export gate did not keep "
                                 f"it: {manifest.export.int8.reason or 'not requested'}); use TUNESERVE_BACKEND=onnx")
@@ -327,7 +328,7 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
     otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed), or
     whose export section says PyTorch serves it (an encoder-decoder generation model: no ONNX export yet). For a
     decoder-only generation model, ``onnx-int8`` is its quantised decoder (8-bit weights,
-    training/export_generation.py). The choice and its reason go to the service's log.
+    training/export/decoder.py). The choice and its reason go to the service's log.
 
     Raises:
         ArtifactError: the artifact lacks what the chosen backend needs (an artifact only PyTorch serves, where torch
@@ -336,7 +337,7 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
     """
     threads = threads or cpu_threads()
     if backend == "auto":
-        torch_only = manifest.export is not None and manifest.export.onnx is None
+        torch_only = manifest.export is not None and manifest.export.variant("onnx") is None
         if device != "cpu" and _cuda_available():
             backend, device, why = "torch", "cuda", "torch sees a CUDA device"
         elif torch_only:
@@ -347,7 +348,7 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
         elif manifest.export is None and _torch_installed():  # never exported: PyTorch is all there is
             backend, device, why = "torch", "cpu", "the artifact was never exported to ONNX"
         else:
-            backend = "onnx-int8" if manifest.export and manifest.export.onnx.int8 else "onnx"
+            backend = "onnx-int8" if manifest.export and manifest.export.variant("onnx-int8") else "onnx"
             why = ("the quantised variant passed the export gate" if backend == "onnx-int8"
                    else "ONNX Runtime runs the exported fp32 graph without a GPU")
         served_log.info("backend auto: %s%s, because %s", backend, f" on {device}" if backend == "torch" else "", why)

@@ -269,7 +269,7 @@ class Tuneserve:
             "calibration": m.calibration.model_dump() if m.calibration else None,
             "stride": m.stride, "aggregation": m.aggregation,
             "base_model": m.base_model, "method": m.method, "primary_metric": m.primary_metric,
-            "metrics": m.metrics, "baselines": m.baselines, "parity": m.export.model_dump(mode="json")["parity"] if m.export else None,
+            "metrics": m.metrics, "baselines": m.baselines, "parity": {n: p.model_dump(mode="json") for n, p in m.export.parity.items()} if m.export else None,
             "int8": m.export.int8.model_dump(mode="json") if m.export else None, "backend": self.backend.name,
             "execution_provider": getattr(self.backend, "provider", None), "selftest": self.selftest,
             "startup_seconds": round(self.startup_seconds, 3),

@@ -162,16 +162,16 @@ def torchrun_train(config: dict, directory: Path, timeout: float = 300) -> subpr
 
 def crash_after_first_checkpoint(monkeypatch, cfg) -> None:
     """Run ``train(cfg)`` until its first checkpoint is written, then stop it there (a simulated crash)."""
-    import training.checkpoint
-    from training.train import train
+    import training.recipe.checkpoint
+    from training.run import train
 
-    real_save = training.checkpoint.save_checkpoint
+    real_save = training.recipe.checkpoint.save_checkpoint
 
     def crash(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt("simulated crash right after the first checkpoint")
 
-    monkeypatch.setattr("training.train.save_checkpoint", crash)
+    monkeypatch.setattr("training.recipe.loop.save_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    monkeypatch.setattr("training.train.save_checkpoint", real_save)
+    monkeypatch.setattr("training.recipe.loop.save_checkpoint", real_save)

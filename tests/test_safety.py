@@ -63,7 +63,7 @@ def test_planted_pickles_in_an_artifact_are_never_loaded(base_config, tmp_path):
     from service.backends import TorchBackend
     from training.config import load_config
     from training.inference import load_artifact
-    from training.train import train
+    from training.run import train
 
     art = train(load_config(raw=base_config)).artifact_dir
     marker = tmp_path / "unpickled"

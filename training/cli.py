@@ -31,7 +31,7 @@ def _table(columns: dict[str, dict[str, float]], names: list[str]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_config
-    from training.train import train
+    from training.run import train
 
     cfg = load_config(args.config, args.set)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -84,22 +84,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _print_export(section: dict) -> None:
-    onnx = section["onnx"]
-    if onnx is None:
+    variants = {v["name"]: v for v in section["variants"]}
+    if "onnx" not in variants:
         print(f"onnx: not exported ({section.get('reason')}); served by {section.get('backend')}")
         return
-    fusions = ", ".join(f"{k} {v}" for k, v in onnx.get("fusions", {}).items()) or onnx.get("note", "none")
-    print(f"onnx: {onnx['fp32']} (fusions: {fusions})")
-    for variant, report in section["parity"].items():
+    graph = section["graph"]
+    fusions = ", ".join(f"{k} {v}" for k, v in graph.get("fusions", {}).items()) or graph.get("note", "none")
+    print(f"onnx: {variants['onnx']['files'][0]} (fusions: {fusions})")
+    for variant, report in ((name, v["parity"]) for name, v in variants.items()):
         figures = [f"{name} {report[key]:.4%}" for key, name in (("label_agreement", "label agreement"),
                                                                   ("output_agreement", "identical greedy outputs"))
                    if report.get(key) is not None]
         if report.get("max_abs_diff") is not None:
             figures.append(f"max |score diff| {report['max_abs_diff']:.2e}")
-        print(f"  parity {variant}: {', '.join(figures)} on {report['examples']} {onnx['held_out']} examples")
+        print(f"  parity {variant}: {', '.join(figures)} on {report['examples']} {section['held_out']} examples")
     int8 = section["int8"]
     if int8["kept"]:
-        print(f"  int8 kept ({int8['method']}): {onnx['int8']}")
+        print(f"  int8 kept ({int8['method']}): {variants['onnx-int8']['files'][0]}")
     elif int8["requested"] != "off":
         print(f"  int8 dropped: {int8['reason']}")
 
@@ -116,7 +117,7 @@ def _load_labelled(manifest, data: str, text: str | None, text_pair: str | None,
                    drop_missing: bool = False):
     """Read a labelled file with the artifact's columns (overridable) and map labels through its label set."""
     from training.config import DataConfig
-    from training.data import attach_targets, load_split
+    from training.data.reading import attach_targets, load_split
 
     cfg = DataConfig(train=data, text=text or manifest.text_fields[0],
                      text_pair=text_pair or (manifest.text_fields[1] if manifest.has_pair else None),
@@ -185,7 +186,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from training.demo_data import demo_fields, demo_path
+    from training.data.demo import demo_fields, demo_path
 
     source = demo_path(args.name)
     out_dir = Path(args.output)
@@ -214,7 +215,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from training.register import register
+    from training.publish.register import register
 
     tag = register(args.artifact, args.name, onnx_only=args.onnx_only)
     print(tag)

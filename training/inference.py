@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from core.encoding import Encoder
 from core.errors import ArtifactError
 from core.manifest import MODEL_DIR, Manifest, read_manifest
-from training.tasks import auto_model_class, model_task
+from training.recipe.torch_tasks import auto_model_class, model_task
 
 
 @dataclass

@@ -21,6 +21,7 @@ import socket
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -32,10 +33,11 @@ import yaml
 
 from core.errors import ConfigError, TrainingError
 from core.tasks import LOWER_IS_BETTER
-from training.checkpoint import CHECKPOINTS
 from training.config import Config, load_config, with_value
-from training.tracking import RunLabels, RunStopped, create_parent_run, mlflow_tracking_uri
-from training.train import BEST_WEIGHTS, RunResult, train
+from training.recipe.checkpoint import CHECKPOINTS
+from training.recipe.loop import BEST_WEIGHTS, RunResult
+from training.recipe.tracking import RunLabels, RunStopped, create_parent_run, mlflow_tracking_uri
+from training.run import train
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +219,21 @@ def run_search(cfg: Config, *, trials: int | None = None, timeout: float | None 
                           f"validation {monitor} must {direction(monitor)}: use another --study-name")
     labels = search_labels(cfg, study, output_dir)
 
+    objective = make_objective(cfg, study, seed, output_dir, labels)
+    study.optimize(objective, n_trials=trials, timeout=timeout, catch=(Exception,), gc_after_trial=True)
+    record = study_record(study, monitor, pruner_name)
+    best_config = write_best_config(cfg, study, output_dir) if record.get("best_trial") is not None else None
+    close_parent_run(labels, record)
+    return SearchResult(study=study, record=record, best_config=best_config, plots=save_plots(study, output_dir),
+                        labels=labels and replace(labels, run_name="best"))
+
+
+def make_objective(cfg: Config, study: optuna.Study, seed: int, output_dir: Path, labels: RunLabels | None
+                   ) -> Callable[[optuna.Trial], float]:
+    """The study's objective: a trial trains the config with its suggested values (``publish=False``: the test split
+    is never touched), reports each validation to the pruner, and returns the monitored validation metric."""
+    monitor = cfg.monitor
+
     def objective(trial: optuna.Trial) -> float:
         # Trial N draws from its own seed: a study shared by workers never proposes one trial twice.
         study.sampler = make_sampler(seed + trial.number)
@@ -258,12 +275,8 @@ def run_search(cfg: Config, *, trials: int | None = None, timeout: float | None 
             raise TrainingError(f"trial {trial.number}: validation {monitor} was undefined at every evaluation")
         return value
 
-    study.optimize(objective, n_trials=trials, timeout=timeout, catch=(Exception,), gc_after_trial=True)
-    record = study_record(study, monitor, pruner_name)
-    best_config = write_best_config(cfg, study, output_dir) if record.get("best_trial") is not None else None
-    close_parent_run(labels, record)
-    return SearchResult(study=study, record=record, best_config=best_config, plots=save_plots(study, output_dir),
-                        labels=labels and replace(labels, run_name="best"))
+
+    return objective
 
 
 def study_record(study: optuna.Study, metric: str, pruner: str) -> dict[str, Any]:
@@ -330,7 +343,7 @@ def train_best(best_config: Path, record: dict[str, Any], labels: RunLabels | No
     """Train the best configuration into an artifact whose manifest and model card record the study (``labels``:
     in the trackers, as the search's run ``best``)."""
     from core.manifest import StudyRecord, read_manifest, write_manifest
-    from training.card import write_card
+    from training.publish.card import write_card
 
     result = train(load_config(best_config), overwrite=True, labels=labels)
     if result.artifact_dir is not None:  # the main process

@@ -1,29 +1,103 @@
-"""The protocol every task spec implements, and the label helpers task families share."""
+"""The protocol every task spec implements, the task names and their registry, and the helpers task families share."""
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
 from core.calibration import Calibration
 from core.calibration import apply as calibrated
-from core.tasks import LOWER_IS_BETTER, Task, postprocess
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from core.encoding import Encoder
-    from core.manifest import Manifest
     from core.metrics import Evaluation
+
+
+class Task(str, Enum):
+    CLASSIFICATION = "classification"
+    MULTILABEL = "multilabel"
+    REGRESSION = "regression"
+    TOKEN_CLASSIFICATION = "token_classification"
+    GENERATION = "generation"
+
+    @property
+    def spec(self) -> TaskSpec:
+        """This task's spec (the registry lives in :func:`spec_for`)."""
+        return spec_for(self)
+
+
+# The registry: filled by core/tasks/__init__.py, which Python imports before any module of the package, so
+# ``Task.X.spec`` always finds its spec while this module imports no spec.
+SPECS: dict[Task, TaskSpec] = {}
+
+
+def spec_for(task: Task | str) -> TaskSpec:
+    """The spec of a task (by enum member or name)."""
+    return SPECS[Task(task)]
+
+
+# Metrics where smaller is better; every other metric is maximised.
+LOWER_IS_BETTER = frozenset({"loss", "log_loss", "hamming_loss", "mse", "rmse", "mae", "perplexity"})
+
+
+def is_better(metric: str, candidate: float, best: float | None) -> bool:
+    """Whether ``candidate`` improves on ``best`` for ``metric`` (``best=None`` means no value yet)."""
+    if best is None:
+        return True
+    return candidate < best if metric in LOWER_IS_BETTER else candidate > best
 
 
 # Largest score difference allowed between two batch arrangements of the same inputs on one backend (batch
 # invariance: the export gate, the self-test and the tests hold every backend to it).
 BATCH_INVARIANCE_TOLERANCE = 1e-5
+
+
+def postprocess(logits: np.ndarray, kind: str) -> np.ndarray:
+    """Turn raw model outputs into scores: class probabilities, label probabilities or values.
+
+    Args:
+        logits: array of shape (..., num_outputs).
+        kind: ``softmax`` | ``sigmoid`` | ``identity`` as recorded in the manifest.
+
+    Returns:
+        float64 array of the same shape, except ``identity`` with one output per example, which gives (n,).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if kind == "softmax":
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        exp = np.exp(shifted)
+        return exp / exp.sum(axis=-1, keepdims=True)
+    if kind == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    if kind == "identity":
+        return logits[:, 0] if logits.ndim == 2 and logits.shape[1] == 1 else logits
+    raise ValueError(f"unknown post-processing {kind!r}; expected softmax, sigmoid or identity")
+
+
+class ModelRecord(Protocol):
+    """What a spec reads of an artifact's record (:class:`core.manifest.Manifest` is one): specs depend on
+    these fields, not on the manifest module, which itself depends on the specs."""
+
+    labels: list[str] | None
+    max_length: int
+    thresholds: dict[str, float] | None
+    aggregation: str | None
+    prompt: Any
+    decoding: dict[str, Any] | None
+    examples: list[dict[str, str]] | None
+
+    @property
+    def has_pair(self) -> bool: ...
+
+    @property
+    def decision_threshold(self) -> float | np.ndarray: ...
 
 
 class LabelError(ValueError):
@@ -102,6 +176,7 @@ class TaskSpec(ABC):
     # Config options that only some tasks accept (data.label_delimiter, train.label_smoothing, train.threshold,
     # data.augment: word-level augmentation, for tasks whose labels are not aligned to the words).
     options: ClassVar[frozenset[str]] = frozenset()
+    writes: ClassVar[bool] = False  # a model that writes text (decoded token by token) rather than scores it
 
     # -- labels ---------------------------------------------------------------------------------------
     def parse_example(self, text: Any, label: Any, options: dict | None = None) -> tuple[str, Any]:
@@ -201,16 +276,16 @@ class TaskSpec(ABC):
         return postprocess(calibrated(logits, calibration), self.postprocess)
 
     @abstractmethod
-    def decide(self, manifest: Manifest, scores: Any) -> list[Any]:
+    def decide(self, manifest: ModelRecord, scores: Any) -> list[Any]:
         """The decision for each example, as a plain JSON value."""
         ...
 
-    def margins(self, manifest: Manifest, scores: Any) -> np.ndarray:
+    def margins(self, manifest: ModelRecord, scores: Any) -> np.ndarray:
         """How far each example is from a different decision (0 where the task has no decision)."""
         return np.zeros(len(scores))
 
     @abstractmethod
-    def shape(self, manifest: Manifest, scores: Any, *, top_k: int | None = None,
+    def shape(self, manifest: ModelRecord, scores: Any, *, top_k: int | None = None,
               ndigits: int | None = None) -> list[dict[str, Any]]:
         """One JSON-ready prediction per example, in the task's :attr:`prediction_model` shape."""
         ...
@@ -222,7 +297,7 @@ class TaskSpec(ABC):
         ...
 
     # -- parity between two backends ------------------------------------------------------------------
-    def compare(self, manifest: Manifest, reference: Any, candidate: Any, targets: Any) -> dict:
+    def compare(self, manifest: ModelRecord, reference: Any, candidate: Any, targets: Any) -> dict:
         """Task-level comparison of two backends' scores on the same examples (the export gate and the
         self-test read it): score differences, decision agreement, and the metrics of both."""
         ref_metrics = self.evaluate(targets, reference, manifest.labels, threshold=manifest.decision_threshold).metrics
@@ -239,12 +314,12 @@ class TaskSpec(ABC):
         report.update(self.agreement(manifest, reference, candidate))
         return report
 
-    def agreement(self, manifest: Manifest, reference: Any, candidate: Any) -> dict:
+    def agreement(self, manifest: ModelRecord, reference: Any, candidate: Any) -> dict:
         """Decision agreement between two sets of scores (``label_agreement`` in [0, 1]); empty for tasks
         whose outputs are values."""
         return {}
 
-    def invariance(self, manifest: Manifest, reference: Any, arranged: dict[str, Any]) -> dict:
+    def invariance(self, manifest: ModelRecord, reference: Any, arranged: dict[str, Any]) -> dict:
         """How far a backend's outputs move when the same inputs are batched differently.
 
         Args:
@@ -267,15 +342,15 @@ class TaskSpec(ABC):
         return {"arrangements": list(arranged), "max_abs_diff": worst, "decision_changes": int(changed)}
 
     # -- documentation ----------------------------------------------------------------------------------
-    def describe(self, manifest: Manifest) -> list[str]:
+    def describe(self, manifest: ModelRecord) -> list[str]:
         """Lines for the API docs, after the one that says what the model does: what its outputs can be."""
         return [f"Labels: {', '.join(manifest.labels)}."] if manifest.labels else []
 
-    def example_label(self, manifest: Manifest) -> Any:
+    def example_label(self, manifest: ModelRecord) -> Any:
         """A valid truth for a posted example of this model (the API docs' /evaluate example)."""
         return manifest.labels[0] if manifest.labels else None
 
-    def request_examples(self, manifest: Manifest) -> dict[str, dict]:
+    def request_examples(self, manifest: ModelRecord) -> dict[str, dict]:
         """A valid request body for each route of this model (the API docs' examples)."""
         predict: dict = {"texts": [self.example_text]}
         example: dict = {"text": self.example_text}

@@ -50,7 +50,7 @@ class Generation(BaseModel):
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the ids go for one kind of language model (the torch side adds its loss: training/tasks.py)."""
+    """Where the ids go for one kind of language model (the torch side adds its loss: training/recipe/torch_tasks.py)."""
 
     encoder_decoder: bool
     auto_model: str  # the transformers Auto class that loads such a model for this task
@@ -153,6 +153,7 @@ class GenerationSpec(TaskSpec):
     # Validation loss every evaluation (all examples, cheap); generation metrics on a bounded sample.
     early_stopping_metric = "loss"
     options = frozenset({"generation"})
+    writes = True
     metric_names = ("rougeL", "rouge1", "rouge2", "rougeLsum", "bleu", "chrf", "exact_match", "words",
                     "reference_words", "perplexity")
     has_labels = False

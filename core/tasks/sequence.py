@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from core.calibration import fit_thresholds
 from core.metrics import Evaluation, classification_metrics, multilabel_metrics, regression_metrics
-from core.tasks import Task
-from core.tasks.base import LabelError, TaskSpec, rounded, scalar_class
-
-if TYPE_CHECKING:
-    from core.manifest import Manifest
+from core.tasks.base import LabelError, ModelRecord, Task, TaskSpec, rounded, scalar_class
 
 # TF-IDF features of the bag-of-words baselines: word uni- and bigrams, sublinear counts.
 TFIDF = dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=200_000)
@@ -112,14 +108,14 @@ class ClassificationSpec(TaskSpec):
                                                              model.classes_), labels).metrics,
         }
 
-    def decide(self, manifest: Manifest, scores) -> list[str]:
+    def decide(self, manifest: ModelRecord, scores) -> list[str]:
         return [manifest.labels[int(i)] for i in np.argmax(scores, axis=1)]
 
-    def margins(self, manifest: Manifest, scores) -> np.ndarray:
+    def margins(self, manifest: ModelRecord, scores) -> np.ndarray:
         top2 = np.sort(scores, axis=1)[:, -2:]
         return top2[:, 1] - top2[:, 0]
 
-    def shape(self, manifest: Manifest, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
+    def shape(self, manifest: ModelRecord, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
         out = []
         for row, label in zip(scores, self.decide(manifest, scores)):
             order = np.argsort(-row, kind="stable")[:top_k]
@@ -131,7 +127,7 @@ class ClassificationSpec(TaskSpec):
     def prediction_model(self) -> type[BaseModel]:
         return ClassPrediction
 
-    def agreement(self, manifest: Manifest, reference, candidate) -> dict:
+    def agreement(self, manifest: ModelRecord, reference, candidate) -> dict:
         return {"label_agreement": float(np.mean(np.argmax(reference, 1) == np.argmax(candidate, 1)))}
 
 
@@ -139,7 +135,7 @@ class MultiLabelSpec(TaskSpec):
     """Any number of labels per text: each label's sigmoid probability against the manifest's threshold."""
     does = "gives each text{pair} every label whose probability reaches {threshold}, with all the probabilities"
 
-    def describe(self, manifest: Manifest) -> list[str]:
+    def describe(self, manifest: ModelRecord) -> list[str]:
         lines = super().describe(manifest)
         if manifest.thresholds is not None:
             lines.append("Thresholds, fitted on validation: "
@@ -207,14 +203,14 @@ class MultiLabelSpec(TaskSpec):
             "tfidf_logreg": scored(lambda split: model.predict_proba(joined(split[0], split[1]))),
         }
 
-    def decide(self, manifest: Manifest, scores) -> list[list[str]]:
+    def decide(self, manifest: ModelRecord, scores) -> list[list[str]]:
         thresholds = np.broadcast_to(manifest.decision_threshold, (len(manifest.labels),))
         return [[name for name, p, t in zip(manifest.labels, row, thresholds) if p >= t] for row in scores]
 
-    def margins(self, manifest: Manifest, scores) -> np.ndarray:
+    def margins(self, manifest: ModelRecord, scores) -> np.ndarray:
         return np.min(np.abs(scores - manifest.decision_threshold), axis=1)
 
-    def shape(self, manifest: Manifest, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
+    def shape(self, manifest: ModelRecord, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
         return [{"labels": labels, "scores": {n: rounded(p, ndigits) for n, p in zip(manifest.labels, row)}}
                 for row, labels in zip(scores, self.decide(manifest, scores))]
 
@@ -222,7 +218,7 @@ class MultiLabelSpec(TaskSpec):
     def prediction_model(self) -> type[BaseModel]:
         return MultiLabelPrediction
 
-    def agreement(self, manifest: Manifest, reference, candidate) -> dict:
+    def agreement(self, manifest: ModelRecord, reference, candidate) -> dict:
         threshold = manifest.decision_threshold
         same = (np.asarray(reference) >= threshold) == (np.asarray(candidate) >= threshold)
         return {"label_agreement": float(same.mean()),
@@ -286,10 +282,10 @@ class RegressionSpec(TaskSpec):
             "tfidf_ridge": self.evaluate(y_test, model.predict(joined(test[0], test[1]))).metrics,
         }
 
-    def decide(self, manifest: Manifest, scores) -> list[float]:
+    def decide(self, manifest: ModelRecord, scores) -> list[float]:
         return [float(v) for v in np.reshape(scores, (len(scores), -1))[:, 0]]
 
-    def shape(self, manifest: Manifest, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
+    def shape(self, manifest: ModelRecord, scores, *, top_k=None, ndigits=None) -> list[dict[str, Any]]:
         return [{"value": rounded(v, ndigits)} for v in self.decide(manifest, scores)]
 
     @property

@@ -27,12 +27,10 @@ from pydantic import BaseModel, Field
 from core.calibration import Calibration
 from core.calibration import apply as calibrated
 from core.metrics import Evaluation, finished
-from core.tasks import Task, postprocess
-from core.tasks.base import LabelError, TaskSpec, rounded
+from core.tasks.base import LabelError, ModelRecord, Task, TaskSpec, postprocess, rounded
 
 if TYPE_CHECKING:
     from core.encoding import Encoder
-    from core.manifest import Manifest
 
 WORD = re.compile(r"\w+|[^\w\s]")
 OUTSIDE = "O"
@@ -402,7 +400,7 @@ class TokenClassificationSpec(TaskSpec):
         return TokenOutput(text, np.asarray(record["offsets"], dtype=np.int64).reshape(-1, 2),
                            np.asarray(record["values"], dtype=np.float64))
 
-    def entities(self, manifest: Manifest, output: TokenOutput, aggregation: str | None = None) -> list[dict]:
+    def entities(self, manifest: ModelRecord, output: TokenOutput, aggregation: str | None = None) -> list[dict]:
         """Entities of one text with character offsets, label, score (mean of its tags' probabilities), text."""
         aggregation = aggregation or manifest.aggregation or "first"
         labels = manifest.labels
@@ -423,10 +421,10 @@ class TokenClassificationSpec(TaskSpec):
                           "text": output.text[start:end]})
         return found
 
-    def decide(self, manifest: Manifest, scores: Sequence[TokenOutput]) -> list[list[dict]]:
+    def decide(self, manifest: ModelRecord, scores: Sequence[TokenOutput]) -> list[list[dict]]:
         return [[{k: e[k] for k in ("start", "end", "label")} for e in self.entities(manifest, o)] for o in scores]
 
-    def margins(self, manifest: Manifest, scores: Sequence[TokenOutput]) -> np.ndarray:
+    def margins(self, manifest: ModelRecord, scores: Sequence[TokenOutput]) -> np.ndarray:
         out = []
         for o in scores:
             if not len(o):
@@ -436,7 +434,7 @@ class TokenClassificationSpec(TaskSpec):
             out.append(float((top2[:, 1] - top2[:, 0]).min()))
         return np.asarray(out)
 
-    def shape(self, manifest: Manifest, scores: Sequence[TokenOutput], *, top_k=None, ndigits=None) -> list[dict]:
+    def shape(self, manifest: ModelRecord, scores: Sequence[TokenOutput], *, top_k=None, ndigits=None) -> list[dict]:
         return [{"entities": [{**e, "score": rounded(e["score"], ndigits)} for e in self.entities(manifest, o)]} for o in scores]
 
     @property
@@ -464,7 +462,7 @@ class TokenClassificationSpec(TaskSpec):
         return tag_metrics(gold, [p.argmax(axis=1) if len(p) else np.zeros(0, dtype=np.int64) for p in predicted],
                            list(labels or []))
 
-    def agreement(self, manifest: Manifest, reference, candidate) -> dict:
+    def agreement(self, manifest: ModelRecord, reference, candidate) -> dict:
         a, b = self.flat(reference), self.flat(candidate)
         return {"tokens": int(len(a)),
                 "label_agreement": float(np.mean(a.argmax(1) == b.argmax(1))) if len(a) else 1.0,

@@ -6,7 +6,7 @@ import pytest
 
 from core.manifest import read_manifest
 from training.config import load_config
-from training.train import train
+from training.run import train
 
 CONFIG = Path(__file__).parents[2] / "configs" / "sentiment-lora.yaml"
 
@@ -32,8 +32,8 @@ def test_lora_on_600_movie_sentences_beats_the_majority_baseline_and_exports(tmp
     # Export of the real model: fp32 agrees with PyTorch; int8 is kept only with a passing report.
     export = manifest.export
     assert export.parity["onnx"].label_agreement >= 0.999 and export.parity["onnx"].examples == 300
-    assert {"Attention", "LayerNormalization"} <= set(export.onnx.fusions)
-    assert "SkipLayerNormalization" in export.onnx.not_fused
+    assert {"Attention", "LayerNormalization"} <= set(export.graph.fusions)
+    assert "SkipLayerNormalization" in export.graph.not_fused
     if export.int8.kept:
         assert export.parity["onnx-int8"].label_agreement >= 0.99
         assert (result.artifact_dir / "onnx" / "model.int8.onnx").is_file()
@@ -105,7 +105,7 @@ def test_an_encoder_decoder_warm_started_from_minilm_learns_to_summarise(tmp_pat
     import torch
     from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from training.modeling import read_conversion, resolve_model
+    from training.recipe.modeling import read_conversion, resolve_model
 
     monkeypatch.setenv("TUNESERVE_CACHE", str(tmp_path / "cache"))
     path = Path(resolve_model("minilm2minilm"))
@@ -141,7 +141,7 @@ def test_an_encoder_decoder_warm_started_from_minilm_learns_to_summarise(tmp_pat
     # words in the summaries' style (ROUGE-L 18 on 8 test pages; retrieval 21).
     test, base = result.metrics["test"], result.baselines["base_model"]
     assert test["rougeL"] > base["rougeL"] and test["words"] < base["words"], (test, base)
-    assert manifest.export.backend == "torch" and manifest.export.onnx is None  # encoder-decoder: served by torch
+    assert manifest.export.backend == "torch" and manifest.export.variant("onnx") is None  # encoder-decoder: served by torch
     assert all(row["fine_tuned"] == row["fine_tuned"].lower() for row in manifest.examples)
     assert manifest.provenance.base_model_origin["note"] == record["note"]
     assert record["note"] in (result.artifact_dir / "README.md").read_text()

@@ -11,7 +11,7 @@ from tests.conftest import make_entity_rows, make_rows, write_jsonl
 
 def _train_exported(tiny_model: str, directory: Path, **changes) -> Path:
     from training.config import load_config
-    from training.train import train
+    from training.run import train
 
     raw = {
         "model": tiny_model,

@@ -32,7 +32,7 @@ def artifact(tiny_llama, tmp_path_factory) -> Path:  # noqa: F811 (the fixture i
     for split, (n, seed) in {"train": (96, 1), "validation": (16, 2), "test": (16, 3)}.items():
         write_jsonl(data / f"{split}.jsonl", make_pairs(n, seed))
     from training.config import load_config
-    from training.train import train
+    from training.run import train
 
     # a few seconds of full fine-tuning: enough for the model to answer in a few tokens and end, mostly
     raw = {"task": "generation", "model": tiny_llama, "method": "full", "output_dir": str(data / "run"),

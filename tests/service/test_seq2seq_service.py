@@ -20,7 +20,7 @@ TIMEOUT = 30  # seconds, for every HTTP call
 @pytest.fixture(scope="module")
 def artifact(tiny_t5, pair_dir, tmp_path_factory) -> Path:  # noqa: F811 (the fixtures imported above)
     from training.config import load_config
-    from training.train import train
+    from training.run import train
 
     output = tmp_path_factory.mktemp("seq2seq-run")
     return train(load_config(raw=seq2seq_config(tiny_t5, pair_dir, output, "lora", 3e-2, epochs=3))).artifact_dir

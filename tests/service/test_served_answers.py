@@ -23,7 +23,7 @@ def served(artifacts, tmp_path_factory):
     """The classification artifact served by its int8 variant if the export kept one, else by the fp32 ONNX model."""
     art = artifacts["classification"]
     manifest = read_manifest(art)
-    backend = "onnx-int8" if manifest.export.onnx.int8 else "onnx"
+    backend = "onnx-int8" if manifest.export.variant("onnx-int8") else "onnx"
     proc, url, _ = start_server({"TUNESERVE_ARTIFACT": str(art), "TUNESERVE_BACKEND": backend},
                                 tmp_path_factory.mktemp("bentoml"))
     try:

@@ -161,7 +161,7 @@ def test_metadata_docs_and_probes(artifacts, serve):
 
 def test_auto_backend_picks_int8_when_the_artifact_kept_it(artifacts, serve):
     art = artifacts["classification"]
-    kept = bool(read_manifest(art).export.onnx.int8)
+    kept = bool(read_manifest(art).export.variant("onnx-int8"))
     client = serve(art)
     assert client.post("/predict", json={"texts": ["fine"]}).json()["backend"] == ("onnx-int8" if kept else "onnx")
 

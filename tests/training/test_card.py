@@ -11,7 +11,7 @@ import yaml
 from core.manifest import Manifest
 from core.tasks import Task
 from core.verdict import baseline_verdict, compare_with_baselines
-from training.card import adapter_readme, card_header, model_card, public_base_model
+from training.publish.card import adapter_readme, card_header, model_card, public_base_model
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -44,11 +44,16 @@ def _export(int8_kept: bool = True, selftest_text: str = "It's a gorgeous film."
             "attempts": [{"method": "dynamic", "passed": False, "reason": "label agreement 0.97 < 0.99",
                           "label_agreement": 0.97, "metric_delta": -0.012},
                          {"method": "smoothquant", "passed": int8_kept, "label_agreement": 0.995, "metric_delta": -0.001}]}
+    variants = [{"name": "onnx", "runtime": "onnxruntime", "files": ["onnx/model.onnx"], "precision": "fp32",
+                 "parity": parity}]
+    if int8_kept:
+        variants.append({"name": "onnx-int8", "runtime": "onnxruntime", "files": ["onnx/model.int8.onnx"],
+                         "precision": "int8", "method": "smoothquant",
+                         "parity": {**parity, "label_agreement": 0.9934, "metric_delta": {"f1_macro": -0.0021}}})
     return {
-        "onnx": {"fp32": "onnx/model.onnx", "int8": "onnx/model.int8.onnx" if int8_kept else None, "opset": 17,
-                 "held_out": "validation", "optimizer": "onnxruntime.transformers (bert)", "fusions": {"Attention": 6}},
-        "parity": {"onnx": parity, **({"onnx-int8": {**parity, "label_agreement": 0.9934,
-                                                     "metric_delta": {"f1_macro": -0.0021}}} if int8_kept else {})},
+        "held_out": "validation", "graph": {"opset": 17, "optimizer": "onnxruntime.transformers (bert)",
+                                            "fusions": {"Attention": 6}},
+        "variants": variants,
         "int8": int8,
         "selftest": [{"text": "a much longer held-out sentence that the usage example should not pick",
                       "scores": [0.1, 0.9], "decision": "positive"},
@@ -129,8 +134,8 @@ def test_a_demo_train_set_with_a_user_test_file_is_not_called_english():
 
 
 def test_every_demo_set_has_an_origin():
-    from training.card import DEMO_DATASETS
-    from training.demo_data import DEMO_SETS
+    from training.publish.card import DEMO_DATASETS
+    from training.data.demo import DEMO_SETS
 
     assert set(DEMO_DATASETS) == set(DEMO_SETS)
 
@@ -198,7 +203,7 @@ def test_the_export_section_gives_files_parity_and_the_int8_outcome():
 
 def test_the_export_section_gives_batch_invariance_and_calibration_where_recorded():
     export = _export(int8_kept=True)
-    export["parity"]["onnx-int8"]["batch_invariance"] = {"arrangements": ["shuffled", "alone"], "max_abs_diff": 3e-7,
+    export["variants"][1]["parity"]["batch_invariance"] = {"arrangements": ["shuffled", "alone"], "max_abs_diff": 3e-7,
                                                          "decision_changes": 0}
     export["int8"]["calibration"] = {"split": "train", "examples": 200}
     _, body = _split(model_card(_manifest(export=export)))

@@ -11,10 +11,10 @@ import yaml
 
 from core.manifest import read_manifest
 from tests.conftest import tiny_run_config
-from training.artifact import describe_adapter
+from training.publish.artifact import describe_adapter
 from training.cli import main
 from training.config import load_config
-from training.train import train
+from training.run import train
 
 
 def _config(tiny_model, data_dir, output_dir, **changes) -> dict:

@@ -69,7 +69,7 @@ def test_predict_prints_one_json_line_per_text(trained):
 def test_the_command_line_answers_with_the_backend_the_service_would_choose(trained, data_dir, tmp_path):
     artifact, _ = trained
     export = read_manifest(artifact).export
-    served = "onnx-int8" if export.onnx.int8 else "onnx"  # `auto` on a machine without a GPU
+    served = "onnx-int8" if export.variant("onnx-int8") else "onnx"  # `auto` on a machine without a GPU
     texts = ["a superb and lovely film", "dreadful, tedious acting"]
     answers = {}
     for backend in ("auto", served, "torch"):

@@ -19,7 +19,7 @@ def test_every_shipped_config_loads_and_opens_with_its_command(path):
     cfg = load_config(path)
     command = "tune" if cfg.search else "train"  # a config with a search section is run by tuneserve tune
     assert path.read_text().splitlines()[0].startswith(f"# tuneserve {command} configs/{path.name}")
-    from training.demo_data import is_demo
+    from training.data.demo import is_demo
 
     assert is_demo(cfg.data.train)  # shipped configs run on the demo sets, fetched from the package registry
 

@@ -7,7 +7,7 @@ from core.errors import DataError
 from core.tasks import Task
 from tests.conftest import make_rows, write_jsonl
 from training.config import DataConfig
-from training.data import load_dataset
+from training.data.reading import load_dataset
 
 
 def _cfg(train, **fields) -> DataConfig:
@@ -125,7 +125,7 @@ def test_nan_labels_and_targets_are_refused_naming_the_row(tmp_path):
 
 def test_texts_that_tokenize_to_nothing_stop_the_run_before_training(base_config, tmp_path):
     from training.config import load_config
-    from training.train import train
+    from training.run import train
 
     rows = make_rows(240, seed=1)
     rows[10]["text"] = "\u200b\u200b\u200b"  # zero-width spaces: not blank to str.strip(), nothing to BERT

@@ -13,7 +13,7 @@ from core.tasks import Task
 from tests.conftest import make_rows, write_jsonl
 from training.cli import main
 from training.config import DataConfig
-from training.data import load_dataset
+from training.data.reading import load_dataset
 
 ACCEPTED = "accepted: .jsonl or .json"
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.dropout import CpuDropout, use_cpu_dropout
+from training.recipe.dropout import CpuDropout, use_cpu_dropout
 
 N = 2_000_000
 

@@ -10,12 +10,12 @@ import pytest
 from core.errors import ArtifactError
 from core.manifest import ExportRecord, read_manifest
 from core.onnx_runner import OnnxModel, check_external_data
-from training import export as export_module
-from training import quantize as quantize_module
+from training.export import encoder as export_module
+from training.export import int8 as quantize_module
 from training.config import load_config
 from training.export import ExportError, export_artifact
 from training.inference import load_artifact, predict_logits
-from training.train import train
+from training.run import train
 
 
 def _train(base_config, **changes):
@@ -39,7 +39,9 @@ def test_export_passes_the_gate_for_every_task_and_method(base_config, task, met
     art = result.artifact_dir
     section = read_manifest(art).export.model_dump(mode="json", exclude_none=True)
     assert (art / "onnx" / "model.onnx").is_file()
-    fp32 = section["parity"]["onnx"]
+    variants = {v["name"]: v for v in section["variants"]}
+    assert variants["onnx"]["files"] == ["onnx/model.onnx"] and variants["onnx"]["precision"] == "fp32"
+    fp32 = variants["onnx"]["parity"]
     assert fp32["examples"] == 60 and fp32["max_abs_diff"] < 1e-3
     if task == "regression":
         assert "label_agreement" not in fp32 and abs(fp32["metric_delta"]["r2"]) < 1e-3
@@ -47,16 +49,16 @@ def test_export_passes_the_gate_for_every_task_and_method(base_config, task, met
         assert fp32["label_agreement"] >= 0.999
     if task == "multilabel":
         assert set(fp32["label_agreement_per_label"]) == set(read_manifest(art).labels)
-    assert section["onnx"]["fusions"].get("Attention") == 2  # two encoder layers fused
+    assert section["graph"]["fusions"].get("Attention") == 2  # two encoder layers fused
     # Residual Add + LayerNormalization stay apart, in the file and in the CPU session that runs it.
-    assert "SkipLayerNormalization" in section["onnx"]["not_fused"]
+    assert "SkipLayerNormalization" in section["graph"]["not_fused"]
     OnnxModel(art / "onnx" / "model.onnx", save_optimized=art / "session.onnx")
     ran = {n.op_type for n in onnx.load(str(art / "session.onnx")).graph.node}
     assert "LayerNormalization" in ran and "SkipLayerNormalization" not in ran
     assert len(section["selftest"]) == 8
     # int8 is either kept with a passing report or dropped with the reason.
     int8 = section["int8"]
-    assert int8["kept"] == (art / "onnx" / "model.int8.onnx").is_file()
+    assert int8["kept"] == (art / "onnx" / "model.int8.onnx").is_file() == ("onnx-int8" in variants)
     assert int8["kept"] or int8["reason"]
     # The ONNX model reproduces the LoRA-merged PyTorch model's labels.
     loaded = load_artifact(art)
@@ -107,14 +109,14 @@ def test_a_corrupted_weight_fails_the_gate_and_keeps_the_previous_export(base_co
 def test_int8_on_fails_when_no_variant_keeps_quality(base_config):
     result = _train(base_config)
     with pytest.raises(ExportError, match="--int8 on, but no int8 variant kept quality"):
-        export_module.export_artifact(result.artifact_dir, int8="on", min_int8_agreement=1.01)
+        export_artifact(result.artifact_dir, int8="on", min_int8_agreement=1.01)
     # the earlier export is left as it was
     assert read_manifest(result.artifact_dir).export == ExportRecord.model_validate(result.export)
 
 
 def test_int8_report_lists_every_variant_tried(base_config):
     result = _train(base_config)
-    section = export_module.export_artifact(result.artifact_dir, min_int8_agreement=1.01)
+    section = export_artifact(result.artifact_dir, min_int8_agreement=1.01)
     int8 = section["int8"]
     methods = [a["method"] for a in int8["attempts"]]
     damage = {float(a): d for a, d in int8["smoothing"]["damage"].items()}
@@ -300,8 +302,8 @@ def test_sensitivity_ranking_quantizes_each_node_alone(base_config, tmp_path):
 def test_unknown_architecture_exports_plain_onnx(base_config, monkeypatch):
     monkeypatch.setattr(export_module, "BERT_LIKE", set())
     section = _train(base_config).export
-    assert section["onnx"]["optimizer"] is None and "plain ONNX" in section["onnx"]["note"]
-    assert section["parity"]["onnx"]["label_agreement"] >= 0.999
+    assert section["graph"]["optimizer"] is None and "plain ONNX" in section["graph"]["note"]
+    assert section["variants"][0]["parity"]["label_agreement"] >= 0.999
 
 
 @pytest.mark.parametrize("location", ["/etc/passwd", "../outside.bin", "link.bin"])
@@ -343,7 +345,7 @@ def test_register_puts_the_artifact_in_the_bentoml_store(base_config, tmp_path, 
 
 
 def test_register_refuses_a_bad_name_and_an_incomplete_artifact(base_config, tmp_path):
-    from training.register import register
+    from training.publish.register import register
 
     art = _train(base_config).artifact_dir
     with pytest.raises(ArtifactError, match="BentoML model names"):

@@ -9,7 +9,7 @@ import pytest
 
 from core.decoding import Generated, OnnxDecoder
 from tests.conftest import byte_level_bpe
-from training.export_generation import export_decoder
+from training.export.decoder import export_decoder
 
 ROOT = Path(__file__).resolve().parents[2]
 SENTENCES = [
@@ -278,7 +278,7 @@ def test_an_int8_decoder_answers_the_same_alone_as_pooled_with_longer_prompts(ti
     into visible ones; each prompt is padded to a width of its own (a multiple of PAD_MULTIPLE), never to its
     batch-mates', so what it writes cannot depend on them. Sampling draws per row, so the seeded draws too."""
     from core.decoding import PAD_MULTIPLE
-    from training.export_generation import quantize_decoder
+    from training.export.decoder import quantize_decoder
 
     _, tokenizer, onnx_path = tiny_lm
     int8 = OnnxDecoder(quantize_decoder(onnx_path, tmp_path / "model.int8.onnx"), tokenizer, [], threads=1)
@@ -304,7 +304,7 @@ def test_a_tied_embedding_is_stored_once_and_decodes_and_quantises_as_before(tmp
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.export_generation import _materialise_tied_embeddings, quantize_decoder, share_tied_embeddings
+    from training.export.decoder import _materialise_tied_embeddings, quantize_decoder, share_tied_embeddings
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -13,7 +13,7 @@ from core.manifest import read_manifest
 from tests.conftest import CHATML, byte_level_bpe, crash_after_first_checkpoint, write_jsonl
 from tests.training.test_register import store  # noqa: F401 (a fixture)
 from training.config import load_config
-from training.train import train
+from training.run import train
 
 WORDS = ["copy", "move", "list", "remove", "print", "sort", "files", "lines", "names", "disks", "users", "bytes"]
 
@@ -93,16 +93,16 @@ def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_ll
     parity = manifest.export.parity["onnx"]
     assert parity.output_agreement >= 0.95 and parity.examples == 24
     assert parity.batch_invariance.decision_changes == 0
-    assert (result.artifact_dir / manifest.export.onnx.fp32).is_file() and len(manifest.export.selftest) == 4
+    assert (result.artifact_dir / manifest.export.variant("onnx").path).is_file() and len(manifest.export.selftest) == 4
     assert "Every variant against PyTorch" in (result.artifact_dir / "README.md").read_text()
     # The decoder with int8 weights, gated on its metric and on writing the same alone as batched.
     quantised = manifest.export.int8
     assert quantised.kept and quantised.attempts[0].method.startswith("weight-only int8")
     assert manifest.export.parity["onnx-int8"].metric_delta["rougeL"] >= -1.0
     assert manifest.export.parity["onnx-int8"].batch_invariance.decision_changes == 0
-    assert (result.artifact_dir / manifest.export.onnx.int8).is_file()
+    assert (result.artifact_dir / manifest.export.variant("onnx-int8").path).is_file()
     # A CPU deployment carries the quantised decoder with its weights file, and no PyTorch weights.
-    from core.serving import onnx_serving_files
+    from core.cpu_files import onnx_serving_files
 
     files = onnx_serving_files(result.artifact_dir)
     assert {"onnx/model.int8.onnx", "onnx/model.int8.onnx.data", "model/tokenizer.json"} <= set(files)
@@ -111,7 +111,7 @@ def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_ll
     # ... which is what `tuneserve register --onnx-only` stores (make demo serves it from the model store).
     import bentoml
 
-    from training.register import register
+    from training.publish.register import register
 
     stored = bentoml.models.get(register(result.artifact_dir, onnx_only=True))
     assert sorted(str(p.relative_to(stored.path)) for p in Path(stored.path).rglob("*") if p.is_file()
@@ -160,13 +160,13 @@ def test_the_command_line_writes_and_scores_with_the_served_backend(tiny_llama, 
 
 def test_a_quantised_decoder_that_loses_metric_is_dropped_with_its_reason(tiny_llama, pair_dir, tmp_path,
                                                                           monkeypatch):
-    import training.export_generation
+    import training.export.decoder
     from training.export import ExportError, export_artifact
 
     result = train(load_config(raw=_config(tiny_llama, pair_dir, tmp_path / "run", export={"onnx": False})))
     assert read_manifest(result.artifact_dir).export is None
     # No decoder can lose less than nothing: the int8 one fails its gate.
-    monkeypatch.setattr(training.export_generation, "MAX_QUANTIZED_DROP", -1.0)
+    monkeypatch.setattr(training.export.decoder, "MAX_QUANTIZED_DROP", -1.0)
     with pytest.raises(ExportError, match="--int8 on, but the int8 decoder fails its gate: rougeL drops by"):
         export_artifact(result.artifact_dir, int8="on")
     assert read_manifest(result.artifact_dir).export is None and not (result.artifact_dir / "onnx").exists()
@@ -174,7 +174,7 @@ def test_a_quantised_decoder_that_loses_metric_is_dropped_with_its_reason(tiny_l
     export_artifact(result.artifact_dir, int8="auto")
     manifest = read_manifest(result.artifact_dir)
     assert not manifest.export.int8.kept and "rougeL drops by" in manifest.export.int8.reason
-    assert manifest.export.onnx.int8 is None and "onnx-int8" not in manifest.export.parity
+    assert manifest.export.variant("onnx-int8") is None and "onnx-int8" not in manifest.export.parity
     assert sorted(p.name for p in (result.artifact_dir / "onnx").iterdir()) == ["model.onnx"]
     # Served on a CPU, `auto` is then the fp32 decoder.
     from service.backends import choose_backend
@@ -234,7 +234,7 @@ def test_chat_conversations_train_with_their_system_turn_in_the_prompt(tiny_llam
     from transformers import AutoTokenizer
 
     from core.prompting import render_prompt
-    from training.data import load_dataset
+    from training.data.reading import load_dataset
 
     data = tmp_path / "chats"
     for split in ("train", "validation", "test"):
@@ -272,7 +272,7 @@ def test_chat_conversations_train_with_their_system_turn_in_the_prompt(tiny_llam
 ])
 def test_malformed_conversations_are_named_by_row(tiny_llama, tmp_path, rows, message):
     from core.errors import DataError
-    from training.data import load_split
+    from training.data.reading import load_split
 
     path = write_jsonl(tmp_path / "chats.jsonl", rows)
     cfg = load_config(raw={"task": "generation", "model": tiny_llama, "data": {"train": str(path), "text": "messages"}})
@@ -300,8 +300,8 @@ def test_the_lm_head_runs_from_the_first_target_only_and_the_loss_is_unchanged(t
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     from core.tasks import Task
-    from training.generate import causal_lm_logits, keeps_logits
-    from training.tasks import IGNORE_INDEX, torch_task
+    from training.recipe.generation_eval import causal_lm_logits, keeps_logits
+    from training.recipe.torch_tasks import IGNORE_INDEX, torch_task
 
     torch.manual_seed(0)
     if family == "llama":

@@ -9,10 +9,10 @@ import pytest
 
 from core.errors import DataError
 from core.tasks import Task
-from training import demo_data
+from training.data import demo as demo_data
 from training.config import load_config
-from training.data import load_dataset
-from training.demo_data import JOKES_MEMBER, PinnedFile, read_jokes
+from training.data.reading import load_dataset
+from training.data.demo import JOKES_MEMBER, PinnedFile, read_jokes
 
 JOKES = [
     {"body": "I told my  wife she was drawing her eyebrows too high.\nShe looked surprised.", "tags": ["marriage", "women"]},

@@ -12,8 +12,8 @@ import tarfile
 import pytest
 
 from core.errors import DataError
-from training import demo_data
-from training.demo_data import PinnedFile, parse_man_page, read_man_pages, read_manpage_pairs
+from training.data import demo as demo_data
+from training.data.demo import PinnedFile, parse_man_page, read_man_pages, read_manpage_pairs
 
 LS = r""".\" Comment lines and \" trailing comments are dropped.
 .TH LS "1" "September 2022" "GNU coreutils 9.1" "User Commands"

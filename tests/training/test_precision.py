@@ -1,7 +1,7 @@
 import pytest
 
 from core.errors import ConfigError
-from training.precision import DeviceFacts, choose_mixed_precision
+from training.recipe.precision import DeviceFacts, choose_mixed_precision
 
 CPU = DeviceFacts(cuda=False, bf16=False)
 AMPERE = DeviceFacts(cuda=True, bf16=True)

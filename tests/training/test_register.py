@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_run_config
-from training import register as register_module
+from training.publish import register as register_module
 from training.config import load_config
-from training.register import CONTENT_LABEL, content_hash, register
-from training.train import train
+from training.publish.register import CONTENT_LABEL, content_hash, register
+from training.run import train
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_a_changed_artifact_gets_a_new_version(artifact, store, caplog):
     assert Path(bentoml.models.get(second).path_of("README.md")).read_text().endswith("Edited.\n")
     # Back to the first content: that version is returned, with a warning that `:latest` is the other one.
     (artifact / "README.md").write_text(original)
-    with caplog.at_level(logging.WARNING, logger="training.register"):
+    with caplog.at_level(logging.WARNING, logger="training.publish.register"):
         assert register(artifact, "sentiment") == first
     assert "sentiment:latest" in caplog.text and len(_stored("sentiment")) == 2
     # The same content under another name is another model.
@@ -120,7 +120,7 @@ def test_an_onnx_only_registration_holds_what_the_onnx_backend_loads_and_no_pyto
     import bentoml
 
     from core.manifest import read_manifest
-    from core.serving import onnx_serving_files
+    from core.cpu_files import onnx_serving_files
 
     tag = register(artifact, onnx_only=True)
     manifest = read_manifest(artifact)
@@ -128,7 +128,7 @@ def test_an_onnx_only_registration_holds_what_the_onnx_backend_loads_and_no_pyto
     stored = Path(bentoml.models.get(tag).path)
     held = sorted(p.relative_to(stored).as_posix() for p in stored.rglob("*") if p.is_file() and p.name != "model.yaml")
     assert held == sorted(onnx_serving_files(artifact))
-    served = manifest.export.onnx.int8 or manifest.export.onnx.fp32
+    served = (manifest.export.variant("onnx-int8") or manifest.export.variant("onnx")).path
     assert served in held and not any(h.endswith(".safetensors") or h.startswith("adapter/") for h in held)
-    assert bentoml.models.get(tag).info.labels["backends"] == ("onnx-int8" if manifest.export.onnx.int8 else "onnx")
+    assert bentoml.models.get(tag).info.labels["backends"] == ("onnx-int8" if manifest.export.variant("onnx-int8") else "onnx")
     assert register(artifact, onnx_only=True) == tag  # unchanged: one model

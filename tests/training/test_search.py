@@ -19,7 +19,7 @@ import yaml
 
 from core.errors import ConfigError
 from core.manifest import read_manifest
-from training import train as train_module
+from training.recipe import loop as train_module
 from training.cli import main
 from training.config import load_config
 from training.search import BEST_CONFIG, HISTORY_PLOT, IMPORTANCE_PLOT, open_storage, run_search

@@ -15,7 +15,7 @@ from core.manifest import read_manifest
 from tests.conftest import byte_level_bpe, write_jsonl
 from tests.training.test_generation_train import make_pairs
 from training.config import load_config
-from training.train import train
+from training.run import train
 
 
 def bpe_tokenizer(specials: list[str], template: str, **tokens: str):
@@ -109,8 +109,8 @@ def test_encoder_decoder_examples_put_the_prompt_in_the_encoder_and_the_target_i
     from core.prompting import PromptFormat
     from core.tasks import Task
     from core.tasks.generation import encode_example
-    from training.batching import Collator
-    from training.tasks import IGNORE_INDEX, model_task
+    from training.recipe.batching import Collator
+    from training.recipe.torch_tasks import IGNORE_INDEX, model_task
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
     fmt = PromptFormat(style="plain", template="summarize: {input}")
@@ -156,7 +156,7 @@ def test_a_tiny_t5_learns_with_lora_and_is_served_by_pytorch(tiny_t5, pair_dir, 
     assert "AutoModelForSeq2SeqLM" in (artifact / "adapter" / "README.md").read_text()
     # The export section: no ONNX, PyTorch serves it, and why; PyTorch's greedy answers for the self-test.
     export = manifest.export
-    assert export.onnx is None and export.backend == "torch" and "encoder-decoder" in export.reason
+    assert export.variant("onnx") is None and export.backend == "torch" and "encoder-decoder" in export.reason
     assert export.parity == {} and not (artifact / "onnx").exists()
     assert len(export.selftest) == 4 and all(s.decision and s.decision == s.decision.strip() for s in export.selftest)
     assert "Not exported to ONNX: encoder-decoder models are served by PyTorch" in (artifact / "README.md").read_text()
@@ -191,7 +191,7 @@ def test_a_tiny_bart_learns_with_full_fine_tuning(tiny_bart, pair_dir, tmp_path)
     manifest = read_manifest(result.artifact_dir)
     assert manifest.method == "full" and manifest.training.lora_target_modules is None
     assert _train_loss(str(result.artifact_dir / "model"), pair_dir) < _train_loss(tiny_bart, pair_dir) - 1.0
-    assert manifest.export.onnx is None and manifest.export.backend == "torch"
+    assert manifest.export.variant("onnx") is None and manifest.export.backend == "torch"
     # the answers the self-test holds are the decoder's text, without BART's <s> or the prompt
     tokenizer = AutoTokenizer.from_pretrained(result.artifact_dir / "model")
     for sample in manifest.export.selftest:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import training.modeling as modeling
+import training.recipe.modeling as modeling
 from core.errors import ConfigError
 from training.cli import main
-from training.modeling import CONVERSION_FILE, bundled_hub_id, read_conversion, resolve_model
+from training.recipe.modeling import CONVERSION_FILE, bundled_hub_id, read_conversion, resolve_model
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 VERSION = "0.1.2"

@@ -10,9 +10,9 @@ from core.manifest import read_manifest
 from core.tasks import Task
 from tests.conftest import make_entity_rows, write_jsonl
 from training.config import DataConfig, load_config
-from training.data import load_dataset
+from training.data.reading import load_dataset
 from training.inference import load_artifact, predict_logits
-from training.train import train
+from training.run import train
 
 TOKENS = Task.TOKEN_CLASSIFICATION
 
@@ -147,7 +147,7 @@ def test_token_options_are_refused_for_other_tasks(tiny_model, entity_dir, tmp_p
 
 
 def test_token_tag_lines_of_the_demo_set_are_read_as_sentences():
-    from training.demo_data import read_token_tag_lines
+    from training.data.demo import read_token_tag_lines
 
     text = "@ann\tO\nEmpire\tB-facility\nState\tI-facility\n\t\nhi\tO\n"
     assert read_token_tag_lines(text) == [

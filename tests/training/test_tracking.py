@@ -13,10 +13,10 @@ import yaml
 from core.errors import ConfigError
 from core.manifest import read_manifest
 from tests.conftest import torchrun_train
-from training import checkpoint as checkpoint_module
+from training.recipe import checkpoint as checkpoint_module
 from training.config import load_config
-from training.tracking import RunLabels, create_parent_run, flatten
-from training.train import train
+from training.recipe.tracking import RunLabels, create_parent_run, flatten
+from training.run import train
 
 
 @pytest.fixture(autouse=True)
@@ -217,13 +217,13 @@ def test_trials_are_child_runs_and_a_failed_trial_leaves_the_next_one_a_clean_st
         raise RuntimeError("simulated crash in trial 0")
 
     real_save = checkpoint_module.save_checkpoint
-    monkeypatch.setattr("training.train.save_checkpoint", crash)
+    monkeypatch.setattr("training.recipe.loop.save_checkpoint", crash)
     cfg, labels = trial(0)
     cfg.train.save_every = 1  # crash at the first optimizer step
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, labels=labels)
     assert os.environ["MLFLOW_TRACKING_URI"] == store
-    monkeypatch.setattr("training.train.save_checkpoint", real_save)
+    monkeypatch.setattr("training.recipe.loop.save_checkpoint", real_save)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # now the trial names its store itself
     cfg, labels = trial(1)
     labels.mlflow_tracking_uri = store

@@ -10,10 +10,10 @@ from safetensors.numpy import load_file
 from core.errors import TrainingError
 from core.manifest import read_manifest
 from tests.conftest import crash_after_first_checkpoint
-from training.checkpoint import latest_checkpoint, list_checkpoints, read_state
+from training.recipe.checkpoint import latest_checkpoint, list_checkpoints, read_state
 from training.config import load_config
 from training.inference import load_artifact, predict_scores
-from training.train import train
+from training.run import train
 
 
 def test_full_finetune_learns_and_publishes_a_complete_artifact(base_config):
@@ -66,16 +66,16 @@ def test_calibration_is_fitted_on_the_best_evaluations_logits_without_another_va
     """Two evaluations (one per epoch), then the test split: the calibration reuses the validation logits the best
     evaluation computed. (A resumed run whose best step came before the interruption computes them again; the resume
     tests check that it ends as an uninterrupted run does.)"""
-    import training.train
+    import training.recipe.loop
 
     passes = []
-    real = training.train.run_evaluation
+    real = training.recipe.loop.run_evaluation
 
     def counted(model, dataloader, accelerator, cfg, labels, loss_fn, desc, decisions=None):
         passes.append(desc)
         return real(model, dataloader, accelerator, cfg, labels, loss_fn, desc, decisions)
 
-    monkeypatch.setattr(training.train, "run_evaluation", counted)
+    monkeypatch.setattr(training.recipe.loop, "run_evaluation", counted)
     result = train(load_config(raw=base_config))
     assert passes == ["validation", "validation", "test"]
     manifest = read_manifest(result.artifact_dir)
@@ -116,7 +116,7 @@ def test_regression_with_frozen_encoder(base_config):
 
 
 def test_freeze_bottom_layers_only(base_config):
-    from training.modeling import build_model
+    from training.recipe.modeling import build_model
 
     base_config.update(method="freeze", freeze={"layers": 1})
     built = build_model(load_config(raw=base_config), ["negative", "positive"])
@@ -303,7 +303,7 @@ def test_two_runs_with_the_same_seed_give_identical_weights(base_config, tmp_pat
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_head_lr_gives_the_head_and_pooler_their_own_rate(base_config, method):
-    from training.modeling import build_model, optimizer_groups
+    from training.recipe.modeling import build_model, optimizer_groups
 
     base_config.update(method=method)
     built = build_model(load_config(raw=base_config), ["negative", "positive"])

@@ -13,10 +13,10 @@ from core.encoding import Encoder
 from core.errors import ConfigError
 from core.manifest import read_manifest
 from training.config import DEFAULT_LR, load_config
-from training.dropout import CpuDropout, use_cpu_dropout
+from training.recipe.dropout import CpuDropout, use_cpu_dropout
 from training.inference import load_artifact, predict_scores
-from training.modeling import build_model, dropout_overrides, merged_model
-from training.train import train
+from training.recipe.modeling import build_model, dropout_overrides, merged_model
+from training.run import train
 
 METHODS = {  # name -> config changes
     "ia3": {"method": "ia3"},

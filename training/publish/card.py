@@ -40,7 +40,7 @@ KNOWN_LICENSES = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0",
 }
 
-# The demo sets of training/demo_data.py: where each comes from, and its language.
+# The demo sets of training/data/demo.py: where each comes from, and its language.
 DEMO_DATASETS = {
     "vader:movie": "VADER ground truth: movie review snippets (Hutto & Gilbert, ICWSM 2014)",
     "vader:amazon": "VADER ground truth: Amazon product review snippets (Hutto & Gilbert, ICWSM 2014)",
@@ -223,29 +223,30 @@ def export_section(manifest: Manifest) -> str:
     if export is None:
         return ("Not exported yet: `tuneserve export ARTIFACT` writes the ONNX files, runs the parity gate and "
                 "re-writes this card with its results.")
-    onnx, primary = export.onnx, manifest.primary_metric
-    if onnx is None:
+    graph, primary = export.graph, manifest.primary_metric
+    fp32, int8_variant = export.variant("onnx"), export.variant("onnx-int8")
+    if fp32 is None:
         return (f"Not exported to ONNX: {export.reason or 'no ONNX export'}. The service runs the PyTorch weights "
                 "(backend `torch`, on a CPU too), and checks at start-up that they write the texts recorded at export.")
-    lines = [f"- **ONNX fp32:** `{onnx.fp32}` (opset {onnx.opset}"
-             + (f", optimized by {onnx.optimizer}" if onnx.optimizer else "") + ")"]
-    if onnx.fusions:
-        lines.append("- **Fused operators:** " + ", ".join(f"{k} × {v}" for k, v in onnx.fusions.items()))
-    if onnx.note:
-        lines.append(f"- **Note:** {onnx.note}")
+    lines = [f"- **ONNX fp32:** `{fp32.path}` (opset {graph.opset}"
+             + (f", optimized by {graph.optimizer}" if graph.optimizer else "") + ")"]
+    if graph.fusions:
+        lines.append("- **Fused operators:** " + ", ".join(f"{k} × {v}" for k, v in graph.fusions.items()))
+    if graph.note:
+        lines.append(f"- **Note:** {graph.note}")
     int8 = export.int8
-    if int8.kept:
+    if int8.kept and int8_variant is not None:
         alpha = f", smoothing alpha {int8.smoothing_alpha}" if int8.smoothing_alpha is not None else ""
         kept_fp32 = f", {len(int8.fp32_nodes)} node(s) kept in fp32" if int8.fp32_nodes else ""
         calibration = getattr(int8, "calibration", None) or {}
         scales = (f"; activation scales fixed from {calibration['examples']} {calibration.get('split', '')} examples"
                   if calibration.get("examples") else "")
-        lines.append(f"- **ONNX, quantised:** `{onnx.int8}`, kept: method `{int8.method}`{alpha}{kept_fp32}{scales}")
+        lines.append(f"- **ONNX, quantised:** `{int8_variant.path}`, kept: method `{int8.method}`{alpha}{kept_fp32}{scales}")
     elif int8.requested == "off":
         lines.append("- **ONNX, quantised:** not requested (`--int8 off`)")
     else:
         lines.append(f"- **ONNX, quantised:** none kept: {int8.reason or 'no variant passed the gate'}")
-    parts = ["\n".join(lines), f"Every variant against PyTorch on the {onnx.held_out} split:"]
+    parts = ["\n".join(lines), f"Every variant against PyTorch on the {export.held_out} split:"]
     # Batch invariance: the variant against itself, batched as the service pools requests and run alone.
     batching = any(getattr(r, "batch_invariance", None) for r in export.parity.values())
     columns = ["variant", "examples", "agreement", "max abs diff", "mean abs diff", f"{primary} change"]
@@ -293,7 +294,7 @@ def _generation_usage(manifest: Manifest) -> str:
     text = sample.text if sample else "an example input"
     answer = ("# " + json.dumps({"generations": [{"text": sample.decision, "finish_reason": "stop", "tokens": 0}],
                                  "model": f"{manifest.name}:VERSION",
-                                 "backend": "onnx" if manifest.export.onnx else "torch-cpu"}, ensure_ascii=False)
+                                 "backend": "onnx" if manifest.export.variants else "torch-cpu"}, ensure_ascii=False)
               + "\n# (PyTorch's greedy answer at export; tokens: how many were written)") if sample else ""
     return f"""Serve it with the tuneserve service (from the root of the tuneserve repository):
 
@@ -429,34 +430,18 @@ def model_card(manifest: Manifest) -> str:
     run = manifest.training
     train = cfg.get("train", {})
     examples = run.examples if run else {}
-    labels = ", ".join(f"`{label}`" for label in manifest.labels) if manifest.labels else "none (a single value)"
-    hyper = {k: train.get(k) for k in ("epochs", "batch_size", "scheduler", "warmup_ratio", "weight_decay",
-                                       "grad_accum", "max_grad_norm", "max_length", "class_weights", "seed")}
-    hyper["lr"] = run.lr if run else None
-    if manifest.method in _ADAPTER:  # the method's own section: lora, ia3 or prompt
-        hyper[manifest.method] = cfg.get(manifest.method)
+    hyper = _hyperparameters(manifest, cfg, run)
     source = shown_source(cfg.get("data", {}).get("train"))
     origin = f", {DEMO_DATASETS[source]}" if source in DEMO_DATASETS else ""
     per_class = per_class_table(manifest)
     per_class_part = f"\n\nPer label on the test split:\n\n{per_class}" if per_class else ""
     spec = manifest.task.spec
-    generation = "generation" in spec.options
+    generation = spec.writes
     chosen = train.get("early_stopping", {}).get("metric", "auto")
     selected_on = (spec.early_stopping_metric or spec.default_metric) if chosen == "auto" else chosen
+    what, method = _outputs(manifest)
     if generation:
-        prompt = manifest.prompt
-        what = [f"- **Output:** text written after the prompt ({prompt.style} prompt, template "
-                f"`{prompt.template!r}`), decoding {json.dumps(manifest.decoding)}" if prompt else "- **Output:** text"]
-        method = ("LoRA adapters on the linear layers of its transformer blocks; the adapters are merged into `model/`"
-                  if manifest.method == "lora" else _METHOD[manifest.method])
         per_class_part += examples_table(manifest)
-    else:
-        what = [f"- **Labels:** {labels}",
-                f"- **Outputs:** logits; scores are their {manifest.postprocess}"
-                + (" (a label is predicted at its own threshold, fitted on validation: see Calibration and decisions)"
-                   if manifest.thresholds is not None else
-                   f" (a label is predicted at probability ≥ {manifest.threshold})" if manifest.threshold is not None else "")]
-        method = _METHOD[manifest.method]
     what_lines = "\n".join(what)
     return f"""---
 {yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip()}
@@ -512,6 +497,35 @@ Plots are in `report/`.
 (other domains, languages, lengths beyond {manifest.max_length} tokens, which are cut) may score worse than the test
 metrics suggest. Check it on your own labelled data with `tuneserve evaluate` before relying on it.
 """
+
+
+def _hyperparameters(manifest: Manifest, cfg: dict, run) -> dict:
+    """The settings the card shows: the training loop's, the learning rate used, and the method's own section."""
+    train = cfg.get("train", {})
+    hyper = {k: train.get(k) for k in ("epochs", "batch_size", "scheduler", "warmup_ratio", "weight_decay",
+                                       "grad_accum", "max_grad_norm", "max_length", "class_weights", "seed")}
+    hyper["lr"] = run.lr if run else None
+    if manifest.method in _ADAPTER:  # the method's own section: lora, ia3 or prompt
+        hyper[manifest.method] = cfg.get(manifest.method)
+    return hyper
+
+
+def _outputs(manifest: Manifest) -> tuple[list[str], str]:
+    """The card's lines on what the model puts out, and how it was fine-tuned."""
+    if manifest.task.spec.writes:
+        prompt = manifest.prompt
+        what = [f"- **Output:** text written after the prompt ({prompt.style} prompt, template "
+                f"`{prompt.template!r}`), decoding {json.dumps(manifest.decoding)}" if prompt else "- **Output:** text"]
+        method = ("LoRA adapters on the linear layers of its transformer blocks; the adapters are merged into `model/`"
+                  if manifest.method == "lora" else _METHOD[manifest.method])
+        return what, method
+    labels = ", ".join(f"`{label}`" for label in manifest.labels) if manifest.labels else "none (a single value)"
+    what = [f"- **Labels:** {labels}",
+            f"- **Outputs:** logits; scores are their {manifest.postprocess}"
+            + (" (a label is predicted at its own threshold, fitted on validation: see Calibration and decisions)"
+               if manifest.thresholds is not None else
+               f" (a label is predicted at probability ≥ {manifest.threshold})" if manifest.threshold is not None else "")]
+    return what, _METHOD[manifest.method]
 
 
 def write_card(artifact_dir: str | os.PathLike, manifest: Manifest | None = None) -> Path:

@@ -32,7 +32,7 @@ class TorchTask:
     # (targets of the training split, number of outputs, class_weights, label_smoothing) -> loss function
     make_loss: Callable[[np.ndarray, int, str, float], LossFn]
     pads_targets: bool = False  # one target per token, padded with IGNORE_INDEX (else one per example)
-    generates: bool = False  # evaluated by loss over every example and by generated text (training/generate.py)
+    generates: bool = False  # evaluated by loss over every example and by generated text (training/recipe/generation_eval.py)
     shifts_labels: bool = False  # position t's logits predict label t + 1 (a causal LM reading its own labels)
     encoder_decoder: bool = False  # the inputs go to an encoder, the labels (shifted right) to a decoder
     auto_model: str | None = None  # the transformers Auto class; None: the one the task spec names

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from core.encoding import Encoder
 from core.tasks import Task
-from training.tasks import IGNORE_INDEX, torch_task
+from training.recipe.torch_tasks import IGNORE_INDEX, torch_task
 
 
 class EncodedSplit(torch.utils.data.Dataset):

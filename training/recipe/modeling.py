@@ -25,8 +25,8 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from core.errors import ConfigError
 from training.config import Config
-from training.demo_data import cache_dir
-from training.tasks import TorchTask, auto_model_class, model_task
+from training.data.demo import cache_dir
+from training.recipe.torch_tasks import TorchTask, auto_model_class, model_task
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def derived_model(alias: str) -> Path:
     file dequantised (``gguf_file``), or an encoder-decoder warm-started from another bundled model (``warm_start``).
 
     The directory sits under ``<cache>/models/<alias>-<package version>/`` (the cache of
-    ``training.demo_data.cache_dir``), with ``conversion.json`` saying where the weights came from (and, in
+    ``training.data.demo.cache_dir``), with ``conversion.json`` saying where the weights came from (and, in
     ``note``, what that means for quality: the model card repeats it). It is written to a temporary directory beside
     it and renamed into place when complete, so a crash never leaves a half-written model; processes that start
     together (one per GPU) make it once, under a file lock.
@@ -362,7 +362,7 @@ class BuiltModel:
     target_modules: list[str] | None
     trainable_parameters: int
     total_parameters: int
-    torch_task: TorchTask  # the task's torch side for this model (encoder-decoder or not: training/tasks.py)
+    torch_task: TorchTask  # the task's torch side for this model (encoder-decoder or not: training/recipe/torch_tasks.py)
 
 
 def load_tokenizer(path: str):

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from core.errors import DataError
-from training.demo_data import cache_dir
+from training.data.demo import cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -264,7 +264,6 @@ def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], dict
     """
     work = out.parent
     report: dict = {"kept": False, "attempts": []}
-    kept_parity = None
 
     @functools.cache
     def calibration() -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -304,7 +303,20 @@ def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], dict
                                    lambda options, target: quantize({**options, "smooth": alpha}, target),
                                    work / "probe.onnx", damage)
 
-    attempts = int8_attempts(smoothing, rank)
+    kept_parity = _try_in_turn(int8_attempts(smoothing, rank), quantize, judge, work, out, metric, report)
+    if not report["kept"]:
+        report["reason"] = "no int8 variant kept quality: " + "; ".join(
+            f"{a['method']}: {a['reason']}" for a in report["attempts"])
+    return report, kept_parity
+
+
+def _try_in_turn(attempts: Generator, quantize: Callable[[dict, Path], None],
+                 judge: Callable[[Path], tuple[str | None, dict]], work: Path, out: Path, metric: str,
+                 report: dict) -> dict | None:
+    """Quantize and judge each variant :func:`int8_attempts` offers, telling it whether the last one passed; the
+    last variant that passes is moved to ``out``. Records every attempt in ``report``; returns the kept variant's
+    parity report (None when none passed)."""
+    kept_parity = None
     name, options = next(attempts)
     while True:
         candidate = work / "candidate.int8.onnx"
@@ -325,7 +337,4 @@ def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], dict
             name, options = attempts.send(failure is None)
         except StopIteration:
             break
-    if not report["kept"]:
-        report["reason"] = "no int8 variant kept quality: " + "; ".join(
-            f"{a['method']}: {a['reason']}" for a in report["attempts"])
-    return report, kept_parity
+    return kept_parity

@@ -18,10 +18,10 @@ import numpy as np
 
 from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
 from core.verdict import compare_with_baselines
-from training.card import adapter_readme, base_model_name, write_card
+from training.publish.card import adapter_readme, base_model_name, write_card
 from training.files import swap_into_place
-from training.modeling import PEFT_METHODS, bundled_hub_id, merged_model, read_conversion, save_tokenizer_and_model
-from training.report import (plot_against_baselines, plot_confusion, plot_curves, plot_per_label, plot_regression,
+from training.recipe.modeling import PEFT_METHODS, bundled_hub_id, merged_model, read_conversion, save_tokenizer_and_model
+from training.publish.plots import (plot_against_baselines, plot_confusion, plot_curves, plot_per_label, plot_regression,
                              plot_reliability)
 
 logger = logging.getLogger(__name__)
@@ -75,17 +75,30 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
         built.tokenizer.save_pretrained(tmp / ADAPTER_DIR)
     plain, tokenizer = merged_model(model, built.tokenizer)
     plain.config.name_or_path = cfg.run_name
-    generation = "generation" in cfg.task.spec.options
-    if generation:  # the decoding evaluation used is the saved model's default
+    if cfg.task.spec.writes:  # the decoding evaluation used is the saved model's default
         for key, value in cfg.generation.decoding().items():
             setattr(plain.generation_config, key, value)
     save_tokenizer_and_model(plain, tokenizer, tmp / MODEL_DIR)
 
-    monitor, primary = cfg.monitor, cfg.primary_metric
+    manifest = build_manifest(cfg, built, data, result, training)
+    write_manifest(manifest, tmp)
+    write_card(tmp, manifest)  # re-written after the export, with its results
+    if cfg.method in PEFT_METHODS:
+        describe_adapter(tmp / ADAPTER_DIR, manifest)
+    write_report(cfg, data, result, training, tmp / "report")
+    swap_into_place(tmp, final)  # the old artifact stays whole until the new one is complete
+    logger.info("artifact written to %s", final)
+    return final
+
+
+def build_manifest(cfg, built, data, result, training: dict) -> Manifest:
+    """The manifest of a finished run: what the model does, how well beside the baselines, and how it was made."""
+    primary = cfg.primary_metric
+    generation = cfg.task.spec.writes
     verdict = compare_with_baselines(primary, result.metrics["test"][primary], result.baselines)
     if verdict and not verdict.beats:
         logger.warning("%s: the artifact is written, and its manifest and card say so", verdict.message)
-    manifest = Manifest(
+    return Manifest(
         name=cfg.run_name,
         task=cfg.task,
         problem_type=cfg.task.spec.problem_type,
@@ -128,14 +141,12 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
             "base_model_origin": read_conversion(built.base_path),
         },
     )
-    write_manifest(manifest, tmp)
-    write_card(tmp, manifest)  # re-written after the export, with its results
-    if cfg.method in PEFT_METHODS:
-        describe_adapter(tmp / ADAPTER_DIR, manifest)
 
-    report = tmp / "report"
+
+def write_report(cfg, data, result, training: dict, report: Path) -> None:
+    """The report plots: learning curves, the task's own picture of test errors, and reliability when calibrated."""
     report.mkdir()
-    plot_curves(training["history"], monitor, report / "curves.png")
+    plot_curves(training["history"], cfg.monitor, report / "curves.png")
     plots = {
         "confusion": lambda: plot_confusion(result.test.confusion_matrix, data.labels, report / "confusion_matrix.png"),
         "regression": lambda: plot_regression(result.test_targets, result.test_scores, report / "predicted_vs_true.png"),
@@ -152,15 +163,11 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
                          {"before": calibration.before["test"], "after": calibration.after["test"]},
                          report / "reliability.png")
 
-    swap_into_place(tmp, final)  # the old artifact stays whole until the new one is complete
-    logger.info("artifact written to %s", final)
-    return final
-
 
 def describe_adapter(adapter_dir: Path, manifest: Manifest) -> None:
     """Replace peft's empty card template with a note on loading the adapter, and point its config at the base
     model's Hub id (peft records the local path the base model was loaded from)."""
-    from training.tasks import ENCODER_DECODER_TASKS
+    from training.recipe.torch_tasks import ENCODER_DECODER_TASKS
 
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from core.metrics import Evaluation
 from core.prompting import PromptFormat
 from core.tasks.generation import GeneratedText, layout, prompt_for
-from training.tasks import IGNORE_INDEX
+from training.recipe.torch_tasks import IGNORE_INDEX
 
 
 def keeps_logits(model) -> bool:

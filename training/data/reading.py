@@ -1,7 +1,7 @@
 """Loading and checking labelled data.
 
 Files are read with the ``datasets`` library (csv, tsv, jsonl, json, parquet), demo sets come from
-:mod:`training.demo_data`. Every row is checked before anything is trained; an error names the split,
+:mod:`training.data.demo`. Every row is checked before anything is trained; an error names the split,
 the file, the row (counted from 1, header excluded) and the column.
 """
 
@@ -28,7 +28,7 @@ from core.prompting import split_conversation
 from core.tasks import Task
 from core.tasks.base import LabelError
 from training.config import DataConfig
-from training.demo_data import demo_path, is_demo
+from training.data.demo import demo_path, is_demo
 
 logger = logging.getLogger(__name__)
 
@@ -578,7 +578,7 @@ def load_dataset(cfg: DataConfig, task: Task, seed: int) -> Dataset:
 
 def _augment(train: Split, cfg: DataConfig, seed: int) -> tuple[Split, dict]:
     """``train`` followed by its augmented copies (each with its example's label and source row)."""
-    from training.augment import augment_texts  # nlpaug loads only when augmentation is on
+    from training.data.augment import augment_texts  # nlpaug loads only when augmentation is on
 
     added = augment_texts(train.texts, train.pairs, cfg.augment, seed)
     copies = train.subset(added.origin)

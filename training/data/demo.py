@@ -406,21 +406,11 @@ def _man_paragraphs(text: str) -> dict[str, list[tuple[str, str, bool]]]:
                 if request in ("TP", "TQ"):
                     i += 1  # the tag line belongs to the list item
                 continue
-            args = _arguments(rest)
-            args = [_unescape(a) for a in args]
-            if request in _FONT_JOINED:
-                if not args:  # the font applies to the next line
-                    continue
-                words.append(" ".join(args))
-            elif request in _FONT_ALTERNATING:
-                words.append("".join(args))
-            elif request == "MR" and args:
-                words.append(f"{args[0]}({args[1] if len(args) > 1 else ''}){''.join(args[2:])}")
-            elif request in ("UE", "ME"):
-                if args:
-                    words.append(_JOIN + "".join(args))
-            elif request not in _IGNORED:
+            inline = _inline_text(request, [_unescape(a) for a in _arguments(rest)])
+            if inline is None:
                 clean = False
+            elif inline:
+                words.append(inline)
             continue
         if heading_next:
             section, heading_next = _unescape(line).upper().strip(), False
@@ -431,6 +421,20 @@ def _man_paragraphs(text: str) -> dict[str, list[tuple[str, str, bool]]]:
         words.append(_unescape(line))
     close("")
     return sections
+
+
+def _inline_text(request: str, args: list[str]) -> str | None:
+    """The text a request puts into the running paragraph ("" for none, None for a request this reader does not
+    know)."""
+    if request in _FONT_JOINED:
+        return " ".join(args)  # no arguments: the font applies to the next line
+    if request in _FONT_ALTERNATING:
+        return "".join(args)
+    if request == "MR" and args:
+        return f"{args[0]}({args[1] if len(args) > 1 else ''}){''.join(args[2:])}"
+    if request in ("UE", "ME"):
+        return _JOIN + "".join(args) if args else ""
+    return "" if request in _IGNORED else None
 
 
 def _finish(text: str) -> str | None:

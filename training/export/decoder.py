@@ -22,15 +22,15 @@ import os
 from pathlib import Path
 
 from core.tasks.generation import GeneratedText
+from training.export.base import OPSET, ExportError, HeldOut, library_noise_to_log, variant
 
 logger = logging.getLogger(__name__)
 
-OPSET = 17
 # Eager attention: with ONNX Runtime on 2 threads, a random model of SmolLM2-135M's shape exported both ways decodes
 # at 16 tokens/s at batch 1 (eager) against 15 (sdpa), 56 against 51 tokens/s in total at batch 8, and reads a
 # 64-token prompt in 0.28 s against 0.30 s. The sdpa graph computes the same with about 20 more nodes per layer
 # (shape arithmetic, a NaN guard on the attention weights) and gains nothing; eager is also what the encoder export
-# uses (training/export.py), whose graphs ONNX Runtime's optimizer fuses only in that form.
+# uses (training/export/encoder.py), whose graphs ONNX Runtime's optimizer fuses only in that form.
 ATTENTION = "eager"
 # The trace's example: enough to keep every dimension symbolic (batch, new tokens and past all differ and exceed 1).
 TRACE_BATCH, TRACE_NEW, TRACE_PAST = 2, 3, 4
@@ -86,7 +86,6 @@ def export_decoder(model_dir: str | os.PathLike, out_path: str | os.PathLike, *,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from training.export import library_noise_to_log
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=attention,
                                                  dtype=torch.float32)
@@ -230,7 +229,6 @@ def quantize_decoder(fp32_path: Path, out_path: Path, options: dict | None = Non
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from training.export import library_noise_to_log
 
     with library_noise_to_log():
         model = onnx.load(str(fp32_path))
@@ -269,106 +267,108 @@ def _torch_only_section(model_dir: Path, manifest, texts: list[str], greedy: dic
     """The export section of a model that PyTorch serves: no ONNX files, why, and PyTorch's greedy answers."""
     from transformers import AutoTokenizer
 
-    from training.generate import generate
-    from training.tasks import auto_model_class, model_task
+    from training.recipe.generation_eval import generate
+    from training.recipe.torch_tasks import auto_model_class, model_task
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = auto_model_class(manifest.task, model_task(manifest.task, str(model_dir))).from_pretrained(model_dir)
     answers = generate(model.eval(), tokenizer, manifest.prompt, texts[:SELFTEST_EXAMPLES], greedy,
                        max_input_tokens=manifest.max_length)
     logger.info("not exported to ONNX: %s", NOT_EXPORTED_ENCODER_DECODER)
-    return {"onnx": None, "backend": "torch", "reason": NOT_EXPORTED_ENCODER_DECODER, "parity": {},
+    return {"backend": "torch", "reason": NOT_EXPORTED_ENCODER_DECODER, "variants": [],
             "int8": {"requested": "off", "kept": False, "reason": NOT_EXPORTED_ENCODER_DECODER},
             "selftest": _selftest(list(zip(texts, answers)))}
 
 
-def export_generation_artifact(artifact_dir: Path, texts: list[str], references: list, held_out_name: str,
-                               tmp: Path, *, quantize: str = "auto", max_quantized_drop: float | None = None
-                               ) -> dict:
+def export_decoder_artifact(artifact_dir: Path, manifest, held_out: HeldOut, tmp: Path, *, int8: str = "auto",
+                            max_quantized_drop: float | None = None, **_) -> dict:
     """Export a generation artifact's decoder into ``tmp`` and gate it; return the manifest's ``export`` section.
     An encoder-decoder model is not exported (its section says why, with ``"onnx": null``) and writes nothing to
     ``tmp``.
 
     Args:
-        quantize: ``auto`` keeps the int8 decoder if it passes the gate, ``on`` fails the export if it does not,
+        int8: ``auto`` keeps the int8 decoder if it passes the gate, ``on`` fails the export if it does not,
             ``off`` skips it.
         max_quantized_drop: points of the primary metric the int8 decoder may lose against PyTorch (default
             :data:`MAX_QUANTIZED_DROP`).
 
     Raises:
         ExportError: the fp32 decoder's greedy outputs differ from PyTorch's too often, or lose metric, or depend on
-            the batch; or ``quantize="on"`` and the int8 decoder fails its gate.
+            the batch; or ``int8="on"`` and the int8 decoder fails its gate.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.decoding import OnnxDecoder
-    from core.manifest import MODEL_DIR, read_manifest
+    from core.manifest import MODEL_DIR
     from core.tasks.generation import prompt_for
-    from training.export import ExportError
-    from training.generate import generate
-    from training.tasks import is_encoder_decoder
+    from training.recipe.generation_eval import generate
+    from training.recipe.torch_tasks import is_encoder_decoder
 
-    max_quantized_drop = MAX_QUANTIZED_DROP if max_quantized_drop is None else max_quantized_drop
-    manifest = read_manifest(artifact_dir)
     new_tokens = manifest.decoding["max_new_tokens"]
     greedy = {"max_new_tokens": new_tokens, "num_beams": 1, "do_sample": False}
     if is_encoder_decoder(str(artifact_dir / MODEL_DIR)):
-        return _torch_only_section(artifact_dir / MODEL_DIR, manifest, texts, greedy)
-    spec = manifest.task.spec
-    primary = manifest.primary_metric
+        return _torch_only_section(artifact_dir / MODEL_DIR, manifest, held_out.texts, greedy)
+    spec, primary = manifest.task.spec, manifest.primary_metric
     tokenizer = AutoTokenizer.from_pretrained(artifact_dir / MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(artifact_dir / MODEL_DIR, attn_implementation=ATTENTION).eval()
-    count = min(GATE_EXAMPLES, len(texts))
-    texts, references = texts[:count], list(references[:count])
+    count = min(GATE_EXAMPLES, len(held_out.texts))
+    texts, references = held_out.texts[:count], list(held_out.targets[:count])
     reference = generate(model, tokenizer, manifest.prompt, texts, greedy, max_input_tokens=manifest.max_length)
     prompts = [prompt_for(tokenizer, manifest.prompt, t, manifest.max_length)[0] for t in texts]
-    eos = tokenizer.eos_token_id
+
+    def judge(path: Path) -> tuple[dict, list]:
+        decoder = OnnxDecoder(path, tokenizer, tokenizer.eos_token_id)
+        return _judge(spec, manifest, decoder, prompts, reference, references, new_tokens)
 
     fp32 = export_decoder(artifact_dir / MODEL_DIR, tmp / FP32_FILE)
-    report, outputs = _judge(spec, manifest, OnnxDecoder(fp32, tokenizer, eos), prompts, reference, references,
-                             new_tokens)
-    kept = [outputs]
+    report, outputs = judge(fp32)
     drop = spec.metric_drop(primary, report)
     changed = report["batch_invariance"]["decision_changes"]
     if report["output_agreement"] < MIN_OUTPUT_AGREEMENT or drop > MAX_METRIC_DROP or changed:
         raise ExportError(f"{artifact_dir}: the ONNX decoder's greedy outputs match PyTorch's on "
-                          f"{report['output_agreement']:.0%} of {count} {held_out_name} examples (needs "
+                          f"{report['output_agreement']:.0%} of {count} {held_out.name} examples (needs "
                           f"{MIN_OUTPUT_AGREEMENT:.0%}), {primary} changes by {-drop:+.2f}, {changed} output(s) differ "
                           "between alone and batched; nothing was written")
-    parity = {"onnx": report}
-
-    quantized = {"requested": quantize, "kept": False, "attempts": [], "method": QUANTIZED_METHOD}
-    if quantize != "off":
+    parity, kept = {"onnx": report}, [outputs]
+    quantized = {"requested": int8, "kept": False, "attempts": [], "method": QUANTIZED_METHOD}
+    if int8 != "off":
         logger.info("export: quantising the decoder's weights to 8 bits and gating it on %d examples", count)
-        candidate = quantize_decoder(fp32, tmp / QUANTIZED_FILE)
-        q_report, q_outputs = _judge(spec, manifest, OnnxDecoder(candidate, tokenizer, eos), prompts, reference,
-                                     references, new_tokens)
-        q_drop = spec.metric_drop(primary, q_report)
-        q_changed = q_report["batch_invariance"]["decision_changes"]
-        reason = (f"{q_changed} output(s) differ between alone and batched" if q_changed else
-                  f"{primary} drops by {q_drop:.2f} points (> {max_quantized_drop})" if q_drop > max_quantized_drop
-                  else None)
-        quantized["attempts"].append({"method": QUANTIZED_METHOD, "passed": reason is None, "reason": reason,
-                                      "label_agreement": q_report["output_agreement"], "metric_delta": -q_drop})
-        quantized["kept"] = reason is None
+        reason, q_report, q_outputs = _quantized(fp32, tmp, judge, primary, spec, quantized,
+                                                 MAX_QUANTIZED_DROP if max_quantized_drop is None else max_quantized_drop)
         if reason is None:
             parity["onnx-int8"] = q_report
             kept.append(q_outputs)
-        else:
-            quantized["reason"] = reason
-            for leftover in tmp.glob(QUANTIZED_FILE + "*"):
-                leftover.unlink()
-            if quantize == "on":
-                raise ExportError(f"{artifact_dir}: --int8 on, but the int8 decoder fails its gate: {reason}")
-            logger.info("export: the int8 decoder is not kept: %s", reason)
+        elif int8 == "on":
+            raise ExportError(f"{artifact_dir}: --int8 on, but the int8 decoder fails its gate: {reason}")
+    variants = [variant("onnx", tmp, FP32_FILE, "fp32", parity["onnx"])]
+    if "onnx-int8" in parity:
+        variants.append(variant("onnx-int8", tmp, QUANTIZED_FILE, "int8", parity["onnx-int8"], QUANTIZED_METHOD))
     return {
-        "onnx": {"fp32": f"onnx/{FP32_FILE}", "int8": f"onnx/{QUANTIZED_FILE}" if quantized["kept"] else None,
-                 "opset": OPSET, "held_out": held_out_name,
-                 "note": "decoder with key/value cache (core/decoding.py runs it); the int8 variant has 8-bit weights "
-                         "and int8 arithmetic"},
-        "parity": parity,
-        "int8": quantized,
+        "backend": "onnx", "held_out": held_out.name, "variants": variants, "int8": quantized,
+        "graph": {"opset": OPSET, "note": "decoder with key/value cache (core/decoding.py runs it); the int8 variant "
+                                          "has 8-bit weights and int8 arithmetic"},
         # The service checks its backend against PyTorch's text: inputs on which every kept decoder wrote it.
         "selftest": _selftest([(texts[i], reference[i]) for i in range(count)
                                if all(o[i].text == reference[i].text for o in kept)]),
     }
+
+
+def _quantized(fp32: Path, tmp: Path, judge, primary: str, spec, quantized: dict, max_drop: float
+               ) -> tuple[str | None, dict, list]:
+    """The weight-only int8 decoder, judged like fp32; records the attempt in ``quantized`` and removes a candidate
+    that fails. Returns why it fails (None: kept), its parity report and its outputs."""
+    candidate = quantize_decoder(fp32, tmp / QUANTIZED_FILE)
+    report, outputs = judge(candidate)
+    drop = spec.metric_drop(primary, report)
+    changed = report["batch_invariance"]["decision_changes"]
+    reason = (f"{changed} output(s) differ between alone and batched" if changed else
+              f"{primary} drops by {drop:.2f} points (> {max_drop})" if drop > max_drop else None)
+    quantized["attempts"].append({"method": QUANTIZED_METHOD, "passed": reason is None, "reason": reason,
+                                  "label_agreement": report["output_agreement"], "metric_delta": -drop})
+    quantized["kept"] = reason is None
+    if reason is not None:
+        quantized["reason"] = reason
+        for leftover in tmp.glob(QUANTIZED_FILE + "*"):
+            leftover.unlink()
+        logger.info("export: the int8 decoder is not kept: %s", reason)
+    return reason, report, outputs

@@ -4,7 +4,7 @@ The manifest, the model card, the tokenizer (with the model's config.json, which
 the ``auto`` backend serves on a CPU (the quantised variant when the export gate kept it, otherwise fp32), with its
 external weights file when it has one. The PyTorch
 weights, the adapter and the report plots stay out. Standard library only, so that a bare Python can run it (the
-Dockerfile's first stage does: ``python core/serving.py ARTIFACT OUT``).
+Dockerfile's first stage does: ``python core/cpu_files.py ARTIFACT OUT``).
 """
 
 from __future__ import annotations
@@ -30,21 +30,32 @@ def onnx_serving_files(artifact_dir: str | Path) -> list[str]:
     artifact_dir = Path(artifact_dir)
     manifest = json.loads((artifact_dir / MANIFEST_FILE).read_text())
     export = manifest.get("export") or {}
-    onnx = export.get("onnx") or {}
-    chosen = onnx.get("int8") or onnx.get("fp32")
-    if not chosen and export.get("reason"):  # exported without ONNX, on purpose: PyTorch serves it
+    served = _served_files(export, artifact_dir)
+    if not served and export.get("reason"):  # exported without ONNX, on purpose: PyTorch serves it
         raise ValueError(f"{artifact_dir}: no ONNX export to serve on a CPU ({export['reason']})")
-    if not chosen:
+    if not served:
         raise ValueError(f"{artifact_dir}: no ONNX export to serve on a CPU; run `tuneserve export` first")
-    files = [MANIFEST_FILE, CARD_FILE, chosen]
-    # Weights kept outside the graph (a quantised decoder's; any graph over protobuf's 2 GB) sit beside it.
-    files += [f"{chosen}.data"] if (artifact_dir / f"{chosen}.data").is_file() else []
+    files = [MANIFEST_FILE, CARD_FILE, *served]
     files += sorted(f"{MODEL_DIR}/{p.name}" for p in (artifact_dir / MODEL_DIR).iterdir()
                     if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
     missing = [f for f in files if not (artifact_dir / f).is_file()]
     if missing:
         raise ValueError(f"{artifact_dir}: {', '.join(missing)} missing; the artifact is incomplete")
     return files
+
+
+def _served_files(export: dict, artifact_dir: Path) -> list[str]:
+    """The files of the variant the ``auto`` backend serves on a CPU (int8 where the gate kept it, else fp32), with
+    the weights a graph keeps outside itself (a quantised decoder's; any graph over protobuf's 2 GB)."""
+    if "variants" in export:  # manifest version 4: a list of the variants that passed their gate
+        by_name = {v["name"]: v for v in export["variants"]}
+        chosen = by_name.get("onnx-int8") or by_name.get("onnx")
+        return list(chosen["files"]) if chosen else []
+    onnx = export.get("onnx") or {}  # versions 1 to 3 named the two files by field
+    chosen = onnx.get("int8") or onnx.get("fp32")
+    if not chosen:
+        return []
+    return [chosen] + ([f"{chosen}.data"] if (artifact_dir / f"{chosen}.data").is_file() else [])
 
 
 def copy_onnx_serving_files(artifact_dir: str | Path, out_dir: str | Path) -> list[str]:
@@ -60,7 +71,7 @@ def copy_onnx_serving_files(artifact_dir: str | Path, out_dir: str | Path) -> li
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python core/serving.py ARTIFACT OUT")
+        sys.exit("usage: python core/cpu_files.py ARTIFACT OUT")
     try:
         copied = copy_onnx_serving_files(sys.argv[1], sys.argv[2])
     except (OSError, ValueError) as exc:

@@ -11,7 +11,7 @@ from pathlib import Path
 from core.errors import ArtifactError
 from core.manifest import MODEL_DIR, read_manifest
 from core.onnx_runner import check_external_data
-from core.serving import onnx_serving_files
+from core.cpu_files import onnx_serving_files
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ CONTENT_LABEL = "content_sha256"
 
 def _files(artifact_dir: Path, onnx_only: bool = False) -> list[Path]:
     """What registration copies: every file of the artifact but those in temporary dot-directories of an
-    interrupted export, or with ``onnx_only`` what the ONNX backend loads (core/serving.py)."""
+    interrupted export, or with ``onnx_only`` what the ONNX backend loads (core/cpu_files.py)."""
     if onnx_only:
         try:
             return [artifact_dir / relative for relative in onnx_serving_files(artifact_dir)]
@@ -86,13 +86,13 @@ def register(artifact_dir: str | Path, name: str | None = None, *, onnx_only: bo
         raise ArtifactError(f"{artifact_dir}: {MODEL_DIR}/model.safetensors is missing")
     files = _files(artifact_dir, onnx_only)
     backends = [] if onnx_only else ["torch"]
-    for key, backend in (("fp32", "onnx"), ("int8", "onnx-int8")):
-        relative = getattr(manifest.export.onnx, key) if manifest.export and manifest.export.onnx else None
-        if relative and (not onnx_only or artifact_dir / relative in files):
-            if not (artifact_dir / relative).is_file():
-                raise ArtifactError(f"{artifact_dir}: the manifest lists {relative}, which is missing")
-            check_external_data(artifact_dir / relative)
-            backends.append(backend)
+    for variant in manifest.export.variants if manifest.export else []:
+        if not onnx_only or artifact_dir / variant.path in files:
+            missing = [f for f in variant.files if not (artifact_dir / f).is_file()]
+            if missing:
+                raise ArtifactError(f"{artifact_dir}: the manifest lists {', '.join(missing)}, which is missing")
+            check_external_data(artifact_dir / variant.path)
+            backends.append(variant.name)
     digest = content_hash(artifact_dir, files)
     models, same = _stored_with(name, digest)
     if same is not None:

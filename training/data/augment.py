@@ -31,7 +31,7 @@ from nlpaug.util import Action, Doc
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from training.config import AugmentConfig
-from training.wordnet import SOURCE, ensure_wordnet
+from training.data.wordnet import SOURCE, ensure_wordnet
 
 OPERATIONS = ("synonym", "insert", "swap", "delete")  # EDA's order
 
