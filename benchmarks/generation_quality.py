@@ -55,7 +55,7 @@ def main() -> None:
                        f"{_spread(over_base)} (min {min(over_base):+.1f}) | "
                        f"{_spread(over_retrieval)} (min {min(over_retrieval):+.1f}) |")
         export = manifest.get("export") or {}
-        for variant, report in (export.get("parity") or {}).items():
+        for variant, report in ((v["name"], v["parity"]) for v in export.get("variants", [])):
             gate.append(f"| {config} | {variant} | {report['examples']} | {report['output_agreement']:.0%} | "
                         f"{report['metrics_torch'][METRIC]:.1f} | {report['metrics_onnx'][METRIC]:.1f} | "
                         f"{report['metric_delta'][METRIC]:+.2f} | {report['batch_invariance']['decision_changes']} |")

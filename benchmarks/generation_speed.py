@@ -64,7 +64,7 @@ def main() -> None:
     from benchmarks._report import write_section
     from core.decoding import OnnxDecoder
     from core.manifest import MODEL_DIR, read_manifest
-    from core.tasks.generation import prompt_for
+    from core.tasks.generation import Prompter
     from training.export import held_out_from_config
     from training.export.decoder import ATTENTION, QUANTIZATION, quantize_decoder
 
@@ -75,7 +75,7 @@ def main() -> None:
         sys.exit(f"{artifact}: not exported to ONNX; run `tuneserve export {artifact}` first")
     tokenizer = AutoTokenizer.from_pretrained(artifact / MODEL_DIR)
     texts = held_out_from_config(manifest, artifact).texts[:max(args.prompts, CONCURRENCY)]
-    prompts = [prompt_for(tokenizer, manifest.prompt, t, manifest.max_length)[0] for t in texts]
+    prompts = Prompter.from_manifest(tokenizer, manifest).all(texts)
     new = args.new_tokens
 
     model = AutoModelForCausalLM.from_pretrained(artifact / MODEL_DIR, attn_implementation=ATTENTION).eval()

@@ -45,7 +45,7 @@ def main() -> None:
                     f"{info['epochs_run']} ({info['best_step']} of {info['steps']} steps) | {info['seconds']:.0f} s |")
         print(rows[-1], flush=True)
         export = manifest.get("export") or {}
-        for variant, report in (export.get("parity") or {}).items():
+        for variant, report in ((v["name"], v["parity"]) for v in export.get("variants", [])):
             gate.append(f"| {config} | {variant} | {report['examples']} texts, {report['tokens']} tokens | "
                         f"{report['label_agreement']:.4%} | {report['entity_agreement']:.2%} | "
                         f"{report['metric_delta']['f1']:+.4f} | {report['max_abs_diff']:.2e} |")

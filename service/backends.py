@@ -21,7 +21,7 @@ import numpy as np
 from core.encoding import Encoder
 from core.errors import ArtifactError, ConfigError
 from core.manifest import MODEL_DIR, Manifest
-from core.tasks.generation import DECODER_ONLY, GeneratedText, GenerationSpec, Layout, layout
+from core.tasks.generation import DECODER_ONLY, GeneratedText, Layout, Prompter, layout
 
 logger = logging.getLogger(__name__)
 served_log = logging.getLogger("bentoml.tuneserve")  # the service's log, where the backend choice is told
@@ -53,11 +53,6 @@ class GenerationBackend(Protocol):
         """Continue one prompt, yielding its text in pieces; the return value is the whole generation. Closing the
         generator stops decoding."""
         ...
-
-
-def generates_text(manifest: Manifest) -> bool:
-    """Whether the artifact is a language model that writes text (served by /generate), not a scorer (/predict)."""
-    return isinstance(manifest.task.spec, GenerationSpec)
 
 
 def cpu_threads() -> int:
@@ -133,10 +128,14 @@ def _load_torch_model(artifact_dir: Path, manifest: Manifest, *, device: str, th
     else:
         torch.set_num_threads(threads)
     auto_model = manifest.task.spec.auto_model
-    if generates_text(manifest):  # a decoder-only or an encoder-decoder language model: its Auto class
+    if manifest.task.spec.writes:  # a decoder-only or an encoder-decoder language model: its Auto class
         auto_model = generation_layout(artifact_dir).auto_model
     try:
         model = getattr(transformers, auto_model).from_pretrained(model_dir, use_safetensors=True, dtype=dtype)
+        if manifest.task.spec.pools:  # sentence embeddings: the transformer with its own pooling
+            from service.sentence_embedder import SentenceEmbedder, pooling_of
+
+            model = SentenceEmbedder(model, pooling_of(model_dir))
     except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
         raise ArtifactError(f"{artifact_dir}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None
     return model.to(device).eval(), dtype != torch.float32
@@ -221,6 +220,7 @@ class OnnxGenerationBackend:
             raise ArtifactError(f"{artifact_dir}: the manifest lists {relative}, which is missing")
         check_external_data(path)
         self.tokenizer = load_tokenizer(artifact_dir)
+        self.prompter = Prompter.from_manifest(self.tokenizer, manifest)
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
             self.decoder = OnnxDecoder(path, self.tokenizer, _eos_token_id(self.tokenizer, artifact_dir),
@@ -257,6 +257,7 @@ class TorchGenerationBackend:
 
         self.model, self.half_precision = _load_torch_model(artifact_dir, manifest, device=device, threads=threads)
         self.tokenizer = load_tokenizer(artifact_dir)
+        self.prompter = Prompter.from_manifest(self.tokenizer, manifest)
         self.eos = _eos_token_id(self.tokenizer, artifact_dir)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
         self.max_positions = _max_positions(artifact_dir)
@@ -322,7 +323,7 @@ def _cuda_available() -> bool:
 def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, device: str, threads: int | None,
                    batch_size: int) -> Backend | GenerationBackend:
     """Build the backend the settings ask for: a :class:`GenerationBackend` for a model that writes text
-    (:func:`generates_text`), a scoring :class:`Backend` otherwise.
+    (its spec ``writes``), a scoring :class:`Backend` otherwise.
 
     ``auto``: torch on CUDA when torch and a GPU are present, otherwise ONNX int8 if the export gate kept it,
     otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed), or
@@ -352,7 +353,7 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
             why = ("the quantised variant passed the export gate" if backend == "onnx-int8"
                    else "ONNX Runtime runs the exported fp32 graph without a GPU")
         served_log.info("backend auto: %s%s, because %s", backend, f" on {device}" if backend == "torch" else "", why)
-    generation = generates_text(manifest)
+    generation = manifest.task.spec.writes
     if backend == "torch":
         try:
             import torch  # noqa: F401

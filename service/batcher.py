@@ -94,7 +94,9 @@ class MicroBatcher(PooledTurns):
         """The next jobs to run together: at least one, then more while they fit in max_batch_size."""
         jobs = [self._queue.pop(0)]
         size = len(jobs[0].texts)
-        while self._queue and size + len(self._queue[0].texts) <= self.max_batch_size:
+        paired = jobs[0].pairs is not None  # texts with a second text and texts alone never share a pass
+        while (self._queue and size + len(self._queue[0].texts) <= self.max_batch_size
+               and (self._queue[0].pairs is not None) == paired):
             size += len(self._queue[0].texts)
             jobs.append(self._queue.pop(0))
         return jobs

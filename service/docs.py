@@ -198,7 +198,8 @@ def api_document(base: dict, about: About) -> dict:
 
 
 # The two routes that run a model: each answers for its kind of model only (404 for the other kind).
-ROUTES_BY_KIND = {"/predict": "a model that scores or labels text", "/generate": "a model that writes text"}
+ROUTES_BY_KIND = {"/predict": "a model that scores or labels text", "/generate": "a model that writes text",
+                  "/embed": "a model that embeds text", "/rank": "a model that embeds text"}
 
 
 def _response(operation: dict, status: int) -> dict:
@@ -210,7 +211,7 @@ def _response(operation: dict, status: int) -> dict:
 
 def _describe_use_route(path: str, operation: dict, m: Manifest) -> None:
     use = _use_route(m)
-    if path != use:
+    if path not in m.task.spec.routes:
         operation["description"] = f"For {ROUTES_BY_KIND[path]}; this model answers it with 404: use POST {use}."
         _response(operation, 404).update(description=f"Not for this model: use {use}", content={
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}})

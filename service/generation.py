@@ -1,7 +1,7 @@
 """What /generate needs beside the backend: prompts built as the trainer built them, decoding options checked
 against the model's caps, concurrent requests pooled into one decoder batch, and server-sent events for streams.
 
-A posted input becomes a prompt through :func:`core.tasks.generation.prompt_for`, the function training, the
+A posted input becomes a prompt through :class:`core.tasks.generation.Prompter`, the function training, the
 export gate and the start-up self-test call, with the manifest's prompt format and input budget; only ``messages``
 (the model's chat template) and ``raw`` prompts (used as sent) bypass the template.
 """
@@ -22,7 +22,7 @@ from starlette.responses import StreamingResponse
 from core.errors import ArtifactError
 from core.manifest import Manifest
 from core.prompting import check_messages, render_messages
-from core.tasks.generation import GeneratedText, prompt_for, prompt_ids
+from core.tasks.generation import GeneratedText, Prompter, prompt_ids
 from service.batcher import PooledTurns
 from service.requests import RequestError
 from service.settings import Settings
@@ -96,12 +96,13 @@ def decoding_options(manifest: Manifest, settings: Settings, *, max_new_tokens: 
                     tuple(stop or ()))
 
 
-def prompt_token_ids(tokenizer: Any, manifest: Manifest, *, prompts: Sequence[str] | None,
+def prompt_token_ids(prompter: Prompter, *, prompts: Sequence[str] | None,
                      messages: Sequence[Sequence[Any]] | None, raw: bool, max_new_tokens: int,
                      max_positions: int | None, encoder_decoder: bool = False) -> list[list[int]]:
     """Token ids of each prompt of a request.
 
     Args:
+        prompter: the artifact's tokenizer, prompt format and input budget.
         prompts: inputs, each put in the artifact's prompt exactly as training did (cut to the manifest's input
             budget first), or, with ``raw``, whole prompts tokenized as they are.
         messages: conversations ({role, content} objects), rendered with the model's chat template.
@@ -116,12 +117,12 @@ def prompt_token_ids(tokenizer: Any, manifest: Manifest, *, prompts: Sequence[st
         raise RequestError("prompts: give prompts or messages (exactly one of them)")
     if raw and prompts is None:
         raise RequestError("raw: applies to prompts; messages are always rendered with the model's chat template")
+    tokenizer = prompter.tokenizer
     ids: list[list[int]] = []
     if prompts is not None:
         field_name = "prompts"
         for text in prompts:
-            ids.append(prompt_ids(tokenizer, manifest.prompt, text) if raw
-                       else prompt_for(tokenizer, manifest.prompt, text, manifest.max_length)[0])
+            ids.append(prompt_ids(tokenizer, prompter.fmt, text) if raw else prompter.ids(text))
     else:
         field_name = "messages"
         for i, conversation in enumerate(messages):

@@ -10,7 +10,7 @@ import hmac
 import json
 
 # Routes that carry data: these need the key (when one is set) and take JSON bodies only.
-API_PATHS = frozenset({"/predict", "/evaluate", "/generate", "/metadata"})
+API_PATHS = frozenset({"/predict", "/evaluate", "/generate", "/embed", "/rank", "/metadata"})
 
 
 async def reject(send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:

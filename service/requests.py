@@ -64,13 +64,8 @@ def examples_to_inputs(manifest: Manifest, examples: Sequence[Example], settings
             if example.text is not None:
                 raise RequestError(f"examples[{i}]: give text or tokens, not both")
             given, key, value = example.tokens, "tags", example.tags
-        elif example.input is not None and example.text is not None:
-            raise RequestError(f"examples[{i}]: give input or text, not both")
-        elif example.input is None and example.text is None:
-            raise RequestError(f"examples[{i}].text: missing; give the text to score (or input, the same for a "
-                               "generation model)")
         else:
-            given = example.text if example.text is not None else example.input
+            given = _first_text(example, i)
             key, value = spec.label_key, getattr(example, spec.label_key)
         try:
             text, label = spec.parse_example(given, value)
@@ -91,6 +86,21 @@ def examples_to_inputs(manifest: Manifest, examples: Sequence[Example], settings
     except LabelError as exc:
         raise RequestError(f"examples: {exc}") from None
     return texts, pairs, targets
+
+
+# Names a posted example's text may have instead of ``text``: a generation model's input, an embedding model's query.
+TEXT_ALIASES = ("input", "query")
+
+
+def _first_text(example: Example, i: int) -> str:
+    """The example's text, given as ``text`` or as one of :data:`TEXT_ALIASES`, exactly once."""
+    given = {name: getattr(example, name) for name in ("text", *TEXT_ALIASES) if getattr(example, name) is not None}
+    if len(given) > 1:
+        raise RequestError(f"examples[{i}]: give one of {' or '.join(given)}, not both")
+    if not given:
+        raise RequestError(f"examples[{i}].text: missing; give the text to score (or input for a generation model, "
+                           "query for an embedding model)")
+    return next(iter(given.values()))
 
 
 def evaluation_body(manifest: Manifest, evaluation: Evaluation) -> dict:

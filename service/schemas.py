@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from core.tasks.embedding import Embedding
 from core.tasks.generation import Generation
 from core.tasks.sequence import ClassPrediction, MultiLabelPrediction, RegressionPrediction
 from core.tasks.token import EntitySpan, TokenPrediction
@@ -17,6 +18,9 @@ class Example(BaseModel):
     text: StrictStr | None = Field(None, description="The text to score (or `tokens`, for token models).")
     input: StrictStr | None = Field(None, description="Generation models: the input to write from (the same as "
                                     "`text`).")
+    query: StrictStr | None = Field(None, description="Embedding models: the query (the same as `text`).")
+    positive: StrictStr | None = Field(None, description="Embedding models: the document the query should find "
+                                       "first; the posted examples' positives are the corpus ranked.")
     reference: StrictStr | None = Field(None, description="Generation models: the text the model should write.")
     text_pair: StrictStr | None = Field(None, description="The second text, for models trained on text pairs.")
     label: StrictStr | StrictInt | StrictFloat | None = Field(
@@ -29,7 +33,7 @@ class Example(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    predictions: list[ClassPrediction | MultiLabelPrediction | RegressionPrediction | TokenPrediction] = Field(
+    predictions: list[ClassPrediction | MultiLabelPrediction | RegressionPrediction | TokenPrediction | Embedding] = Field(
         description="One prediction per text, in request order.")
     model: str = Field(description="The model served, as name:version.")
     backend: str = Field(description="onnx-int8 | onnx | torch-cuda | torch-cpu")
@@ -46,6 +50,26 @@ class EvaluateResponse(BaseModel):
     notes: list[str] = Field(default_factory=list, description="Metrics left out and why.")
     model: str
     backend: str
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]] = Field(description="One unit vector per text, in request order (dot product = "
+                                          "cosine similarity).")
+    dimensions: int = Field(description="The length of each vector.")
+    model: str = Field(description="The model served, as name:version.")
+    backend: str = Field(description="onnx-int8 | onnx | torch-cuda | torch-cpu")
+
+
+class RankedText(BaseModel):
+    index: int = Field(description="The candidate's position in the request.")
+    score: float = Field(description="Cosine similarity to the query.")
+    text: str = Field(description="The candidate.")
+
+
+class RankResponse(BaseModel):
+    results: list[RankedText] = Field(description="Candidates by decreasing similarity to the query (top_k of them).")
+    model: str = Field(description="The model served, as name:version.")
+    backend: str = Field(description="onnx-int8 | onnx | torch-cuda | torch-cpu")
 
 
 class Message(BaseModel):

@@ -84,7 +84,7 @@ HALF_PRECISION_MIN_IDENTICAL = 0.5
 
 def run_generation_selftest(backend, manifest: Manifest, *, half_precision: bool = False) -> dict:
     """Decode the manifest's self-test inputs greedily, as the export gate did (prompts from
-    :func:`core.tasks.generation.prompt_for` with the manifest's prompt format and input budget, the manifest's
+    the backend's :class:`core.tasks.generation.Prompter`: the manifest's prompt format and input budget, the manifest's
     max_new_tokens), pooled in one call and each alone: every text must be the one PyTorch wrote at export.
 
     Returns:
@@ -95,7 +95,6 @@ def run_generation_selftest(backend, manifest: Manifest, *, half_precision: bool
         ArtifactError: naming the first example whose text differs (in half precision on a GPU: when fewer than
             half are identical), or when the artifact records no examples.
     """
-    from core.tasks.generation import prompt_for
     from service.generation import default_max_new_tokens
 
     samples = manifest.export.selftest if manifest.export else []
@@ -103,7 +102,7 @@ def run_generation_selftest(backend, manifest: Manifest, *, half_precision: bool
         raise ArtifactError("the artifact records no self-test examples (export it with `tuneserve export`); "
                             "refusing to serve a model whose outputs cannot be checked")
     max_new_tokens = default_max_new_tokens(manifest)
-    prompts = [prompt_for(backend.tokenizer, manifest.prompt, s.text, manifest.max_length)[0] for s in samples]
+    prompts = backend.prompter.all([s.text for s in samples])
     arrangements = {"pooled": backend.generate(prompts, max_new_tokens=max_new_tokens),
                     "each alone": [backend.generate([p], max_new_tokens=max_new_tokens)[0] for p in prompts]}
     differences = [(i, arrangement, generations[i].text) for arrangement, generations in arrangements.items()

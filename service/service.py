@@ -27,8 +27,7 @@ from starlette.routing import Route
 
 from core.errors import ArtifactError
 from core.manifest import Manifest, read_manifest
-from core.tasks.generation import prompt_for
-from service.backends import choose_backend, generates_text
+from service.backends import choose_backend
 from service.batcher import MicroBatcher
 from service.docs import About, api_document, docs_routes
 from service.generation import (
@@ -58,7 +57,8 @@ from service.requests import (
     evaluation_body,
     examples_to_inputs,
 )
-from service.schemas import EvaluateResponse, Example, GenerateResponse, Message, PredictResponse
+from service.schemas import (EmbedResponse, EvaluateResponse, Example, GenerateResponse, Message, PredictResponse,
+                             RankedText, RankResponse)
 from service.selftest import run_generation_selftest, run_selftest
 from service.settings import load_settings
 
@@ -130,7 +130,7 @@ class Tuneserve:
             self.manifest = read_manifest(directory)
             self.model_tag = str(stored.tag)
         self.spec = self.manifest.task.spec
-        self.generates = generates_text(self.manifest)
+        self.generates = self.spec.writes
         self.backend = choose_backend(directory, self.manifest, backend=self.settings.backend,
                                       device=self.settings.device, threads=self.settings.threads,
                                       batch_size=self.settings.forward_batch_size)
@@ -161,9 +161,9 @@ class Tuneserve:
         top_k: int | None = Field(None, ge=1, description="Classification: keep the k most likely labels in scores."),
     ) -> PredictResponse:
         """Predict labels (or values) for texts."""
-        if self.generates:
-            return _not_for_this_model(f"/predict: {self.manifest.name} is a generation model, which writes text: POST "
-                                       '/generate with {"prompts": [...]} (or "messages")')
+        if "/predict" not in self.spec.routes:
+            return _not_for_this_model(f"/predict: {self.manifest.name} is a {self.manifest.task.value} model: "
+                                       f"{self.spec.usage}")
         try:
             check_texts("texts", texts, self.settings, limit=self.settings.max_texts)
             check_pairs(self.manifest, texts, text_pairs, "text_pairs")
@@ -190,6 +190,7 @@ class Tuneserve:
             return _bad_request(exc)
         if self.generates:
             return await self._evaluate_generation(texts, targets)
+        texts, pairs = self.spec.judged_inputs(texts, pairs, targets)  # an embedding model ranks the positives too
         scores = self.spec.scores(await self.batcher(texts, pairs), self.manifest.calibration)
         if not np.all(np.isfinite(self.spec.flat(scores))):
             return _not_finite()
@@ -199,9 +200,8 @@ class Tuneserve:
 
     async def _evaluate_generation(self, texts: list[str], targets) -> EvaluateResponse:
         # Greedy decoding with the model's max_new_tokens: how the trainer scored its test split.
-        m, tokenizer = self.manifest, self.backend.tokenizer
-        prompts = await anyio.to_thread.run_sync(
-            lambda: [prompt_for(tokenizer, m.prompt, text, m.max_length)[0] for text in texts])
+        m = self.manifest
+        prompts = await anyio.to_thread.run_sync(self.backend.prompter.all, texts)
         generations = await self.batcher(prompts, Decoding(default_max_new_tokens(m)))
         evaluation = self.spec.evaluate(targets, generations)
         return EvaluateResponse(**evaluation_body(m, evaluation), model=self.model_tag, backend=self.backend.name)
@@ -248,7 +248,7 @@ class Tuneserve:
             decoding = decoding_options(self.manifest, self.settings, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop)
             ids = await anyio.to_thread.run_sync(lambda: prompt_token_ids(
-                self.backend.tokenizer, self.manifest, prompts=prompts, messages=messages, raw=raw,
+                self.backend.prompter, prompts=prompts, messages=messages, raw=raw,
                 max_new_tokens=decoding.max_new_tokens, max_positions=self.backend.max_positions,
                 encoder_decoder=self.backend.layout.encoder_decoder))
             if stream and len(ids) != 1:
@@ -260,6 +260,60 @@ class Tuneserve:
         generations = await self.batcher(ids, decoding, seed)
         return GenerateResponse(generations=self.spec.shape(self.manifest, generations), model=self.model_tag,
                                 backend=self.backend.name)
+
+    @bentoml.api
+    async def embed(
+        self,
+        texts: list[Text] = Field(min_length=1, max_length=SETTINGS.max_texts, description="Texts to embed."),
+        dimensions: int | None = Field(None, ge=1, description="Keep each vector's first N dimensions, normalised "
+                                                               "again (shorter vectors, some quality lost)."),
+    ) -> EmbedResponse:
+        """Embed texts as unit vectors (embedding models only)."""
+        if "/embed" not in self.spec.routes:
+            return _not_for_this_model(f"/embed: {self.manifest.name} is a {self.manifest.task.value} model, which "
+                                       f"does not embed text: {self.spec.usage}")
+        try:
+            check_texts("texts", texts, self.settings, limit=self.settings.max_texts)
+            vectors = await self._vectors(texts)
+            if dimensions is not None and dimensions > vectors.shape[1]:
+                raise RequestError(f"dimensions: {dimensions} is more than the model's {vectors.shape[1]}")
+        except RequestError as exc:
+            return _bad_request(exc)
+        if dimensions is not None:
+            vectors = self.spec.scores(vectors[:, :dimensions])
+        if not np.all(np.isfinite(vectors)):
+            return _not_finite()
+        return EmbedResponse(embeddings=vectors.tolist(), dimensions=vectors.shape[1], model=self.model_tag,
+                             backend=self.backend.name)
+
+    @bentoml.api
+    async def rank(
+        self,
+        query: Text = Field(description="The text to find documents for."),
+        candidates: list[Text] = Field(min_length=1, max_length=SETTINGS.max_texts,
+                                       description="The documents to order by similarity to the query."),
+        top_k: int | None = Field(None, ge=1, description="Return only the k most similar (default: all)."),
+    ) -> RankResponse:
+        """Order candidate documents by cosine similarity to a query (embedding models only)."""
+        if "/rank" not in self.spec.routes:
+            return _not_for_this_model(f"/rank: {self.manifest.name} is a {self.manifest.task.value} model, which "
+                                       f"does not embed text: {self.spec.usage}")
+        try:
+            check_texts("query", [query], self.settings, limit=1)
+            check_texts("candidates", candidates, self.settings, limit=self.settings.max_texts)
+        except RequestError as exc:
+            return _bad_request(exc)
+        vectors = await self._vectors([query, *candidates])
+        if not np.all(np.isfinite(vectors)):
+            return _not_finite()
+        similarity = vectors[1:] @ vectors[0]
+        order = np.argsort(-similarity, kind="stable")[:top_k]
+        return RankResponse(results=[RankedText(index=int(i), score=float(similarity[i]), text=candidates[i])
+                                     for i in order], model=self.model_tag, backend=self.backend.name)
+
+    async def _vectors(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors of texts, pooled with whatever else is queued."""
+        return self.spec.scores(await self.batcher(texts, None))
 
     def metadata(self) -> dict:
         m = self.manifest

@@ -93,6 +93,25 @@ def make_entity_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+COMMANDS = ["copy", "move", "remove", "list", "search", "compress", "archive", "print", "sort", "count", "compare",
+            "download", "mount", "kill", "watch", "format", "encrypt", "rename", "link", "split"]
+OBJECTS = ["files", "directories", "lines", "processes", "disks", "archives", "patterns", "bytes", "users", "ports"]
+CONNECTIVES = ["a", "the", "of", "to", "and", "with", "from", "into", "each", "every", "tool", "command", "utility"]
+
+
+def make_pairs(n: int, seed: int) -> list[dict]:
+    """Queries and the documents they look for: a document repeats its query's two key words among others."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        verb, noun = rng.choice(COMMANDS), rng.choice(OBJECTS)
+        query = " ".join([verb, noun] + rng.sample(CONNECTIVES, 2))
+        words = [verb, noun, rng.choice(OBJECTS)] + rng.sample(CONNECTIVES, 5)
+        rng.shuffle(words)
+        rows.append({"query": query, "positive": " ".join(words)})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

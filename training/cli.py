@@ -147,16 +147,16 @@ def _answers(manifest, backend, texts: list[str], pairs: list[str] | None, max_n
     spec = manifest.task.spec
     if not hasattr(backend, "generate"):
         return spec.scores(backend.logits(texts, pairs), manifest.calibration)
-    from core.tasks.generation import prompt_for
-
-    prompts = [prompt_for(backend.tokenizer, manifest.prompt, t, manifest.max_length)[0] for t in texts]
+    prompts = backend.prompter.all(texts)
     return spec.scores(backend.generate(prompts, max_new_tokens=max_new_tokens or manifest.decoding["max_new_tokens"]))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     manifest, backend = _backend(args)
     split = _load_labelled(manifest, args.data, args.text, args.text_pair, args.label, args.drop_missing_labels)
-    scores = _answers(manifest, backend, split.texts, split.pairs)
+    # what the model reads to be judged (an embedding model: the positives too, which it ranks)
+    texts, pairs = manifest.task.spec.judged_inputs(split.texts, split.pairs, split.targets)
+    scores = _answers(manifest, backend, texts, pairs)
     result = manifest.task.spec.evaluate(split.targets, scores, manifest.labels, threshold=manifest.decision_threshold)
     recorded = manifest.metrics.get("test", {})
     print(f"{args.data}: {result.n} examples, backend {backend.name}")

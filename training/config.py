@@ -205,6 +205,15 @@ class ExportConfig(_Strict):
         "pipeline: a word's first sub-token, its most confident one, or sub-tokens grouped by their own tags).")
 
 
+class EmbeddingConfig(_Strict):
+    scale: float = Field(20.0, gt=0, le=1000, description="Embedding: the ranking loss's similarity scale (1 / "
+                         "temperature): each query's cosine to every positive of its batch, times this, is what "
+                         "cross-entropy reads (the other positives are its negatives).")
+    pooling: Literal["auto", "mean", "cls", "max"] = Field(
+        "auto", description="Embedding: how token states become one vector; auto: the base model's own, from its "
+        "sentence-transformers files (mean where it has none).")
+
+
 class GenerationConfig(_Strict):
     prompt: Literal["auto", "chat", "plain"] = Field(
         "auto", description="Generation: how an input becomes the prompt: the model's chat template (chat), the "
@@ -322,6 +331,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     output_dir: str = Field("runs/tuneserve", description="Checkpoints go to OUTPUT_DIR/checkpoints, the artifact to OUTPUT_DIR/artifact.")
     search: dict[str, SearchRange] = Field(
         default_factory=dict, description="`tuneserve tune` only (train ignores it): dotted config path -> "
@@ -345,7 +355,8 @@ class Config(_Strict):
                              ("data.repair_tags", self.data.repair_tags),
                              ("train.label_all_tokens", self.train.label_all_tokens),
                              ("data.augment", self.data.augment.enabled),
-                             ("generation.*", self.generation != GenerationConfig())):
+                             ("generation.*", self.generation != GenerationConfig()),
+                             ("embedding.*", self.embedding != EmbeddingConfig())):
             key = option.split(".")[1] if not option.endswith("*") else option.split(".")[0]
             if used and key not in self.task.spec.options:
                 takers = " or ".join(t.value for t in Task if key in t.spec.options)
@@ -410,10 +421,15 @@ class Config(_Strict):
         return self.task.spec.default_metric if metric == "auto" else metric
 
     @property
+    def loss_options(self) -> dict[str, Any]:
+        """Options of the task's loss beyond class weights and label smoothing (embedding: the scale)."""
+        return {"scale": self.embedding.scale} if "embedding" in self.task.spec.options else {}
+
+    @property
     def task_training_options(self) -> dict[str, Any]:
         """Options of train: that the task's spec takes when it encodes training examples."""
         options = {k: getattr(self.train, k) for k in ("label_all_tokens",) if k in self.task.spec.options}
-        if "generation" in self.task.spec.options:
+        if self.task.spec.writes:
             options["max_target_length"] = self.generation.max_target_length
         return options
 

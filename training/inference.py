@@ -36,8 +36,10 @@ def load_artifact(directory: str | Path, device: str = "cpu") -> LoadedArtifact:
     if not (model_dir / "model.safetensors").is_file():
         raise ArtifactError(f"{directory}: {MODEL_DIR}/model.safetensors is missing")
     try:
-        model_class = auto_model_class(manifest.task, model_task(manifest.task, str(model_dir)))
-        model = model_class.from_pretrained(model_dir, use_safetensors=True)
+        torch_side = model_task(manifest.task, str(model_dir))
+        model = auto_model_class(manifest.task, torch_side).from_pretrained(model_dir, use_safetensors=True)
+        if torch_side.wrap:  # what the task adds around the transformer (sentence embeddings: its pooling)
+            model = torch_side.wrap(model, str(model_dir), None)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
         raise ArtifactError(f"{directory}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None

@@ -14,12 +14,13 @@ spec to ``SPECS`` below, and add its torch side (model class, peft task type, lo
 from __future__ import annotations
 
 from core.tasks.base import LOWER_IS_BETTER, SPECS, Task, TaskSpec, is_better, postprocess, spec_for
+from core.tasks.embedding import EmbeddingSpec
 from core.tasks.generation import GenerationSpec
 from core.tasks.sequence import ClassificationSpec, MultiLabelSpec, RegressionSpec
 from core.tasks.token import TokenClassificationSpec
 
 SPECS.update({Task.CLASSIFICATION: ClassificationSpec(), Task.MULTILABEL: MultiLabelSpec(),
               Task.REGRESSION: RegressionSpec(), Task.TOKEN_CLASSIFICATION: TokenClassificationSpec(),
-              Task.GENERATION: GenerationSpec()})
+              Task.GENERATION: GenerationSpec(), Task.EMBEDDING: EmbeddingSpec()})
 
 __all__ = ["LOWER_IS_BETTER", "Task", "TaskSpec", "is_better", "postprocess", "spec_for"]

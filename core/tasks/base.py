@@ -26,6 +26,7 @@ class Task(str, Enum):
     REGRESSION = "regression"
     TOKEN_CLASSIFICATION = "token_classification"
     GENERATION = "generation"
+    EMBEDDING = "embedding"
 
     @property
     def spec(self) -> TaskSpec:
@@ -166,6 +167,8 @@ class TaskSpec(ABC):
     # What the model does, for the API docs' first line ({pair}: " (or pair of texts)" for pair models).
     does: ClassVar[str]
     route: ClassVar[str] = "/predict"  # the service route that runs the model
+    # Every route that runs the model (the others of its kind answer 404); the first is ``route``.
+    routes: ClassVar[tuple[str, ...]] = ("/predict",)
     # How to call the model, for the API docs.
     usage: ClassVar[str] = ("POST /predict to use it, POST /evaluate to score it on labelled examples, GET /metadata "
                             "for everything its artifact records.")
@@ -176,7 +179,10 @@ class TaskSpec(ABC):
     # Config options that only some tasks accept (data.label_delimiter, train.label_smoothing, train.threshold,
     # data.augment: word-level augmentation, for tasks whose labels are not aligned to the words).
     options: ClassVar[frozenset[str]] = frozenset()
-    writes: ClassVar[bool] = False  # a model that writes text (decoded token by token) rather than scores it
+    writes: ClassVar[bool]  # set by the two kinds below: ScoringSpec (False) and WritingSpec (True)
+    # The model's token states are pooled into one vector per text, as its sentence-transformers files say (the
+    # torch side wraps the transformer with that pooling; the exported graph includes it).
+    pools: ClassVar[bool] = False
 
     # -- labels ---------------------------------------------------------------------------------------
     def parse_example(self, text: Any, label: Any, options: dict | None = None) -> tuple[str, Any]:
@@ -240,6 +246,12 @@ class TaskSpec(ABC):
 
         return run_in_length_batches(forward, encoder, texts, pairs, batch_size=batch_size,
                                      return_tensors=return_tensors, progress=progress, by_length=by_length)
+
+    def judged_inputs(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any
+                      ) -> tuple[Sequence[str], Sequence[str] | None]:
+        """What the model reads to be judged on labelled examples (the export gate, ``/evaluate``): the texts and
+        their pairs; a family whose metrics need the model's view of the targets too says so here."""
+        return texts, pairs
 
     def flat(self, scores: Any) -> np.ndarray:
         """Scores as one 2-D array (for score differences between backends)."""
@@ -364,3 +376,20 @@ class TaskSpec(ABC):
         """How much worse ``metric`` got in a :meth:`compare` report (positive = worse)."""
         drop = -report["metric_delta"].get(metric, 0.0)
         return -drop if metric in LOWER_IS_BETTER else drop
+
+
+class ScoringSpec(TaskSpec, ABC):
+    """A model that scores text: one forward pass gives raw outputs (logits, vectors), post-processing makes them
+    scores, and scores become decisions (classification, multi-label, regression, tokens, embeddings). Served by
+    /predict (or its own routes), exported as one encoder graph."""
+
+    writes = False
+
+
+class WritingSpec(TaskSpec, ABC):
+    """A model that writes text: its outputs are texts decoded token by token, scored against reference texts
+    (generation). Served by /generate, exported as a decoder with its key/value cache."""
+
+    writes = True
+    route = "/generate"
+    routes = ("/generate",)

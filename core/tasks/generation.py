@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from core.metrics import Evaluation, generation_metrics
 from core.prompting import PromptFormat, render_prompt
-from core.tasks.base import LabelError, TaskSpec
+from core.tasks.base import LabelError, WritingSpec
 
 # Label of a position the loss ignores (the prompt, padding): PyTorch's cross-entropy default.
 IGNORE_INDEX = -100
@@ -116,6 +116,28 @@ def prompt_for(tokenizer: Any, fmt: PromptFormat, text: str, max_input_tokens: i
     return prompt_ids(tokenizer, fmt, render_prompt(fmt, tokenizer, text)), cut
 
 
+@dataclass(frozen=True)
+class Prompter:
+    """How a generation model's inputs become prompt token ids: its tokenizer, prompt format and input budget, read
+    from the manifest once (as :meth:`core.encoding.Encoder.from_manifest` is for scoring models) and carried to
+    every place that builds prompts: the trainer's evaluation, the export gate, the service and the command line."""
+
+    tokenizer: Any
+    fmt: PromptFormat
+    max_input_tokens: int
+
+    @classmethod
+    def from_manifest(cls, tokenizer: Any, manifest: Any) -> Prompter:
+        return cls(tokenizer, manifest.prompt, manifest.max_length)
+
+    def ids(self, text: str) -> list[int]:
+        """One input's prompt (the input cut to the budget first, as in training)."""
+        return prompt_for(self.tokenizer, self.fmt, text, self.max_input_tokens)[0]
+
+    def all(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.ids(text) for text in texts]
+
+
 def encode_example(tokenizer: Any, fmt: PromptFormat, text: str, target: str, *, max_input_tokens: int,
                    max_target_tokens: int, encoder_decoder: bool = False) -> EncodedExample:
     """The prompt of ``text`` and ``target`` followed by the end-of-sequence token, with loss labels on the target,
@@ -143,17 +165,15 @@ def retrieval_targets(train_inputs: Sequence[str], train_targets: Sequence[str],
     return [train_targets[i] for i in nearest]
 
 
-class GenerationSpec(TaskSpec):
+class GenerationSpec(WritingSpec):
 
     problem_type = "text_generation"
     does = "writes a text for each input"
-    route = "/generate"
     postprocess = "identity"
     default_metric = "rougeL"
     # Validation loss every evaluation (all examples, cheap); generation metrics on a bounded sample.
     early_stopping_metric = "loss"
     options = frozenset({"generation"})
-    writes = True
     metric_names = ("rougeL", "rouge1", "rouge2", "rougeLsum", "bleu", "chrf", "exact_match", "words",
                     "reference_words", "perplexity")
     has_labels = False

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from core.calibration import fit_thresholds
 from core.metrics import Evaluation, classification_metrics, multilabel_metrics, regression_metrics
-from core.tasks.base import LabelError, ModelRecord, Task, TaskSpec, rounded, scalar_class
+from core.tasks.base import LabelError, ModelRecord, Task, ScoringSpec, rounded, scalar_class
 
 # TF-IDF features of the bag-of-words baselines: word uni- and bigrams, sublinear counts.
 TFIDF = dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=200_000)
@@ -51,7 +51,7 @@ class RegressionPrediction(BaseModel):
     value: float = Field(description="The predicted value.")
 
 
-class ClassificationSpec(TaskSpec):
+class ClassificationSpec(ScoringSpec):
     """One class per text (or pair), from softmax probabilities."""
     does = "gives each text{pair} one of its labels, with the probability of each"
 
@@ -131,7 +131,7 @@ class ClassificationSpec(TaskSpec):
         return {"label_agreement": float(np.mean(np.argmax(reference, 1) == np.argmax(candidate, 1)))}
 
 
-class MultiLabelSpec(TaskSpec):
+class MultiLabelSpec(ScoringSpec):
     """Any number of labels per text: each label's sigmoid probability against the manifest's threshold."""
     does = "gives each text{pair} every label whose probability reaches {threshold}, with all the probabilities"
 
@@ -225,7 +225,7 @@ class MultiLabelSpec(TaskSpec):
                 "label_agreement_per_label": {n: float(v) for n, v in zip(manifest.labels, same.mean(axis=0))}}
 
 
-class RegressionSpec(TaskSpec):
+class RegressionSpec(ScoringSpec):
     """One value per text (or pair)."""
     does = "predicts a number ({label_field}) for each text{pair}"
 

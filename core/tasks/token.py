@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from core.calibration import Calibration
 from core.calibration import apply as calibrated
 from core.metrics import Evaluation, finished
-from core.tasks.base import LabelError, ModelRecord, Task, TaskSpec, postprocess, rounded
+from core.tasks.base import LabelError, ModelRecord, Task, ScoringSpec, postprocess, rounded
 
 if TYPE_CHECKING:
     from core.encoding import Encoder
@@ -233,7 +233,7 @@ def _ids(target: Any) -> np.ndarray:
     return np.asarray(target.tag_ids if isinstance(target, TaggedText) else target, dtype=np.int64)
 
 
-class TokenClassificationSpec(TaskSpec):
+class TokenClassificationSpec(ScoringSpec):
     """A tag per word; entities with character offsets out."""
     does = "finds the entities in each text, with their types and character offsets"
 

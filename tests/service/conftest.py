@@ -86,3 +86,15 @@ def serve(asgi_app, monkeypatch):
     yield start
     for client in clients:
         client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def embedding_artifact(tiny_model, tmp_path_factory) -> Path:
+    """An exported sentence-embedding model: queries and the documents they look for (tests/conftest.py)."""
+    from tests.conftest import make_pairs
+
+    directory = tmp_path_factory.mktemp("embedding")
+    for split, (n, seed) in {"train": (320, 1), "validation": (60, 2), "test": (60, 3)}.items():
+        write_jsonl(directory / f"{split}.jsonl", make_pairs(n, seed))
+    return _train_exported(tiny_model, directory, task="embedding", **{
+        "train": {"epochs": 4, "batch_size": 32, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 32}})

@@ -213,12 +213,11 @@ def test_evaluate_scores_generations_as_the_trainer_did(server, artifact):
     assert body["n"] == 8 and {"rougeL", "rouge1", "bleu", "chrf", "exact_match"} <= set(body["metrics"])
     assert body["training_metrics"]["rougeL"] == manifest.metrics["test"]["rougeL"]
     # The served backend is the quantised decoder the gate kept: its own greedy generations, scored in process.
-    from core.tasks.generation import prompt_for
     from service.backends import choose_backend
 
     assert body["backend"] == "onnx-int8"
     backend = choose_backend(artifact, manifest, backend="onnx-int8", device="cpu", threads=1, batch_size=8)
-    prompts = [prompt_for(backend.tokenizer, manifest.prompt, e["input"], manifest.max_length)[0] for e in examples]
+    prompts = backend.prompter.all([e["input"] for e in examples])
     generations = backend.generate(prompts, max_new_tokens=DEFAULT_NEW_TOKENS)
     expected = manifest.task.spec.evaluate([e["reference"] for e in examples], generations).metrics
     assert body["metrics"]["rougeL"] == pytest.approx(expected["rougeL"], abs=1e-9)
@@ -242,15 +241,14 @@ def test_a_tampered_selftest_text_keeps_the_service_from_starting(artifact, tmp_
 # ---- in-process ---------------------------------------------------------------------------------------------
 
 def test_concurrent_requests_share_a_batch_and_keep_their_answers(artifact):
-    from core.tasks.generation import GeneratedText, prompt_for
+    from core.tasks.generation import GeneratedText
     from service.backends import choose_backend
     from service.generation import Decoding, GenerationBatcher
     from service.selftest import run_generation_selftest
 
     manifest = read_manifest(artifact)
     backend = choose_backend(artifact, manifest, backend="onnx", device="cpu", threads=1, batch_size=8)
-    prompts = [prompt_for(backend.tokenizer, manifest.prompt, s.text, manifest.max_length)[0]
-               for s in manifest.export.selftest]
+    prompts = backend.prompter.all([s.text for s in manifest.export.selftest])
     batcher = GenerationBatcher(backend, max_batch_size=4)
     greedy, sampled = Decoding(DEFAULT_NEW_TOKENS), Decoding(32, temperature=1.5, top_p=0.9)
 

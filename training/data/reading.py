@@ -427,7 +427,7 @@ def load_split(
         columns, resolved = read_table(source, where)
     spec = task.spec
     system = None
-    if "generation" in spec.options and cfg.label not in columns and _holds_lists(columns.get(cfg.text)):
+    if spec.writes and cfg.label not in columns and _holds_lists(columns.get(cfg.text)):
         columns, system = _conversations(columns, cfg.text, cfg.label, f"{where} ({resolved})")
     options = {"label_delimiter": cfg.label_delimiter, "tag_scheme": cfg.tag_scheme, "repair_tags": cfg.repair_tags}
     wanted = [cfg.text, cfg.label] + ([cfg.text_pair] if cfg.text_pair else [])

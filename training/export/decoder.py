@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from core.tasks.generation import GeneratedText
+from core.tasks.generation import GeneratedText, Prompter
 from training.export.base import OPSET, ExportError, HeldOut, library_noise_to_log, variant
 
 logger = logging.getLogger(__name__)
@@ -272,8 +272,7 @@ def _torch_only_section(model_dir: Path, manifest, texts: list[str], greedy: dic
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = auto_model_class(manifest.task, model_task(manifest.task, str(model_dir))).from_pretrained(model_dir)
-    answers = generate(model.eval(), tokenizer, manifest.prompt, texts[:SELFTEST_EXAMPLES], greedy,
-                       max_input_tokens=manifest.max_length)
+    answers = generate(model.eval(), Prompter.from_manifest(tokenizer, manifest), texts[:SELFTEST_EXAMPLES], greedy)
     logger.info("not exported to ONNX: %s", NOT_EXPORTED_ENCODER_DECODER)
     return {"backend": "torch", "reason": NOT_EXPORTED_ENCODER_DECODER, "variants": [],
             "int8": {"requested": "off", "kept": False, "reason": NOT_EXPORTED_ENCODER_DECODER},
@@ -300,7 +299,6 @@ def export_decoder_artifact(artifact_dir: Path, manifest, held_out: HeldOut, tmp
 
     from core.decoding import OnnxDecoder
     from core.manifest import MODEL_DIR
-    from core.tasks.generation import prompt_for
     from training.recipe.generation_eval import generate
     from training.recipe.torch_tasks import is_encoder_decoder
 
@@ -313,8 +311,9 @@ def export_decoder_artifact(artifact_dir: Path, manifest, held_out: HeldOut, tmp
     model = AutoModelForCausalLM.from_pretrained(artifact_dir / MODEL_DIR, attn_implementation=ATTENTION).eval()
     count = min(GATE_EXAMPLES, len(held_out.texts))
     texts, references = held_out.texts[:count], list(held_out.targets[:count])
-    reference = generate(model, tokenizer, manifest.prompt, texts, greedy, max_input_tokens=manifest.max_length)
-    prompts = [prompt_for(tokenizer, manifest.prompt, t, manifest.max_length)[0] for t in texts]
+    prompter = Prompter.from_manifest(tokenizer, manifest)
+    reference = generate(model, prompter, texts, greedy)
+    prompts = prompter.all(texts)
 
     def judge(path: Path) -> tuple[dict, list]:
         decoder = OnnxDecoder(path, tokenizer, tokenizer.eos_token_id)

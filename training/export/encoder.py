@@ -69,6 +69,8 @@ def _gate(manifest: Manifest, report: dict, min_agreement: float, max_drop: floa
     drop = manifest.task.spec.metric_drop(primary, report)
     if "label_agreement" in report and report["label_agreement"] < min_agreement:
         return f"label agreement {report['label_agreement']:.4f} < {min_agreement}"
+    if "cosine_min" in report and report["cosine_min"] < min_agreement:  # embeddings: each vector's direction
+        return f"cosine to PyTorch's vectors down to {report['cosine_min']:.4f} (< {min_agreement})"
     if drop > max_drop:
         return f"{primary} drops by {drop:.4f} (> {max_drop})"
     return None
@@ -80,6 +82,8 @@ class _Judge:
     def __init__(self, manifest: Manifest, encoder: Encoder, held_out: HeldOut, reference: np.ndarray):
         self.manifest, self.encoder, self.held_out = manifest, encoder, held_out
         self.spec = manifest.task.spec
+        # what the model reads to be judged (sentence embeddings: the positives too)
+        self.texts, self.pairs = self.spec.judged_inputs(held_out.texts, held_out.pairs, held_out.targets)
         self.scores = self.spec.scores(reference, manifest.calibration)
         self.pooled = np.random.default_rng(0).permutation(len(held_out.texts))
         self.alone = np.arange(min(ALONE_EXAMPLES, len(held_out.texts)))
@@ -89,7 +93,7 @@ class _Judge:
     def run(self, path: Path, rows: np.ndarray | None = None, **arrangement):
         """The candidate's calibrated scores on the held-out examples (``rows``: some of them)."""
         check_external_data(path)
-        texts, pairs = self.held_out.texts, self.held_out.pairs
+        texts, pairs = self.texts, self.pairs
         if rows is not None:
             texts = [texts[i] for i in rows]
             pairs = [pairs[i] for i in rows] if pairs else None
@@ -165,7 +169,8 @@ def export_encoder(artifact_dir: Path, manifest: Manifest, held_out: HeldOut, tm
     from training.inference import load_artifact, predict_logits
 
     loaded = load_artifact(artifact_dir)
-    reference = predict_logits(loaded, held_out.texts, held_out.pairs, batch_size=64)
+    texts, pairs = manifest.task.spec.judged_inputs(held_out.texts, held_out.pairs, held_out.targets)
+    reference = predict_logits(loaded, texts, pairs, batch_size=64)
     graph = _write_fp32(artifact_dir, loaded.encoder, manifest, tmp)
     judge = _Judge(manifest, loaded.encoder, held_out, reference)
     parity = {"onnx": judge.compare(tmp / FP32_FILE)}
@@ -198,10 +203,14 @@ def _write_fp32(artifact_dir: Path, encoder: Encoder, manifest: Manifest, tmp: P
     """The checked, graph-optimised fp32 file in ``tmp``; returns what the optimizer did."""
     import onnx.checker
 
-    from training.recipe.torch_tasks import auto_model_class
+    from training.recipe.torch_tasks import auto_model_class, torch_task
 
     # Eager attention exports as plain MatMul/Softmax, which the optimizer can fuse into Attention.
-    eager = auto_model_class(manifest.task).from_pretrained(artifact_dir / MODEL_DIR, attn_implementation="eager").eval()
+    eager = auto_model_class(manifest.task).from_pretrained(artifact_dir / MODEL_DIR, attn_implementation="eager")
+    wrap = torch_task(manifest.task).wrap
+    if wrap:  # what the task adds around the transformer is part of the graph (sentence embeddings: pooling)
+        eager = wrap(eager, str(artifact_dir / MODEL_DIR), None)
+    eager = eager.eval()
     raw = tmp / "model.raw.onnx"
     _export_fp32(eager, encoder, manifest, raw)
     onnx.checker.check_model(str(raw))

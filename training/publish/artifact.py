@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
+from core.tasks.embedding import pooling_files
 from core.verdict import compare_with_baselines
 from training.publish.card import adapter_readme, base_model_name, write_card
 from training.files import swap_into_place
@@ -73,12 +74,17 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
     if cfg.method in PEFT_METHODS:
         model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)  # the adapter alone, before merging
         built.tokenizer.save_pretrained(tmp / ADAPTER_DIR)
-    plain, tokenizer = merged_model(model, built.tokenizer)
+    wrapper = model if built.torch_task.wrap else None  # what the task adds around the transformer (pooling)
+    plain, tokenizer = merged_model(wrapper.encoder if wrapper else model, built.tokenizer)
     plain.config.name_or_path = cfg.run_name
     if cfg.task.spec.writes:  # the decoding evaluation used is the saved model's default
         for key, value in cfg.generation.decoding().items():
             setattr(plain.generation_config, key, value)
     save_tokenizer_and_model(plain, tokenizer, tmp / MODEL_DIR)
+    if wrapper is not None:  # sentence-transformers' own files: its pooling, read back by every loader
+        for relative, content in pooling_files(wrapper.pooling, plain.config.hidden_size).items():
+            (tmp / MODEL_DIR / relative).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / MODEL_DIR / relative).write_text(json.dumps(content, indent=2) + "\n")
 
     manifest = build_manifest(cfg, built, data, result, training)
     write_manifest(manifest, tmp)
@@ -154,6 +160,8 @@ def write_report(cfg, data, result, training: dict, report: Path) -> None:
         "generation": lambda: plot_against_baselines(result.metrics["test"], result.baselines,
                                                      ("rougeL", "rouge1", "rouge2", "bleu", "chrf"),
                                                      report / "metrics_vs_baselines.png"),
+        "retrieval": lambda: plot_against_baselines(result.metrics["test"], result.baselines, cfg.task.spec.metric_names,
+                                                    report / "metrics_vs_baselines.png"),
     }
     plots[cfg.task.spec.plot]()
     calibration = result.decisions.calibration

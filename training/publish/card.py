@@ -321,7 +321,7 @@ tuneserve predict path/to/this/directory {_shell_quote(text)}
 
 def usage_section(manifest: Manifest) -> str:
     """How to call the model: over HTTP once served, and from the command line."""
-    if "generation" in manifest.task.spec.options:
+    if manifest.task.spec.writes:
         return _generation_usage(manifest)
     text, pair, prediction = _example(manifest)
     body: dict[str, Any] = {"texts": [text]}

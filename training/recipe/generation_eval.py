@@ -18,8 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.metrics import Evaluation
-from core.prompting import PromptFormat
-from core.tasks.generation import GeneratedText, layout, prompt_for
+from core.tasks.generation import GeneratedText, Prompter, layout
 from training.recipe.torch_tasks import IGNORE_INDEX
 
 
@@ -76,19 +75,20 @@ def token_loss(model, dataloader, accelerator, desc: str, *, shift: bool = True)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: PromptFormat, texts: Sequence[str], decoding: dict, *, max_input_tokens: int,
-             batch_size: int = 8, seed: int = 0, desc: str = "generate") -> list[GeneratedText]:
+def generate(model, prompter: Prompter, texts: Sequence[str], decoding: dict, *, batch_size: int = 8, seed: int = 0,
+             desc: str = "generate") -> list[GeneratedText]:
     """Write an answer to each input: prompts rendered as in training, batches padded as the model reads them,
     ``decoding`` as transformers' ``generate`` takes it; only the new text is returned (for an encoder-decoder
-    model, what its decoder wrote). Inputs over ``max_input_tokens`` are cut as in training."""
+    model, what its decoder wrote). Inputs over the prompter's budget are cut as in training."""
     was_training = model.training
     model.eval()
+    tokenizer = prompter.tokenizer
     eos = tokenizer.eos_token_id
     lay = layout(bool(getattr(model.config, "is_encoder_decoder", False)))
     outputs: list[GeneratedText] = []
     torch.manual_seed(seed)  # sampling, when configured, is seeded
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
-        ids = [prompt_for(tokenizer, prompt, text, max_input_tokens)[0] for text in texts[start:start + batch_size]]
+        ids = prompter.all(texts[start:start + batch_size])
         padded, mask = lay.pad_prompts(ids, tokenizer.pad_token_id)
         out = model.generate(input_ids=torch.tensor(padded, device=model.device),
                              attention_mask=torch.tensor(mask, device=model.device),

@@ -33,7 +33,7 @@ from core.errors import DataError, TrainingError
 from core.metrics import Evaluation
 from core.prompting import PromptFormat
 from core.tasks import is_better
-from core.tasks.generation import GeneratedText
+from core.tasks.generation import GeneratedText, Prompter
 from training.recipe.batching import Collator, LengthGroupedBatchSampler, encode_split, without_content
 from training.recipe.checkpoint import CHECKPOINTS, LoopState, latest_checkpoint, read_state, save_checkpoint
 from training.config import Config
@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 BEST_WEIGHTS = "best.safetensors"
 BASE_ANSWERS = "base_answers.json"  # generation: the base model's test answers, written before training
+BASE_METRICS = "base_metrics.json"  # embedding: the base model's test metrics, measured before training
 
 
 @dataclass
@@ -83,7 +84,8 @@ class Trained:
 def make_loss(cfg: Config, torch_side: TorchTask, targets: np.ndarray, num_outputs: int):
     """The task's loss for this model (``torch_side``: :func:`training.recipe.torch_tasks.model_task`), with class weights
     (single-label) or pos_weight (multi-label) from training frequencies."""
-    return torch_side.make_loss(targets, num_outputs, cfg.train.class_weights, cfg.train.label_smoothing)
+    return torch_side.make_loss(targets, num_outputs, cfg.train.class_weights, cfg.train.label_smoothing,
+                                **cfg.loss_options)
 
 
 def make_scheduler(name: str, optimizer, warmup: int, total: int):
@@ -175,11 +177,12 @@ class Loop:
     on_evaluation: Callable[[int, dict[str, float]], None] | None = None
     best_outputs: dict = field(default_factory=dict)  # step -> the best evaluation's validation targets and logits
     base_answers: list = field(default_factory=list)
+    base_metrics: dict | None = None
     started: float = field(default_factory=time.time)
 
     @property
     def generates(self) -> bool:
-        return self.built.torch_task.generates
+        return self.cfg.task.spec.writes
 
     @property
     def main(self) -> bool:
@@ -214,6 +217,8 @@ def fine_tune(cfg: Config, *, resume: bool = False, overwrite: bool = False, lab
     prepare(loop, resume)
     if loop.generates and publish:
         loop.base_answers = base_model_answers(loop, resume)
+    if loop.built.torch_task.scores_base_model and publish:
+        loop.base_metrics = base_model_metrics(loop, resume)
     run_epochs(loop)
     validation = restore_best(loop)
     if not publish:  # a search's trial: judged on the monitored validation metric, the test split never touched
@@ -267,7 +272,7 @@ def encode_data(cfg: Config, accelerator: Accelerator, data, built) -> tuple[dic
     encoder = Encoder(tokenizer, tc.max_length, tc.stride)
     options = cfg.task_training_options
     prompt = None
-    if "generation" in cfg.task.spec.options:  # the prompt format the artifact records and the service reuses
+    if cfg.task.spec.writes:  # the prompt format the artifact records and the service reuses
         prompt = cfg.generation.prompt_format(tokenizer, data.system)
         options["prompt"] = prompt
         options["encoder_decoder"] = built.torch_task.encoder_decoder  # which ids go where (core Layout)
@@ -339,9 +344,9 @@ def written(loop: Loop, name: str, split_model) -> tuple[list, list]:
     cfg, tc = loop.cfg, loop.cfg.train
     split = loop.data.validation if name == "validation" else loop.data.test
     count = min(cfg.generation.eval_examples, len(split))
-    texts = generate(split_model, loop.built.tokenizer, loop.prompt, split.texts[:count], cfg.generation.decoding(),
-                     max_input_tokens=tc.max_length, batch_size=min(tc.eval_batch_size, 16), seed=tc.seed,
-                     desc=f"{name}: generate")
+    prompter = Prompter(loop.built.tokenizer, loop.prompt, tc.max_length)  # the artifact records the same three
+    texts = generate(split_model, prompter, split.texts[:count], cfg.generation.decoding(),
+                     batch_size=min(tc.eval_batch_size, 16), seed=tc.seed, desc=f"{name}: generate")
     return list(split.targets[:count]), texts
 
 
@@ -366,6 +371,18 @@ def base_model_answers(loop: Loop, resume: bool) -> list:
     if loop.main:
         stored.write_text(json.dumps([vars(a) for a in answers]))
     return answers
+
+
+def base_model_metrics(loop: Loop, resume: bool) -> dict[str, float]:
+    """The base model's test metrics before any training (sentence embeddings: zero-shot retrieval, the baseline
+    that matters most); kept beside the checkpoints so that a resumed run reuses them."""
+    stored = loop.output_dir / BASE_METRICS
+    if resume and stored.is_file():
+        return json.loads(stored.read_text())
+    metrics = {k: v for k, v in evaluate(loop, "test")[0].metrics.items() if k != "loss"}
+    if loop.main:
+        stored.write_text(json.dumps(metrics))
+    return metrics
 
 
 def validate(loop: Loop) -> bool:
@@ -519,6 +536,8 @@ def score_test(loop: Loop, validation: dict[str, float]) -> RunResult:
                        test_logits=None if loop.generates else test_outputs)
     if loop.main:
         result.baselines = baselines(loop, len(test_targets))
+        if loop.base_metrics is not None:
+            result.baselines = {"base_model": loop.base_metrics, **result.baselines}
         if loop.generates:
             result.baselines = {"base_model": spec.evaluate(test_targets, loop.base_answers).metrics,
                                 **result.baselines}

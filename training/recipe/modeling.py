@@ -420,7 +420,8 @@ def build_model(cfg: Config, labels: list[str] | None, path: str | None = None) 
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model: cannot load {cfg.model!r} ({str(exc).splitlines()[0][:300]})") from None
-    heads = _head_modules(model, set(info.get("missing_keys", ())))
+    # A model the task wraps (sentence embeddings: pooling) has no head; BERT's pooler feeds nothing there.
+    heads = [] if torch_side.wrap else _head_modules(model, set(info.get("missing_keys", ())))
     total = sum(p.numel() for p in model.parameters())
     target_modules = None
 
@@ -443,6 +444,8 @@ def build_model(cfg: Config, labels: list[str] | None, path: str | None = None) 
                 match = _LAYER_INDEX.search(name)
                 frozen = "embeddings" in name or (match is not None and int(match.group(1)) < cfg.freeze.layers)
                 param.requires_grad = not frozen
+    if torch_side.wrap:
+        model = torch_side.wrap(model, path, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("model: %s, method %s, %s of %s parameters trainable (%.2f%%)", cfg.model, cfg.method,
                 f"{trainable:,}", f"{total:,}", 100 * trainable / total)

@@ -32,10 +32,13 @@ class TorchTask:
     # (targets of the training split, number of outputs, class_weights, label_smoothing) -> loss function
     make_loss: Callable[[np.ndarray, int, str, float], LossFn]
     pads_targets: bool = False  # one target per token, padded with IGNORE_INDEX (else one per example)
-    generates: bool = False  # evaluated by loss over every example and by generated text (training/recipe/generation_eval.py)
     shifts_labels: bool = False  # position t's logits predict label t + 1 (a causal LM reading its own labels)
     encoder_decoder: bool = False  # the inputs go to an encoder, the labels (shifted right) to a decoder
     auto_model: str | None = None  # the transformers Auto class; None: the one the task spec names
+    # (model, its directory, config) -> the module that trains: the model with what the task adds around it (None: the
+    # model itself)
+    wrap: Callable[[Any, str, Any], Any] | None = None
+    scores_base_model: bool = False  # the base model's own test metrics are a baseline (scored before training)
 
     def collect(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
         """Gathered evaluation batches of ``(logits, targets)`` as ``(loss logits, loss targets, targets,
@@ -142,16 +145,30 @@ def _seq2seq_lm_loss(targets: Any, num_outputs: int, class_weights: str, smoothi
     return loss
 
 
+def _sentence_embedder(model, path: str, cfg):
+    from training.recipe.sentence_embedder import sentence_embedder
+
+    return sentence_embedder(model, path, cfg)
+
+
+def _ranking_loss(targets: Any, num_outputs: int, class_weights: str, smoothing: float, scale: float = 20.0) -> LossFn:
+    from training.recipe.sentence_embedder import ranking_loss
+
+    return ranking_loss(scale)
+
+
 TORCH_TASKS: dict[Task, TorchTask] = {
     Task.CLASSIFICATION: TorchTask("SEQ_CLS", torch.long, _single_label_loss),
     Task.MULTILABEL: TorchTask("SEQ_CLS", torch.float32, _multi_label_loss),
     Task.REGRESSION: TorchTask("SEQ_CLS", torch.float32, _regression_loss),
     Task.TOKEN_CLASSIFICATION: TorchTask("TOKEN_CLS", torch.long, _token_loss, pads_targets=True),
-    Task.GENERATION: TorchTask("CAUSAL_LM", torch.long, _causal_lm_loss, pads_targets=True, generates=True,
+    Task.GENERATION: TorchTask("CAUSAL_LM", torch.long, _causal_lm_loss, pads_targets=True,
                                shifts_labels=True),
+    Task.EMBEDDING: TorchTask("FEATURE_EXTRACTION", torch.long, _ranking_loss, wrap=_sentence_embedder,
+                              scores_base_model=True),
 }
 ENCODER_DECODER_TASKS: dict[Task, TorchTask] = {
-    Task.GENERATION: TorchTask("SEQ_2_SEQ_LM", torch.long, _seq2seq_lm_loss, pads_targets=True, generates=True,
+    Task.GENERATION: TorchTask("SEQ_2_SEQ_LM", torch.long, _seq2seq_lm_loss, pads_targets=True,
                                encoder_decoder=True, auto_model=ENCODER_DECODER.auto_model),
 }
 
