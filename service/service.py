@@ -28,20 +28,8 @@ from starlette.routing import Route
 from core.errors import ArtifactError
 from core.manifest import Manifest, read_manifest
 from service.backends import choose_backend
-from service.batcher import MicroBatcher
 from service.docs import About, api_document, docs_routes
-from service.generation import (
-    MAX_STOP_CHARS,
-    MAX_STOPS,
-    Decoding,
-    EventStream,
-    GenerationBatcher,
-    decoding_options,
-    default_max_new_tokens,
-    max_new_tokens_cap,
-    prompt_token_ids,
-    stream_events,
-)
+from service.generation import MAX_STOP_CHARS, MAX_STOPS, EventStream, decoding_options, prompt_token_ids, stream_events
 from service.logs import quiet_client_errors
 from service.middleware import (
     BearerAuthMiddleware,
@@ -59,8 +47,9 @@ from service.requests import (
 )
 from service.schemas import (EmbedResponse, EvaluateResponse, Example, GenerateResponse, Message, PredictResponse,
                              RankedText, RankResponse)
-from service.selftest import run_generation_selftest, run_selftest
+from service.scorer import NonFiniteOutputs, Scorer
 from service.settings import load_settings
+from service.writer import Writer
 
 logger = logging.getLogger("bentoml.tuneserve")  # under bentoml's logger, so `bentoml serve` shows it
 SETTINGS = load_settings()
@@ -130,23 +119,23 @@ class Tuneserve:
             self.manifest = read_manifest(directory)
             self.model_tag = str(stored.tag)
         self.spec = self.manifest.task.spec
-        self.generates = self.spec.writes
         self.backend = choose_backend(directory, self.manifest, backend=self.settings.backend,
                                       device=self.settings.device, threads=self.settings.threads,
                                       batch_size=self.settings.forward_batch_size)
-        half_precision = getattr(self.backend, "half_precision", False)
-        if self.generates:
-            self.selftest = run_generation_selftest(self.backend, self.manifest, half_precision=half_precision)
-            self.batcher = GenerationBatcher(self.backend, self.settings.max_batch_size)
-            measured = f"{self.selftest['identical']} of {self.selftest['texts']} texts identical to PyTorch's"
-        else:
-            self.selftest = run_selftest(self.backend, self.manifest, half_precision=half_precision)
-            self.batcher = MicroBatcher(self.backend.logits, self.settings.max_batch_size)
-            measured = f"max diff {self.selftest['max_abs_diff']:.2g}"
+        # The one place the service asks what kind of model it serves: a writer or a scorer (service/writer.py,
+        # service/scorer.py), each with its self-test and its pooled passes; the routes below ask the spec's routes.
+        self.model: Scorer | Writer = (Writer if self.spec.writes else Scorer)(self.backend, self.manifest,
+                                                                                 self.settings)
+        self.selftest = self.model.selftest
         self.startup_seconds = time.perf_counter() - started
         logger.info("serving %s (%s) with backend %s; self-test passed on %d examples (%s) in %.2f s",
                     self.model_tag, self.manifest.task.value, self.backend.name, self.selftest["examples"],
-                    measured, self.startup_seconds)
+                    self.model.measured, self.startup_seconds)
+
+    @property
+    def batcher(self):
+        """The model's pooled passes (their sizes are what load tests read)."""
+        return self.model.batcher
 
     def __is_ready__(self) -> bool:
         # The constructor raises unless the self-test passed, so an instance is a ready service.
@@ -171,8 +160,9 @@ class Tuneserve:
                 check_texts("text_pairs", text_pairs, self.settings, limit=self.settings.max_texts)
         except RequestError as exc:
             return _bad_request(exc)
-        scores = self.spec.scores(await self.batcher(texts, text_pairs), self.manifest.calibration)
-        if not np.all(np.isfinite(self.spec.flat(scores))):
+        try:
+            scores = await self.model.scores(texts, text_pairs)
+        except NonFiniteOutputs:
             return _not_finite()
         return PredictResponse(predictions=self.spec.shape(self.manifest, scores, top_k=top_k), model=self.model_tag,
                                backend=self.backend.name)
@@ -188,23 +178,12 @@ class Tuneserve:
             texts, pairs, targets = examples_to_inputs(self.manifest, examples, self.settings)
         except RequestError as exc:
             return _bad_request(exc)
-        if self.generates:
-            return await self._evaluate_generation(texts, targets)
-        texts, pairs = self.spec.judged_inputs(texts, pairs, targets)  # an embedding model ranks the positives too
-        scores = self.spec.scores(await self.batcher(texts, pairs), self.manifest.calibration)
-        if not np.all(np.isfinite(self.spec.flat(scores))):
+        try:
+            evaluation = await self.model.evaluate(texts, pairs, targets)
+        except NonFiniteOutputs:
             return _not_finite()
-        evaluation = self.spec.evaluate(targets, scores, self.manifest.labels, threshold=self.manifest.decision_threshold)
         return EvaluateResponse(**evaluation_body(self.manifest, evaluation), model=self.model_tag,
                                 backend=self.backend.name)
-
-    async def _evaluate_generation(self, texts: list[str], targets) -> EvaluateResponse:
-        # Greedy decoding with the model's max_new_tokens: how the trainer scored its test split.
-        m = self.manifest
-        prompts = await anyio.to_thread.run_sync(self.backend.prompter.all, texts)
-        generations = await self.batcher(prompts, Decoding(default_max_new_tokens(m)))
-        evaluation = self.spec.evaluate(targets, generations)
-        return EvaluateResponse(**evaluation_body(m, evaluation), model=self.model_tag, backend=self.backend.name)
 
     @bentoml.api
     async def generate(
@@ -237,9 +216,9 @@ class Tuneserve:
                                                       "then [DONE]."),
     ) -> GenerateResponse:
         """Write text for each prompt (generation models only)."""
-        if not self.generates:
+        if "/generate" not in self.spec.routes:
             return _not_for_this_model(f"/generate: {self.manifest.name} is a {self.manifest.task.value} model, which "
-                                       "does not write text: POST /predict")
+                                       f"does not write text: {self.spec.usage}")
         try:
             if prompts is not None:
                 check_texts("prompts", prompts, self.settings, limit=self.settings.max_texts)
@@ -257,7 +236,7 @@ class Tuneserve:
             return _bad_request(exc)
         if stream:
             return EventStream(stream_events(self.backend.stream(ids[0], seed=seed, **decoding.kwargs())))
-        generations = await self.batcher(ids, decoding, seed)
+        generations = await self.model.generate(ids, decoding, seed)
         return GenerateResponse(generations=self.spec.shape(self.manifest, generations), model=self.model_tag,
                                 backend=self.backend.name)
 
@@ -274,15 +253,15 @@ class Tuneserve:
                                        f"does not embed text: {self.spec.usage}")
         try:
             check_texts("texts", texts, self.settings, limit=self.settings.max_texts)
-            vectors = await self._vectors(texts)
+            vectors = await self.model.scores(texts)
             if dimensions is not None and dimensions > vectors.shape[1]:
                 raise RequestError(f"dimensions: {dimensions} is more than the model's {vectors.shape[1]}")
         except RequestError as exc:
             return _bad_request(exc)
+        except NonFiniteOutputs:
+            return _not_finite()
         if dimensions is not None:
             vectors = self.spec.scores(vectors[:, :dimensions])
-        if not np.all(np.isfinite(vectors)):
-            return _not_finite()
         return EmbedResponse(embeddings=vectors.tolist(), dimensions=vectors.shape[1], model=self.model_tag,
                              backend=self.backend.name)
 
@@ -303,17 +282,14 @@ class Tuneserve:
             check_texts("candidates", candidates, self.settings, limit=self.settings.max_texts)
         except RequestError as exc:
             return _bad_request(exc)
-        vectors = await self._vectors([query, *candidates])
-        if not np.all(np.isfinite(vectors)):
+        try:
+            vectors = await self.model.scores([query, *candidates])
+        except NonFiniteOutputs:
             return _not_finite()
         similarity = vectors[1:] @ vectors[0]
         order = np.argsort(-similarity, kind="stable")[:top_k]
         return RankResponse(results=[RankedText(index=int(i), score=float(similarity[i]), text=candidates[i])
                                      for i in order], model=self.model_tag, backend=self.backend.name)
-
-    async def _vectors(self, texts: list[str]) -> np.ndarray:
-        """Unit vectors of texts, pooled with whatever else is queued."""
-        return self.spec.scores(await self.batcher(texts, None))
 
     def metadata(self) -> dict:
         m = self.manifest
@@ -330,16 +306,9 @@ class Tuneserve:
             "versions": {"trained_with": m.provenance.packages, "serving": _serving_versions()},
             "limits": {"max_texts": self.settings.max_texts, "max_chars": self.settings.max_chars,
                        "max_examples": self.settings.max_examples, "max_body_bytes": self.settings.max_body_bytes,
-                       **({"max_new_tokens": max_new_tokens_cap(m, self.settings)} if self.generates else {})},
-            "generation": self._generation_metadata() if self.generates else None,
+                       **self.model.limits()},
+            "generation": self.model.metadata(),
         }
-
-    def _generation_metadata(self) -> dict:
-        m = self.manifest
-        return {"prompt": m.prompt.model_dump(mode="json"), "decoding": m.decoding,
-                "max_new_tokens": default_max_new_tokens(m),
-                "chat_template": bool(getattr(self.backend.tokenizer, "chat_template", None)),
-                "max_positions": self.backend.max_positions, "examples": m.examples}
 
     def about(self) -> About:
         """What the API documents (/docs.json and the page at /) say about the model served."""

@@ -1,0 +1,58 @@
+"""A model that scores text, behind the service's routes: its start-up self-test, concurrent requests pooled into
+shared forward passes, and the scores /predict, /embed, /rank and /evaluate answer with (the HTTP side stays in
+service/service.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from core.manifest import Manifest
+from core.metrics import Evaluation
+from service.batcher import MicroBatcher
+from service.selftest import run_selftest
+from service.settings import Settings
+
+
+class NonFiniteOutputs(ArithmeticError):
+    """The model gave NaN or infinite outputs: a broken model, not a bad request."""
+
+
+class Scorer:
+    """A scoring backend checked at start-up (the constructor raises unless the self-test passes) and pooled."""
+
+    def __init__(self, backend: Any, manifest: Manifest, settings: Settings):
+        self.manifest, self.spec = manifest, manifest.task.spec
+        self.selftest = run_selftest(backend, manifest, half_precision=getattr(backend, "half_precision", False))
+        self.batcher = MicroBatcher(backend.logits, settings.max_batch_size)
+
+    @property
+    def measured(self) -> str:
+        """What the self-test measured, for the start-up log line."""
+        return f"max diff {self.selftest['max_abs_diff']:.2g}"
+
+    async def scores(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Any:
+        """Post-processed scores of texts (and their pairs), computed with whatever else is queued.
+
+        Raises:
+            NonFiniteOutputs: the model's outputs are not all finite.
+        """
+        scores = self.spec.scores(await self.batcher(texts, pairs), self.manifest.calibration)
+        if not np.all(np.isfinite(self.spec.flat(scores))):
+            raise NonFiniteOutputs(f"{self.manifest.name} gave non-finite outputs")
+        return scores
+
+    async def evaluate(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any) -> Evaluation:
+        """The task's metrics on labelled examples, with the trainer's code (an embedding model ranks the
+        positives too: :meth:`core.tasks.base.TaskSpec.judged_inputs`)."""
+        texts, pairs = self.spec.judged_inputs(texts, pairs, targets)
+        scores = await self.scores(texts, pairs)
+        return self.spec.evaluate(targets, scores, self.manifest.labels, threshold=self.manifest.decision_threshold)
+
+    def limits(self) -> dict:
+        return {}
+
+    def metadata(self) -> dict | None:
+        return None

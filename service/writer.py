@@ -1,0 +1,51 @@
+"""A model that writes text, behind the service's routes: its start-up self-test, prompts decoded in pooled passes,
+and the generations /generate and /evaluate answer with (the HTTP side stays in service/service.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio.to_thread
+
+from core.manifest import Manifest
+from core.metrics import Evaluation
+from core.tasks.generation import GeneratedText
+from service.generation import Decoding, GenerationBatcher, default_max_new_tokens, max_new_tokens_cap
+from service.selftest import run_generation_selftest
+from service.settings import Settings
+
+
+class Writer:
+    """A generation backend checked at start-up (the constructor raises unless the self-test passes) and pooled."""
+
+    def __init__(self, backend: Any, manifest: Manifest, settings: Settings):
+        self.backend, self.manifest, self.spec, self.settings = backend, manifest, manifest.task.spec, settings
+        self.selftest = run_generation_selftest(backend, manifest,
+                                                half_precision=getattr(backend, "half_precision", False))
+        self.batcher = GenerationBatcher(backend, settings.max_batch_size)
+
+    @property
+    def measured(self) -> str:
+        """What the self-test measured, for the start-up log line."""
+        return f"{self.selftest['identical']} of {self.selftest['texts']} texts identical to PyTorch's"
+
+    async def generate(self, ids: list[list[int]], decoding: Decoding, seed: int | None = None) -> list[GeneratedText]:
+        """The texts written for prompt token ids, decoded with whatever else is queued."""
+        return await self.batcher(ids, decoding, seed)
+
+    async def evaluate(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any) -> Evaluation:
+        """Greedy decoding with the model's max_new_tokens: how the trainer scored its test split."""
+        prompts = await anyio.to_thread.run_sync(self.backend.prompter.all, texts)
+        generations = await self.batcher(prompts, Decoding(default_max_new_tokens(self.manifest)))
+        return self.spec.evaluate(targets, generations)
+
+    def limits(self) -> dict:
+        return {"max_new_tokens": max_new_tokens_cap(self.manifest, self.settings)}
+
+    def metadata(self) -> dict:
+        m, backend = self.manifest, self.backend
+        return {"prompt": m.prompt.model_dump(mode="json"), "decoding": m.decoding,
+                "max_new_tokens": default_max_new_tokens(m),
+                "chat_template": bool(getattr(backend.tokenizer, "chat_template", None)),
+                "max_positions": backend.max_positions, "examples": m.examples}
