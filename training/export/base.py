@@ -65,24 +65,6 @@ class HeldOut:
 def held_out_from_config(manifest: Manifest, artifact_dir: Path) -> HeldOut:
     """Reload the run's validation split (test when validation is empty) exactly as training carved it."""
     from training.config import Config
-    from training.data import load_dataset
-
-    cfg = Config.model_validate(manifest.provenance.config)
-    data = load_dataset(cfg.data, cfg.task, cfg.train.seed)
-    recorded = manifest.provenance.data_hashes
-    changed = sorted(name for name, digest in data.hashes.items() if name in recorded and recorded[name] != digest)
-    if changed:
-        sources = {"train": cfg.data.train, "validation": cfg.data.validation or cfg.data.train,
-                   "test": cfg.data.test or cfg.data.train}
-        raise ExportError(f"{artifact_dir}: the data this model was trained on changed on disk since training ({', '.join(f'{n}: {sources[n]}' for n in changed)}): "
-                          "the gate would measure on other examples than the held-out ones. Restore the data, or "
-                          "retrain (`tuneserve train` exports after training)")
-    return HeldOut.from_splits(data.validation if len(data.validation) else data.test, data.train)
-
-
-def held_out_from_config(manifest: Manifest, artifact_dir: Path) -> HeldOut:
-    """Reload the run's validation split (test when validation is empty) exactly as training carved it."""
-    from training.config import Config
     from training.data.reading import load_dataset
 
     cfg = Config.model_validate(manifest.provenance.config)
