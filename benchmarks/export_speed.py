@@ -101,9 +101,10 @@ def main() -> None:
     lines = [f"| runner | batch 1 p50 | vs torch | batch 32 throughput | vs torch | GFLOP/s (batch 32) | {measure} |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
+        agreement = f"{r['agreement']:.4f}" if manifest.task.spec.pools else f"{r['agreement']:.2%}"
         lines.append(f"| {name} | {r['p50_ms']:.1f} ms | {base['p50_ms'] / r['p50_ms']:.2f}x | {r['per_s']:.0f} /s | "
                      f"{r['per_s'] / base['per_s']:.2f}x | {r['gflops']:.0f} ({r['gflops'] / peak:.0%} of peak) | "
-                     f"{r['agreement']:.4f} |" if manifest.task.spec.pools else f"{r['agreement']:.2%} |")
+                     f"{agreement} |")
     table = "\n".join(lines)
     print("\n" + table)
     int8 = manifest.export.int8.model_dump()

@@ -151,7 +151,7 @@ def _sentence_embedder(model, path: str, cfg):
     return sentence_embedder(model, path, cfg)
 
 
-def _ranking_loss(targets: Any, num_outputs: int, class_weights: str, smoothing: float, scale: float = 20.0) -> LossFn:
+def _ranking_loss(targets: Any, num_outputs: int, class_weights: str, smoothing: float, *, scale: float) -> LossFn:
     from training.recipe.sentence_embedder import ranking_loss
 
     return ranking_loss(scale)
