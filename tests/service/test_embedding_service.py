@@ -94,3 +94,30 @@ def test_the_command_line_embeds_and_evaluates_as_the_service(serve, embedding_a
     report = json.loads((tmp_path / "report.json").read_text())
     posted = client.post("/evaluate", json={"examples": rows}).json()
     assert report["metrics"] == pytest.approx(posted["metrics"], abs=1e-6) and report["n"] == 40
+
+
+def test_a_real_server_embeds_with_the_torch_backend_as_onnx_does(serve, embedding_artifact, tmp_path):
+    """`bentoml serve` on 127.0.0.1 over the artifact with the torch backend (the transformer with its pooling, as
+    the trainer ran it): the same vectors as the ONNX graph, /rank and the routes in the API document."""
+    import httpx
+
+    from tests.service.test_serve_process import start_server, stop, wait_ready
+
+    env = {"TUNESERVE_ARTIFACT": str(embedding_artifact), "TUNESERVE_BACKEND": "torch", "TUNESERVE_DEVICE": "cpu"}
+    proc, url, log = start_server(env, tmp_path / "bentoml")
+    try:
+        wait_ready(proc, url)
+        texts = ["copy files", "kill processes with a tool", "mount disks of users"]
+        served = httpx.post(url + "/embed", json={"texts": texts}, timeout=30).json()
+        assert served["backend"] == "torch-cpu"
+        onnx = serve(embedding_artifact, backend="onnx").post("/embed", json={"texts": texts}).json()
+        assert onnx["backend"] == "onnx"
+        np.testing.assert_allclose(served["embeddings"], onnx["embeddings"], atol=1e-4)
+        ranked = httpx.post(url + "/rank", json={"query": texts[0], "candidates": texts[1:]}, timeout=30)
+        assert ranked.status_code == 200 and len(ranked.json()["results"]) == 2
+        paths = httpx.get(url + "/docs.json", timeout=30).json()["paths"]
+        assert {"/embed", "/rank", "/evaluate"} <= set(paths)
+        assert "404" in str(paths["/predict"]["post"]["responses"].keys())  # documented as not for this model
+    finally:
+        stop(proc)
+    assert "self-test passed" in log.read_text()
