@@ -30,15 +30,12 @@ def _spread(values: list[float]) -> str:
 
 def main() -> None:
     from benchmarks._report import write_section
-    from benchmarks.train_quality import is_reused, quality_parser, read, seeded_runs, train
+    from benchmarks.train_quality import config_runs, quality_parser
 
     args = quality_parser(__doc__, DEFAULT).parse_args()
     rows, gate, summary = [], [], []
     for config in args.configs:
-        output = Path(args.output_root) / Path(config).stem
-        reused = is_reused(args, config)
-        manifest = read(output) if reused else train(config, output)
-        runs = seeded_runs(config, output, manifest, args.seeds, reused)
+        manifest, runs = config_runs(args, config)
         for seed, run in runs:
             test, base, info = run["metrics"]["test"], run["baselines"], run["training"]
             n = info["examples"]

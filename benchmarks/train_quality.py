@@ -66,6 +66,14 @@ def is_reused(args: argparse.Namespace, config: str) -> bool:
     return args.reuse is not None and (not args.reuse or config in args.reuse)
 
 
+def config_runs(args: argparse.Namespace, config: str) -> tuple[dict, list[tuple[int, dict]]]:
+    """A config's run at its own seed (trained, or read back with --reuse) and its runs at ``args.seeds``."""
+    output = Path(args.output_root) / Path(config).stem
+    reused = is_reused(args, config)
+    manifest = read(output) if reused else train(config, output)
+    return manifest, seeded_runs(config, output, manifest, args.seeds, reused)
+
+
 def seeded_runs(config: str, output: Path, manifest: dict, seeds: list[int], reused: bool) -> list[tuple[int, dict]]:
     """The run at the config's seed, then one per further seed: read back where a reused config has it, else
     trained (export off)."""
