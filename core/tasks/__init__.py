@@ -6,9 +6,9 @@ JSON, which metrics and baselines apply, how two backends are compared, and the 
 models of the HTTP API. ``Task.X.spec`` is the one way in; nothing outside this package (and the
 torch-side registry in ``training/recipe/torch_tasks.py``) branches on the task.
 
-Adding a task: write a module here with a ``TaskSpec`` subclass, add its name to :class:`Task` and its
-spec to ``SPECS`` below, and add its torch side (model class, peft task type, loss, collator) to
-``training/recipe/torch_tasks.py``.
+Adding a task: write a module here with a ``ScoringSpec`` or ``WritingSpec`` subclass, add its name to
+:class:`Task` (core/tasks/base.py) and its spec to ``SPECS`` below, and add its torch side (peft task type, loss,
+target dtype, what wraps the transformer) to ``training/recipe/torch_tasks.py`` (README.md: "Adding a task").
 """
 
 from __future__ import annotations

@@ -181,7 +181,8 @@ class Loop:
     started: float = field(default_factory=time.time)
 
     @property
-    def generates(self) -> bool:
+    def writes(self) -> bool:
+        """A model that writes text: evaluated by loss and by the text it writes for a sample."""
         return self.cfg.task.spec.writes
 
     @property
@@ -191,7 +192,7 @@ class Loop:
 
 @closes_failed_runs
 def fine_tune(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels: RunLabels | None = None,
-          publish: bool = True, on_evaluation: Callable[[int, dict[str, float]], None] | None = None) -> Trained:
+              publish: bool = True, on_evaluation: Callable[[int, dict[str, float]], None] | None = None) -> Trained:
     """Fine-tune and score: the loop, from config to the best weights and (``publish``) the test metrics beside the
     baselines. The trackers stay open for the stages that follow (training/run.py closes them).
 
@@ -215,7 +216,7 @@ def fine_tune(cfg: Config, *, resume: bool = False, overwrite: bool = False, lab
     loop.on_evaluation = on_evaluation
     loop.fits_decisions = publish and bool({"calibrate", "threshold"} & cfg.task.spec.options)
     prepare(loop, resume)
-    if loop.generates and publish:
+    if loop.writes and publish:
         loop.base_answers = base_model_answers(loop, resume)
     if loop.built.torch_task.scores_base_model and publish:
         loop.base_metrics = base_model_metrics(loop, resume)
@@ -353,7 +354,7 @@ def written(loop: Loop, name: str, split_model) -> tuple[list, list]:
 def evaluate(loop: Loop, name: str, decisions: Decisions | None = None) -> tuple[Evaluation, np.ndarray, np.ndarray]:
     """One held-out split: the evaluation and its targets and outputs (logits, or the texts written)."""
     dataloader = loop.loaders[name]
-    if not loop.generates:
+    if not loop.writes:
         return run_evaluation(loop.model, dataloader, loop.accelerator, loop.cfg, loop.data.labels, loop.loss_fn, name,
                               decisions)
     loss = token_loss(loop.model, dataloader, loop.accelerator, name, shift=loop.built.torch_task.shifts_labels)
@@ -528,17 +529,17 @@ def score_test(loop: Loop, validation: dict[str, float]) -> RunResult:
                                  threshold=decisions.threshold)
         validation = {**rescored.metrics, "loss": validation["loss"]}
     test, test_targets, test_outputs = evaluate(loop, "test", decisions)  # logits, or the texts written
-    test_scores = test_outputs if loop.generates else spec.scores(test_outputs, decisions.calibration)
+    test_scores = test_outputs if loop.writes else spec.scores(test_outputs, decisions.calibration)
     if decisions.calibration is not None:
         measure_calibration(decisions.calibration, "test", test_outputs, test_targets, spec.postprocess)
     result = RunResult(artifact_dir=None, metrics={"validation": validation, "test": test.metrics}, baselines={},
                        test=test, test_targets=test_targets, test_scores=test_scores, decisions=decisions,
-                       test_logits=None if loop.generates else test_outputs)
+                       test_logits=None if loop.writes else test_outputs)
     if loop.main:
         result.baselines = baselines(loop, len(test_targets))
         if loop.base_metrics is not None:
             result.baselines = {"base_model": loop.base_metrics, **result.baselines}
-        if loop.generates:
+        if loop.writes:
             result.baselines = {"base_model": spec.evaluate(test_targets, loop.base_answers).metrics,
                                 **result.baselines}
             result.examples = examples_table(data.test.texts, test_targets, loop.base_answers, test_scores)
