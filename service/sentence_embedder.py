@@ -1,7 +1,10 @@
 """A sentence-embedding model in PyTorch: a transformer with the pooling its base model was trained with.
 
 What the service's torch backend runs and the trainer trains (training/recipe/sentence_embedder.py adds the loss);
-the exported ONNX graph is this module traced, pooling and normalisation included. :class:`SentenceEmbedder` wraps the transformer (a plain ``AutoModel``, or the peft model around it) and returns,
+the exported ONNX graph is this module traced, pooling and normalisation included. Only the torch backend (when it
+loads a model) and the trainer import it: the ONNX CPU path, which runs without torch, never does.
+
+:class:`SentenceEmbedder` wraps the transformer (a plain ``AutoModel``, or the peft model around it) and returns,
 for a batch of texts, their pooled and L2-normalised vectors as ``logits`` (n, d); given each text's positive
 document too (``positive_input_ids``, ...), both, stacked (n, 2, d), which is what the loss and the retrieval metrics
 read (core/tasks/embedding.py). The pooling (mean, cls or max) comes from the base model's own

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from core.encoding import Encoder
 from core.errors import ArtifactError
 from core.manifest import MODEL_DIR, Manifest, read_manifest
-from training.recipe.torch_tasks import auto_model_class, model_task
+from training.recipe.torch_tasks import load_task_model, model_task
 
 
 @dataclass
@@ -36,10 +36,8 @@ def load_artifact(directory: str | Path, device: str = "cpu") -> LoadedArtifact:
     if not (model_dir / "model.safetensors").is_file():
         raise ArtifactError(f"{directory}: {MODEL_DIR}/model.safetensors is missing")
     try:
-        torch_side = model_task(manifest.task, str(model_dir))
-        model = auto_model_class(manifest.task, torch_side).from_pretrained(model_dir, use_safetensors=True)
-        if torch_side.wrap:  # what the task adds around the transformer (sentence embeddings: its pooling)
-            model = torch_side.wrap(model, str(model_dir), None)
+        model = load_task_model(manifest.task, str(model_dir), model_task(manifest.task, str(model_dir)),
+                                use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:  # OSError, ValueError, SafetensorError, ...: a file that is not what it says
         raise ArtifactError(f"{directory}: cannot load {MODEL_DIR}/ ({str(exc).splitlines()[0][:300]})") from None

@@ -55,6 +55,10 @@ def is_better(metric: str, candidate: float, best: float | None) -> bool:
     return candidate < best if metric in LOWER_IS_BETTER else candidate > best
 
 
+# The prefix of the features of a second text an example carries, tokenized apart from its first (an embedding
+# task's positive document): the spec encodes them, the trainer's collator pads them on their own, the model reads them.
+SECOND_TEXT = "positive_"
+
 # Largest score difference allowed between two batch arrangements of the same inputs on one backend (batch
 # invariance: the export gate, the self-test and the tests hold every backend to it).
 BATCH_INVARIANCE_TOLERANCE = 1e-5
@@ -166,8 +170,7 @@ class TaskSpec(ABC):
     logits_axes: ClassVar[dict[int, str]] = {0: "batch"}  # dynamic axes of the exported graph's logits
     # What the model does, for the API docs' first line ({pair}: " (or pair of texts)" for pair models).
     does: ClassVar[str]
-    route: ClassVar[str] = "/predict"  # the service route that runs the model
-    # Every route that runs the model (the others of its kind answer 404); the first is ``route``.
+    # The service routes that run the model (routes of other kinds of model answer 404); the first is :attr:`route`.
     routes: ClassVar[tuple[str, ...]] = ("/predict",)
     # How to call the model, for the API docs.
     usage: ClassVar[str] = ("POST /predict to use it, POST /evaluate to score it on labelled examples, GET /metadata "
@@ -246,6 +249,11 @@ class TaskSpec(ABC):
 
         return run_in_length_batches(forward, encoder, texts, pairs, batch_size=batch_size,
                                      return_tensors=return_tensors, progress=progress, by_length=by_length)
+
+    @property
+    def route(self) -> str:
+        """The route that runs the model (the first of :attr:`routes`)."""
+        return self.routes[0]
 
     def judged_inputs(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any
                       ) -> tuple[Sequence[str], Sequence[str] | None]:
@@ -391,5 +399,4 @@ class WritingSpec(TaskSpec, ABC):
     (generation). Served by /generate, exported as a decoder with its key/value cache."""
 
     writes = True
-    route = "/generate"
     routes = ("/generate",)

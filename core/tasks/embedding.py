@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 
 from core.calibration import Calibration
 from core.metrics import Evaluation, checked, finished
-from core.tasks.base import LabelError, ModelRecord, Task, ScoringSpec, rounded
+from core.tasks.base import SECOND_TEXT, LabelError, ModelRecord, ScoringSpec, Task, rounded
 
 if TYPE_CHECKING:
     from core.encoding import Encoder
@@ -171,7 +171,6 @@ class EmbeddingSpec(ScoringSpec):
     auto_model = "AutoModel"
     logits_axes = {0: "batch"}
     does = "embeds texts as unit vectors for semantic search"
-    route = "/embed"
     routes = ("/embed", "/rank")
     usage = ("POST /embed to embed texts, POST /rank to order documents by similarity to a query, POST /evaluate "
              "to score it on query and positive pairs, GET /metadata for everything its artifact records.")
@@ -213,7 +212,7 @@ class EmbeddingSpec(ScoringSpec):
         """Queries and positives tokenized apart (``positive_*`` features); each example's target is its
         positive's :func:`text_id`."""
         features = dict(encoder.encode(texts))
-        features.update({f"positive_{k}": v for k, v in encoder.encode([str(t) for t in targets]).items()})
+        features.update({SECOND_TEXT + k: v for k, v in encoder.encode([str(t) for t in targets]).items()})
         return features, [text_id(str(t)) for t in targets], {}
 
     def run(self, forward: Callable[[Any], np.ndarray], encoder: Encoder, texts: Sequence[str],

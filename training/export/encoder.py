@@ -203,14 +203,11 @@ def _write_fp32(artifact_dir: Path, encoder: Encoder, manifest: Manifest, tmp: P
     """The checked, graph-optimised fp32 file in ``tmp``; returns what the optimizer did."""
     import onnx.checker
 
-    from training.recipe.torch_tasks import auto_model_class, torch_task
+    from training.recipe.torch_tasks import load_task_model
 
-    # Eager attention exports as plain MatMul/Softmax, which the optimizer can fuse into Attention.
-    eager = auto_model_class(manifest.task).from_pretrained(artifact_dir / MODEL_DIR, attn_implementation="eager")
-    wrap = torch_task(manifest.task).wrap
-    if wrap:  # what the task adds around the transformer is part of the graph (sentence embeddings: pooling)
-        eager = wrap(eager, str(artifact_dir / MODEL_DIR), None)
-    eager = eager.eval()
+    # Eager attention exports as plain MatMul/Softmax, which the optimizer can fuse into Attention. What the task puts
+    # around the transformer is part of the graph (sentence embeddings: pooling and normalisation).
+    eager = load_task_model(manifest.task, str(artifact_dir / MODEL_DIR), attn_implementation="eager").eval()
     raw = tmp / "model.raw.onnx"
     _export_fp32(eager, encoder, manifest, raw)
     onnx.checker.check_model(str(raw))

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from core.encoding import Encoder
 from core.tasks import Task
+from core.tasks.base import SECOND_TEXT
 from training.recipe.torch_tasks import IGNORE_INDEX, torch_task
 
 
@@ -114,9 +115,6 @@ class LengthGroupedBatchSampler:
         yield from batches
 
 
-SECOND = "positive_"  # the prefix of a second text's features, tokenized apart from the first
-
-
 class Collator:
     """Pads a list of examples to the longest one and stacks the targets with the task's dtype.
 
@@ -136,13 +134,13 @@ class Collator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         targets = [e.pop("labels") for e in examples]
         # A second text encoded apart (an embedding task's positive, ``positive_*``) is padded to its own longest.
-        second = [{k[len(SECOND):]: e.pop(k) for k in list(e) if k.startswith(SECOND)} for e in examples]
+        second = [{k[len(SECOND_TEXT):]: e.pop(k) for k in list(e) if k.startswith(SECOND_TEXT)} for e in examples]
         batch = self.tokenizer.pad(examples, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
                                    return_tensors="pt")
         if any(second):
             padded = self.tokenizer.pad(second, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
                                         return_tensors="pt")
-            batch.update({SECOND + k: v for k, v in padded.items()})
+            batch.update({SECOND_TEXT + k: v for k, v in padded.items()})
         if self.pads_targets:  # one target per token: pad to the batch's (or the decoder's) length, ignored
             length = batch["input_ids"].shape[1]
             if self.decoder_inputs is not None:

@@ -66,6 +66,14 @@ def auto_model_class(task: Task, torch_side: TorchTask | None = None):
     return getattr(transformers, (torch_side.auto_model if torch_side else None) or task.spec.auto_model)
 
 
+def load_task_model(task: Task, path: str, torch_side: TorchTask | None = None, **kwargs: Any):
+    """A saved model of ``task`` (``kwargs`` go to ``from_pretrained``), with what the task puts around the
+    transformer (sentence embeddings: its pooling, read from the model's own files): what the trainer trained."""
+    torch_side = torch_side or torch_task(task)
+    model = auto_model_class(task, torch_side).from_pretrained(path, **kwargs)
+    return torch_side.wrap(model, str(path), None) if torch_side.wrap else model
+
+
 def is_encoder_decoder(path: str) -> bool:
     """Whether the model at ``path`` (a directory or a Hub id) is an encoder-decoder model, as its config says.
 
