@@ -1,12 +1,14 @@
-"""Soak: minutes of mixed loopback load on a real `bentoml serve`, then SIGTERM under load. Writes RELIABILITY.md.
+"""Soak: minutes of mixed loopback load on a real `bentoml serve` of each artifact given, then SIGTERM under load.
+Writes RELIABILITY.md.
 
-Clients send /predict (1-4 texts), /evaluate (50 labelled examples) and malformed requests (broken JSON,
-wrong types, unknown labels, over-limit bodies, the pickle content type) back to back. Counted: valid
-requests that failed (must be 0), malformed ones answered with anything but a 4xx (must be 0), 5xx, and the
-server's resident memory over time (it must level off). Then a burst of /evaluate requests is in flight when
-the server gets SIGTERM: they must all complete, new connections must be refused, and the exit code must be 0.
+Clients send the model's own route (/predict, /generate or /embed: 1-4 texts), /evaluate (labelled examples of the
+artifact's own test split, read as `tuneserve evaluate` reads a file) and malformed requests (broken JSON, wrong
+types, unknown labels, over-limit bodies, the pickle content type) back to back. Counted: valid requests that failed
+(must be 0), malformed ones answered with anything but a 4xx (must be 0), 5xx, and the server's resident memory over
+time (it must level off). Then a burst of /evaluate requests is in flight when the server gets SIGTERM: they must all
+complete, new connections must be refused, and the exit code must be 0.
 
-    python benchmarks/soak.py runs/sentiment-lora/artifact --service-python .venv-serve/bin/python [--seconds 180]
+    python benchmarks/soak.py ARTIFACT [ARTIFACT ...] --service-python .venv-serve/bin/python [--seconds 180]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +40,65 @@ MALFORMED = [
 ]
 
 
-async def mixed_load(url: str, texts: list[str], examples: list[dict], seconds: float, concurrency: int,
-                     pid: int) -> dict:
+@dataclass
+class Row:
+    text: str
+    pair: str | None
+    example: dict  # the row as /evaluate takes it
+
+
+@dataclass
+class Load:
+    """What valid requests to one artifact look like: its route, and rows of its own test split."""
+
+    name: str
+    task: str
+    route: str
+    has_pair: bool
+    rows: list[Row]
+    evaluate_size: int  # examples per /evaluate of the mixed load
+    shutdown_size: int  # examples per /evaluate in flight at SIGTERM
+
+    @classmethod
+    def of(cls, artifact: Path) -> Load:
+        from core.manifest import read_manifest
+        from training.cli import _load_labelled
+
+        manifest = read_manifest(artifact)
+        spec = manifest.task.spec
+        data = manifest.provenance.config["data"]
+        split = _load_labelled(manifest, data.get("test") or data["train"], None, None, None, drop_missing=True)
+        rows = [Row(text, pair, posted(spec, text, pair, label))
+                for text, pair, label in zip(split.texts, split.pairs or [None] * len(split), split.labels)]
+        # A writer decodes every example: its /evaluate requests stay small (and within its token budget).
+        evaluate_size, shutdown_size = (4, 16) if spec.writes else (min(50, len(rows)), min(2000, len(rows)))
+        return cls(manifest.name, manifest.task.value, spec.route, manifest.has_pair, rows, evaluate_size,
+                   shutdown_size)
+
+    def request(self, rows: list[Row]) -> dict:
+        """A valid body for the model's route."""
+        if self.route == "/generate":
+            return {"prompts": [r.text for r in rows]}
+        body: dict = {"texts": [r.text for r in rows]}
+        if self.has_pair:
+            body["text_pairs"] = [r.pair for r in rows]
+        return body
+
+
+def posted(spec, text: str, pair: str | None, label) -> dict:
+    """A labelled example as /evaluate takes it: the text, and the label under the task's field (a token model's
+    words and tags as tokens and tags)."""
+    from core.tasks.token import TaggedText
+
+    if isinstance(label, TaggedText):
+        return {"tokens": [label.text[s:e] for s, e in label.words], "tags": list(label.tags)}
+    example = {"text": text, spec.label_key: label}
+    if pair is not None:
+        example["text_pair"] = pair
+    return example
+
+
+async def mixed_load(url: str, load: Load, seconds: float, concurrency: int, pid: int) -> dict:
     import aiohttp
 
     counts = {"predict": 0, "evaluate": 0, "malformed": 0, "valid_failed": 0, "malformed_not_4xx": 0, "5xx": 0}
@@ -51,15 +111,16 @@ async def mixed_load(url: str, texts: list[str], examples: list[dict], seconds: 
         while time.perf_counter() < deadline:
             roll = rng.random()
             if roll < 0.8:
-                kind, path, body, ctype = "predict", "/predict", json.dumps(
-                    {"texts": rng.sample(texts, rng.randint(1, 4))}).encode(), "application/json"
+                kind, path, body, ctype = "predict", load.route, json.dumps(
+                    load.request(rng.sample(load.rows, rng.randint(1, 4)))).encode(), "application/json"
             elif roll < 0.9:
                 kind, path, body, ctype = "evaluate", "/evaluate", json.dumps(
-                    {"examples": rng.sample(examples, 50)}).encode(), "application/json"
+                    {"examples": [r.example for r in rng.sample(load.rows, load.evaluate_size)]}).encode(), \
+                    "application/json"
             else:
                 kind = "malformed"
                 _, body, ctype = rng.choice(MALFORMED)
-                path = "/evaluate" if b"examples" in body else "/predict"
+                path = "/evaluate" if b"examples" in body else load.route
             try:
                 async with session.post(url + path, data=body, headers={"content-type": ctype}) as response:
                     await response.read()
@@ -85,10 +146,10 @@ async def mixed_load(url: str, texts: list[str], examples: list[dict], seconds: 
     return counts
 
 
-async def sigterm_under_load(url: str, proc: subprocess.Popen, examples: list[dict], n: int) -> dict:
+async def sigterm_under_load(url: str, proc: subprocess.Popen, load: Load, n: int) -> dict:
     import aiohttp
 
-    body = json.dumps({"examples": examples[:2000]}).encode()
+    body = json.dumps({"examples": [r.example for r in load.rows[:load.shutdown_size]]}).encode()
     async with aiohttp.ClientSession() as session:
         async def one():
             async with session.post(url + "/evaluate", data=body, headers={"content-type": "application/json"}) as r:
@@ -101,7 +162,7 @@ async def sigterm_under_load(url: str, proc: subprocess.Popen, examples: list[di
         statuses = await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.sleep(0.5)
         try:
-            async with session.post(url + "/predict", json={"texts": ["after shutdown"]}) as r:
+            async with session.post(url + load.route, json=load.request(load.rows[:1])) as r:
                 after = f"answered {r.status}"
         except aiohttp.ClientError as exc:
             after = f"refused ({type(exc).__name__})"
@@ -109,52 +170,63 @@ async def sigterm_under_load(url: str, proc: subprocess.Popen, examples: list[di
     return {"statuses": statuses, "after": after, "exit_code": code}
 
 
+def soak_one(artifact: str, args: argparse.Namespace) -> dict:
+    load = Load.of(Path(artifact))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    env.update(TUNESERVE_ARTIFACT=str(Path(artifact).resolve()), TUNESERVE_ACCESS_LOG="false")
+    proc, url = start_service(args.service_python, env)
+    try:
+        wait_ready(url, proc)
+        soak = asyncio.run(mixed_load(url, load, args.seconds, args.concurrency, proc.pid))
+        shutdown = asyncio.run(sigterm_under_load(url, proc, load, 8))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return {"load": load, "soak": soak, "shutdown": shutdown}
+
+
+def row(result: dict) -> tuple[str, str]:
+    """A line of the load table and one of the shutdown table."""
+    load, soak, shutdown = result["load"], result["soak"], result["shutdown"]
+    rss = [m for _, m in soak["memory"]]
+    half = len(rss) // 2
+    total = soak["predict"] + soak["evaluate"] + soak["malformed"]
+    completed = sum(1 for s in shutdown["statuses"] if s == 200)
+    return (f"| {load.name} ({load.task}) | {total} | {soak['predict']} {load.route} | {soak['evaluate']} of "
+            f"{load.evaluate_size} | {soak['malformed']} | {soak['valid_failed']} | {soak['malformed_not_4xx']} | "
+            f"{soak['5xx']} | {rss[0]:.0f} / {max(rss):.0f} / {rss[-1]:.0f} MB | "
+            f"{sum(rss[:half]) / max(half, 1):.0f} / {sum(rss[half:]) / max(len(rss) - half, 1):.0f} MB |",
+            f"| {load.name} ({load.task}) | 8 of {load.shutdown_size} examples | {completed} of 8 | "
+            f"{shutdown['after']} | {shutdown['exit_code']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifact")
-    parser.add_argument("--seconds", type=float, default=180)
+    parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT")
+    parser.add_argument("--seconds", type=float, default=180, help="of mixed load, per artifact")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--service-python", default=sys.executable)
     args = parser.parse_args()
 
     from benchmarks._report import write_section
-    from training.data.demo import demo_path
 
-    rows = [json.loads(line) for line in demo_path("vader:movie").read_text().splitlines()]
-    labelled = [{"text": r["text"], "label": r["polarity"]} for r in rows if r.get("polarity")]
-    texts = [r["text"] for r in rows]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
-    env.update(TUNESERVE_ARTIFACT=str(Path(args.artifact).resolve()), TUNESERVE_ACCESS_LOG="false")
-    proc, url = start_service(args.service_python, env)
-    try:
-        wait_ready(url, proc)
-        soak = asyncio.run(mixed_load(url, texts, labelled, args.seconds, args.concurrency, proc.pid))
-        shutdown = asyncio.run(sigterm_under_load(url, proc, labelled, 8))
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    memory = soak["memory"]
-    rss = [m for _, m in memory]
-    half = len(rss) // 2
-    completed = sum(1 for s in shutdown["statuses"] if s == 200)
+    lines = [row(soak_one(artifact, args)) for artifact in args.artifacts]
     body = f"""## Soak: mixed load, then SIGTERM under load
 
-{soak['seconds']:.0f} s of loopback load from {args.concurrency} clients on the ONNX service (`{args.service_python}`):
-80% /predict of 1-4 sentences, 10% /evaluate of 50 labelled sentences, 10% malformed requests
-({", ".join(name for name, _, _ in MALFORMED)}).
+{args.seconds:.0f} s of loopback load from {args.concurrency} clients on each model's service, served by `auto`
+(`{args.service_python}`): 80% the model's own route with 1-4 texts of its test split, 10% /evaluate of labelled
+examples of its test split, 10% malformed requests ({", ".join(name for name, _, _ in MALFORMED)}). Memory: the
+resident memory of the server's process tree, sampled every 5 s (start / peak / end; mean of the first / second half).
 
-| requests | /predict | /evaluate | malformed | valid requests failed | malformed not answered 4xx | 5xx |
-|---|---|---|---|---|---|---|
-| {soak['predict'] + soak['evaluate'] + soak['malformed']} | {soak['predict']} | {soak['evaluate']} | {soak['malformed']} | {soak['valid_failed']} | {soak['malformed_not_4xx']} | {soak['5xx']} |
+| model (task) | requests | to the model's route | /evaluate (examples each) | malformed | valid requests failed | malformed not answered 4xx | 5xx | memory | halves |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(load for load, _ in lines)}
 
-Resident memory of the server's process tree (sampled every 5 s): {rss[0]:.0f} MB at the start, {max(rss):.0f} MB
-at the peak, {rss[-1]:.0f} MB at the end; mean of the first half {sum(rss[:half]) / max(half, 1):.0f} MB, of the
-second half {sum(rss[half:]) / max(len(rss) - half, 1):.0f} MB.
+Shutdown: 8 /evaluate requests in flight when the server got SIGTERM; then one request to the model's route.
 
-Shutdown: 8 /evaluate requests of 2,000 sentences each were in flight when the server got SIGTERM:
-{completed} of 8 completed with 200; a request sent after that was {shutdown['after']}; exit code
-{shutdown['exit_code']}.
+| model (task) | in flight | completed with 200 | the request after | exit code |
+|---|---|---|---|---|
+{chr(10).join(shutdown for _, shutdown in lines)}
 """
     print(body)
     write_section("soak", "python benchmarks/soak.py " + " ".join(sys.argv[1:]), body, path=ROOT / "RELIABILITY.md")

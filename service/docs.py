@@ -194,7 +194,35 @@ def api_document(base: dict, about: About) -> dict:
                 body["example"] = examples[path]
             if path in ROUTES_BY_KIND:
                 _describe_use_route(path, operation, m)
+            _narrow_to_task(path, operation, m, about.settings)
     return spec
+
+
+def _ok_schema(operation: dict) -> dict:
+    """The JSON schema of an operation's 200 answer (empty when it has none)."""
+    return _response(operation, 200).get("content", {}).get("application/json", {}).get("schema", {})
+
+
+def _narrow_to_task(path: str, operation: dict, m: Manifest, settings: Settings) -> None:
+    """What this model's answers hold, not what any model's could: /predict's predictions are the task's own kind,
+    /evaluate's tables are those the task fills (the others are absent from the answer too), and a writer's routes
+    state its token budget."""
+    spec = m.task.spec
+    properties = _ok_schema(operation).get("properties", {})
+    if path == "/predict" and path in spec.routes and "predictions" in properties:
+        properties["predictions"]["items"] = {"$ref": f"#/components/schemas/{spec.prediction_model.__name__}"}
+    if path == "/evaluate":
+        for table in ("per_class", "confusion_matrix"):
+            if table not in spec.evaluation_tables:
+                properties.pop(table, None)
+    if path == "/evaluate" and spec.ranked_corpus([]) is not None:
+        operation["description"] = " ".join(filter(None, [operation.get("description"), (
+            f"At most {settings.max_corpus:,} distinct documents (positives) per request: each query is ranked "
+            "against all of them.")]))
+    if spec.writes and path in ("/generate", "/evaluate"):
+        budget = (f"At most {settings.max_generated_tokens:,} new tokens per request in all (prompts or examples times "
+                  "max_new_tokens); a larger request gets 400 saying how to split it.")
+        operation["description"] = " ".join(filter(None, [operation.get("description"), budget]))
 
 
 # The two routes that run a model: each answers for its kind of model only (404 for the other kind).
@@ -217,9 +245,13 @@ def _describe_use_route(path: str, operation: dict, m: Manifest) -> None:
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}})
         return
     if path == "/generate":
+        # The schema of one event, as a server-sent events client parses it (its fields; data is the payload).
         _response(operation, 200).setdefault("content", {})["text/event-stream"] = {"schema": {
-            "type": "string", "description": 'With "stream": true: server-sent events, data: {"text": chunk} per '
-                                             'chunk, then data: {"finish_reason", "tokens"}, then data: [DONE].'}}
+            "type": "object", "required": ["data"],
+            "description": 'With "stream": true: server-sent events, data: {"text": chunk} per chunk, then data: '
+                           '{"finish_reason", "tokens"}, then data: [DONE].',
+            "properties": {"event": {"type": "string", "enum": ["message"]},
+                           "data": {"type": "string", "description": 'A JSON object, or [DONE] at the end.'}}}}
 
 
 # ---- the page ------------------------------------------------------------------------------------------------

@@ -54,6 +54,25 @@ def max_new_tokens_cap(manifest: Manifest, settings: Settings) -> int:
     return min(MAX_NEW_TOKENS_FACTOR * default_max_new_tokens(manifest), settings.max_new_tokens)
 
 
+def check_token_budget(field: str, count: int, max_new_tokens: int, settings: Settings) -> None:
+    """Refuse a request that may write more new tokens in all than TUNESERVE_MAX_GENERATED_TOKENS: decoding is the
+    slow part of a writer, and one request of thousands of prompts would hold the decoder for hours.
+
+    Raises:
+        RequestError: ``count`` prompts (or examples) times ``max_new_tokens`` is over the budget; the message says how
+            to split the work.
+    """
+    budget = settings.max_generated_tokens
+    if count * max_new_tokens <= budget:
+        return
+    fits = budget // max_new_tokens
+    split = (f"send at most {fits} per request" if fits else
+             f"ask for at most {budget} new tokens (max_new_tokens) per request")
+    raise RequestError(f"{field}: {count} x {max_new_tokens} new tokens = {count * max_new_tokens:,} tokens to write, "
+                       f"over this service's budget of {budget:,} per request (TUNESERVE_MAX_GENERATED_TOKENS); "
+                       f"{split}, or score a whole file offline with `tuneserve evaluate ARTIFACT --data FILE`")
+
+
 @dataclass(frozen=True)
 class Decoding:
     """How one request decodes (the seed aside): requests with equal options can share a decoder batch."""

@@ -12,6 +12,7 @@ import numpy as np
 from core.manifest import Manifest
 from core.metrics import Evaluation
 from service.batcher import MicroBatcher
+from service.requests import RequestError
 from service.selftest import run_selftest
 from service.settings import Settings
 
@@ -24,7 +25,7 @@ class Scorer:
     """A scoring backend checked at start-up (the constructor raises unless the self-test passes) and pooled."""
 
     def __init__(self, backend: Any, manifest: Manifest, settings: Settings):
-        self.manifest, self.spec = manifest, manifest.task.spec
+        self.manifest, self.spec, self.settings = manifest, manifest.task.spec, settings
         self.selftest = run_selftest(backend, manifest, half_precision=getattr(backend, "half_precision", False))
         self.batcher = MicroBatcher(backend.logits, settings.max_batch_size)
 
@@ -46,13 +47,25 @@ class Scorer:
 
     async def evaluate(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any) -> Evaluation:
         """The task's metrics on labelled examples, with the trainer's code (an embedding model ranks the
-        positives too: :meth:`core.tasks.base.TaskSpec.judged_inputs`)."""
+        positives too: :meth:`core.tasks.base.TaskSpec.judged_inputs`).
+
+        Raises:
+            RequestError: the examples hold more documents to rank than the service's limit.
+            NonFiniteOutputs: the model's outputs are not all finite.
+        """
+        corpus = self.spec.ranked_corpus(targets)
+        if corpus is not None and corpus > self.settings.max_corpus:
+            raise RequestError(f"examples: {corpus:,} distinct documents to rank, over this service's limit of "
+                               f"{self.settings.max_corpus:,} per request (TUNESERVE_MAX_CORPUS; every query is "
+                               "ranked against every document); post fewer examples, or score a whole file offline "
+                               "with `tuneserve evaluate ARTIFACT --data FILE` (a smaller corpus is an easier one: "
+                               "figures of different corpus sizes do not compare)")
         texts, pairs = self.spec.judged_inputs(texts, pairs, targets)
         scores = await self.scores(texts, pairs)
         return self.spec.evaluate(targets, scores, self.manifest.labels, threshold=self.manifest.decision_threshold)
 
     def limits(self) -> dict:
-        return {}
+        return {"max_corpus": self.settings.max_corpus} if self.spec.ranked_corpus([]) is not None else {}
 
     def metadata(self) -> dict | None:
         return None

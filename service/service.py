@@ -29,7 +29,8 @@ from core.errors import ArtifactError
 from core.manifest import Manifest, read_manifest
 from service.backends import choose_backend
 from service.docs import About, api_document, docs_routes
-from service.generation import MAX_STOP_CHARS, MAX_STOPS, EventStream, decoding_options, prompt_token_ids, stream_events
+from service.generation import (MAX_STOP_CHARS, MAX_STOPS, EventStream, check_token_budget, decoding_options,
+                                prompt_token_ids, stream_events)
 from service.logs import quiet_client_errors
 from service.middleware import (
     BearerAuthMiddleware,
@@ -176,14 +177,15 @@ class Tuneserve:
         """Score the model on posted labelled data, beside the test metrics recorded at training time."""
         try:
             texts, pairs, targets = examples_to_inputs(self.manifest, examples, self.settings)
+            evaluation = await self.model.evaluate(texts, pairs, targets)
         except RequestError as exc:
             return _bad_request(exc)
-        try:
-            evaluation = await self.model.evaluate(texts, pairs, targets)
         except NonFiniteOutputs:
             return _not_finite()
-        return EvaluateResponse(**evaluation_body(self.manifest, evaluation), model=self.model_tag,
+        body = EvaluateResponse(**evaluation_body(self.manifest, evaluation), model=self.model_tag,
                                 backend=self.backend.name)
+        # Tables the task does not fill are left out, as its documented schema (service/docs.py) leaves them out.
+        return JSONResponse(body.model_dump(mode="json", exclude_none=True))
 
     @bentoml.api
     async def generate(
@@ -226,6 +228,8 @@ class Tuneserve:
                 check_messages_size(messages, self.settings)
             decoding = decoding_options(self.manifest, self.settings, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop)
+            check_token_budget("prompts" if prompts is not None else "messages", len(prompts or messages or ()),
+                               decoding.max_new_tokens, self.settings)
             ids = await anyio.to_thread.run_sync(lambda: prompt_token_ids(
                 self.backend.prompter, prompts=prompts, messages=messages, raw=raw,
                 max_new_tokens=decoding.max_new_tokens, max_positions=self.backend.max_positions,

@@ -11,7 +11,8 @@ import anyio.to_thread
 from core.manifest import Manifest
 from core.metrics import Evaluation
 from core.tasks.generation import GeneratedText
-from service.generation import Decoding, GenerationBatcher, default_max_new_tokens, max_new_tokens_cap
+from service.generation import (Decoding, GenerationBatcher, check_token_budget, default_max_new_tokens,
+                                max_new_tokens_cap)
 from service.selftest import run_generation_selftest
 from service.settings import Settings
 
@@ -35,13 +36,20 @@ class Writer:
         return await self.batcher(ids, decoding, seed)
 
     async def evaluate(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any) -> Evaluation:
-        """Greedy decoding with the model's max_new_tokens: how the trainer scored its test split."""
+        """Greedy decoding with the model's max_new_tokens: how the trainer scored its test split.
+
+        Raises:
+            RequestError: the examples would write more tokens than the service's budget per request.
+        """
+        max_new_tokens = default_max_new_tokens(self.manifest)
+        check_token_budget("examples", len(texts), max_new_tokens, self.settings)
         prompts = await anyio.to_thread.run_sync(self.backend.prompter.all, texts)
-        generations = await self.batcher(prompts, Decoding(default_max_new_tokens(self.manifest)))
+        generations = await self.batcher(prompts, Decoding(max_new_tokens))
         return self.spec.evaluate(targets, generations)
 
     def limits(self) -> dict:
-        return {"max_new_tokens": max_new_tokens_cap(self.manifest, self.settings)}
+        return {"max_new_tokens": max_new_tokens_cap(self.manifest, self.settings),
+                "max_generated_tokens": self.settings.max_generated_tokens}
 
     def metadata(self) -> dict:
         m, backend = self.manifest, self.backend

@@ -165,6 +165,9 @@ class TaskSpec(ABC):
     label_key: ClassVar[str] = "label"  # the field of a posted example that holds its truth
     pipeline_tag: ClassVar[str] = "text-classification"  # the Hugging Face model card's pipeline tag
     plot: ClassVar[str]  # which report plot the artifact gets: confusion | per_label | regression
+    # Which tables beside the metrics an evaluation fills (``per_class``, ``confusion_matrix``): /evaluate's response
+    # and its documented schema hold these and no others.
+    evaluation_tables: ClassVar[tuple[str, ...]] = ()
     auto_model: ClassVar[str] = "AutoModelForSequenceClassification"  # the transformers class of the model
     hf_problem_type: ClassVar[str | None] = None  # config.problem_type handed to transformers (None: none)
     logits_axes: ClassVar[dict[int, str]] = {0: "batch"}  # dynamic axes of the exported graph's logits
@@ -260,6 +263,11 @@ class TaskSpec(ABC):
         """What the model reads to be judged on labelled examples (the export gate, ``/evaluate``): the texts and
         their pairs; a family whose metrics need the model's view of the targets too says so here."""
         return texts, pairs
+
+    def ranked_corpus(self, targets: Any) -> int | None:
+        """How many documents an evaluation of these targets ranks each query against (its cost grows with queries
+        times documents); ``None`` for a task that ranks nothing."""
+        return None
 
     def flat(self, scores: Any) -> np.ndarray:
         """Scores as one 2-D array (for score differences between backends)."""

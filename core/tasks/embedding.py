@@ -273,6 +273,10 @@ class EmbeddingSpec(ScoringSpec):
         return finished(Evaluation(metrics=retrieval_metrics(relevance, similarity),
                                    notes=[f"corpus of {len(corpus)} unique positive documents"]), len(targets))
 
+    def ranked_corpus(self, targets: Any) -> int:
+        """The unique positives: every query is ranked against all of them."""
+        return len({str(t) for t in targets})
+
     def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float | None = 0.5,
                   seed: int = 0, validation: tuple | None = None, metric: str | None = None
                   ) -> dict[str, dict[str, float]]:

@@ -62,6 +62,7 @@ class ClassificationSpec(ScoringSpec):
     metric_names = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_micro", "recall_micro",
                     "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted", "roc_auc", "log_loss")
     plot = "confusion"
+    evaluation_tables = ("per_class", "confusion_matrix")
     label_noun = "classes"
     options = frozenset({"label_smoothing", "calibrate", "augment"})
 
@@ -149,6 +150,7 @@ class MultiLabelSpec(ScoringSpec):
     metric_names = ("subset_accuracy", "hamming_loss", "f1_micro", "f1_macro", "roc_auc_macro", "ndcg", "lrap")
     label_key = "labels"
     plot = "per_label"
+    evaluation_tables = ("per_class",)
     options = frozenset({"label_delimiter", "threshold", "calibrate", "augment"})
 
     def example_label(self, manifest) -> Any:

@@ -98,3 +98,24 @@ def embedding_artifact(tiny_model, tmp_path_factory) -> Path:
         write_jsonl(directory / f"{split}.jsonl", make_pairs(n, seed))
     return _train_exported(tiny_model, directory, task="embedding", **{
         "train": {"epochs": 4, "batch_size": 32, "lr": 1e-3, "warmup_ratio": 0.0, "max_length": 32}})
+
+
+# The generation artifact's max_new_tokens; requests may ask for up to 4 times as many.
+GENERATION_NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="session")
+def generation_artifact(tmp_path_factory) -> Path:
+    """An exported tiny Llama that writes two words of its input (tests/training/test_generation_train.py), fine-tuned
+    for a few seconds: enough for the model to answer in a few tokens and end, mostly."""
+    from tests.training.test_generation_train import build_tiny_llama, make_pairs
+
+    data = tmp_path_factory.mktemp("generation-data")
+    for split, (n, seed) in {"train": (96, 1), "validation": (16, 2), "test": (16, 3)}.items():
+        write_jsonl(data / f"{split}.jsonl", make_pairs(n, seed))
+    return _train_exported(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")), data, task="generation", **{
+        "data": {"train": str(data / "train.jsonl"), "validation": str(data / "validation.jsonl"),
+                 "test": str(data / "test.jsonl"), "text": "input", "label": "target"},
+        "train": {"epochs": 3, "batch_size": 16, "eval_batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0,
+                  "max_length": 32},
+        "generation": {"max_target_length": 8, "max_new_tokens": GENERATION_NEW_TOKENS, "eval_examples": 8}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import jsonschema_rs
 import pytest
 
 from core.manifest import read_manifest
@@ -24,6 +25,16 @@ def test_every_task_gets_its_own_title_routes_and_working_examples(artifacts, se
         example = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]
         r = client.post(path, json=example)
         assert r.status_code == 200, (path, example, r.text)
+        # the answer is what this model's schema says, and the schema holds only what this task fills
+        schema = spec["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        jsonschema_rs.validate({**schema, "components": spec["components"]}, r.json())
+    tables = {"per_class", "confusion_matrix"}
+    evaluated = spec["paths"]["/evaluate"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert tables & set(evaluated["properties"]) == set(manifest.task.spec.evaluation_tables)
+    assert tables & set(r.json()) == set(manifest.task.spec.evaluation_tables)
+    predictions = spec["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert predictions["properties"]["predictions"]["items"]["$ref"].endswith(
+        "/" + manifest.task.spec.prediction_model.__name__)
     page = client.get("/").text
     for path, item in spec["paths"].items():
         for method in item:

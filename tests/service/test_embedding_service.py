@@ -49,7 +49,19 @@ def test_limits_and_the_routes_of_other_kinds_of_model(serve, embedding_artifact
     assert empty.status_code == 400 and "candidates" in empty.text
     predict = client.post("/predict", json={"texts": ["copy files"]})
     assert predict.status_code == 404 and "POST /embed" in predict.json()["error"]
+    # /evaluate ranks every query against every distinct positive: the corpus has a limit of its own
+    ranked = serve(embedding_artifact, max_corpus=3)
+    pairs = [{"query": f"query {i}", "positive": f"document {i % 4}"} for i in range(8)]
+    over = ranked.post("/evaluate", json={"examples": pairs})
+    assert over.status_code == 400
+    assert over.json()["error"].startswith("examples: 4 distinct documents to rank")
+    assert "TUNESERVE_MAX_CORPUS" in over.text
+    assert ranked.post("/evaluate", json={"examples": pairs[:3] * 2}).status_code == 200  # 6 examples, 3 documents
+    assert ranked.get("/metadata").json()["limits"]["max_corpus"] == 3
+    evaluate = ranked.get("/docs.json").json()["paths"]["/evaluate"]["post"]
+    assert "At most 3 distinct documents" in evaluate["description"]
     classifier = serve(artifacts["classification"])
+    assert "max_corpus" not in classifier.get("/metadata").json()["limits"]
     for route, body in (("/embed", {"texts": ["a"]}), ("/rank", {"query": "a", "candidates": ["b"]})):
         answer = classifier.post(route, json=body)
         assert answer.status_code == 404 and "does not embed text" in answer.json()["error"]

@@ -18,30 +18,15 @@ import pytest
 
 from core.manifest import read_manifest
 from core.prompting import render_prompt
-from tests.conftest import write_jsonl
 from tests.service.test_serve_process import refuses_to_start, start_server, stop, wait_ready
-from tests.training.test_generation_train import make_pairs, tiny_llama  # noqa: F401 (a fixture)
+from tests.service.conftest import GENERATION_NEW_TOKENS as DEFAULT_NEW_TOKENS
 
 TIMEOUT = 30  # seconds, for every HTTP call
-DEFAULT_NEW_TOKENS = 64  # the artifact's max_new_tokens; requests may ask for up to 4 times as many
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_llama, tmp_path_factory) -> Path:  # noqa: F811 (the fixture imported above)
-    data = tmp_path_factory.mktemp("generation-data")
-    for split, (n, seed) in {"train": (96, 1), "validation": (16, 2), "test": (16, 3)}.items():
-        write_jsonl(data / f"{split}.jsonl", make_pairs(n, seed))
-    from training.config import load_config
-    from training.run import train
-
-    # a few seconds of full fine-tuning: enough for the model to answer in a few tokens and end, mostly
-    raw = {"task": "generation", "model": tiny_llama, "method": "full", "output_dir": str(data / "run"),
-           "data": {"train": str(data / "train.jsonl"), "validation": str(data / "validation.jsonl"),
-                    "test": str(data / "test.jsonl"), "text": "input", "label": "target"},
-           "train": {"epochs": 3, "batch_size": 16, "eval_batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0,
-                     "max_length": 32},
-           "generation": {"max_target_length": 8, "max_new_tokens": DEFAULT_NEW_TOKENS, "eval_examples": 8}}
-    return train(load_config(raw=raw)).artifact_dir
+def artifact(generation_artifact) -> Path:
+    return generation_artifact
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +209,33 @@ def test_evaluate_scores_generations_as_the_trainer_did(server, artifact):
     assert body["delta"]["rougeL"] == pytest.approx(expected["rougeL"] - manifest.metrics["test"]["rougeL"], abs=1e-9)
     r = httpx.post(url + "/evaluate", json={"examples": [{"input": "x"}]}, timeout=TIMEOUT)
     assert r.status_code == 400 and "examples[0].reference" in r.json()["error"]
+    # what a writer's /evaluate holds is what its schema says: no tables a generation model never fills
+    assert not {"per_class", "confusion_matrix"} & set(body)
+    spec = httpx.get(url + "/docs.json", timeout=TIMEOUT).json()
+    evaluated = spec["paths"]["/evaluate"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert not {"per_class", "confusion_matrix"} & set(evaluated["properties"])
+
+
+def test_a_writers_requests_are_bounded_by_a_token_budget(server):
+    _, url, _ = server
+    budget = 8192  # TUNESERVE_MAX_GENERATED_TOKENS's default: 128 prompts of the default 64 new tokens
+    fits = budget // DEFAULT_NEW_TOKENS
+    examples = [{"input": "this tool will copy files", "reference": "copy files"}] * (fits + 1)
+    r = httpx.post(url + "/evaluate", json={"examples": examples}, timeout=TIMEOUT)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error.startswith(f"examples: {fits + 1} x {DEFAULT_NEW_TOKENS} new tokens")
+    assert f"at most {fits} per request" in error and "TUNESERVE_MAX_GENERATED_TOKENS" in error
+    assert "tuneserve evaluate" in error
+    r = _generate(url, {"prompts": ["this tool will copy files"] * (fits + 1)})
+    assert r.status_code == 400 and r.json()["error"].startswith("prompts: ")
+    # the budget counts tokens, not prompts: as many prompts with fewer new tokens each are written
+    r = _generate(url, {"prompts": ["this tool will copy files"] * (fits + 1), "max_new_tokens": 1})
+    assert r.status_code == 200 and all(g["tokens"] == 1 for g in r.json()["generations"])
+    assert httpx.get(url + "/metadata", timeout=TIMEOUT).json()["limits"]["max_generated_tokens"] == budget
+    spec = httpx.get(url + "/docs.json", timeout=TIMEOUT).json()
+    for path in ("/generate", "/evaluate"):
+        assert f"At most {budget:,} new tokens per request" in spec["paths"][path]["post"]["description"]
 
 
 def test_a_tampered_selftest_text_keeps_the_service_from_starting(artifact, tmp_path):

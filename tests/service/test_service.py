@@ -124,7 +124,7 @@ def test_evaluate_other_tasks_and_bad_labels(artifacts, serve):
     reg = serve(artifacts["regression"], backend="onnx")
     r = reg.post("/evaluate", json={"examples": [{"text": x["text"], "label": x["score"]} for x in rows]})
     assert r.status_code == 200 and {"mse", "r2"} <= set(r.json()["metrics"])
-    assert r.json()["confusion_matrix"] is None
+    assert not {"confusion_matrix", "per_class"} & set(r.json())  # a regression model fills neither table
 
     client = serve(artifacts["classification"], backend="onnx", max_examples=50)
     examples = [{"text": x["text"], "label": x["label"]} for x in rows]

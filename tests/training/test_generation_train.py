@@ -29,12 +29,12 @@ def make_pairs(n: int, seed: int) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
+def build_tiny_llama(directory: Path) -> str:
+    """A 2-layer Llama with a byte-level tokenizer over the pairs' words and a ChatML template, saved in
+    ``directory``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    directory = tmp_path_factory.mktemp("tiny-llama")
     corpus = [r["input"] + " " + r["target"] for r in make_pairs(200, 0)] + ["system user assistant"]
     tokenizer = byte_level_bpe(corpus, ["<|im_start|>", "<|im_end|>"], chat_template=CHATML, eos_token="<|im_end|>",
                                pad_token="<|im_end|>")
@@ -45,6 +45,11 @@ def tiny_llama(tmp_path_factory) -> str:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(directory)
     return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
