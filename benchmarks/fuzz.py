@@ -48,6 +48,7 @@ def fuzz_one(artifact: str, args: argparse.Namespace) -> dict:
             done = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{url}/docs.json", "--url", url,
                                    "--checks", "all", "--exclude-checks", EXCLUDED, "--max-examples",
                                    str(args.max_examples), "--seed", "1", "--request-timeout", "70",
+                                   "--max-response-time", "65",
                                    "-H", f"Authorization: Bearer {KEY}",
                                    "--report", "junit", "--report-junit-path", str(report)],
                                   capture_output=True, text=True, cwd=tmp)
