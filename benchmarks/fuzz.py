@@ -58,7 +58,8 @@ def fuzz_one(artifact: str, args: argparse.Namespace) -> dict:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
-    print(done.stdout[-3000:])
+    failures = done.stdout.find("=== FAILURES ===")
+    print(done.stdout[failures - 40:failures + 6000] if failures >= 0 else done.stdout[-3000:])
     summary = re.search(r"(\d+) generated, (\d+) passed", done.stdout)
     operations = {case.get("name", "").split(" ")[0] + " " + case.get("name", "").split(" ")[-1]
                   for case in suites.iter("testcase")}
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT")
     parser.add_argument("--max-examples", type=int, default=500, help="per operation and test phase")
     parser.add_argument("--service-python", default=sys.executable)
+    parser.add_argument("--section", default="fuzz", help="the RELIABILITY.md section to write (one table per run)")
     args = parser.parse_args()
 
     from benchmarks._report import write_section
@@ -94,7 +96,7 @@ schemathesis generated requests from each service's own OpenAPI schema (/docs.js
 {lines}
 """
     print(body)
-    write_section("fuzz", "python benchmarks/fuzz.py " + " ".join(sys.argv[1:]), body, path=ROOT / "RELIABILITY.md")
+    write_section(args.section, "python benchmarks/fuzz.py " + " ".join(sys.argv[1:]), body, path=ROOT / "RELIABILITY.md")
 
 
 if __name__ == "__main__":

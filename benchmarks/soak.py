@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=180, help="of mixed load, per artifact")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--service-python", default=sys.executable)
+    parser.add_argument("--section", default="soak", help="the RELIABILITY.md section to write (one table per run)")
     args = parser.parse_args()
 
     from benchmarks._report import write_section
@@ -229,7 +230,7 @@ Shutdown: 8 /evaluate requests in flight when the server got SIGTERM; then one r
 {chr(10).join(shutdown for _, shutdown in lines)}
 """
     print(body)
-    write_section("soak", "python benchmarks/soak.py " + " ".join(sys.argv[1:]), body, path=ROOT / "RELIABILITY.md")
+    write_section(args.section, "python benchmarks/soak.py " + " ".join(sys.argv[1:]), body, path=ROOT / "RELIABILITY.md")
 
 
 if __name__ == "__main__":

@@ -220,8 +220,8 @@ def _narrow_to_task(path: str, operation: dict, m: Manifest, settings: Settings)
             f"At most {settings.max_corpus:,} distinct documents (positives) per request: each query is ranked "
             "against all of them.")]))
     if spec.writes and path in ("/generate", "/evaluate"):
-        budget = (f"At most {settings.max_generated_tokens:,} new tokens per request in all (prompts or examples times "
-                  "max_new_tokens); a larger request gets 400 saying how to split it.")
+        budget = (f"At most {settings.max_request_tokens:,} tokens per request: the prompts' tokens plus "
+                  "max_new_tokens for each; a larger request gets 400 saying how many prompts fit.")
         operation["description"] = " ".join(filter(None, [operation.get("description"), budget]))
 
 

@@ -54,23 +54,27 @@ def max_new_tokens_cap(manifest: Manifest, settings: Settings) -> int:
     return min(MAX_NEW_TOKENS_FACTOR * default_max_new_tokens(manifest), settings.max_new_tokens)
 
 
-def check_token_budget(field: str, count: int, max_new_tokens: int, settings: Settings) -> None:
-    """Refuse a request that may write more new tokens in all than TUNESERVE_MAX_GENERATED_TOKENS: decoding is the
-    slow part of a writer, and one request of thousands of prompts would hold the decoder for hours.
+def check_token_budget(field: str, ids: Sequence[Sequence[int]], max_new_tokens: int, settings: Settings) -> None:
+    """Refuse a request whose prompts and new tokens come to more tokens than TUNESERVE_MAX_REQUEST_TOKENS: a writer
+    reads every prompt token and writes up to max_new_tokens per prompt, and one request of hundreds of long prompts
+    would hold the decoder for minutes.
 
     Raises:
-        RequestError: ``count`` prompts (or examples) times ``max_new_tokens`` is over the budget; the message says how
-            to split the work.
+        RequestError: the prompt tokens plus ``len(ids)`` times ``max_new_tokens`` are over the budget; the message
+            says how many such prompts fit.
     """
-    budget = settings.max_generated_tokens
-    if count * max_new_tokens <= budget:
+    budget, count = settings.max_request_tokens, len(ids)
+    read = sum(len(prompt) for prompt in ids)
+    total = read + count * max_new_tokens
+    if total <= budget:
         return
-    fits = budget // max_new_tokens
+    fits = budget * count // total  # prompts of the same lengths that fit
     split = (f"send at most {fits} per request" if fits else
-             f"ask for at most {budget} new tokens (max_new_tokens) per request")
-    raise RequestError(f"{field}: {count} x {max_new_tokens} new tokens = {count * max_new_tokens:,} tokens to write, "
-                       f"over this service's budget of {budget:,} per request (TUNESERVE_MAX_GENERATED_TOKENS); "
-                       f"{split}, or score a whole file offline with `tuneserve evaluate ARTIFACT --data FILE`")
+             "send shorter prompts or ask for fewer new tokens (max_new_tokens)")
+    raise RequestError(f"{field}: {count} prompts of {read:,} tokens in all and up to {count} x {max_new_tokens} new "
+                       f"tokens = {total:,} tokens, over this service's budget of {budget:,} per request "
+                       f"(TUNESERVE_MAX_REQUEST_TOKENS); {split}, or score a whole file offline with "
+                       "`tuneserve evaluate ARTIFACT --data FILE`")
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,13 @@ def examples_to_inputs(manifest: Manifest, examples: Sequence[Example], settings
             if example.text is not None:
                 raise RequestError(f"examples[{i}]: give text or tokens, not both")
             given, key, value = example.tokens, "tags", example.tags
+            if not given:
+                raise RequestError(f"examples[{i}].tokens: no tokens; give at least one")
         else:
-            given = _first_text(example, i)
+            name, given = _first_text(example, i)
+            if not given.strip():
+                # as training refuses them: there is nothing to score (a token model would find no word at all)
+                raise RequestError(f"examples[{i}].{name}: empty or only whitespace; give the text to score")
             key, value = spec.label_key, getattr(example, spec.label_key)
         try:
             text, label = spec.parse_example(given, value)
@@ -92,15 +97,16 @@ def examples_to_inputs(manifest: Manifest, examples: Sequence[Example], settings
 TEXT_ALIASES = ("input", "query")
 
 
-def _first_text(example: Example, i: int) -> str:
-    """The example's text, given as ``text`` or as one of :data:`TEXT_ALIASES`, exactly once."""
+def _first_text(example: Example, i: int) -> tuple[str, str]:
+    """The field that holds the example's text (``text`` or one of :data:`TEXT_ALIASES`, given exactly once) and
+    the text."""
     given = {name: getattr(example, name) for name in ("text", *TEXT_ALIASES) if getattr(example, name) is not None}
     if len(given) > 1:
         raise RequestError(f"examples[{i}]: give one of {' or '.join(given)}, not both")
     if not given:
         raise RequestError(f"examples[{i}].text: missing; give the text to score (or input for a generation model, "
                            "query for an embedding model)")
-    return next(iter(given.values()))
+    return next(iter(given.items()))
 
 
 def evaluation_body(manifest: Manifest, evaluation: Evaluation) -> dict:

@@ -50,7 +50,8 @@ class Scorer:
         positives too: :meth:`core.tasks.base.TaskSpec.judged_inputs`).
 
         Raises:
-            RequestError: the examples hold more documents to rank than the service's limit.
+            RequestError: the examples hold more documents to rank than the service's limit, or the model would
+                read more texts to judge them than TUNESERVE_MAX_EXAMPLES.
             NonFiniteOutputs: the model's outputs are not all finite.
         """
         corpus = self.spec.ranked_corpus(targets)
@@ -60,7 +61,14 @@ class Scorer:
                                "ranked against every document); post fewer examples, or score a whole file offline "
                                "with `tuneserve evaluate ARTIFACT --data FILE` (a smaller corpus is an easier one: "
                                "figures of different corpus sizes do not compare)")
+        n = len(texts)
         texts, pairs = self.spec.judged_inputs(texts, pairs, targets)
+        limit, read = self.settings.max_examples, self.spec.texts_read(texts, pairs)
+        if read > limit:
+            raise RequestError(f"examples: the model reads {read:,} texts to judge these {n:,} examples (each "
+                               f"query and its positive), over the limit of {limit:,} texts per request "
+                               f"(TUNESERVE_MAX_EXAMPLES); post at most {n * limit // read:,} examples per "
+                               "request, or score a whole file with `tuneserve evaluate ARTIFACT --data FILE`")
         scores = await self.scores(texts, pairs)
         return self.spec.evaluate(targets, scores, self.manifest.labels, threshold=self.manifest.decision_threshold)
 

@@ -228,12 +228,12 @@ class Tuneserve:
                 check_messages_size(messages, self.settings)
             decoding = decoding_options(self.manifest, self.settings, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop)
-            check_token_budget("prompts" if prompts is not None else "messages", len(prompts or messages or ()),
-                               decoding.max_new_tokens, self.settings)
             ids = await anyio.to_thread.run_sync(lambda: prompt_token_ids(
                 self.backend.prompter, prompts=prompts, messages=messages, raw=raw,
                 max_new_tokens=decoding.max_new_tokens, max_positions=self.backend.max_positions,
                 encoder_decoder=self.backend.layout.encoder_decoder))
+            check_token_budget("prompts" if prompts is not None else "messages", ids, decoding.max_new_tokens,
+                               self.settings)
             if stream and len(ids) != 1:
                 raise RequestError(f"stream: streams one prompt at a time; this request has {len(ids)}")
         except RequestError as exc:

@@ -37,10 +37,10 @@ class Settings(BaseSettings):
     max_corpus: int = Field(
         2_000, ge=1, description="Embedding models: the most distinct documents one /evaluate ranks (every query "
                                  "against every document: time and memory grow with their product).")
-    max_generated_tokens: int = Field(
-        8192, ge=1, description="Generation: the most new tokens one /generate or /evaluate request may ask for in all "
-                                "(its prompts or examples times max_new_tokens); a larger request gets 400 saying how "
-                                "to split it.")
+    max_request_tokens: int = Field(
+        8192, ge=1, description="Generation: the most tokens one /generate or /evaluate request may cost: its prompt "
+                                "tokens plus max_new_tokens per prompt; a larger request gets 400 saying how many "
+                                "prompts fit.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body, in bytes (413 above).")
     timeout: float = Field(60.0, gt=0, description="Seconds a request may take before it gets 504.")
     max_concurrency: int | None = Field(None, ge=1, description="Requests served at once; more get 429 (probes exempt).")

@@ -39,17 +39,17 @@ class Writer:
         """Greedy decoding with the model's max_new_tokens: how the trainer scored its test split.
 
         Raises:
-            RequestError: the examples would write more tokens than the service's budget per request.
+            RequestError: the examples' prompts and new tokens are more than the service's budget per request.
         """
         max_new_tokens = default_max_new_tokens(self.manifest)
-        check_token_budget("examples", len(texts), max_new_tokens, self.settings)
         prompts = await anyio.to_thread.run_sync(self.backend.prompter.all, texts)
+        check_token_budget("examples", prompts, max_new_tokens, self.settings)
         generations = await self.batcher(prompts, Decoding(max_new_tokens))
         return self.spec.evaluate(targets, generations)
 
     def limits(self) -> dict:
         return {"max_new_tokens": max_new_tokens_cap(self.manifest, self.settings),
-                "max_generated_tokens": self.settings.max_generated_tokens}
+                "max_request_tokens": self.settings.max_request_tokens}
 
     def metadata(self) -> dict:
         m, backend = self.manifest, self.backend

@@ -264,6 +264,10 @@ class TaskSpec(ABC):
         their pairs; a family whose metrics need the model's view of the targets too says so here."""
         return texts, pairs
 
+    def texts_read(self, texts: Sequence[str], pairs: Sequence[str] | None) -> int:
+        """How many texts the model encodes for these inputs (a pair is one input, read together)."""
+        return len(texts)
+
     def ranked_corpus(self, targets: Any) -> int | None:
         """How many documents an evaluation of these targets ranks each query against (its cost grows with queries
         times documents); ``None`` for a task that ranks nothing."""

@@ -273,6 +273,10 @@ class EmbeddingSpec(ScoringSpec):
         return finished(Evaluation(metrics=retrieval_metrics(relevance, similarity),
                                    notes=[f"corpus of {len(corpus)} unique positive documents"]), len(targets))
 
+    def texts_read(self, texts: Sequence[str], pairs: Sequence[str] | None) -> int:
+        """Queries and their positives are encoded apart: two texts per example."""
+        return len(texts) + len(pairs or ())
+
     def ranked_corpus(self, targets: Any) -> int:
         """The unique positives: every query is ranked against all of them."""
         return len({str(t) for t in targets})

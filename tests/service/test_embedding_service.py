@@ -60,6 +60,11 @@ def test_limits_and_the_routes_of_other_kinds_of_model(serve, embedding_artifact
     assert ranked.get("/metadata").json()["limits"]["max_corpus"] == 3
     evaluate = ranked.get("/docs.json").json()["paths"]["/evaluate"]["post"]
     assert "At most 3 distinct documents" in evaluate["description"]
+    # it reads two texts per example (the query and its positive): those count against the example limit
+    reads = serve(embedding_artifact, max_examples=10)
+    many = reads.post("/evaluate", json={"examples": pairs[:6]})
+    assert many.status_code == 400 and "reads 12 texts" in many.text and "at most 5 examples" in many.text
+    assert reads.post("/evaluate", json={"examples": pairs[:5]}).status_code == 200
     classifier = serve(artifacts["classification"])
     assert "max_corpus" not in classifier.get("/metadata").json()["limits"]
     for route, body in (("/embed", {"texts": ["a"]}), ("/rank", {"query": "a", "candidates": ["b"]})):

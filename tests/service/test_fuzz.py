@@ -38,7 +38,7 @@ def artifact_of(request):
 def test_schemathesis_finds_no_server_error_and_no_response_off_schema(task, artifact_of, tmp_path):
     env = {"TUNESERVE_ARTIFACT": str(artifact_of(task)), "TUNESERVE_API_KEY": KEY,
            # a writer's budget small enough that a fuzzed /evaluate or /generate decodes for a second, not minutes
-           "TUNESERVE_MAX_GENERATED_TOKENS": "512",
+           "TUNESERVE_MAX_REQUEST_TOKENS": "512",
            # a request at the largest documented size may take longer than schemathesis waits by default (10 s): the
            # service answers it, or gives its documented 504, before the client gives up
            "TUNESERVE_TIMEOUT": str(SERVICE_TIMEOUT),

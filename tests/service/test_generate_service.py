@@ -218,24 +218,27 @@ def test_evaluate_scores_generations_as_the_trainer_did(server, artifact):
 
 def test_a_writers_requests_are_bounded_by_a_token_budget(server):
     _, url, _ = server
-    budget = 8192  # TUNESERVE_MAX_GENERATED_TOKENS's default: 128 prompts of the default 64 new tokens
-    fits = budget // DEFAULT_NEW_TOKENS
-    examples = [{"input": "this tool will copy files", "reference": "copy files"}] * (fits + 1)
+    budget = 8192  # TUNESERVE_MAX_REQUEST_TOKENS's default: prompt tokens plus max_new_tokens per prompt
+    examples = [{"input": "this tool will copy files", "reference": "copy files"}] * 200
     r = httpx.post(url + "/evaluate", json={"examples": examples}, timeout=TIMEOUT)
     assert r.status_code == 400
     error = r.json()["error"]
-    assert error.startswith(f"examples: {fits + 1} x {DEFAULT_NEW_TOKENS} new tokens")
-    assert f"at most {fits} per request" in error and "TUNESERVE_MAX_GENERATED_TOKENS" in error
-    assert "tuneserve evaluate" in error
-    r = _generate(url, {"prompts": ["this tool will copy files"] * (fits + 1)})
-    assert r.status_code == 400 and r.json()["error"].startswith("prompts: ")
-    # the budget counts tokens, not prompts: as many prompts with fewer new tokens each are written
-    r = _generate(url, {"prompts": ["this tool will copy files"] * (fits + 1), "max_new_tokens": 1})
+    assert error.startswith("examples: 200 prompts of ") and f"200 x {DEFAULT_NEW_TOKENS} new tokens" in error
+    assert "TUNESERVE_MAX_REQUEST_TOKENS" in error and "tuneserve evaluate" in error
+    # the advice holds: as many examples as it says fit are answered
+    fits = int(re.search(r"send at most (\d+) per request", error).group(1))
+    assert 0 < fits < 200
+    r = httpx.post(url + "/evaluate", json={"examples": examples[:fits]}, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.json()["n"] == fits
+    r = _generate(url, {"prompts": ["this tool will copy files"] * 200})
+    assert r.status_code == 400 and r.json()["error"].startswith("prompts: 200 prompts of ")
+    # with fewer new tokens each, as many prompts fit
+    r = _generate(url, {"prompts": ["this tool will copy files"] * 200, "max_new_tokens": 1})
     assert r.status_code == 200 and all(g["tokens"] == 1 for g in r.json()["generations"])
-    assert httpx.get(url + "/metadata", timeout=TIMEOUT).json()["limits"]["max_generated_tokens"] == budget
+    assert httpx.get(url + "/metadata", timeout=TIMEOUT).json()["limits"]["max_request_tokens"] == budget
     spec = httpx.get(url + "/docs.json", timeout=TIMEOUT).json()
     for path in ("/generate", "/evaluate"):
-        assert f"At most {budget:,} new tokens per request" in spec["paths"][path]["post"]["description"]
+        assert f"At most {budget:,} tokens per request" in spec["paths"][path]["post"]["description"]
 
 
 def test_a_tampered_selftest_text_keeps_the_service_from_starting(artifact, tmp_path):
