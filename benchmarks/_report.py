@@ -49,6 +49,13 @@ def latency_and_throughput(logits, texts: list[str], n: int, batch_texts: int, w
     return 1000 * statistics.median(latencies), batch_texts / (time.perf_counter() - start)
 
 
+def shown(path: str | Path) -> str:
+    """A path as a report prints it: relative to the project where it lies inside it (a report names no machine)."""
+    path = Path(path).absolute()
+    root = BENCHMARKS.parent
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
+
 def machine() -> str:
     import os
 

@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--section", default="fuzz", help="the RELIABILITY.md section to write (one table per run)")
     args = parser.parse_args()
 
-    from benchmarks._report import write_section
+    from benchmarks._report import shown, write_section
 
     results = [fuzz_one(artifact, args) for artifact in args.artifacts]
     lines = "\n".join(
@@ -89,7 +89,7 @@ def main() -> None:
 
 schemathesis generated requests from each service's own OpenAPI schema (/docs.json), with the API key sent and
 `--max-examples {args.max_examples}` per operation and phase; checks: every check but
-{EXCLUDED.replace(",", " and ")}. One server per model, served by `auto` (`{args.service_python}`).
+{EXCLUDED.replace(",", " and ")}. One server per model, served by `auto` (`{shown(args.service_python)}`).
 
 | model (task) | operations | requests generated | exit code | failing operations | server afterwards | wall |
 |---|---|---|---|---|---|---|

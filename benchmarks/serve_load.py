@@ -162,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     artifact = Path(args.artifact).resolve()
 
-    from benchmarks._report import latency_and_throughput, write_section
+    from benchmarks._report import latency_and_throughput, shown, write_section
     from core.manifest import read_manifest
     from service.backends import choose_backend
     from training.data.demo import demo_path
@@ -244,7 +244,7 @@ def main() -> None:
 
 Single-sentence requests over loopback (aiohttp clients on the same 2 cores), at most {args.requests} requests or
 {args.seconds:.0f} s per row; the service ran `bentoml serve` with TUNESERVE_BACKEND=auto, which chose
-**{backend_name}**, under `{args.service_python}`. In-process figures are that backend called directly in the benchmark's process,
+**{backend_name}**, under `{shown(args.service_python)}`. In-process figures are that backend called directly in the benchmark's process,
 before and after the servers ran (calls of 32 sentences: {before} and {after} /s); the table and the targets use their mean.
 Batch 32 in-process means calls of 32 sentences in the order they come, as a pooled turn of 32 concurrent requests
 reaches the model. One call on all 1,024 sentences, which the backend sorts by length before cutting batches of 32
