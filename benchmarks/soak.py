@@ -6,7 +6,9 @@ artifact's own test split, read as `tuneserve evaluate` reads a file) and malfor
 types, unknown labels, over-limit bodies, the pickle content type) back to back. Counted: valid requests that failed
 (must be 0), malformed ones answered with anything but a 4xx (must be 0), 5xx, and the server's resident memory over
 time (it must level off). Then a burst of /evaluate requests is in flight when the server gets SIGTERM: they must all
-complete, new connections must be refused, and the exit code must be 0.
+complete, new connections must be refused, and the exit code must be 0. The burst is sized to be answered within the
+service's request timeout (TUNESERVE_TIMEOUT, 60 s): the requests queue for the model one after another, and one still
+waiting at the timeout is answered 504 whether or not the server is stopping (`--shutdown-examples` sets the size).
 
     python benchmarks/soak.py ARTIFACT [ARTIFACT ...] --service-python .venv-serve/bin/python [--seconds 180]
 """
@@ -22,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,18 +63,19 @@ class Load:
     shutdown_size: int  # examples per /evaluate in flight at SIGTERM
 
     @classmethod
-    def of(cls, artifact: Path) -> Load:
+    def of(cls, artifact: Path, shutdown_examples: int | None = None) -> Load:
         from core.manifest import read_manifest
-        from training.cli import _load_labelled
+        from training.data.reading import load_labelled
 
         manifest = read_manifest(artifact)
         spec = manifest.task.spec
         data = manifest.provenance.config["data"]
-        split = _load_labelled(manifest, data.get("test") or data["train"], None, None, None, drop_missing=True)
+        split = load_labelled(manifest, data.get("test") or data["train"], drop_missing=True)
         rows = [Row(text, pair, posted(spec, text, pair, label))
                 for text, pair, label in zip(split.texts, split.pairs or [None] * len(split), split.labels)]
         # A writer decodes every example: its /evaluate requests stay small (and within its token budget).
-        evaluate_size, shutdown_size = (4, 16) if spec.writes else (min(50, len(rows)), min(2000, len(rows)))
+        evaluate_size, shutdown_size = (4, 4) if spec.writes else (min(50, len(rows)), min(200, len(rows)))
+        shutdown_size = min(shutdown_examples or shutdown_size, len(rows))
         return cls(manifest.name, manifest.task.value, spec.route, manifest.has_pair, rows, evaluate_size,
                    shutdown_size)
 
@@ -159,7 +163,9 @@ async def sigterm_under_load(url: str, proc: subprocess.Popen, load: Load, n: in
         tasks = [asyncio.ensure_future(one()) for _ in range(n)]
         await asyncio.sleep(1.0)  # in flight
         os.killpg(proc.pid, signal.SIGTERM)
+        stopped = time.perf_counter()
         statuses = await asyncio.gather(*tasks, return_exceptions=True)
+        drained = time.perf_counter() - stopped
         await asyncio.sleep(0.5)
         try:
             async with session.post(url + load.route, json=load.request(load.rows[:1])) as r:
@@ -167,11 +173,12 @@ async def sigterm_under_load(url: str, proc: subprocess.Popen, load: Load, n: in
         except aiohttp.ClientError as exc:
             after = f"refused ({type(exc).__name__})"
     code = await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(60))
-    return {"statuses": statuses, "after": after, "exit_code": code}
+    return {"statuses": [s if isinstance(s, int) else type(s).__name__ for s in statuses], "after": after,
+            "exit_code": code, "drained": drained}
 
 
 def soak_one(artifact: str, args: argparse.Namespace) -> dict:
-    load = Load.of(Path(artifact))
+    load = Load.of(Path(artifact), args.shutdown_examples)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
     env.update(TUNESERVE_ARTIFACT=str(Path(artifact).resolve()), TUNESERVE_ACCESS_LOG="false")
     proc, url = start_service(args.service_python, env)
@@ -191,13 +198,13 @@ def row(result: dict) -> tuple[str, str]:
     rss = [m for _, m in soak["memory"]]
     half = len(rss) // 2
     total = soak["predict"] + soak["evaluate"] + soak["malformed"]
-    completed = sum(1 for s in shutdown["statuses"] if s == 200)
+    answers = ", ".join(f"{n} × {status}" for status, n in Counter(shutdown["statuses"]).most_common())
     return (f"| {load.name} ({load.task}) | {total} | {soak['predict']} {load.route} | {soak['evaluate']} of "
             f"{load.evaluate_size} | {soak['malformed']} | {soak['valid_failed']} | {soak['malformed_not_4xx']} | "
             f"{soak['5xx']} | {rss[0]:.0f} / {max(rss):.0f} / {rss[-1]:.0f} MB | "
             f"{sum(rss[:half]) / max(half, 1):.0f} / {sum(rss[half:]) / max(len(rss) - half, 1):.0f} MB |",
-            f"| {load.name} ({load.task}) | 8 of {load.shutdown_size} examples | {completed} of 8 | "
-            f"{shutdown['after']} | {shutdown['exit_code']} |")
+            f"| {load.name} ({load.task}) | 8 of {load.shutdown_size} examples | {answers} | "
+            f"{shutdown['drained']:.1f} s | {shutdown['after']} | {shutdown['exit_code']} |")
 
 
 def main() -> None:
@@ -206,16 +213,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=180, help="of mixed load, per artifact")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--service-python", default=sys.executable)
+    parser.add_argument("--shutdown-examples", type=int, default=None,
+                        help="examples per /evaluate in flight at SIGTERM (default 200; 4 for a model that writes)")
     parser.add_argument("--section", default="soak", help="the RELIABILITY.md section to write (one table per run)")
     args = parser.parse_args()
 
-    from benchmarks._report import write_section
+    from benchmarks._report import shown, write_section
 
     lines = [row(soak_one(artifact, args)) for artifact in args.artifacts]
-    body = f"""## Soak: mixed load, then SIGTERM under load
+    heading = (f"SIGTERM with {args.shutdown_examples:,}-example requests in flight" if args.shutdown_examples
+               else "mixed load, then SIGTERM under load")
+    body = f"""## Soak: {heading}
 
 {args.seconds:.0f} s of loopback load from {args.concurrency} clients on each model's service, served by `auto`
-(`{args.service_python}`): 80% the model's own route with 1-4 texts of its test split, 10% /evaluate of labelled
+(`{shown(args.service_python)}`): 80% the model's own route with 1-4 texts of its test split, 10% /evaluate of labelled
 examples of its test split, 10% malformed requests ({", ".join(name for name, _, _ in MALFORMED)}). Memory: the
 resident memory of the server's process tree, sampled every 5 s (start / peak / end; mean of the first / second half).
 
@@ -223,10 +234,11 @@ resident memory of the server's process tree, sampled every 5 s (start / peak / 
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(load for load, _ in lines)}
 
-Shutdown: 8 /evaluate requests in flight when the server got SIGTERM; then one request to the model's route.
+Shutdown: 8 /evaluate requests in flight when the server got SIGTERM (their answers, and the time from SIGTERM to the
+last); then one request to the model's route.
 
-| model (task) | in flight | completed with 200 | the request after | exit code |
-|---|---|---|---|---|
+| model (task) | in flight | answers | drained in | the request after | exit code |
+|---|---|---|---|---|---|
 {chr(10).join(shutdown for _, shutdown in lines)}
 """
     print(body)

@@ -65,8 +65,8 @@ class Scorer:
         texts, pairs = self.spec.judged_inputs(texts, pairs, targets)
         limit, read = self.settings.max_examples, self.spec.texts_read(texts, pairs)
         if read > limit:
-            raise RequestError(f"examples: the model reads {read:,} texts to judge these {n:,} examples (each "
-                               f"query and its positive), over the limit of {limit:,} texts per request "
+            raise RequestError(f"examples: the model reads {read:,} texts to judge these {n:,} examples, over the "
+                               f"limit of {limit:,} texts per request "
                                f"(TUNESERVE_MAX_EXAMPLES); post at most {n * limit // read:,} examples per "
                                "request, or score a whole file with `tuneserve evaluate ARTIFACT --data FILE`")
         scores = await self.scores(texts, pairs)

@@ -113,22 +113,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_labelled(manifest, data: str, text: str | None, text_pair: str | None, label: str | None,
-                   drop_missing: bool = False):
-    """Read a labelled file with the artifact's columns (overridable) and map labels through its label set."""
-    from training.config import DataConfig
-    from training.data.reading import attach_targets, load_split
-
-    cfg = DataConfig(train=data, text=text or manifest.text_fields[0],
-                     text_pair=text_pair or (manifest.text_fields[1] if manifest.has_pair else None),
-                     label=label or manifest.label_field,
-                     label_delimiter=manifest.provenance.config.get("data", {}).get("label_delimiter"),
-                     drop_missing_labels=drop_missing)
-    split = load_split(data, "evaluate", cfg, manifest.task)
-    attach_targets(split, manifest.task, manifest.labels, cfg.label)
-    return split
-
-
 def _backend(args: argparse.Namespace):
     """The artifact's manifest and the backend the service would answer with (``--backend``, default ``auto``)."""
     from core.manifest import read_manifest
@@ -153,7 +137,10 @@ def _answers(manifest, backend, texts: list[str], pairs: list[str] | None, max_n
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     manifest, backend = _backend(args)
-    split = _load_labelled(manifest, args.data, args.text, args.text_pair, args.label, args.drop_missing_labels)
+    from training.data.reading import load_labelled
+
+    split = load_labelled(manifest, args.data, text=args.text, text_pair=args.text_pair, label=args.label,
+                          drop_missing=args.drop_missing_labels)
     # what the model reads to be judged (an embedding model: the positives too, which it ranks)
     texts, pairs = manifest.task.spec.judged_inputs(split.texts, split.pairs, split.targets)
     scores = _answers(manifest, backend, texts, pairs)

@@ -586,3 +586,17 @@ def _augment(train: Split, cfg: DataConfig, seed: int) -> tuple[Split, dict]:
     return Split(name=train.name, source=train.source, texts=train.texts + added.texts,
                  pairs=train.pairs + added.pairs if train.pairs is not None else None,
                  labels=train.labels + copies.labels, rows=train.rows + copies.rows), added.record
+
+
+def load_labelled(manifest, path: str, *, text: str | None = None, text_pair: str | None = None,
+                  label: str | None = None, drop_missing: bool = False) -> Split:
+    """A labelled file read as an artifact reads it: its columns (each overridable), its label set and label
+    delimiter; what `tuneserve evaluate` scores and the soak benchmark posts."""
+    cfg = DataConfig(train=path, text=text or manifest.text_fields[0],
+                     text_pair=text_pair or (manifest.text_fields[1] if manifest.has_pair else None),
+                     label=label or manifest.label_field,
+                     label_delimiter=manifest.provenance.config.get("data", {}).get("label_delimiter"),
+                     drop_missing_labels=drop_missing)
+    split = load_split(path, "evaluate", cfg, manifest.task)
+    attach_targets(split, manifest.task, manifest.labels, cfg.label)
+    return split
