@@ -8,6 +8,7 @@ rejected with their full path.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -198,6 +199,12 @@ class ExportConfig(_Strict):
     onnx: bool = Field(True, description="Export to ONNX after training and gate it against PyTorch (tuneserve export does the same later).")
     int8: Literal["auto", "on", "off"] = Field(
         "auto", description="Dynamic int8 quantization: 'auto' keeps it only if it passes the gate, 'on' fails the export if it cannot.")
+
+    @field_validator("int8", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        # YAML 1.1 reads a bare `on` and `off` (in a file or in --set) as true and false.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
     int8_min_agreement: float = Field(0.99, gt=0, le=1, description="Label agreement with PyTorch an int8 model must reach.")
     int8_max_metric_drop: float = Field(0.005, ge=0, description="Largest drop of the primary metric int8 may cause (0.005 = 0.5 points).")
     aggregation: Literal["first", "max", "simple"] = Field(
@@ -539,7 +546,7 @@ def _describe(exc: ValidationError) -> str:
         loc = [str(p) for p in error["loc"] if not _UNION_TAG.match(str(p))]
         where = ".".join(loc)
         if error["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + _did_you_mean(loc)
         elif error["type"] == "missing":
             message = "is required"
         else:
@@ -549,6 +556,23 @@ def _describe(exc: ValidationError) -> str:
         (f"'{where}': " if where else "") + " or ".join(dict.fromkeys(messages))
         for where, messages in by_field.items()
     )
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    """' (did you mean 'train.epochs'?)' for an unknown key close to a key of its section."""
+    model: type[BaseModel] = Config
+    names = iter(loc[:-1])
+    for name in names:
+        field = model.model_fields.get(name)
+        nested = [t for t in (field.annotation, *get_args(field.annotation))
+                  if isinstance(t, type) and issubclass(t, BaseModel)] if field is not None else []
+        if not nested:
+            return ""
+        if get_origin(field.annotation) is dict:  # a keyed section (search: config path -> range): skip the key
+            next(names, None)
+        model = nested[0]
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean '{'.'.join([*loc[:-1], close[0]])}'?)" if close else ""
 
 
 def reference_table() -> str:

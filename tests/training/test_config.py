@@ -33,11 +33,17 @@ def test_defaults_and_overrides(tmp_path):
     assert load_config(raw={"task": "regression", "data": {"train": "x"}}).monitor == "r2"
     # YAML reads a bare `no` as false; mixed_precision takes it as the word it is.
     assert load_config(Path(CONFIGS[0]), ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    # and `on`/`off` as true/false; export.int8 takes them as the words they are.
+    assert load_config(Path(CONFIGS[0]), ["export.int8=off"]).export.int8 == "off"
+    assert load_config(Path(CONFIGS[0]), ["export.int8=on"]).export.int8 == "on"
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"data": {"train": "x"}, "train": {"epoch": 3}}, "'train.epoch': unknown key"),
+    ({"data": {"train": "x"}, "train": {"epoch": 3}}, r"'train.epoch': unknown key \(did you mean 'train.epochs'\?\)"),
+    ({"data": {"train": "x"}, "train": {"epocs": 3}}, r"'train.epocs': unknown key \(did you mean 'train.epochs'\?\)"),
+    ({"data": {"train": "x"}, "lora": {"rank": 8}}, r"'lora.rank': unknown key$"),  # nothing close: no guess
     ({"data": {"train": "x", "colum": "t"}}, "'data.colum': unknown key"),
+    ({"data": {"train": "x"}, "modle": "minilm"}, r"'modle': unknown key \(did you mean 'model'\?\)"),
     ({"data": {"train": "x"}, "method": "prefix"}, "'method'"),
     ({"data": {"train": "x"}, "train": {"lr": "fast"}}, "'train.lr'"),
     ({"data": {"train": "x"}, "train": {"batch_size": 0}}, "'train.batch_size'"),

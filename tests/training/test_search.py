@@ -77,7 +77,8 @@ def test_a_search_space_keeps_integers_and_leaves_train_alone(search_config):
     ({"train.lr": {"low": 1e-4}}, r"'search.train.lr': give either low and high, or choices"),
     ({"train.lr": {"low": 0, "high": 1e-3, "log": True}}, r"'search.train.lr': a log range needs low > 0"),
     ({"train.lr": {"low": 1e-3, "high": 1e-4}}, r"'search.train.lr': low 0.001 is above high"),
-    ({"train.lr": {"low": 1e-4, "high": 1e-3, "lg": True}}, r"'search.train.lr.lg': unknown key"),
+    ({"train.lr": {"low": 1e-4, "high": 1e-3, "lg": True}}, r"'search.train.lr.lg': unknown key \(did you mean "
+                                                             r"'search.train.lr.log'\?\)"),
     ({"output_dir": {"choices": ["a", "b"]}}, r"'search.output_dir': tune sets output_dir itself"),
 ])
 def test_search_errors_name_the_path(base_config, search, message):
