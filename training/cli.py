@@ -113,12 +113,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend(args: argparse.Namespace):
-    """The artifact's manifest and the backend the service would answer with (``--backend``, default ``auto``)."""
+def _backend(args: argparse.Namespace, manifest=None):
+    """The artifact's manifest (read here unless given) and the backend the service would answer with
+    (``--backend``, default ``auto``)."""
     from core.manifest import read_manifest
     from service.backends import choose_backend
 
-    manifest = read_manifest(args.artifact)
+    manifest = manifest or read_manifest(args.artifact)
     backend = choose_backend(Path(args.artifact), manifest, backend=args.backend, device="auto", threads=None,
                              batch_size=args.batch_size)
     print(f"backend: {backend.name}", file=sys.stderr)
@@ -136,11 +137,14 @@ def _answers(manifest, backend, texts: list[str], pairs: list[str] | None, max_n
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    manifest, backend = _backend(args)
+    from core.manifest import read_manifest
     from training.data.reading import load_labelled
 
+    # the data first: a mistake in the file is reported before seconds of loading the model
+    manifest = read_manifest(args.artifact)
     split = load_labelled(manifest, args.data, text=args.text, text_pair=args.text_pair, label=args.label,
                           drop_missing=args.drop_missing_labels)
+    manifest, backend = _backend(args, manifest)
     # what the model reads to be judged (an embedding model: the positives too, which it ranks)
     texts, pairs = manifest.task.spec.judged_inputs(split.texts, split.pairs, split.targets)
     scores = _answers(manifest, backend, texts, pairs)

@@ -91,8 +91,10 @@ def test_errors_are_one_line_without_traceback(trained, tmp_path):
     bad.write_text(json.dumps({"text": "fine", "label": "neutral"}) + "\n")
     result = tuneserve("evaluate", str(artifact), "--data", str(bad))
     assert result.returncode == 2
-    assert "row 1, column 'label': label 'neutral' never appears in the training data" in result.stderr
+    assert f"--data ({bad}): row 1, column 'label': label 'neutral' never appears in the training data" in result.stderr
     assert "Traceback" not in result.stderr
+    # the data is read before the model loads (which would print the backend chosen), and nothing comes before the error
+    assert "backend:" not in result.stderr and result.stderr.startswith("tuneserve evaluate: error: --data (")
 
     config = tmp_path / "c.yaml"
     config.write_text("data: {train: x.csv}\ntrain: {epochz: 1}\n")
@@ -118,7 +120,7 @@ def test_evaluate_can_skip_unlabelled_rows(trained, data_dir, tmp_path):
     path = tmp_path / "partly.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     refused = tuneserve("evaluate", str(artifact), "--data", str(path))
-    assert refused.returncode == 2 and "row 4, column 'label': missing label" in refused.stderr
+    assert refused.returncode == 2 and "row 4, column 'label': missing label (--drop-missing-labels" in refused.stderr
     out = tmp_path / "r.json"
     done = tuneserve("evaluate", str(artifact), "--data", str(path), "--drop-missing-labels", "--output", str(out))
     assert done.returncode == 0, done.stderr[-2000:]

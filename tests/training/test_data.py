@@ -59,8 +59,30 @@ def _expect(tmp_path, rows, message, task=Task.CLASSIFICATION, **fields):
         load_dataset(_cfg(path, **fields), task, seed=0)
 
 
-def test_missing_column(tmp_path):
-    _expect(tmp_path, make_rows(10), r"bad.jsonl\): column 'sentence' not found", text="sentence")
+def test_missing_column_names_a_close_column_and_the_key_that_sets_it(tmp_path):
+    _expect(tmp_path, make_rows(10), r"bad.jsonl\): column 'sentence' not found; columns are \[.*\]; data.text names "
+            r"the text column$", text="sentence")
+    rows = [{"txt": r["text"], "label": r["label"]} for r in make_rows(10)]
+    _expect(tmp_path, rows, r"column 'text' not found \(did you mean 'txt'\?\); .*; data.text names the text column")
+
+
+def test_the_command_lines_data_errors_name_its_options(tmp_path):
+    """A file read for `tuneserve evaluate --data FILE` is named --data, and its fixes are that command's options."""
+    from types import SimpleNamespace
+
+    from training.data.reading import load_labelled
+
+    manifest = SimpleNamespace(text_fields=["text"], has_pair=False, label_field="label", labels=["negative", "positive"],
+                               task=Task.CLASSIFICATION, provenance=SimpleNamespace(config={"data": {}}))
+    rows = make_rows(6)
+    rows[2]["label"] = None
+    path = write_jsonl(tmp_path / "posted.jsonl", rows)
+    with pytest.raises(DataError, match=r"^--data \(.*posted.jsonl\): row 3, column 'label': missing label "
+                                        r"\(--drop-missing-labels skips rows without one\)$"):
+        load_labelled(manifest, str(path))
+    assert len(load_labelled(manifest, str(path), drop_missing=True)) == 5
+    with pytest.raises(DataError, match=r"^--data .*column 'body' not found; .*; --text names the text column$"):
+        load_labelled(manifest, str(path), text="body")
 
 
 def test_empty_text_names_row_and_column(tmp_path):
@@ -84,7 +106,7 @@ def test_fewer_than_two_classes(tmp_path):
 def test_missing_label_fails_unless_dropping_is_asked_for(tmp_path):
     rows = make_rows(30)
     rows[7]["label"] = None
-    _expect(tmp_path, rows, r"row 8, column 'label': missing label")
+    _expect(tmp_path, rows, r"row 8, column 'label': missing label \(data.drop_missing_labels skips rows without one\)")
     path = write_jsonl(tmp_path / "ok.jsonl", rows)
     data = load_dataset(_cfg(path, drop_missing_labels=True), Task.CLASSIFICATION, seed=0)
     assert len(data.train) + len(data.validation) + len(data.test) == 29

@@ -418,8 +418,11 @@ def read_conll(path: Path, where: str, tag_column: int, columns: tuple[str, str]
 def load_split(
     source: str, split: str, cfg: DataConfig, task: Task, *, drop_missing: bool | None = None
 ) -> Split:
-    """Read one source and check its columns, texts and label values (not yet the label set)."""
-    where = f"data.{split}"
+    """Read one source and check its columns, texts and label values (not yet the label set).
+
+    ``split`` names it in messages: a split of the config (``train`` for ``data.train``), or the command line's
+    option (``--data``), whose column options messages then name (``--text`` rather than ``data.text``)."""
+    where = _where(split)
     path = demo_path(source) if is_demo(source) else Path(source)
     if cfg.format == "conll" or (path.suffix.lower() in CONLL_SUFFIXES and path.is_file()):
         columns, resolved = read_conll(path, where, cfg.tag_column, (cfg.text, cfg.label)), str(path)
@@ -430,10 +433,13 @@ def load_split(
     if spec.writes and cfg.label not in columns and _holds_lists(columns.get(cfg.text)):
         columns, system = _conversations(columns, cfg.text, cfg.label, f"{where} ({resolved})")
     options = {"label_delimiter": cfg.label_delimiter, "tag_scheme": cfg.tag_scheme, "repair_tags": cfg.repair_tags}
-    wanted = [cfg.text, cfg.label] + ([cfg.text_pair] if cfg.text_pair else [])
-    for column in wanted:
+    wanted = {"text": cfg.text, "label": cfg.label, **({"text_pair": cfg.text_pair} if cfg.text_pair else {})}
+    for role, column in wanted.items():
         if column not in columns:
-            raise DataError(f"{where} ({resolved}): column '{column}' not found; columns are {sorted(columns)}")
+            close = difflib.get_close_matches(column, list(columns), n=1, cutoff=0.6)
+            guess = f" (did you mean '{close[0]}'?)" if close else ""
+            raise DataError(f"{where} ({resolved}): column '{column}' not found{guess}; columns are "
+                            f"{sorted(columns)}; {_key(split, role)} names the {role.replace('_', ' ')} column")
     n = len(columns[cfg.text])
     if n == 0:
         raise DataError(f"{where} ({resolved}): no rows")
@@ -458,11 +464,13 @@ def load_split(
         try:
             texts[-1], label = spec.parse_example(texts[-1], raw_label, options)
         except LabelError as exc:
-            raise DataError(f"{where} ({resolved}): row {row}, column '{cfg.label}': {exc}") from None
+            missing = raw_label is None or (isinstance(raw_label, str) and not raw_label.strip())
+            hint = f" ({_key(split, 'drop_missing_labels')} skips rows without one)" if missing else ""
+            raise DataError(f"{where} ({resolved}): row {row}, column '{cfg.label}': {exc}{hint}") from None
         labels.append(label)
         rows.append(row)
     if dropped:
-        logger.info("%s: dropped %d of %d rows with no label (data.drop_missing_labels)", where, dropped, n)
+        logger.info("%s: dropped %d of %d rows with no label (%s)", where, dropped, n, _key(split, "drop_missing_labels"))
     if not texts:
         raise DataError(f"{where} ({resolved}): no labelled rows left")
     return Split(name=split, source=resolved, texts=texts, pairs=pairs, labels=labels, rows=rows, system=system)
@@ -491,6 +499,17 @@ def _conversations(columns: dict[str, list], column: str, label: str, where: str
     return {**columns, column: inputs, label: answers}, next(iter(systems))
 
 
+def _where(split: str) -> str:
+    """How a message names a split's source: its config key (``data.train``), or the command line's ``--data``."""
+    return split if split.startswith("--") else f"data.{split}"
+
+
+def _key(split: str, name: str) -> str:
+    """The setting that would fix a message about ``split``: ``data.text`` in a config, ``--text`` on the command
+    line."""
+    return f"--{name.replace('_', '-')}" if split.startswith("--") else f"data.{name}"
+
+
 def attach_targets(split: Split, task: Task, labels: list[str] | None, label_column: str) -> None:
     """Map a split's labels through the training label set; a label training never saw is an error."""
     spec = task.spec
@@ -499,7 +518,7 @@ def attach_targets(split: Split, task: Task, labels: list[str] | None, label_col
             unknown = spec.unknown_labels(value, labels)
             if unknown:
                 raise DataError(
-                    f"data.{split.name} ({split.source}): row {row}, column '{label_column}': label "
+                    f"{_where(split.name)} ({split.source}): row {row}, column '{label_column}': label "
                     f"{unknown[0]!r} never appears in the training data (known labels: {labels})"
                 )
     split.targets = spec.to_targets(split.labels, labels)
@@ -597,6 +616,6 @@ def load_labelled(manifest, path: str, *, text: str | None = None, text_pair: st
                      label=label or manifest.label_field,
                      label_delimiter=manifest.provenance.config.get("data", {}).get("label_delimiter"),
                      drop_missing_labels=drop_missing)
-    split = load_split(path, "evaluate", cfg, manifest.task)
+    split = load_split(path, "--data", cfg, manifest.task)
     attach_targets(split, manifest.task, manifest.labels, cfg.label)
     return split
