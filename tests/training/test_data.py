@@ -72,8 +72,8 @@ def test_the_command_lines_data_errors_name_its_options(tmp_path):
 
     from training.data.reading import load_labelled
 
-    manifest = SimpleNamespace(text_fields=["text"], has_pair=False, label_field="label", labels=["negative", "positive"],
-                               task=Task.CLASSIFICATION, provenance=SimpleNamespace(config={"data": {}}))
+    manifest = SimpleNamespace(text_fields=["text"], has_pair=False, label_field="label",
+                               labels=["negative", "positive"], task=Task.CLASSIFICATION, provenance=SimpleNamespace(config={"data": {}}))
     rows = make_rows(6)
     rows[2]["label"] = None
     path = write_jsonl(tmp_path / "posted.jsonl", rows)

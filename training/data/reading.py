@@ -470,7 +470,8 @@ def load_split(
         labels.append(label)
         rows.append(row)
     if dropped:
-        logger.info("%s: dropped %d of %d rows with no label (%s)", where, dropped, n, _key(split, "drop_missing_labels"))
+        logger.info("%s: dropped %d of %d rows with no label (%s)", where, dropped, n,
+                    _key(split, "drop_missing_labels"))
     if not texts:
         raise DataError(f"{where} ({resolved}): no labelled rows left")
     return Split(name=split, source=resolved, texts=texts, pairs=pairs, labels=labels, rows=rows, system=system)
