@@ -201,8 +201,25 @@ def cmd_config(args: argparse.Namespace) -> int:
     if not args.config:
         raise TuneserveError("give a config file to check, or --reference for the table of every key")
     cfg = load_config(args.config, args.set)
+    checked = _check_config(cfg)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    for line in checked:  # YAML comments: the output stays a config
+        print(f"# checked: {line}")
     return 0
+
+
+def _check_config(cfg) -> list[str]:
+    """What a config needs that can be checked without training, one line each: every data file read, its
+    columns, texts and labels checked; the model found. Raises the first problem (DataError, ConfigError)."""
+    from training.data.reading import load_split
+    from training.recipe.modeling import check_model
+
+    lines = [f"model: {check_model(cfg.model)}"]
+    for name in ("train", "validation", "test"):
+        if source := getattr(cfg.data, name):
+            split = load_split(source, name, cfg.data, cfg.task)
+            lines.append(f"data.{name}: {len(split):,} examples ({split.source})")
+    return lines
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -285,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_option(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("config", help="validate a config and print it with every default filled in")
+    p = sub.add_parser("config", help="check a config without training (every data file read and checked, the "
+                                      "model found) and print it with every default filled in")
     p.add_argument("config", nargs="?", help="run configuration (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a value")
     p.add_argument("--reference", action="store_true", help="print the table of every key, its default and meaning")

