@@ -90,9 +90,10 @@ def _installed(alias: str) -> BundledModel:
 
 
 def check_model(name: str) -> str:
-    """Where ``model:`` would load from, said without converting a bundled model or downloading anything: what
-    ``tuneserve config`` checks. Raises ConfigError as :func:`resolve_model` does."""
-    alias = name if name in ALIASES else _by_hub_id().get(name.lower())
+    """Where ``model:`` would load from, without converting a bundled model or downloading weights (a name that is
+    not bundled goes to :func:`resolve_model`: a directory, or one short Hub look-up): what ``tuneserve config``
+    checks. Raises ConfigError as :func:`resolve_model` does."""
+    alias = _alias_of(name)
     if alias is not None:
         spec = _installed(alias)
         return f"bundled {alias!r} ({spec.hub_id}, from the package {spec.requirement})"
@@ -252,6 +253,11 @@ def _aliases() -> str:
     return ", ".join(f"{alias} = {_described(alias)}" for alias in ALIASES)
 
 
+def _alias_of(name: str) -> str | None:
+    """The bundled alias ``name`` is, or whose Hub id it is; None for anything else."""
+    return name if name in ALIASES else _by_hub_id().get(name.lower())
+
+
 def _by_hub_id() -> dict[str, str]:
     """Hub id (lower case) -> the alias that copies that model (warm-started models copy none)."""
     return {spec.hub_id.lower(): alias for alias, spec in ALIASES.items() if spec.warm_start is None}
@@ -307,12 +313,11 @@ def resolve_model(name: str) -> str:
             the Hub cannot be reached (or HF_HUB_OFFLINE is set) and the model is not in the local cache; or the
             package of a bundled model (or ``gguf``, to convert one) is not installed.
     """
-    if name in ALIASES:
-        return _bundled(name)
-    bundled = _by_hub_id()
-    if name.lower() in bundled:  # the Hub id of a bundled model: same weights, no network
-        logger.info("model: %s is bundled as %r; loading it from the package", name, bundled[name.lower()])
-        return _bundled(bundled[name.lower()])
+    alias = _alias_of(name)
+    if alias is not None:
+        if alias != name:  # the Hub id of a bundled model: same weights, no network
+            logger.info("model: %s is bundled as %r; loading it from the package", name, alias)
+        return _bundled(alias)
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
