@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,135 @@ class Evaluation:
     confusion_matrix: list[list[int]] | None = None
     n: int = 0
     notes: list[str] = field(default_factory=list)
+    # the labels (or entity types) macro averages are over: those present in the targets; None where no metric is one
+    macro_over: list[str] | None = None
+    # metric -> (low, high), filled by TaskSpec.assess (95% unless asked otherwise)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+# Metrics that are the share of examples with a yes/no outcome: their interval is exact (Clopper-Pearson) at any size.
+PROPORTIONS = frozenset({"accuracy", "subset_accuracy", "exact_match"})
+# The fewest examples a bootstrap interval is given for: below it, resamples repeat a handful of examples and the
+# percentile interval is far too narrow (two correct answers would give [1, 1]); such metrics get no interval.
+MIN_BOOTSTRAP = 20
+RESAMPLES = 200
+
+
+def intervals(metrics: dict[str, float], n: int, resampled: Callable[[np.ndarray], dict[str, np.ndarray]], *,
+              level: float = 0.95, resamples: int = RESAMPLES, seed: int = 0
+              ) -> tuple[dict[str, tuple[float, float]], list[str]]:
+    """A ``level`` confidence interval for each metric of ``n`` examples, the same way for every task: exact
+    binomial (Clopper-Pearson, scipy) for :data:`PROPORTIONS`, otherwise the percentile bootstrap (scipy) over
+    examples, seeded (the same data gives the same intervals). ``resampled`` takes a (B, n) array of example
+    indices, one resample a row, and gives each metric's B values (NaN where a resample leaves it undefined).
+
+    Returns:
+        metric -> (low, high), and notes on the metrics left without one.
+    """
+    found: dict[str, tuple[float, float]] = {}
+    notes: list[str] = []
+    for name in PROPORTIONS & metrics.keys():
+        ci = stats.binomtest(round(metrics[name] * n), n).proportion_ci(level, method="exact")
+        found[name] = (float(ci.low), float(ci.high))
+    rest = sorted(metrics.keys() - PROPORTIONS)
+    if not rest:
+        return found, notes
+    if n < MIN_BOOTSTRAP:
+        notes.append(f"{n} examples: too few to bound {', '.join(rest)} (a bootstrap interval needs at least "
+                     f"{MIN_BOOTSTRAP}); these figures can move a long way on other data")
+        return found, notes
+
+    def statistic(indices: np.ndarray, axis: int = -1) -> np.ndarray:
+        values = resampled(np.atleast_2d(indices).astype(np.int64))
+        return np.stack([np.asarray(values.get(name, np.full(len(np.atleast_2d(indices)), np.nan)), dtype=np.float64)
+                         for name in rest])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a metric undefined in some resample: no interval, said below
+        result = stats.bootstrap((np.arange(n),), statistic, vectorized=True, batch=50, n_resamples=resamples,
+                                 confidence_level=level, method="percentile", random_state=seed)
+    for name, low, high in zip(rest, result.confidence_interval.low, result.confidence_interval.high):
+        if math.isfinite(low) and math.isfinite(high):
+            found[name] = (float(low), float(high))
+        else:
+            notes.append(f"{name}: no interval (undefined in some resamples of these examples)")
+    return found, notes
+
+
+def each_resample(evaluate: Callable[[np.ndarray], dict[str, float]]) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A resample function for :func:`intervals` that runs ``evaluate(indices)`` on one resample at a time."""
+
+    def resampled(indices: np.ndarray) -> dict[str, np.ndarray]:
+        rows = [evaluate(row) for row in indices]
+        names = {name for row in rows for name in row}
+        return {name: np.asarray([row.get(name, np.nan) for row in rows], dtype=np.float64) for name in names}
+
+    return resampled
+
+
+def weights(indices: np.ndarray, n: int) -> np.ndarray:
+    """How many times each of ``n`` values is drawn in each resample: (B, n) counts from (B, m) indices."""
+    b = len(indices)
+    return np.bincount((indices + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def weighted_auc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """ROC-AUC of ``scores`` (n,) for the boolean ``positive`` (n,) under each row of example weights ``w`` (B, n),
+    ties counted half (as scikit-learn's ``roc_auc_score`` with ``sample_weight``); NaN where a row has no
+    positive or no negative weight."""
+    order = np.argsort(scores, kind="mergesort")
+    ordered = scores[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    pos = np.add.reduceat(w[:, order] * positive[order], starts, axis=1)
+    neg = np.add.reduceat(w[:, order] * ~positive[order], starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    total = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / total, np.nan)
+
+
+def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den is 0 (scikit-learn's ``zero_division=0``)."""
+    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den > 0)
+
+
+def classification_resampled(y: Any, proba: Any) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """:func:`classification_metrics`' figures for many resamples at once, from each resample's confusion matrix
+    (the same definitions; tests hold them equal)."""
+    y, proba = checked(y, proba)
+    y = y.astype(np.int64)
+    n, num_classes = proba.shape
+    cell = y * num_classes + proba.argmax(axis=1)
+    nll = -np.log(np.clip(proba[np.arange(n), y], 1e-15, 1.0))
+
+    def resampled(indices: np.ndarray) -> dict[str, np.ndarray]:
+        w = weights(indices, n)
+        cm = weights(cell[indices], num_classes * num_classes).reshape(len(w), num_classes, num_classes)
+        tp = np.diagonal(cm, axis1=1, axis2=2)
+        support, predicted = cm.sum(axis=2), cm.sum(axis=1)
+        p, r = ratio(tp, predicted), ratio(tp, support)
+        f = ratio(2 * p * r, p + r)
+        present = support > 0
+        m = {"accuracy": tp.sum(axis=1) / n, "log_loss": w @ nll / n}
+        for avg in ("micro", "weighted", "macro"):
+            for name, x in (("precision", p), ("recall", r), ("f1", f)):
+                m[f"{name}_{avg}"] = (m["accuracy"] if avg == "micro" else (x * support).sum(axis=1) / n
+                                      if avg == "weighted" else (x * present).sum(axis=1) / present.sum(axis=1))
+        if num_classes == 2:
+            m["roc_auc"] = weighted_auc(proba[:, 1], y == 1, w)
+        else:
+            auc = np.stack([weighted_auc(proba[:, c], y == c, w) for c in range(num_classes)], axis=1)
+            m["roc_auc"] = np.where(present.all(axis=1), auc.mean(axis=1), np.nan)
+        return m
+
+    return resampled
+
+
+def take(values: Any, indices: np.ndarray) -> Any:
+    """The rows ``indices`` of an array, or the items of a sequence."""
+    if isinstance(values, np.ndarray):
+        return values[indices]
+    return [values[i] for i in indices]
 
 
 def checked(targets: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -57,29 +187,43 @@ def classification_metrics(y: Any, proba: Any, labels: list[str]) -> Evaluation:
     num_classes = proba.shape[1]
     ids = list(range(num_classes))
     pred = proba.argmax(axis=1)
+    names = labels or [str(i) for i in ids]
+    p, r, f, support = skm.precision_recall_fscore_support(y, pred, labels=ids, average=None, zero_division=0)
     m: dict[str, float] = {"accuracy": skm.accuracy_score(y, pred)}
-    for avg in ("macro", "micro", "weighted"):
-        p, r, f, _ = skm.precision_recall_fscore_support(y, pred, labels=ids, average=avg, zero_division=0)
-        m[f"precision_{avg}"], m[f"recall_{avg}"], m[f"f1_{avg}"] = p, r, f
-    notes: list[str] = []
-    present = np.unique(y)
-    if len(present) < 2:
+    for avg in ("micro", "weighted"):
+        m[f"precision_{avg}"], m[f"recall_{avg}"], m[f"f1_{avg}"], _ = skm.precision_recall_fscore_support(
+            y, pred, labels=ids, average=avg, zero_division=0)
+    present = support > 0
+    m["precision_macro"], m["recall_macro"], m["f1_macro"] = p[present].mean(), r[present].mean(), f[present].mean()
+    notes = macro_notes(names, present)
+    if present.sum() < 2:
         notes.append("roc_auc undefined: only one class present in the targets")
     elif num_classes == 2:
         m["roc_auc"] = skm.roc_auc_score(y, proba[:, 1])
-    elif len(present) == num_classes:
+    elif present.all():
         m["roc_auc"] = skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=ids)
     else:
         notes.append("roc_auc undefined: not every class is present in the targets")
     m["log_loss"] = skm.log_loss(y, np.clip(proba, 1e-15, 1.0), labels=ids)
-    p, r, f, support = skm.precision_recall_fscore_support(y, pred, labels=ids, average=None, zero_division=0)
-    names = labels or [str(i) for i in ids]
     per_class = {
         names[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
         for i in ids
     }
     cm = skm.confusion_matrix(y, pred, labels=ids).tolist()
-    return finished(Evaluation(metrics=m, per_class=per_class, confusion_matrix=cm, notes=notes), len(y))
+    return finished(Evaluation(metrics=m, per_class=per_class, confusion_matrix=cm, notes=notes,
+                               macro_over=[names[i] for i in ids if present[i]]), len(y))
+
+
+def macro_notes(names: list[str], present: np.ndarray, what: str = "labels") -> list[str]:
+    """Say which labels macro averages leave out: those absent from the targets, whose scores would be 0 by
+    convention and would drag the average down with nothing measured."""
+    absent = [name for name, here in zip(names, present) if not here]
+    if not absent:
+        return []
+    shown = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+    note = (f"macro averages are over the {int(present.sum())} {what} present in the targets; "
+            f"{len(absent)} of the model's {len(names)} are absent: {shown}")
+    return [note]
 
 
 def multilabel_metrics(y: Any, proba: Any, labels: list[str], threshold: float, k: int = 5) -> Evaluation:
@@ -91,9 +235,13 @@ def multilabel_metrics(y: Any, proba: Any, labels: list[str], threshold: float, 
         "subset_accuracy": skm.accuracy_score(y, pred),
         "hamming_loss": skm.hamming_loss(y, pred),
         "f1_micro": skm.f1_score(y, pred, average="micro", zero_division=0),
-        "f1_macro": skm.f1_score(y, pred, average="macro", zero_division=0),
     }
-    notes: list[str] = []
+    names = labels or [str(j) for j in range(y.shape[1])]
+    p, r, f, support = skm.precision_recall_fscore_support(y, pred, average=None, zero_division=0)
+    present = support > 0
+    if present.any():
+        m["f1_macro"] = f[present].mean()
+    notes = macro_notes(names, present)
     # ROC-AUC per label is defined only where both outcomes occur; average over those labels.
     both = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
     if both:
@@ -106,13 +254,59 @@ def multilabel_metrics(y: Any, proba: Any, labels: list[str], threshold: float, 
     if has_positive.any():
         m["ndcg"] = skm.ndcg_score(y[has_positive], proba[has_positive], k=min(k, y.shape[1]))
         m["lrap"] = skm.label_ranking_average_precision_score(y[has_positive], proba[has_positive])
-    p, r, f, support = skm.precision_recall_fscore_support(y, pred, average=None, zero_division=0)
-    names = labels or [str(j) for j in range(y.shape[1])]
     per_class = {
         names[j]: {"precision": float(p[j]), "recall": float(r[j]), "f1": float(f[j]), "support": int(support[j])}
         for j in range(y.shape[1])
     }
-    return finished(Evaluation(metrics=m, per_class=per_class, notes=notes), len(y))
+    return finished(Evaluation(metrics=m, per_class=per_class, notes=notes,
+                               macro_over=[names[j] for j in range(len(names)) if present[j]]), len(y))
+
+
+def multilabel_resampled(y: Any, proba: Any, threshold: float | np.ndarray, k: int = 5
+                         ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """:func:`multilabel_metrics`' figures for many resamples at once, from per-example counts and per-example
+    ranking scores (the same definitions; tests hold them equal)."""
+    from scipy.stats import rankdata
+    from sklearn.metrics._ranking import _ndcg_sample_scores
+
+    y, proba = checked(y, proba)
+    y = y.astype(bool)
+    n, num_labels = y.shape
+    pred = proba >= threshold
+    tp, fp, fn = (y & pred).astype(float), (~y & pred).astype(float), (y & ~pred).astype(float)
+    exact = (y == pred).all(axis=1).astype(float)
+    wrong = (y != pred).sum(axis=1).astype(float)
+    has_positive = y.any(axis=1)
+    ranked = y[has_positive]
+    # per example: NDCG@k (scikit-learn's, ties averaged) and label ranking average precision
+    ndcg = np.zeros(n)
+    lrap = np.zeros(n)
+    if has_positive.any():
+        ndcg[has_positive] = _ndcg_sample_scores(ranked.astype(float), proba[has_positive], k=min(k, num_labels))
+        rank = rankdata(-proba[has_positive], method="max", axis=1)
+        among_relevant = rankdata(-np.where(ranked, proba[has_positive], -np.inf), method="max", axis=1)
+        lrap[has_positive] = (ranked * among_relevant / rank).sum(axis=1) / ranked.sum(axis=1)
+
+    def resampled(indices: np.ndarray) -> dict[str, np.ndarray]:
+        w = weights(indices, n)
+        tps, fps, fns = w @ tp, w @ fp, w @ fn
+        present = (tps + fns) > 0
+        f = ratio(2 * tps, 2 * tps + fps + fns)
+        ranked_weight = w @ has_positive
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = np.stack([weighted_auc(proba[:, j], y[:, j], w) for j in range(num_labels)], axis=1)
+            defined = ~np.isnan(auc).all(axis=1)
+            return {
+                "subset_accuracy": w @ exact / n,
+                "hamming_loss": w @ wrong / (n * num_labels),
+                "f1_micro": ratio(2 * tps.sum(axis=1), (2 * tps + fps + fns).sum(axis=1)),
+                "f1_macro": np.where(present.any(axis=1), (f * present).sum(axis=1) / present.sum(axis=1), np.nan),
+                "roc_auc_macro": np.where(defined, np.nanmean(np.where(defined[:, None], auc, 0.0), axis=1), np.nan),
+                "ndcg": np.where(ranked_weight > 0, w @ ndcg / ranked_weight, np.nan),
+                "lrap": np.where(ranked_weight > 0, w @ lrap / ranked_weight, np.nan),
+            }
+
+    return resampled
 
 
 def regression_metrics(y: Any, pred: Any) -> Evaluation:
@@ -166,3 +360,35 @@ def generation_metrics(references: Any, predictions: Any) -> Evaluation:
     m["words"] = float(np.mean([len(p.split()) for p in predictions]))
     m["reference_words"] = float(np.mean([len(r.split()) for r in references]))
     return finished(Evaluation(metrics=m), len(references))
+
+
+def generation_resampled(references: Any, predictions: Any) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """:func:`generation_metrics`' figures for many resamples at once: ROUGE, exact match and lengths per example,
+    BLEU and chrF from summed sentence statistics (sacrebleu's own route for its paired bootstrap; tests hold the
+    figures equal)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    references, predictions = [str(r) for r in references], [str(p) for p in predictions]
+    n = len(references)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    per_example = {name: np.zeros(n) for name in ROUGE_TYPES}
+    for i, (reference, prediction) in enumerate(zip(references, predictions)):
+        for name, score in scorer.score(reference, prediction).items():
+            per_example[name][i] = 100 * score.fmeasure
+    per_example["exact_match"] = np.asarray([" ".join(p.split()) == " ".join(r.split())
+                                             for p, r in zip(predictions, references)], dtype=float)
+    per_example["words"] = np.asarray([len(p.split()) for p in predictions], dtype=float)
+    per_example["reference_words"] = np.asarray([len(r.split()) for r in references], dtype=float)
+    corpus = {"bleu": sacrebleu.BLEU(), "chrf": sacrebleu.CHRF()}
+    sentence_stats = {name: np.asarray(metric._extract_corpus_statistics(predictions, [references]), dtype=float)
+                      for name, metric in corpus.items()}
+
+    def resampled(indices: np.ndarray) -> dict[str, np.ndarray]:
+        w = weights(indices, n)
+        m = {name: w @ values / n for name, values in per_example.items()}
+        for name, metric in corpus.items():
+            m[name] = np.asarray([metric._compute_score_from_stats(row).score for row in w @ sentence_stats[name]])
+        return m
+
+    return resampled

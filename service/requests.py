@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from core.manifest import Manifest
-from core.metrics import Evaluation
 from core.tasks.base import LabelError
 from service.schemas import Example
 from service.settings import Settings
@@ -107,26 +105,3 @@ def _first_text(example: Example, i: int) -> tuple[str, str]:
         raise RequestError(f"examples[{i}].text: missing; give the text to score (or input for a generation model, "
                            "query for an embedding model)")
     return next(iter(given.items()))
-
-
-def evaluation_body(manifest: Manifest, evaluation: Evaluation) -> dict:
-    """The /evaluate response fields: posted-data metrics beside the training-time test metrics, and the tables the
-    task fills (its spec's ``evaluation_tables``; a table the task never fills is absent, never null)."""
-    metrics = {k: float(v) for k, v in evaluation.metrics.items() if math.isfinite(v)}
-    notes = list(evaluation.notes) + [f"{k} left out: not finite" for k in evaluation.metrics if k not in metrics]
-    training = {k: float(v) for k, v in (manifest.metrics.get("test") or {}).items() if math.isfinite(v)}
-    tables = {
-        "per_class": {label: {k: float(v) for k, v in row.items() if math.isfinite(v)}
-                      for label, row in (evaluation.per_class or {}).items()} or None,
-        "confusion_matrix": (np.asarray(evaluation.confusion_matrix).tolist()
-                             if evaluation.confusion_matrix is not None else None),
-    }
-    return {
-        "n": int(evaluation.n),
-        "metrics": metrics,
-        **{name: table for name, table in tables.items()
-           if name in manifest.task.spec.evaluation_tables and table is not None},
-        "training_metrics": training,
-        "delta": {k: metrics[k] - training[k] for k in metrics if k in training},
-        "notes": notes,
-    }

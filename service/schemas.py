@@ -41,13 +41,23 @@ class PredictResponse(BaseModel):
 
 class EvaluateResponse(BaseModel):
     n: int = Field(description="Examples scored.")
-    metrics: dict[str, float] = Field(description="Task metrics on the posted examples (same code as training).")
+    metrics: dict[str, float] = Field(description="Task metrics on the posted examples (same code as training; "
+                                      "macro averages over the labels present in the posted targets).")
+    intervals: dict[str, list[float]] = Field(
+        description="95% interval [low, high] of each metric: exact binomial for proportions (accuracy), a "
+                    "percentile bootstrap over the examples otherwise (none below 20 examples; notes say so).")
+    training_metrics: dict[str, float] = Field(
+        description="Test metrics recorded when the model was trained, like for like: macro averages recomputed "
+                    "over the labels present here where the posted targets lack some.")
+    delta: dict[str, float] = Field(description="metrics minus training_metrics, for metrics in both.")
+    drift: list[str] = Field(description="Metrics whose interval excludes the training figure: the only differences "
+                             "these examples can tell from chance.")
+    macro_over: list[str] | None = Field(None, description="The labels (or entity types) macro averages are over.")
     per_class: dict[str, dict[str, float]] | None = Field(None, description="Precision, recall, F1, support per label.")
     confusion_matrix: list[list[int]] | None = Field(
         None, description="Rows: true class, columns: predicted class, in the model's label order (classification).")
-    training_metrics: dict[str, float] = Field(description="Test metrics recorded when the model was trained.")
-    delta: dict[str, float] = Field(description="metrics minus training_metrics, for metrics in both.")
-    notes: list[str] = Field(default_factory=list, description="Metrics left out and why.")
+    notes: list[str] = Field(default_factory=list, description="Metrics left out or recomputed, labels absent, and "
+                             "why.")
     model: str
     backend: str
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
 
 from core.manifest import Manifest
 from core.metrics import Evaluation
+from core.report import assessed
 from service.batcher import MicroBatcher
 from service.requests import RequestError
 from service.selftest import run_selftest
@@ -46,7 +48,7 @@ class Scorer:
         return scores
 
     async def evaluate(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any) -> Evaluation:
-        """The task's metrics on labelled examples, with the trainer's code (an embedding model ranks the
+        """The task's metrics on labelled examples with their 95% intervals, with the trainer's code (an embedding model ranks the
         positives too: :meth:`core.tasks.base.TaskSpec.judged_inputs`).
 
         Raises:
@@ -70,7 +72,8 @@ class Scorer:
                                f"(TUNESERVE_MAX_EXAMPLES); post at most {n * limit // read:,} examples per "
                                "request, or score a whole file with `tuneserve evaluate ARTIFACT --data FILE`")
         scores = await self.scores(texts, pairs)
-        return self.spec.evaluate(targets, scores, self.manifest.labels, threshold=self.manifest.decision_threshold)
+        # the intervals' resampling is CPU work: off the event loop, so other requests keep being answered
+        return await anyio.to_thread.run_sync(assessed, self.manifest, targets, scores)
 
     def limits(self) -> dict:
         return {"max_corpus": self.settings.max_corpus} if self.spec.ranked_corpus([]) is not None else {}

@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from core.errors import ArtifactError
 from core.manifest import Manifest, read_manifest
+from core.report import report
 from service.backends import choose_backend
 from service.docs import About, api_document, docs_routes
 from service.generation import (MAX_STOP_CHARS, MAX_STOPS, EventStream, check_token_budget, decoding_options,
@@ -43,7 +44,6 @@ from service.requests import (
     check_messages_size,
     check_pairs,
     check_texts,
-    evaluation_body,
     examples_to_inputs,
 )
 from service.schemas import (EmbedResponse, EvaluateResponse, Example, GenerateResponse, Message, PredictResponse,
@@ -182,7 +182,7 @@ class Tuneserve:
             return _bad_request(exc)
         except NonFiniteOutputs:
             return _not_finite()
-        body = EvaluateResponse(**evaluation_body(self.manifest, evaluation), model=self.model_tag,
+        body = EvaluateResponse(**report(self.manifest, evaluation), model=self.model_tag,
                                 backend=self.backend.name)
         # Tables the task does not fill are left out, as its documented schema (service/docs.py) leaves them out.
         return JSONResponse(body.model_dump(mode="json", exclude_none=True))

@@ -10,6 +10,7 @@ import anyio.to_thread
 
 from core.manifest import Manifest
 from core.metrics import Evaluation
+from core.report import assessed
 from core.tasks.generation import GeneratedText
 from service.generation import (Decoding, GenerationBatcher, check_token_budget, default_max_new_tokens,
                                 max_new_tokens_cap)
@@ -36,7 +37,8 @@ class Writer:
         return await self.batcher(ids, decoding, seed)
 
     async def evaluate(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any) -> Evaluation:
-        """Greedy decoding with the model's max_new_tokens: how the trainer scored its test split.
+        """Greedy decoding with the model's max_new_tokens, as the trainer scored its test split; metrics with their
+        95% intervals.
 
         Raises:
             RequestError: the examples' prompts and new tokens are more than the service's budget per request.
@@ -45,7 +47,7 @@ class Writer:
         prompts = await anyio.to_thread.run_sync(self.backend.prompter.all, texts)
         check_token_budget("examples", prompts, max_new_tokens, self.settings)
         generations = await self.batcher(prompts, Decoding(max_new_tokens))
-        return self.spec.evaluate(targets, generations)
+        return await anyio.to_thread.run_sync(assessed, self.manifest, targets, generations)
 
     def limits(self) -> dict:
         return {"max_new_tokens": max_new_tokens_cap(self.manifest, self.settings),

@@ -138,6 +138,7 @@ def _answers(manifest, backend, texts: list[str], pairs: list[str] | None, max_n
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from core.manifest import read_manifest
+    from core.report import assessed, report
     from training.data.reading import load_labelled
 
     # the data first: a mistake in the file is reported before seconds of loading the model
@@ -148,20 +149,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # what the model reads to be judged (an embedding model: the positives too, which it ranks)
     texts, pairs = manifest.task.spec.judged_inputs(split.texts, split.pairs, split.targets)
     scores = _answers(manifest, backend, texts, pairs)
-    result = manifest.task.spec.evaluate(split.targets, scores, manifest.labels, threshold=manifest.decision_threshold)
-    recorded = manifest.metrics.get("test", {})
-    print(f"{args.data}: {result.n} examples, backend {backend.name}")
-    print(_table({"this data": result.metrics, "at training (test)": recorded}, list(manifest.task.spec.metric_names)))
-    for note in result.notes:
+    result = report(manifest, assessed(manifest, split.targets, scores))
+    print(f"{args.data}: {result['n']} examples, backend {backend.name}")
+    print(_table({"this data": result["metrics"], **_bounds(result["intervals"]),
+                  "at training (test)": result["training_metrics"]}, list(manifest.task.spec.metric_names)))
+    drift = ", ".join(result["drift"]) or "none"
+    print(f"drift (the 95% interval excludes the training figure): {drift}")
+    for note in result["notes"]:
         print(f"note: {note}")
     if args.output:
-        report = {"n": result.n, "backend": backend.name, "metrics": result.metrics, "per_class": result.per_class,
-                  "confusion_matrix": result.confusion_matrix, "training_metrics": recorded,
-                  "delta": {k: v - recorded[k] for k, v in result.metrics.items() if k in recorded},
-                  "notes": result.notes}
-        Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        Path(args.output).write_text(json.dumps({"backend": backend.name, **result}, indent=2, allow_nan=False)
+                                     + "\n")
         print(f"written to {args.output}")
     return 0
+
+
+def _bounds(intervals: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """The 95% intervals as two table columns."""
+    return {"95% low": {k: v[0] for k, v in intervals.items()}, "95% high": {k: v[1] for k, v in intervals.items()}}
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

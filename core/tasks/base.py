@@ -293,6 +293,29 @@ class TaskSpec(ABC):
         """Metrics of ``scores`` against ``targets`` (``threshold``: multi-label decisions, one or per label)."""
         ...
 
+    def assess(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *,
+               threshold: float | np.ndarray = 0.5, level: float = 0.95) -> Evaluation:
+        """:meth:`evaluate`, with a ``level`` confidence interval for every metric (:func:`core.metrics.intervals`:
+        the same method for every task) and notes on those it cannot bound."""
+        from core.metrics import intervals
+
+        evaluation = self.evaluate(targets, scores, labels, threshold=threshold)
+        evaluation.intervals, notes = intervals(evaluation.metrics, evaluation.n,
+                                                self.resampled(targets, scores, labels, threshold=threshold),
+                                                level=level)
+        evaluation.notes.extend(notes)
+        return evaluation
+
+    def resampled(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *,
+                  threshold: float | np.ndarray = 0.5) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+        """The metrics of many resamples of the examples (:meth:`assess` bootstraps with it): given (B, n) example
+        indices, each metric's B values. By default :meth:`evaluate` on each resample in turn; a task whose
+        metrics are costly to recompute gives a faster function with the same figures."""
+        from core.metrics import each_resample, take
+
+        return each_resample(lambda rows: self.evaluate(take(targets, rows), take(scores, rows), labels,
+                                                        threshold=threshold).metrics)
+
     @abstractmethod
     def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float | None = 0.5,
                   seed: int = 0, validation: tuple | None = None, metric: str | None = None

@@ -16,7 +16,14 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from core.calibration import fit_thresholds
-from core.metrics import Evaluation, classification_metrics, multilabel_metrics, regression_metrics
+from core.metrics import (
+    Evaluation,
+    classification_metrics,
+    classification_resampled,
+    multilabel_metrics,
+    multilabel_resampled,
+    regression_metrics,
+)
 from core.tasks.base import LabelError, ModelRecord, Task, ScoringSpec, rounded, scalar_class
 
 # TF-IDF features of the bag-of-words baselines: word uni- and bigrams, sublinear counts.
@@ -82,6 +89,9 @@ class ClassificationSpec(ScoringSpec):
 
     def evaluate(self, targets, scores, labels=None, *, threshold: float = 0.5) -> Evaluation:
         return classification_metrics(targets, scores, list(labels or []))
+
+    def resampled(self, targets, scores, labels=None, *, threshold: float = 0.5):
+        return classification_resampled(targets, scores)
 
     def baselines(self, train, test, labels, *, threshold: float | None = 0.5, seed: int = 0, **_: Any
                   ) -> dict[str, dict[str, float]]:
@@ -179,6 +189,9 @@ class MultiLabelSpec(ScoringSpec):
 
     def evaluate(self, targets, scores, labels=None, *, threshold: float = 0.5) -> Evaluation:
         return multilabel_metrics(targets, scores, list(labels or []), threshold)
+
+    def resampled(self, targets, scores, labels=None, *, threshold: float = 0.5):
+        return multilabel_resampled(targets, scores, threshold)
 
     def baselines(self, train, test, labels, *, threshold: float | None = 0.5, seed: int = 0,
                   validation: tuple | None = None, metric: str | None = None) -> dict[str, dict[str, float]]:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from core.calibration import Calibration
 from core.calibration import apply as calibrated
-from core.metrics import Evaluation, finished
+from core.metrics import Evaluation, finished, macro_notes
 from core.tasks.base import LabelError, ModelRecord, Task, ScoringSpec, postprocess, rounded
 
 if TYPE_CHECKING:
@@ -37,6 +37,11 @@ OUTSIDE = "O"
 IGNORE = -100  # the target of sub-tokens that are not scored (PyTorch's cross-entropy ignore_index)
 SCHEMES = ("auto", "bio", "iob1", "bioes")
 AGGREGATIONS = ("first", "max", "simple")
+
+
+def entity_types(labels: Iterable[str]) -> list[str]:
+    """The entity types of a tag set (``B-PER``, ``I-PER`` -> ``PER``), sorted."""
+    return sorted({label[2:] for label in labels if label[:2] in ("B-", "I-")})
 
 
 @dataclass
@@ -257,7 +262,7 @@ class TokenClassificationSpec(ScoringSpec):
     example_text = "Ana flew from Oslo to see Acme Corp"
 
     def describe(self, manifest) -> list[str]:
-        types = sorted({label[2:] for label in manifest.labels or [] if label[:2] in ("B-", "I-")})
+        types = entity_types(manifest.labels or [])
         return [f"Entity types: {', '.join(types)} (tags {', '.join(manifest.labels or [])})."]
 
     def example_label(self, manifest) -> Any:
@@ -459,9 +464,15 @@ class TokenClassificationSpec(ScoringSpec):
         return gold, predicted
 
     def evaluate(self, targets, scores, labels=None, *, threshold: float = 0.5) -> Evaluation:
+        return tag_metrics(*self.word_tags(targets, scores), list(labels or []))
+
+    def resampled(self, targets, scores, labels=None, *, threshold: float = 0.5):
+        return tag_resampled(*self.word_tags(targets, scores), list(labels or []))
+
+    def word_tags(self, targets, scores) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each text's gold tag ids and predicted tag ids, one per word."""
         gold, predicted = self.word_level(targets, scores)
-        return tag_metrics(gold, [p.argmax(axis=1) if len(p) else np.zeros(0, dtype=np.int64) for p in predicted],
-                           list(labels or []))
+        return gold, [p.argmax(axis=1) if len(p) else np.zeros(0, dtype=np.int64) for p in predicted]
 
     def agreement(self, manifest: ModelRecord, reference, candidate) -> dict:
         a, b = self.flat(reference), self.flat(candidate)
@@ -498,6 +509,49 @@ def repair_bio(ids: np.ndarray, labels: Sequence[str]) -> np.ndarray:
     return np.asarray([index.get(t, int(i)) for t, i in zip(tags, ids)], dtype=np.int64)
 
 
+def tag_resampled(gold: Sequence[np.ndarray], predicted: Sequence[np.ndarray], labels: list[str]
+                  ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """:func:`tag_metrics`' figures for many resamples of the texts at once, from each text's entity counts per
+    type (seqeval's strict IOB2 entities; tests hold the figures equal)."""
+    from seqeval.scheme import IOB2, Entities
+
+    from core.metrics import ratio, weights
+
+    types = entity_types(labels)
+    column = {t: j for j, t in enumerate(types)}
+    n = len(gold)
+    true = np.zeros((n, len(types)))
+    found = np.zeros((n, len(types)))
+    hit = np.zeros((n, len(types)))
+    gold_entities = Entities([[labels[i] for i in g] for g in gold], IOB2).entities
+    predicted_entities = Entities([[labels[i] for i in p] for p in predicted], IOB2).entities
+    for row, (want, got) in enumerate(zip(gold_entities, predicted_entities)):
+        want, got = {e.to_tuple() for e in want}, {e.to_tuple() for e in got}
+        for counts, entities in ((true, want), (found, got), (hit, want & got)):
+            for entity in entities:
+                counts[row, column[entity[1]]] += 1
+    correct = np.asarray([np.sum(g == p) for g, p in zip(gold, predicted)], dtype=float)
+    words = np.asarray([len(g) for g in gold], dtype=float)
+
+    def resampled(indices: np.ndarray) -> dict[str, np.ndarray]:
+        w = weights(indices, n)
+        t, f, h = w @ true, w @ found, w @ hit
+        precision, recall = ratio(h.sum(axis=1), f.sum(axis=1)), ratio(h.sum(axis=1), t.sum(axis=1))
+        per_type = ratio(2 * ratio(h, f) * ratio(h, t), ratio(h, f) + ratio(h, t))
+        present = t > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {
+                "f1": ratio(2 * precision * recall, precision + recall),
+                "precision": precision,
+                "recall": recall,
+                "f1_macro": np.where(present.any(axis=1), (per_type * present).sum(axis=1) / present.sum(axis=1),
+                                     np.nan),
+                "token_accuracy": np.where(w @ words > 0, w @ correct / (w @ words), np.nan),
+            }
+
+    return resampled
+
+
 def tag_metrics(gold: Sequence[np.ndarray], predicted: Sequence[np.ndarray], labels: list[str]) -> Evaluation:
     """Entity-level precision, recall, F1 (seqeval, strict IOB2), per entity type, word accuracy, tag confusion."""
     from seqeval.metrics import classification_report
@@ -511,19 +565,24 @@ def tag_metrics(gold: Sequence[np.ndarray], predicted: Sequence[np.ndarray], lab
     # One report: seqeval finds the entities of every sequence again for each score it is asked for, which dominated
     # the time of a large evaluation; the report's micro and macro rows are seqeval's precision, recall and F1 scores.
     report = classification_report(y_true, y_pred, output_dict=True, mode="strict", scheme=IOB2, zero_division=0)
-    micro, macro = report["micro avg"], report["macro avg"]
+    micro = report["micro avg"]
+    per_type = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]),
+                    "support": int(v["support"])}
+                for k, v in report.items() if not k.endswith(" avg")}
+    # the macro average over the entity types present in the targets (seqeval's counts a type only predicted as 0)
+    types = entity_types(labels)
+    present = np.asarray([per_type.get(t, {}).get("support", 0) > 0 for t in types], dtype=bool)
     m = {
         "f1": float(micro["f1-score"]),
         "precision": float(micro["precision"]),
         "recall": float(micro["recall"]),
-        "f1_macro": float(macro["f1-score"]),
+        "f1_macro": float(np.mean([per_type[t]["f1"] for t, here in zip(types, present) if here]))
+        if present.any() else None,
         "token_accuracy": float(np.mean(flat_gold == flat_pred)) if len(flat_gold) else None,
     }
-    notes = []
-    if not any(t != OUTSIDE for row in y_true for t in row):
+    notes = macro_notes(types, present, "entity types")
+    if not present.any():
         notes.append("no entity in the targets: precision, recall and F1 are 0 by convention")
-    per_type = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]),
-                    "support": int(v["support"])}
-                for k, v in report.items() if not k.endswith(" avg")}
     cm = confusion_matrix(flat_gold, flat_pred, labels=list(range(len(labels)))).tolist()
-    return finished(Evaluation(metrics=m, per_class=per_type, confusion_matrix=cm, notes=notes), len(gold))
+    return finished(Evaluation(metrics=m, per_class=per_type, confusion_matrix=cm, notes=notes,
+                               macro_over=[t for t, here in zip(types, present) if here]), len(gold))

@@ -114,6 +114,22 @@ def test_evaluate_matches_the_trainers_metrics_on_the_test_split(artifacts, serv
     assert body["training_metrics"] == pytest.approx(manifest.metrics["test"])
     assert np.array(body["confusion_matrix"]).sum() == 60
     assert set(body["per_class"]) == set(manifest.labels)
+    # every metric has its 95% interval, and the split the figures came from shows no drift from them
+    assert set(body["intervals"]) == set(body["metrics"])
+    for name, (low, high) in body["intervals"].items():
+        assert low <= body["metrics"][name] <= high, name
+    assert body["drift"] == []
+
+    # two examples of one label: macro figures over that label, an honest interval, nothing called drift
+    first = next(x for x in rows if x["label"] == manifest.labels[0])
+    second = next(x for x in rows if x["label"] == manifest.labels[0] and x is not first)
+    r = client.post("/evaluate", json={"examples": [{"text": x["text"], "label": x["label"]} for x in (first, second)]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n"] == 2 and body["macro_over"] == [manifest.labels[0]] and body["drift"] == []
+    assert body["intervals"]["accuracy"][1] - body["intervals"]["accuracy"][0] > 0.8
+    assert "f1_macro" not in body["intervals"]
+    assert any("too few to bound" in note for note in body["notes"])
 
 
 def test_evaluate_other_tasks_and_bad_labels(artifacts, serve):

@@ -55,6 +55,9 @@ def test_evaluate_reproduces_the_recorded_test_metrics(trained, data_dir, tmp_pa
     assert report["metrics"]["f1_macro"] == pytest.approx(recorded["f1_macro"])
     assert abs(report["delta"]["accuracy"]) < 1e-9
     assert len(report["confusion_matrix"]) == 2
+    assert report["drift"] == [] and set(report["intervals"]) == set(report["metrics"])
+    assert "drift (the 95% interval excludes the training figure): none" in result.stdout
+    assert "95% low" in result.stdout
 
 
 def test_predict_prints_one_json_line_per_text(trained):
