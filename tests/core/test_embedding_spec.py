@@ -158,3 +158,30 @@ def test_pooling_is_read_from_sentence_transformers_files_and_written_back(tmp_p
 def test_the_model_reads_positives_as_second_texts_and_runs_each_text_alone():
     texts, seconds = SPEC.judged_inputs(["q0", "q1"], None, SPEC.to_targets(["d0", "d1"], None))
     assert list(texts) == ["q0", "q1"] and seconds == ["d0", "d1"]
+
+
+def test_average_precision_is_scikit_learns_on_a_strict_ranking():
+    from sklearn.metrics import average_precision_score
+
+    from core.tasks.embedding import average_precision, ranked
+
+    rng = np.random.default_rng(0)
+    similarity = rng.random((40, 12))
+    relevance = (rng.random((40, 12)) < 0.25).astype(np.int64)
+    relevance[np.arange(40), rng.integers(0, 12, 40)] = 1  # every query has one
+    ranks = ranked(similarity)
+    strict = (12 - ranks).astype(np.float64)
+    expected = [average_precision_score(r, s) for r, s in zip(relevance, strict)]
+    np.testing.assert_allclose(average_precision(relevance, ranks), expected, rtol=1e-12)
+
+
+def test_resampled_queries_give_the_split_figures_when_every_query_is_drawn_once():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 2, 16))
+    vectors[:, 1] += vectors[:, 0]
+    targets = [f"doc {i % 45}" for i in range(50)]
+    spec = EmbeddingSpec()
+    expected = spec.evaluate(targets, vectors).metrics
+    once = spec.resampled(targets, vectors)(np.arange(50)[None])
+    assert {k: once[k][0] for k in expected} == pytest.approx(expected, abs=1e-12)
+    assert set(spec.assess(targets, vectors).intervals) == set(expected)
