@@ -81,14 +81,7 @@ class OnnxBackend:
 
         from core.onnx_runner import OnnxModel, check_external_data
 
-        variant = manifest.export.variant("onnx-int8" if int8 else "onnx") if manifest.export else None
-        relative = variant.path if variant else None
-        if not relative:
-            what = "int8 variant (the export gate dropped it or int8 was off)" if int8 else "ONNX export"
-            raise ArtifactError(f"{artifact_dir}: the manifest lists no {what}; run `tuneserve export`")
-        path = artifact_dir / relative
-        if not path.is_file():
-            raise ArtifactError(f"{artifact_dir}: the manifest lists {relative}, which is missing")
+        path = graph_file(artifact_dir, manifest, "onnx-int8" if int8 else "onnx")
         check_external_data(path)
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
@@ -205,19 +198,7 @@ class OnnxGenerationBackend:
         from core.decoding import OnnxDecoder
         from core.onnx_runner import check_external_data
 
-        if not manifest.export or not manifest.export.variant("onnx"):
-            if manifest.export and manifest.export.reason:
-                raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX export ({manifest.export.reason}); "
-                                    "use TUNESERVE_BACKEND=torch (or auto)")
-            raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX export; run `tuneserve export`")
-        variant = manifest.export.variant("onnx-int8" if int8 else "onnx")
-        relative = variant.path if variant else None
-        if not relative:
-            raise ArtifactError(f"{artifact_dir}: the manifest lists no quantised decoder (the export gate did not keep "
-                                f"it: {manifest.export.int8.reason or 'not requested'}); use TUNESERVE_BACKEND=onnx")
-        path = artifact_dir / relative
-        if not path.is_file():
-            raise ArtifactError(f"{artifact_dir}: the manifest lists {relative}, which is missing")
+        path = graph_file(artifact_dir, manifest, "onnx-int8" if int8 else "onnx")
         check_external_data(path)
         self.tokenizer = load_tokenizer(artifact_dir)
         self.prompter = Prompter.from_manifest(self.tokenizer, manifest)
@@ -318,6 +299,57 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def graph_file(artifact_dir: Path, manifest: Manifest, name: str) -> Path:
+    """The ONNX file the ``onnx`` or ``onnx-int8`` backend loads, checked to exist (nothing is loaded).
+
+    Raises:
+        ArtifactError: the manifest lists no such variant (saying why, and what to use instead), or its file is
+            missing.
+    """
+    export = manifest.export
+    if export is None or export.variant("onnx") is None:
+        if export is not None and export.reason:
+            raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX export ({export.reason}); "
+                                "use TUNESERVE_BACKEND=torch (or auto)")
+        raise ArtifactError(f"{artifact_dir}: the manifest lists no ONNX export; run `tuneserve export`")
+    variant = export.variant(name)
+    if variant is None:
+        what = "quantised decoder" if manifest.task.spec.writes else "int8 variant"
+        why = export.int8.reason if export.int8 is not None and export.int8.reason else "int8 was off"
+        raise ArtifactError(f"{artifact_dir}: the manifest lists no {what} (the export gate did not keep it: {why}); "
+                            "use TUNESERVE_BACKEND=onnx (or auto)")
+    path = artifact_dir / variant.path
+    if not path.is_file():
+        raise ArtifactError(f"{artifact_dir}: the manifest lists {variant.path}, which is missing")
+    return path
+
+
+def check_backend(artifact_dir: Path, manifest: Manifest, *, backend: str) -> None:
+    """What :func:`choose_backend` will need, checked without loading a model or importing torch, so that the
+    serving process can refuse to start at once: the graph file of an ONNX backend, torch for the torch backend
+    (or for an artifact only PyTorch serves), the weights torch loads.
+
+    Raises:
+        ArtifactError: the artifact lacks what the backend needs.
+        ConfigError: torch is asked for but not installed.
+    """
+    if backend in ("onnx", "onnx-int8"):
+        graph_file(artifact_dir, manifest, backend)
+        return
+    onnx = manifest.export is not None and manifest.export.variant("onnx") is not None
+    if backend == "auto" and onnx:  # what serves it without a GPU: the int8 variant the gate kept, else fp32
+        graph_file(artifact_dir, manifest, "onnx-int8" if manifest.export.variant("onnx-int8") else "onnx")
+        return
+    if not _torch_installed():
+        if backend == "torch":
+            raise ConfigError("TUNESERVE_BACKEND=torch, but torch is not installed here; use onnx or onnx-int8")
+        raise ArtifactError(f"{artifact_dir}: no ONNX export to serve without torch, which is not installed here "
+                            f"({manifest.export.reason if manifest.export else 'run `tuneserve export`'})")
+    weights = artifact_dir / MODEL_DIR / "model.safetensors"
+    if not weights.is_file():
+        raise ArtifactError(f"{artifact_dir}: {MODEL_DIR}/model.safetensors is missing (the torch backend loads it)")
 
 
 def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, device: str, threads: int | None,

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from core.errors import ArtifactError
+from core.errors import ArtifactError, ConfigError
 from core.manifest import Manifest, read_manifest
 from core.report import report
 from service.backends import choose_backend
@@ -49,11 +49,13 @@ from service.requests import (
 from service.schemas import (EmbedResponse, EvaluateResponse, Example, GenerateResponse, Message, PredictResponse,
                              RankedText, RankResponse)
 from service.scorer import NonFiniteOutputs, Scorer
-from service.settings import load_settings
+from service.startup import checked_settings, stop_server, watch_workers, worker_of_server
 from service.writer import Writer
 
 logger = logging.getLogger("bentoml.tuneserve")  # under bentoml's logger, so `bentoml serve` shows it
-SETTINGS = load_settings()
+# In the `bentoml serve` process, before any worker starts: a wrong setting or model ends it here, in one line.
+SETTINGS = checked_settings()
+watch_workers()
 quiet_client_errors()
 # The limits in force when the service starts are part of its OpenAPI schema; they are checked again at
 # request time (check_texts), which names the limit in the message.
@@ -104,21 +106,28 @@ class Tuneserve:
         stored_model = bentoml.models.BentoModel(SETTINGS.model)
 
     def __init__(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:
+            if not worker_of_server():
+                raise
+            if not isinstance(exc, ArtifactError | ConfigError):  # not a known mistake: its traceback to the log
+                logger.exception("the model could not be loaded")
+            # one line, and the server stops instead of starting this worker again every few seconds
+            stop_server(str(exc) if isinstance(exc, ArtifactError | ConfigError)
+                        else f"the model could not be loaded: {type(exc).__name__}: {exc}")
+
+    def _load(self) -> None:
         started = time.perf_counter()
         self.settings = SETTINGS
         if self.settings.artifact is not None:
             directory = Path(self.settings.artifact)
             self.manifest: Manifest = read_manifest(directory)
             self.model_tag = f"{self.manifest.name}:local"
-        else:
-            try:
-                stored = self.stored_model
-            except bentoml.exceptions.BentoMLException as exc:
-                raise ArtifactError(f"TUNESERVE_MODEL={self.settings.model}: not in the BentoML store ({exc}); "
-                                    "register one with `tuneserve register`, or set TUNESERVE_ARTIFACT") from None
-            directory = Path(stored.path)
+        else:  # the store model BentoML resolved for this worker (in a Bento: the one packaged with it)
+            directory = Path(self.stored_model.path)
             self.manifest = read_manifest(directory)
-            self.model_tag = str(stored.tag)
+            self.model_tag = str(self.stored_model.tag)
         self.spec = self.manifest.task.spec
         self.backend = choose_backend(directory, self.manifest, backend=self.settings.backend,
                                       device=self.settings.device, threads=self.settings.threads,

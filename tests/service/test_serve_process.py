@@ -53,26 +53,6 @@ def start_server(env: dict, bentoml_home: Path, python: str = sys.executable,
     raise AssertionError(f"no free port held after {attempts} attempts; last log: {log}")
 
 
-def refuses_to_start(proc, url: str, log, reason: str, *, seconds: float) -> bool:
-    """Watch a server until its log gives ``reason`` (or it exits, or ``seconds`` pass), then stop it; whether it
-    never reported ready. A log without ``reason`` fails here, showing its end."""
-    ready = False
-    try:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and proc.poll() is None and reason not in log.read_text():
-            try:
-                ready = ready or httpx.get(url + "/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-    finally:
-        stop(proc)
-    text = log.read_text()
-    if reason not in text:
-        raise AssertionError(f"{reason!r} never appeared in the server log; it ends:\n{text[-3000:]}")
-    return not ready
-
-
 def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 90) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -198,19 +178,59 @@ def _reverse_labels(art: Path) -> None:
     (art / "manifest.json").write_text(json.dumps(raw))
 
 
+def exits_at_once(env: dict, bentoml_home: Path, *, seconds: float = 60) -> tuple[int, float, str]:
+    """Start a server that must refuse to: its exit status, the seconds it lived, and its log."""
+    started = time.monotonic()
+    proc, _, log = start_server(env, bentoml_home)
+    try:
+        status = proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise AssertionError(f"still running after {seconds} s; the log ends:\n{log.read_text()[-3000:]}") from None
+    return status, time.monotonic() - started, log.read_text()
+
+
+def _refused(text: str, reason: str) -> None:
+    """One line says why, once: no traceback, no worker started again."""
+    lines = [line for line in text.splitlines() if line.startswith("tuneserve: cannot start: ")]
+    assert len(lines) == 1 and reason in lines[0], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
 @pytest.mark.parametrize("backend, damage, reason", [
     ("onnx", lambda art: _truncate(art / "onnx" / "model.onnx"), "not a readable ONNX model"),
     ("torch", lambda art: _truncate(art / "model" / "model.safetensors"), "cannot load model/"),
     ("onnx", _reverse_labels, "do not belong to this model"),
-    ("onnx", lambda art: shutil.rmtree(art), "not an artifact directory"),
-], ids=["truncated-onnx", "truncated-safetensors", "manifest-lies-about-labels", "missing"])
-def test_a_broken_artifact_never_gets_ready_and_the_log_says_why(artifacts, tmp_path, backend, damage, reason):
+    ("onnx", lambda art: shutil.rmtree(art), "TUNESERVE_ARTIFACT="),
+    ("onnx", lambda art: (art / "onnx" / "model.onnx").unlink(), "lists onnx/model.onnx, which is missing"),
+], ids=["truncated-onnx", "truncated-safetensors", "manifest-lies-about-labels", "missing", "missing-graph"])
+def test_a_broken_artifact_stops_the_server_at_once_with_one_line(artifacts, tmp_path, backend, damage, reason):
+    """Files that cannot be read are found before any worker starts; a model that loads but fails its self-test
+    stops the server from its worker. Either way: exit status 2 in seconds, not a worker restarted for ever."""
     broken = tmp_path / "artifact"
     shutil.copytree(artifacts["classification"], broken)
     damage(broken)
-    proc, url, log = start_server({"TUNESERVE_ARTIFACT": str(broken), "TUNESERVE_BACKEND": backend,
-                                   "TUNESERVE_DEVICE": "cpu"}, tmp_path / "bentoml")
-    assert refuses_to_start(proc, url, log, reason, seconds=60)
+    status, seconds, text = exits_at_once({"TUNESERVE_ARTIFACT": str(broken), "TUNESERVE_BACKEND": backend,
+                                           "TUNESERVE_DEVICE": "cpu"}, tmp_path / "bentoml")
+    assert status == 2 and seconds < 45, (status, seconds, text[-3000:])
+    _refused(text, reason)
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"TUNESERVE_BACKEND": "nonsense"}, "TUNESERVE_BACKEND: Input should be 'auto', 'onnx', 'onnx-int8' or 'torch'"),
+    ({"TUNESERVE_MAX_TEXTS": "many"}, "TUNESERVE_MAX_TEXTS: "),
+    ({"TUNESERVE_MODEL": "nosuch:latest"}, "TUNESERVE_MODEL=nosuch:latest: not in the BentoML store"),
+    ({}, "no model to serve: TUNESERVE_MODEL defaults to sentiment-lora-onnx:latest"),
+], ids=["backend", "limit", "unknown-tag", "nothing-configured"])
+def test_a_wrong_setting_stops_the_server_before_any_worker(artifacts, tmp_path, env, reason):
+    if "TUNESERVE_BACKEND" in env or "TUNESERVE_MAX_TEXTS" in env:
+        env = {**env, "TUNESERVE_ARTIFACT": str(artifacts["classification"])}
+    status, seconds, text = exits_at_once(env, tmp_path / "bentoml")  # an empty store
+    assert status == 2 and seconds < 30, (status, seconds, text[-3000:])
+    _refused(text, reason)
+    if not env:  # says how to get a model
+        assert all(way in text for way in ("make demo", "tuneserve register", "TUNESERVE_ARTIFACT"))
+    assert "listening on" not in text  # the port never opened
 
 
 def test_concurrency_limit_gives_429_timeouts_give_504_and_probes_keep_answering(artifacts, tmp_path):
