@@ -24,6 +24,9 @@ def check_texts(field: str, texts: Sequence[str], settings: Settings, *, limit: 
     for i, text in enumerate(texts):
         if len(text) > settings.max_chars:
             raise RequestError(f"{field}[{i}]: {len(text)} characters; the limit is {settings.max_chars}")
+        if not text.strip():
+            # as training refuses them: nothing to read, and any answer would be the model's prior dressed as one
+            raise RequestError(f"{field}[{i}]: empty or only whitespace; give the text to score")
 
 
 def check_messages_size(conversations: Sequence[Sequence], settings: Settings) -> None:

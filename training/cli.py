@@ -170,8 +170,13 @@ def _bounds(intervals: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    manifest, backend = _backend(args)
     pairs = args.pair if args.pair else None
+    # before the model loads, as training refuses them: a blank text has nothing to score
+    for name, given in (("text", args.texts), ("--pair", pairs or [])):
+        blank = next((i for i, text in enumerate(given) if not text.strip()), None)
+        if blank is not None:
+            raise TuneserveError(f"{name} {blank + 1}: empty or only whitespace; give the text to score")
+    manifest, backend = _backend(args)
     if manifest.has_pair and (pairs is None or len(pairs) != len(args.texts)):
         raise TuneserveError(f"this model takes text pairs: give --pair once per text ({len(args.texts)} times)")
     scores = _answers(manifest, backend, args.texts, pairs, args.max_new_tokens)

@@ -87,12 +87,15 @@ def test_bad_predict_requests_get_400_naming_the_field(artifacts, serve, body, s
     assert words in r.text
 
 
-def test_unicode_nul_and_empty_strings_get_answers(artifacts, serve):
+def test_unicode_and_nul_get_answers_and_empty_texts_are_refused_by_index(artifacts, serve):
     client = serve(artifacts["classification"], backend="onnx")
-    texts = ["", "\x00\x00", "great 😀 film", "فيلم رائع", "\u202egood\u202c"]
+    texts = ["\x00\x00", "great 😀 film", "فيلم رائع", "\u202egood\u202c"]
     r = client.post("/predict", json={"texts": texts})
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == len(texts)
+    for blank in ("", " \n\t\u3000"):
+        r = client.post("/predict", json={"texts": ["fine", blank]})
+        assert r.status_code == 400 and r.json()["error"] == "texts[1]: empty or only whitespace; give the text to score"
     r = client.post("/predict", content=b'{"texts": ["\xff\xfe"]}', headers={"content-type": "application/json"})
     assert r.status_code == 400
 

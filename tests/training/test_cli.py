@@ -67,6 +67,9 @@ def test_predict_prints_one_json_line_per_text(trained):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["label"] for line in lines] == ["positive", "negative"]
     assert all(0.5 <= line["score"] <= 1 for line in lines)
+    blank = tuneserve("predict", str(artifact), "fine", "  ")
+    assert blank.returncode == 2 and blank.stderr.strip().endswith("text 2: empty or only whitespace; give the text "
+                                                                    "to score"), blank.stderr[-2000:]
 
 
 def test_the_command_line_answers_with_the_backend_the_service_would_choose(trained, data_dir, tmp_path):
