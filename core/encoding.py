@@ -46,6 +46,21 @@ def encode(
     )
 
 
+# Texts longer than this many characters per token the model reads are cut (at a whitespace) before tokenizing: a
+# 20,000-character text read as 128 tokens is tokenized as its first 2,048 characters. English averages 4 to 5
+# characters a token; a text whose cut holds fewer tokens than the model reads is tokenized whole instead.
+CHARS_PER_TOKEN = 16
+
+
+def readable_prefix(text: str, max_chars: int) -> str:
+    """``text`` cut at its last whitespace within ``max_chars`` (whole when shorter, or with no whitespace there:
+    a cut never splits a word, so the tokens of the prefix are the first tokens of the whole text)."""
+    if len(text) <= max_chars:
+        return text
+    head = text[:max_chars].rsplit(None, 1)
+    return head[0] if len(head) == 2 and head[0] else text
+
+
 @dataclass(frozen=True)
 class Encoder:
     """A tokenizer with the settings an artifact was trained with: built once, from the manifest.
@@ -66,9 +81,37 @@ class Encoder:
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *, padding: bool | str = False,
                return_tensors: str | None = None) -> Any:
-        """:func:`encode` with this encoder's tokenizer and length."""
-        return encode(self.tokenizer, texts, pairs, max_length=self.max_length, padding=padding,
-                      return_tensors=return_tensors)
+        """:func:`encode` with this encoder's tokenizer and length, long texts cut first (:meth:`cut`)."""
+        return encode(self.tokenizer, self.cut(texts), self.cut(pairs) if pairs is not None else None,
+                      max_length=self.max_length, padding=padding, return_tensors=return_tensors)
+
+    def cut(self, texts: Sequence[str]) -> list[str]:
+        """Each text as the model reads it: a text over ``max_length * CHARS_PER_TOKEN`` characters cut at a
+        whitespace, where the cut still holds at least ``max_length`` tokens (so the tokens kept after truncation
+        are the same as the whole text's), else whole. Tokenizing stays bounded whatever the text's length."""
+        limit = self.max_length * CHARS_PER_TOKEN
+        out = list(texts)
+        heads = {i: readable_prefix(text, limit) for i, text in enumerate(out) if len(text) > limit}
+        heads = {i: head for i, head in heads.items() if len(head) < len(out[i])}
+        if heads:
+            for (i, head), count in zip(heads.items(), self.token_counts(list(heads.values()))):
+                if count >= self.max_length:
+                    out[i] = head
+        return out
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text, special tokens left out, nothing truncated."""
+        if not texts:
+            return []
+        return list(self.tokenizer(list(texts), add_special_tokens=False, return_length=True)["length"])
+
+    def truncated(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[bool]:
+        """Whether the model reads less than the whole of each text (or pair): more tokens than ``max_length``,
+        special tokens included."""
+        first = self.token_counts(self.cut(texts))
+        second = self.token_counts(self.cut(pairs)) if pairs is not None else [0] * len(first)
+        special = self.tokenizer.num_special_tokens_to_add(pair=pairs is not None)
+        return [a + b + special > self.max_length for a, b in zip(first, second)]
 
     def windows(self, texts: Sequence[str]) -> Any:
         """Each text as one or more windows of at most ``max_length`` tokens, neighbours sharing ``stride``

@@ -66,6 +66,8 @@ class EmbedResponse(BaseModel):
     embeddings: list[list[float]] = Field(description="One unit vector per text, in request order (dot product = "
                                           "cosine similarity).")
     dimensions: int = Field(description="The length of each vector.")
+    truncated: list[int] = Field(default_factory=list, description="Indices of the texts longer than the model "
+                                 "reads: only their first max_length tokens were embedded.")
     model: str = Field(description="The model served, as name:version.")
     backend: str = Field(description="onnx-int8 | onnx | torch-cuda | torch-cpu")
 

@@ -30,6 +30,7 @@ class Scorer:
         self.manifest, self.spec, self.settings = manifest, manifest.task.spec, settings
         self.selftest = run_selftest(backend, manifest, half_precision=getattr(backend, "half_precision", False))
         self.batcher = MicroBatcher(backend.logits, settings.max_batch_size)
+        self.encoder = backend.encoder
 
     @property
     def measured(self) -> str:
@@ -74,6 +75,10 @@ class Scorer:
         scores = await self.scores(texts, pairs)
         # the intervals' resampling is CPU work: off the event loop, so other requests keep being answered
         return await anyio.to_thread.run_sync(assessed, self.manifest, targets, scores)
+
+    async def truncated(self, texts: Sequence[str], pairs: Sequence[str] | None) -> list[bool]:
+        """Whether each text (or pair) is longer than the model reads (its first max_length tokens)."""
+        return await anyio.to_thread.run_sync(self.encoder.truncated, texts, pairs)
 
     def limits(self) -> dict:
         return {"max_corpus": self.settings.max_corpus} if self.spec.ranked_corpus([]) is not None else {}

@@ -174,8 +174,11 @@ class Tuneserve:
             scores = await self.model.scores(texts, text_pairs)
         except NonFiniteOutputs:
             return _not_finite()
-        return PredictResponse(predictions=self.spec.shape(self.manifest, scores, top_k=top_k), model=self.model_tag,
-                               backend=self.backend.name)
+        predictions = self.spec.shape(self.manifest, scores, top_k=top_k)
+        if not self.spec.windows:  # say which texts were longer than the model reads
+            for prediction, cut in zip(predictions, await self.model.truncated(texts, text_pairs)):
+                prediction["truncated"] = cut
+        return PredictResponse(predictions=predictions, model=self.model_tag, backend=self.backend.name)
 
     @bentoml.api
     async def evaluate(
@@ -275,7 +278,9 @@ class Tuneserve:
             return _not_finite()
         if dimensions is not None:
             vectors = self.spec.scores(vectors[:, :dimensions])
-        return EmbedResponse(embeddings=vectors.tolist(), dimensions=vectors.shape[1], model=self.model_tag,
+        cut = await self.model.truncated(texts, None)
+        return EmbedResponse(embeddings=vectors.tolist(), dimensions=vectors.shape[1],
+                             truncated=[i for i, was_cut in enumerate(cut) if was_cut], model=self.model_tag,
                              backend=self.backend.name)
 
     @bentoml.api

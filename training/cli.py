@@ -181,7 +181,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise TuneserveError(f"this model takes text pairs: give --pair once per text ({len(args.texts)} times)")
     scores = _answers(manifest, backend, args.texts, pairs, args.max_new_tokens)
     field = "input" if hasattr(backend, "generate") else "text"  # a generation's own text is under "text"
-    for text, prediction in zip(args.texts, manifest.task.spec.shape(manifest, scores, ndigits=4)):
+    predictions = manifest.task.spec.shape(manifest, scores, ndigits=4)
+    if not hasattr(backend, "generate") and not manifest.task.spec.windows:  # as /predict says it
+        for prediction, cut in zip(predictions, backend.encoder.truncated(args.texts, pairs)):
+            prediction["truncated"] = cut
+    for text, prediction in zip(args.texts, predictions):
         print(json.dumps({field: text, **prediction}, ensure_ascii=False))
     return 0
 

@@ -189,6 +189,9 @@ class TaskSpec(ABC):
     # The model's token states are pooled into one vector per text, as its sentence-transformers files say (the
     # torch side wraps the transformer with that pooling; the exported graph includes it).
     pools: ClassVar[bool] = False
+    # A long text is read in overlapping windows (nothing cut away); otherwise the model reads its first max_length
+    # tokens and each answer says when it was cut (``truncated``).
+    windows: ClassVar[bool] = False
 
     # -- labels ---------------------------------------------------------------------------------------
     def parse_example(self, text: Any, label: Any, options: dict | None = None) -> tuple[str, Any]:

@@ -84,6 +84,8 @@ def text_id(text: str) -> int:
 
 class Embedding(BaseModel):
     embedding: list[float] = Field(description="The text's embedding, L2-normalised (dot product = cosine).")
+    truncated: bool = Field(False, description="The text is longer than the model reads: only its first "
+                            "max_length tokens were scored (GET /metadata gives max_length).")
 
 
 def normalise(vectors: Any) -> np.ndarray:

@@ -47,15 +47,21 @@ class ClassPrediction(BaseModel):
     label: str = Field(description="The most likely class.")
     score: float = Field(description="Its probability.")
     scores: dict[str, float] = Field(description="Class probabilities, most likely first (top_k of them).")
+    truncated: bool = Field(False, description="The text (or pair) is longer than the model reads: only its first "
+                            "max_length tokens were scored (GET /metadata gives max_length).")
 
 
 class MultiLabelPrediction(BaseModel):
     labels: list[str] = Field(description="Labels whose probability reaches the model's threshold.")
     scores: dict[str, float] = Field(description="Probability of every label.")
+    truncated: bool = Field(False, description="The text (or pair) is longer than the model reads: only its first "
+                            "max_length tokens were scored (GET /metadata gives max_length).")
 
 
 class RegressionPrediction(BaseModel):
     value: float = Field(description="The predicted value.")
+    truncated: bool = Field(False, description="The text (or pair) is longer than the model reads: only its first "
+                            "max_length tokens were scored (GET /metadata gives max_length).")
 
 
 class ClassificationSpec(ScoringSpec):

@@ -242,6 +242,7 @@ class TokenClassificationSpec(ScoringSpec):
     """A tag per word; entities with character offsets out."""
     does = "finds the entities in each text, with their types and character offsets"
 
+    windows = True  # long texts are read in overlapping windows (Encoder.windows): nothing is cut
     task = Task.TOKEN_CLASSIFICATION
     problem_type = "token_classification"
     hf_problem_type = None

@@ -14,7 +14,9 @@ def test_embed_gives_unit_vectors_and_truncates_on_request(serve, embedding_arti
     client = serve(embedding_artifact)
     body = client.post("/embed", json={"texts": ["copy files", "kill processes with a tool"]}).json()
     vectors = np.asarray(body["embeddings"])
-    assert vectors.shape == (2, 32) and body["dimensions"] == 32
+    assert vectors.shape == (2, 32) and body["dimensions"] == 32 and body["truncated"] == []
+    long = client.post("/embed", json={"texts": ["copy files", "copy files " * 300]}).json()
+    assert long["truncated"] == [1]  # the second text is longer than the model reads
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert body["backend"] in ("onnx", "onnx-int8")
     short = np.asarray(client.post("/embed", json={"texts": ["copy files"], "dimensions": 8}).json()["embeddings"])

@@ -276,3 +276,15 @@ def test_the_self_test_refuses_a_lying_manifest_and_a_backend_that_disagrees(art
     no_samples = manifest.model_copy(update={"export": manifest.export.model_copy(update={"selftest": []})})
     with pytest.raises(ArtifactError, match="no self-test examples"):
         run_selftest(backend, no_samples)
+
+
+def test_each_answer_says_when_its_text_was_longer_than_the_model_reads(artifacts, serve):
+    manifest = read_manifest(artifacts["classification"])
+    client = serve(artifacts["classification"], backend="onnx")
+    long = "a fine film " * manifest.max_length  # three words a repeat: far past max_length tokens
+    r = client.post("/predict", json={"texts": ["a fine film", long, long * 20]})
+    assert r.status_code == 200, r.text
+    answers = r.json()["predictions"]
+    assert [a["truncated"] for a in answers] == [False, True, True]
+    # what the model reads of a long text is its beginning: the same answer however much more follows
+    assert answers[1]["scores"] == answers[2]["scores"]
