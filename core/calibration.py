@@ -56,12 +56,20 @@ class Calibration(BaseModel):
     examples: int = Field(description="Examples it was fitted on.")
     before: dict[str, dict[str, float]] = Field(description="split -> ece, brier, log_loss of the raw scores.")
     after: dict[str, dict[str, float]] = Field(description="split -> the same of the calibrated scores.")
+    applied: bool = Field(True, description="Whether scores are calibrated with it: only where it lowered log loss "
+                          "and did not raise ECE on the split it was fitted on; otherwise it is recorded as tried "
+                          "and the raw scores are served.")
 
 
 def apply(logits: np.ndarray, calibration: Calibration | None) -> np.ndarray:
-    """Calibrated logits (the logits themselves when ``calibration`` is None)."""
-    if calibration is None:
+    """Calibrated logits (the logits themselves when ``calibration`` is None or was not applied)."""
+    if calibration is None or not calibration.applied:
         return logits
+    return rescaled(logits, calibration)
+
+
+def rescaled(logits: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """The logits as ``calibration`` rescales them, applied or not."""
     return np.asarray(logits, dtype=np.float64) * np.asarray(calibration.scale) + np.asarray(calibration.bias)
 
 
@@ -167,6 +175,11 @@ def fit_calibration(logits: np.ndarray, targets: np.ndarray, kind: str, labels: 
     else:
         raise ValueError(f"no calibration for {kind!r} outputs")
     measure(calibration, "validation", logits, targets, kind)
+    before, after = calibration.before["validation"], calibration.after["validation"]
+    # applied only where it helps the split it was fitted on: a calibration that makes scores worse there would
+    # weaken the claim that a served probability means what it says
+    calibration.applied = (after["log_loss"] <= before["log_loss"] and after["ece"] <= before["ece"]
+                           and (after["log_loss"], after["ece"]) != (before["log_loss"], before["ece"]))
     return calibration
 
 
@@ -175,7 +188,7 @@ def measure(calibration: Calibration, split: str, logits: np.ndarray, targets: n
     squash = _softmax if kind == "softmax" else _sigmoid
     logits = np.asarray(logits, dtype=np.float64)
     calibration.before[split] = calibration_metrics(squash(logits), targets, kind)
-    calibration.after[split] = calibration_metrics(squash(apply(logits, calibration)), targets, kind)
+    calibration.after[split] = calibration_metrics(squash(rescaled(logits, calibration)), targets, kind)
 
 
 # -- multi-label thresholds ------------------------------------------------------------------------------------

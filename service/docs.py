@@ -171,8 +171,12 @@ def api_document(base: dict, about: About) -> dict:
             operation.update(description=text, tags=[PROBE_TAG])
     components = spec.setdefault("components", {})
     components.setdefault("schemas", {})["Error"] = {
-        "type": "object", "title": "Error", "required": ["error"],
-        "properties": {"error": {"type": "string", "title": "Message"}}}
+        "type": "object", "title": "Error", "required": ["error", "field"],
+        "properties": {"error": {"type": "string", "title": "Message", "description": "One line: what was wrong."},
+                       "field": {"anyOf": [{"type": "string"}, {"type": "null"}], "title": "Field",
+                                 "description": "The request field at fault (texts[1], examples[0].label), or null."},
+                       "detail": {"type": "string", "title": "Detail",
+                                  "description": "Every problem, where there are several."}}}
     if about.settings.api_key is not None:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     examples = _examples(about)

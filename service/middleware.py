@@ -1,4 +1,5 @@
-"""ASGI middleware in front of the API: bearer-token auth, JSON-only bodies, and a request-size limit.
+"""ASGI middleware in front of the API: bearer-token auth, JSON-only bodies, a request-size limit, unknown fields
+refused, and one error body for every 4xx: ``{"error": "<one line>", "field": "<path or null>"}``.
 
 Pure ASGI (no body re-parsing) so that each check costs next to nothing and runs before BentoML reads
 the request. Health and metrics routes stay open for probes.
@@ -6,15 +7,30 @@ the request. Health and metrics routes stay open for probes.
 
 from __future__ import annotations
 
+import difflib
 import hmac
 import json
+import re
 
 # Routes that carry data: these need the key (when one is set) and take JSON bodies only.
 API_PATHS = frozenset({"/predict", "/evaluate", "/generate", "/embed", "/rank", "/metadata"})
 
 
-async def reject(send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
+# The field an error message starts with ("texts[1]: empty ..." -> "texts[1]"), as the service's messages do.
+_LEADING_FIELD = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\]|\.[A-Za-z_]\w*)*): ")
+
+
+def error_body(message: str, field: str | None = None, **details) -> dict:
+    """The one shape of a 4xx body: the message, the field it is about (from the message's leading ``path: `` when
+    not given; null when about no field), and details only where they add something."""
+    if field is None and (match := _LEADING_FIELD.match(message)):
+        field = match.group(1)
+    return {"error": message, "field": field, **details}
+
+
+async def reject(send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None,
+                 field: str | None = None) -> None:
+    body = json.dumps(error_body(message, field)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
@@ -71,9 +87,10 @@ class BodyLimitMiddleware:
     before any of it is parsed, and the server stays healthy.
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, fields: dict[str, frozenset[str]] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.fields = fields or {}  # route -> the top-level fields its body may have; others are refused
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -97,6 +114,9 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body, replayed = b"".join(chunks), False
+        known = self.fields.get(scope["path"].rstrip("/")) if scope["method"] == "POST" else None
+        if known is not None and (unknown := _unknown_field(body, known)):
+            return await reject(send, 400, unknown[1], field=unknown[0])
 
         async def replay():
             nonlocal replayed
@@ -108,6 +128,23 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+def _unknown_field(body: bytes, known: frozenset[str]) -> tuple[str, str] | None:
+    """The first top-level field of a JSON object body that the route does not take, with the message; None where
+    there is none (a body that is not a JSON object is left for the route's own validation to refuse)."""
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    for name in data:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            return name, f"{name}: unknown field; {hint}this route takes {', '.join(sorted(known))}"
+    return None
+
+
 def _field_path(loc) -> str:
     path = ""
     for part in loc:
@@ -115,11 +152,13 @@ def _field_path(loc) -> str:
     return path
 
 
-class ValidationErrorShapeMiddleware:
-    """Give request-validation errors one documented shape: ``{"error": "<field>: <problem>", "detail": "..."}``.
+class ErrorShapeMiddleware:
+    """Give every 4xx answer of the API routes one documented shape (:func:`error_body`).
 
-    BentoML answers a body that fails its pydantic model with ``detail`` as a list, where its own OpenAPI
-    schema promises a string; clients (and schema checkers) get the promised shape, naming the field.
+    BentoML answers a body that fails its pydantic model with ``detail`` as a list (and bad JSON with an empty
+    field path), where its own OpenAPI schema promises a string; the routes answer ``{"error": ...}``. Both become
+    ``{"error": "<field>: <problem>", "field": "<field>"}``, with ``detail`` listing every problem where there are
+    several.
     """
 
     def __init__(self, app):
@@ -133,7 +172,7 @@ class ValidationErrorShapeMiddleware:
 
         async def capture(message):
             nonlocal start
-            if message["type"] == "http.response.start" and message["status"] == 400:
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
                 start = message
                 return
             if start is None:
@@ -145,15 +184,29 @@ class ValidationErrorShapeMiddleware:
         async def send_reshaped(start_message, body: bytes):
             try:
                 data = json.loads(body)
-                problems = data.get("detail") if isinstance(data, dict) else None
-                if isinstance(problems, list) and problems:
-                    lines = [f"{_field_path(p.get('loc', []))}: {p.get('msg', 'invalid')}" for p in problems]
-                    body = json.dumps({"error": lines[0] if len(lines) == 1 else f"{lines[0]} (and {len(lines) - 1} more)",
-                                       "detail": "; ".join(lines)}).encode()
-            except (ValueError, AttributeError):
-                pass
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                body = json.dumps(_reshaped(data)).encode()
             headers = [(k, v) for k, v in start_message.get("headers", []) if k.lower() != b"content-length"]
             await send({**start_message, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, capture)
+
+
+def _reshaped(data: dict) -> dict:
+    """A 4xx body in the one shape: from BentoML's validation ``detail`` list, or from a route's ``error``."""
+    problems = data.get("detail")
+    if isinstance(problems, list) and problems and all(isinstance(p, dict) for p in problems):
+        paths = [_field_path(p.get("loc", [])) or "body" for p in problems]
+        lines = [f"{path}: {p.get('msg', 'invalid')}" for path, p in zip(paths, problems)]
+        if len(lines) == 1:
+            return error_body(lines[0], paths[0])
+        return error_body(f"{lines[0]} (and {len(lines) - 1} more)", paths[0], detail="; ".join(lines))
+    if isinstance(data.get("error"), str):
+        return {**error_body(data["error"], data.get("field")),
+                **{k: v for k, v in data.items() if k not in ("error", "field", "detail")}}
+    if isinstance(problems, str):
+        return error_body(problems.strip().lstrip(": ") or "bad request")
+    return data

@@ -36,8 +36,8 @@ from service.logs import quiet_client_errors
 from service.middleware import (
     BearerAuthMiddleware,
     BodyLimitMiddleware,
+    ErrorShapeMiddleware,
     JsonOnlyMiddleware,
-    ValidationErrorShapeMiddleware,
 )
 from service.requests import (
     RequestError,
@@ -346,5 +346,6 @@ Tuneserve.mount_asgi_app(api_app, path="/")
 if SETTINGS.api_key is not None:
     Tuneserve.add_asgi_middleware(BearerAuthMiddleware, api_key=SETTINGS.api_key.get_secret_value())
 Tuneserve.add_asgi_middleware(JsonOnlyMiddleware)
-Tuneserve.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
-Tuneserve.add_asgi_middleware(ValidationErrorShapeMiddleware)
+Tuneserve.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes,
+                              fields={api.route: frozenset(api.input_spec.model_fields) for api in Tuneserve.apis.values()})
+Tuneserve.add_asgi_middleware(ErrorShapeMiddleware)

@@ -31,9 +31,27 @@ def test_temperature_is_recovered_and_lowers_calibration_error():
     measure(calibration, "test", logits[10_000:], targets[10_000:], "softmax")
     before, after = calibration.before["test"], calibration.after["test"]
     assert after["ece"] < before["ece"] / 3 and after["brier"] < before["brier"] and after["log_loss"] < before["log_loss"]
+    assert calibration.applied  # it helped validation
     # a temperature never changes the top class
     raw, calibrated = postprocess(logits, "softmax"), postprocess(apply(logits, calibration), "softmax")
     assert (raw.argmax(1) == calibrated.argmax(1)).all() and not np.allclose(raw, calibrated)
+
+
+def test_a_calibration_that_does_not_help_validation_is_recorded_and_not_applied():
+    # a model that is already calibrated: the fitted temperature is about 1, and on some draws it raises ECE
+    candidates = []
+    for seed in range(20):
+        logits, targets = _overconfident(300, 3, temperature=1.0, seed=seed)
+        calibration = fit_calibration(logits, targets, "softmax", list("abc"))
+        before, after = calibration.before["validation"], calibration.after["validation"]
+        assert calibration.applied == (after["log_loss"] <= before["log_loss"] and after["ece"] <= before["ece"])
+        if not calibration.applied:
+            candidates.append((logits, calibration))
+    assert candidates, "no draw where the fitted temperature raised ECE"
+    logits, calibration = candidates[0]
+    np.testing.assert_array_equal(apply(logits, calibration), logits)  # served: the raw scores
+    spec = Task.CLASSIFICATION.spec
+    np.testing.assert_allclose(spec.scores(logits, calibration), postprocess(logits, "softmax"))
 
 
 def test_platt_per_label_and_pooled_for_rare_labels():

@@ -288,3 +288,28 @@ def test_each_answer_says_when_its_text_was_longer_than_the_model_reads(artifact
     assert [a["truncated"] for a in answers] == [False, True, True]
     # what the model reads of a long text is its beginning: the same answer however much more follows
     assert answers[1]["scores"] == answers[2]["scores"]
+
+
+def test_every_4xx_has_one_body_shape_and_unknown_fields_are_refused_on_every_route(artifacts, serve):
+    client = serve(artifacts["classification"], backend="onnx")
+    cases = [
+        ("/predict", {"texts": ["fine", ""]}, "texts[1]"),  # the route's own check
+        ("/predict", {"texts": "not a list"}, "texts"),  # the schema's
+        ("/predict", {"texts": ["fine"], "top_k": 0}, "top_k"),
+        ("/predict", {"txts": ["fine"]}, "txts"),  # unknown: refused, with the close name
+        ("/evaluate", {"examples": [{"text": "fine", "label": "positive"}], "extra": 1}, "extra"),
+        ("/evaluate", {"examples": [{"text": "fine", "label": "nonsense"}]}, "examples"),
+        ("/generate", {"prompts": ["hi"]}, None),  # not this model's route
+    ]
+    for path, body, field in cases:
+        r = client.post(path, json=body)
+        assert 400 <= r.status_code < 500, (path, body, r.status_code)
+        answer = r.json()
+        assert set(answer) <= {"error", "field", "detail"} and answer["field"] == field, (body, answer)
+        assert isinstance(answer["error"], str) and "\n" not in answer["error"] and answer["error"], answer
+        assert not answer["error"].startswith(":"), answer
+    r = client.post("/predict", json={"txts": ["fine"]})
+    assert r.json()["error"] == "txts: unknown field; did you mean texts? this route takes text_pairs, texts, top_k"
+    bad_json = client.post("/predict", content=b'{"texts": [', headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["field"] in (None, "body"), bad_json.text
+    assert not bad_json.json()["error"].startswith(":"), bad_json.text

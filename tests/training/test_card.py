@@ -287,3 +287,17 @@ def test_the_adapter_note_of_a_local_base_model_gives_no_path(tmp_path):
     header, body = _split(note)
     assert "base_model" not in header and str(tmp_path) not in note
     assert 'base = "tiny-bert"' in body and "a local model directory named `tiny-bert`" in body
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_the_card_says_whether_calibration_was_applied(applied):
+    from core.calibration import Calibration
+    from training.publish.card import calibration_section
+
+    figures = {"validation": {"ece": 0.03, "brier": 0.1, "log_loss": 0.3}}
+    after = {"validation": {"ece": 0.02 if applied else 0.031, "brier": 0.1, "log_loss": 0.29}}
+    calibration = Calibration(method="temperature", scale=[0.9, 0.9], bias=[0.0, 0.0], temperature=1.1, examples=50,
+                              before=figures, after=after, applied=applied)
+    text = calibration_section(_manifest(calibration=calibration))
+    assert ("every backend applies it" in text) is applied
+    assert ("NOT applied" in text) is not applied

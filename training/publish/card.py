@@ -154,8 +154,14 @@ def calibration_section(manifest: Manifest) -> str:
         rows = ["| split | ECE before | ECE after | Brier before | Brier after |", "|---|---|---|---|---|"]
         rows += [f"| {split} | {c.before[split]['ece']:.4f} | {c.after[split]['ece']:.4f} | "
                  f"{c.before[split]['brier']:.4f} | {c.after[split]['brier']:.4f} |" for split in c.before]
-        parts.append(f"Scores are calibrated by {how}, fitted on {c.examples} validation examples; every backend "
-                     "applies it. Expected calibration error (15 bins) and Brier score:\n\n" + "\n".join(rows)
+        if c.applied:
+            said = (f"Scores are calibrated by {how}, fitted on {c.examples} validation examples; every backend "
+                    "applies it.")
+        else:
+            said = (f"Calibration by {how} was fitted on {c.examples} validation examples and NOT applied: it did "
+                    "not lower log loss without raising the calibration error there, so the served scores are the "
+                    "model's own (the 'after' columns say what it would have given).")
+        parts.append(f"{said} Expected calibration error (15 bins) and Brier score:\n\n" + "\n".join(rows)
                      + "\n\nThe reliability diagram is `report/reliability.png`.")
     if manifest.thresholds is not None:
         parts.append(f"Each label's decision threshold was chosen on validation for `{manifest.primary_metric}` "

@@ -147,6 +147,10 @@ def fit_decisions(cfg: Config, labels, logits, targets) -> Decisions:
     calibration = None
     if cfg.train.calibrate and "calibrate" in spec.options:
         calibration = fit_calibration(logits, targets, spec.postprocess, labels)
+        before, after = calibration.before["validation"], calibration.after["validation"]
+        logger.info("calibration (%s) %s: validation log loss %.4f -> %.4f, ECE %.4f -> %.4f", calibration.method,
+                    "applied" if calibration.applied else "tried and NOT applied (it did not help validation)",
+                    before["log_loss"], after["log_loss"], before["ece"], after["ece"])
     decisions = fitted_threshold(cfg, spec.scores(logits, calibration), targets)
     decisions.calibration = calibration
     return decisions
