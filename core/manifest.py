@@ -143,6 +143,8 @@ class SelftestExample(_Section):
     text_pair: str | None = None
     scores: Any
     decision: Any
+    variants: dict[str, Any] = Field(default_factory=dict, description="Each exported variant's own scores for it "
+                                     "(variant name -> scores): what that variant must reproduce when served.")
 
 
 class ExportVariant(_Section):

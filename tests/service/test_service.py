@@ -242,13 +242,28 @@ def test_the_self_test_refuses_a_lying_manifest_and_a_backend_that_disagrees(art
 
     from core.errors import ArtifactError
     from service.backends import OnnxBackend
-    from service.selftest import run_selftest
+    from service.selftest import OWN_TOLERANCE, run_selftest
 
     art = tmp_path / "artifact"
     shutil.copytree(artifacts["classification"], art)
     manifest = read_manifest(art)
     backend = OnnxBackend(art, manifest, int8=False, threads=1, batch_size=8)
-    assert run_selftest(backend, manifest)["examples"] == 8
+    passed = run_selftest(backend, manifest)
+    assert passed["examples"] == 8
+    # held to its own outputs recorded at export, tightly: not to PyTorch's at the widest gap the gate saw
+    assert all("onnx" in sample.variants for sample in manifest.export.selftest)
+    assert passed["tolerance"] == OWN_TOLERANCE and passed["max_abs_diff"] < OWN_TOLERANCE
+
+    class Drifting:
+        name = "onnx"
+
+        def logits(self, texts, pairs):  # a few thousandths off its own export-time scores
+            out = backend.logits(texts, pairs)
+            out[:, 0] += 0.05
+            return out
+
+    with pytest.raises(ArtifactError, match="away from its own scores at export|at export it predicted"):
+        run_selftest(Drifting(), manifest)
 
     lying = manifest.model_copy(update={"labels": list(reversed(manifest.labels))})
     with pytest.raises(ArtifactError, match="do not belong to this model"):

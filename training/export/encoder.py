@@ -116,13 +116,20 @@ class _Judge:
         changed = self.spec.flat(self.run(path, self.probe))
         return float(np.mean(np.abs(changed - self.spec.flat(_take(self.scores, self.probe)))))
 
-    def selftest(self) -> list[dict]:
-        """A few inputs with PyTorch's outputs, for a serving backend to reproduce before it reports ready."""
+    def selftest(self, variants: dict[str, Path]) -> list[dict]:
+        """A few inputs with PyTorch's outputs and each kept variant's own (``variants``: name -> graph), for a
+        serving backend to reproduce before it reports ready: a variant is held to its own outputs, tightly."""
         held_out, scores = self.held_out, self.scores
         decisions = self.spec.decide(self.manifest, scores)
-        return [{"text": held_out.texts[i], "text_pair": held_out.pairs[i] if held_out.pairs else None,
-                 "scores": self.spec.record(scores[i]), "decision": decisions[i]}
-                for i in selftest_examples(self.manifest, scores, SELFTEST_EXAMPLES)]
+        rows = selftest_examples(self.manifest, scores, SELFTEST_EXAMPLES)
+        texts = [held_out.texts[i] for i in rows]
+        pairs = [held_out.pairs[i] for i in rows] if held_out.pairs else None
+        own = {name: self.spec.scores(OnnxModel(path).logits(self.encoder, texts, pairs, task=self.manifest.task),
+                                      self.manifest.calibration)
+               for name, path in variants.items()}
+        return [{"text": texts[k], "text_pair": pairs[k] if pairs else None, "scores": self.spec.record(scores[i]),
+                 "decision": decisions[i], "variants": {name: self.spec.record(got[k]) for name, got in own.items()}}
+                for k, i in enumerate(rows)]
 
 
 def _export_fp32(model, encoder: Encoder, manifest: Manifest, path: Path) -> None:
@@ -196,7 +203,8 @@ def export_encoder(artifact_dir: Path, manifest: Manifest, held_out: HeldOut, tm
     if "onnx-int8" in parity:
         variants.append(variant("onnx-int8", tmp, INT8_FILE, "int8", parity["onnx-int8"], int8_report["method"]))
     return {"backend": "onnx", "held_out": held_out.name, "graph": {"opset": OPSET, **graph}, "variants": variants,
-            "int8": int8_report, "selftest": judge.selftest()}
+            "int8": int8_report,
+            "selftest": judge.selftest({v["name"]: tmp / Path(v["files"][0]).name for v in variants})}
 
 
 def _write_fp32(artifact_dir: Path, encoder: Encoder, manifest: Manifest, tmp: Path) -> dict:
