@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
 from core.prompting import PromptFormat
@@ -326,7 +326,9 @@ class Config(_Strict):
     model: str = Field("minilm", description="'minilm' (the bundled all-MiniLM-L6-v2), 'smollm2' (the bundled "
                        "SmolLM2-135M-Instruct, a small Llama-architecture language model), 'minilm2minilm' (an encoder-decoder "
                        "warm-started from MiniLM, for generation), a local directory, or a Hub model id.")
-    name: str | None = Field(None, description="Model name in the artifact and model store; default: the output directory's name.")
+    name: str | None = Field(None, description="Model name in the artifact and model store; default: the config file's "
+                             "name without its extension (else the output directory's name).")
+    _file_stem: str | None = PrivateAttr(None)  # the config file's name, the model's when it names none
     data: DataConfig
     method: Literal["full", "lora", "freeze", "ia3", "prompt"] = Field(
         "lora", description="What is trained: everything, LoRA adapters + head, the head only, IA3 scaling vectors + "
@@ -442,7 +444,8 @@ class Config(_Strict):
 
     @property
     def run_name(self) -> str:
-        return self.name or Path(self.output_dir).resolve().name
+        """``name``, else the config file's stem, else the output directory's name."""
+        return self.name or self._file_stem or Path(self.output_dir).resolve().name
 
 
 def _annotation_types(annotation: Any) -> set:
@@ -531,9 +534,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: " + _describe(exc)) from None
+    if path is not None:
+        cfg._file_stem = Path(path).stem
+    return cfg
 
 
 _UNION_TAG = re.compile(r"^(float|int|str|bool|list\[.*\]|literal\[.*\]|function-.*)$")

@@ -304,6 +304,7 @@ def write_best_config(cfg: Config, study: optuna.Study, output_dir: Path) -> Pat
     that ``tuneserve train`` puts its artifact in OUTPUT_DIR/artifact)."""
     best = study.best_trial
     raw = configured(cfg, best.params, output_dir)
+    raw.setdefault("name", cfg.run_name)  # the model keeps the search config's name, not this file's
     load_config(raw=raw)  # a run config, loadable as it is written
     path = output_dir / BEST_CONFIG
     header = (f"# tuneserve train {path}\n"

@@ -74,3 +74,16 @@ def test_every_tasks_recorded_config_loads_back(task):
     """The manifest records the whole config (every default spelled out) and the export validates it again."""
     cfg = load_config(raw={"task": task, "data": {"train": "x.jsonl"}})
     assert load_config(raw=cfg.model_dump(mode="json")) == cfg
+
+
+def test_the_model_is_named_after_its_config_file_unless_it_names_itself(tmp_path):
+    import yaml
+
+    from training.config import load_config
+
+    raw = {"task": "classification", "data": {"train": "train.jsonl"}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "support-tickets.yaml").write_text(yaml.safe_dump(raw))
+    assert load_config(tmp_path / "support-tickets.yaml").run_name == "support-tickets"
+    (tmp_path / "named.yaml").write_text(yaml.safe_dump({**raw, "name": "tickets-v2"}))
+    assert load_config(tmp_path / "named.yaml").run_name == "tickets-v2"
+    assert load_config(raw=raw).run_name == "run"  # no file: the output directory's name
