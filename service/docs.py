@@ -229,6 +229,8 @@ def _narrow_to_task(path: str, operation: dict, m: Manifest, settings: Settings)
         operation["description"] = " ".join(filter(None, [operation.get("description"), budget]))
 
 
+# Marks an operation of another kind of model in the API document (the page lists only this model's routes).
+OTHER_KIND = "x-other-kind-of-model"
 # The two routes that run a model: each answers for its kind of model only (404 for the other kind).
 ROUTES_BY_KIND = {"/predict": "a model that scores or labels text", "/generate": "a model that writes text",
                   "/embed": "a model that embeds text", "/rank": "a model that embeds text"}
@@ -245,6 +247,7 @@ def _describe_use_route(path: str, operation: dict, m: Manifest) -> None:
     use = _use_route(m)
     if path not in m.task.spec.routes:
         operation["description"] = f"For {ROUTES_BY_KIND[path]}; this model answers it with 404: use POST {use}."
+        operation[OTHER_KIND] = True  # the page names it once instead of documenting it
         _response(operation, 404).update(description=f"Not for this model: use {use}", content={
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}})
         return
@@ -400,8 +403,12 @@ def _operation(path: str, method: str, operation: dict, components: dict) -> str
 def render_page(spec: dict) -> str:
     """The whole HTML page, from an OpenAPI document: every route, its body, answers and a curl line."""
     info, components = spec.get("info", {}), spec.get("components", {}).get("schemas", {})
-    operations = [(path, method, op) for path, item in spec.get("paths", {}).items()
-                  for method, op in item.items() if isinstance(op, dict) and "responses" in op]
+    every = [(path, method, op) for path, item in spec.get("paths", {}).items()
+             for method, op in item.items() if isinstance(op, dict) and "responses" in op]
+    others = [path for path, _, op in every if op.get(OTHER_KIND)]
+    # this model's routes, the one that runs it first; routes of other kinds of model are only named
+    operations = sorted((o for o in every if not o[2].get(OTHER_KIND)),
+                        key=lambda o: (o[0] not in ROUTES_BY_KIND, o[0] != "/evaluate"))
     tags = [t["name"] for t in spec.get("tags", [])]
     tags += sorted({tag for _, _, op in operations for tag in op.get("tags", []) if tag not in tags})
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -413,6 +420,9 @@ def render_page(spec: dict) -> str:
             'document: <a href="docs.json">docs.json</a></p>')]
     out += [f"<p>{_e(line)}</p>" for line in info.get("description", "").splitlines() if line.strip()]
     out.append('<p class="muted">In the commands below, <code>$URL</code> is this server\'s address.</p>')
+    if others:
+        out.append(f'<p class="muted">Routes for other kinds of model answer 404 here: '
+                   f'{", ".join(f"<code>{_e(path)}</code>" for path in others)}.</p>')
     out.append("<ul>" + "".join(
         f'<li><a href="#{_e(_anchor(path, method))}">'
         f"<code>{_e(method.upper())} {_e(path)}</code></a></li>" for path, method, _ in operations) + "</ul>")

@@ -408,13 +408,23 @@ class TaskSpec(ABC):
         """A valid truth for a posted example of this model (the API docs' /evaluate example)."""
         return manifest.labels[0] if manifest.labels else None
 
+    def example_input(self, manifest: ModelRecord) -> tuple[str, str | None]:
+        """A text (and second text) of this model's own kind: its first self-test input where the export recorded
+        one (a held-out example), else the task's generic example."""
+        export = getattr(manifest, "export", None)
+        if export is not None and export.selftest:
+            first = export.selftest[0]
+            return first.text, first.text_pair if manifest.has_pair else None
+        return self.example_text, "A second text." if manifest.has_pair else None
+
     def request_examples(self, manifest: ModelRecord) -> dict[str, dict]:
         """A valid request body for each route of this model (the API docs' examples)."""
-        predict: dict = {"texts": [self.example_text]}
-        example: dict = {"text": self.example_text}
-        if manifest.has_pair:
-            predict["text_pairs"] = ["A second text."]
-            example["text_pair"] = "A second text."
+        text, pair = self.example_input(manifest)
+        predict: dict = {"texts": [text]}
+        example: dict = {"text": text}
+        if pair is not None:
+            predict["text_pairs"] = [pair]
+            example["text_pair"] = pair
         example[self.label_key] = self.example_label(manifest)
         return {self.route: predict, "/evaluate": {"examples": [example]}}
 
