@@ -168,7 +168,7 @@ def llama_cpp_runner(manifest, new: int):
 
     from llama_cpp import Llama
 
-    from training.recipe.modeling import ALIASES
+    from training.recipe.bases import ALIASES
 
     spec = next((s for s in ALIASES.values() if s.hub_id == manifest.base_model and s.gguf_file), None)
     if spec is None:

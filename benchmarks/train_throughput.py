@@ -153,7 +153,7 @@ def worker(runner: str, steps: int, seed: int) -> dict:
 
 def load_tokenizer(cfg):
     from training.recipe.modeling import load_tokenizer as load
-    from training.recipe.modeling import resolve_model
+    from training.recipe.bases import resolve_model
 
     return load(resolve_model(cfg.model))
 
@@ -161,7 +161,7 @@ def load_tokenizer(cfg):
 def non_embedding(cfg) -> int:
     from transformers import AutoModel
 
-    from training.recipe.modeling import resolve_model
+    from training.recipe.bases import resolve_model
 
     model = AutoModel.from_pretrained(resolve_model(cfg.model))
     return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)

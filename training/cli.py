@@ -31,9 +31,14 @@ def _table(columns: dict[str, dict[str, float]], names: list[str]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_config
-    from training.run import train
+    from training.data.reading import check_sources
+    from training.recipe.bases import check_model
 
     cfg = load_config(args.config, args.set)
+    check_sources(cfg.data)  # before torch and transformers load: a missing file is said in about a second
+    check_model(cfg.model)
+    from training.run import train
+
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     _print_run(cfg, result)
     return 0
@@ -226,7 +231,7 @@ def _check_config(cfg) -> list[str]:
     """What a config needs that can be checked without training, one line each: every data file read, its
     columns, texts and labels checked; the model found. Raises the first problem (DataError, ConfigError)."""
     from training.data.reading import load_split
-    from training.recipe.modeling import check_model
+    from training.recipe.bases import check_model
 
     lines = [f"model: {check_model(cfg.model)}"]
     for name in ("train", "validation", "test"):

@@ -107,7 +107,7 @@ def test_an_encoder_decoder_warm_started_from_minilm_learns_to_summarise(tmp_pat
     import torch
     from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from training.recipe.modeling import read_conversion, resolve_model
+    from training.recipe.bases import read_conversion, resolve_model
 
     monkeypatch.setenv("TUNESERVE_CACHE", str(tmp_path / "cache"))
     path = Path(resolve_model("minilm2minilm"))

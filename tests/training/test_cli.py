@@ -156,3 +156,18 @@ def test_config_checks_the_data_and_the_model_without_training(tiny_model, data_
         assert main(["config", str(config)]) == 2
         stderr = capsys.readouterr().err
         assert message in stderr and stderr.startswith("tuneserve config: error: "), stderr  # nothing before it
+
+
+def test_train_reports_a_missing_data_file_before_loading_anything(tmp_path):
+    config = tmp_path / "tickets.yaml"
+    config.write_text("task: classification\nmodel: minilm\ndata:\n  train: tickets.csv\n")
+    result = tuneserve("train", str(config))
+    assert result.returncode == 2
+    # the error alone, with nothing set up before it
+    assert result.stdout == "" and result.stderr.strip() == ("tuneserve train: error: data.train: file tickets.csv "
+                                                            "does not exist")
+    # and torch never imported to say it (its import alone takes seconds)
+    probe = subprocess.run([sys.executable, "-c", "import sys; from training.cli import main; "
+                            f"status = main(['train', {str(config)!r}]); print(status, 'torch' in sys.modules)"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert probe.stdout.split() == ["2", "False"], probe.stdout + probe.stderr[-2000:]

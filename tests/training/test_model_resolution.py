@@ -13,7 +13,7 @@ import yaml
 
 from core.errors import ConfigError
 from training.cli import main
-from training.recipe.modeling import resolve_model
+from training.recipe.bases import resolve_model
 
 BUNDLED = ("minilm = sentence-transformers/all-MiniLM-L6-v2, smollm2 = HuggingFaceTB/SmolLM2-135M-Instruct, "
            "minilm2minilm = an encoder-decoder warm-started from sentence-transformers/all-MiniLM-L6-v2")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import training.recipe.modeling as modeling
+import training.recipe.bases as bases
 from core.errors import ConfigError
 from training.cli import main
-from training.recipe.modeling import CONVERSION_FILE, bundled_hub_id, read_conversion, resolve_model
+from training.recipe.bases import CONVERSION_FILE, bundled_hub_id, read_conversion, resolve_model
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 VERSION = "0.1.2"
@@ -32,7 +32,7 @@ def conversions(monkeypatch) -> list[Path]:
     """A fake converter (writes a config and a tokenizer file) that records the directories it wrote to; the
     GGUF header is not read (parsing its vocabulary takes seconds; the slow test reads it)."""
     calls = []
-    monkeypatch.setattr(modeling, "_dequantised", lambda source, hub_id: {"quantization": "Q4_1"})
+    monkeypatch.setattr(bases, "_dequantised", lambda source, hub_id: {"quantization": "Q4_1"})
 
     def convert(source: Path, out: Path) -> None:
         assert source.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and source.is_file()
@@ -40,7 +40,7 @@ def conversions(monkeypatch) -> list[Path]:
         (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
         (out / "tokenizer.json").write_text("{}")
 
-    monkeypatch.setattr(modeling, "_convert_gguf", convert)
+    monkeypatch.setattr(bases, "_convert_gguf", convert)
     return calls
 
 
@@ -73,7 +73,7 @@ def test_a_conversion_that_fails_leaves_no_cache_directory(cache, monkeypatch):
         (out / "model.safetensors").write_bytes(b"half a model")
         raise RuntimeError("killed halfway")
 
-    monkeypatch.setattr(modeling, "_convert_gguf", crash)
+    monkeypatch.setattr(bases, "_convert_gguf", crash)
     with pytest.raises(RuntimeError, match="killed halfway"):
         resolve_model("smollm2")
     assert [p.name for p in cache.iterdir()] == [f"smollm2-{VERSION}.lock"]  # neither the model nor its partial copy
@@ -168,6 +168,6 @@ def test_the_real_gguf_file_converts_to_a_plain_safetensors_directory(smollm2_ca
     def must_not_convert(source, out):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(modeling, "_convert_gguf", must_not_convert)
+    monkeypatch.setattr(bases, "_convert_gguf", must_not_convert)
     assert resolve_model("smollm2") == resolve_model(HUB_ID) == str(path)
     assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == mtimes

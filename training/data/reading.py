@@ -154,6 +154,22 @@ def _root_message(exc: BaseException) -> str:
     return re.sub(r"\.? in row \d+\.?$", "", text)  # pyarrow counts rows from 0 within a block: no help to a user
 
 
+def check_sources(data_cfg) -> None:
+    """Every configured data file exists, checked in microseconds before a run sets anything up (reading and
+    checking the rows comes later, with the run).
+
+    Raises:
+        DataError: naming the key and the missing file, with a close sibling's name where there is one.
+    """
+    for name in ("train", "validation", "test"):
+        source = getattr(data_cfg, name, None)
+        if not source or is_demo(source):
+            continue
+        path = Path(source)
+        if not path.exists() and (path.suffix.lower() in BUILDERS or _looks_like_a_file(source)):
+            raise DataError(f"data.{name}: file {path} does not exist{_near_miss(path)}")
+
+
 def _looks_like_a_file(source: str) -> bool:
     """A source that is meant as a path, not a Hub data set id: it would otherwise go to the Hub and its retries."""
     name = source.partition(":")[0]

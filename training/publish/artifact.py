@@ -21,7 +21,8 @@ from core.tasks.embedding import pooling_files
 from core.verdict import compare_with_baselines
 from training.publish.card import adapter_readme, base_model_name, write_card
 from training.files import swap_into_place
-from training.recipe.modeling import PEFT_METHODS, bundled_hub_id, merged_model, read_conversion, save_tokenizer_and_model
+from training.recipe.bases import bundled_hub_id, read_conversion
+from training.recipe.modeling import PEFT_METHODS, merged_model, save_tokenizer_and_model
 from training.publish.plots import (plot_against_baselines, plot_confusion, plot_curves, plot_per_label, plot_regression,
                              plot_reliability)
 

@@ -37,10 +37,11 @@ from core.tasks.generation import GeneratedText, Prompter
 from training.recipe.batching import Collator, LengthGroupedBatchSampler, encode_split, without_content
 from training.recipe.checkpoint import CHECKPOINTS, LoopState, latest_checkpoint, read_state, save_checkpoint
 from training.config import Config
-from training.data.reading import load_dataset
+from training.data.reading import check_sources, load_dataset
 from training.recipe.dropout import use_cpu_dropout
 from training.recipe.generation_eval import causal_lm_logits, examples_table, generate, keeps_logits, token_loss, with_loss
-from training.recipe.modeling import build_model, l1_parameters, optimizer_groups, resolve_model, trainable_state
+from training.recipe.bases import check_model, resolve_model
+from training.recipe.modeling import build_model, l1_parameters, optimizer_groups, trainable_state
 from training.recipe.precision import DeviceFacts, choose_mixed_precision
 from training.recipe.torch_tasks import IGNORE_INDEX, TorchTask, torch_task
 from training.recipe.tracking import RunLabels, Tracking, closes_failed_runs, prefixed
@@ -237,6 +238,8 @@ def fine_tune(cfg: Config, *, resume: bool = False, overwrite: bool = False, lab
 def set_up(cfg: Config, *, resume: bool, overwrite: bool, labels: RunLabels | None) -> Loop:
     """Device, precision and processes; the output directory checked; the data read, checked and encoded."""
     output_dir, tc = Path(cfg.output_dir), cfg.train
+    check_sources(cfg.data)  # a missing file or an unknown model is said at once, before anything is set up
+    check_model(cfg.model)
     facts = DeviceFacts.detect()
     precision = choose_mixed_precision(tc.mixed_precision, facts)
     tracking = Tracking(cfg, labels)  # train.report_to: tensorboard, mlflow, ... (training/recipe/tracking.py)
