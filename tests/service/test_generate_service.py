@@ -123,7 +123,7 @@ def test_messages_and_raw_prompts_reach_the_same_prompt(server, artifact):
     ({"prompts": ["x"], "stop": [""]}, "stop[0]"),
     ({"prompts": ["x"], "seed": -3}, "seed"),
     ({"prompts": []}, "prompts"),
-    ({"prompts": [""], "raw": True}, "prompts[0]: the prompt has no tokens"),
+    ({"prompts": [""], "raw": True}, "prompts[0]: empty or only whitespace; give the text to score"),
     ({"prompts": ["x", 3]}, "prompts[1]"),
     ({}, "prompts: give prompts or messages"),
     ({"prompts": ["x"], "messages": [[{"role": "user", "content": "x"}]]}, "prompts: give prompts or messages"),
