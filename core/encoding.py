@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,9 @@ class Encoder:
     tokenizer: Any
     max_length: int
     stride: int = 0
+    # A fast tokenizer is not to be called from two threads at once ("Already borrowed"): the service encodes a
+    # pass in one thread while it counts another request's tokens in another.
+    lock: Any = field(default_factory=threading.RLock, compare=False, repr=False)
 
     @classmethod
     def from_manifest(cls, tokenizer: Any, manifest: Any) -> Encoder:
@@ -82,8 +86,9 @@ class Encoder:
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *, padding: bool | str = False,
                return_tensors: str | None = None) -> Any:
         """:func:`encode` with this encoder's tokenizer and length, long texts cut first (:meth:`cut`)."""
-        return encode(self.tokenizer, self.cut(texts), self.cut(pairs) if pairs is not None else None,
-                      max_length=self.max_length, padding=padding, return_tensors=return_tensors)
+        with self.lock:
+            return encode(self.tokenizer, self.cut(texts), self.cut(pairs) if pairs is not None else None,
+                          max_length=self.max_length, padding=padding, return_tensors=return_tensors)
 
     def cut(self, texts: Sequence[str]) -> list[str]:
         """Each text as the model reads it: a text over ``max_length * CHARS_PER_TOKEN`` characters cut at a
@@ -103,7 +108,8 @@ class Encoder:
         """Tokens of each text, special tokens left out, nothing truncated."""
         if not texts:
             return []
-        return list(self.tokenizer(list(texts), add_special_tokens=False, return_length=True)["length"])
+        with self.lock:
+            return list(self.tokenizer(list(texts), add_special_tokens=False, return_length=True)["length"])
 
     def truncated(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[bool]:
         """Whether the model reads less than the whole of each text (or pair): more tokens than ``max_length``,
@@ -117,8 +123,9 @@ class Encoder:
         """Each text as one or more windows of at most ``max_length`` tokens, neighbours sharing ``stride``
         tokens, with character offsets (``offset_mapping``) and the text each window comes from
         (``overflow_to_sample_mapping``). Nothing is truncated away."""
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length, stride=self.stride,
-                              return_overflowing_tokens=True, return_offsets_mapping=True)
+        with self.lock:
+            return self.tokenizer(list(texts), truncation=True, max_length=self.max_length, stride=self.stride,
+                                  return_overflowing_tokens=True, return_offsets_mapping=True)
 
 
 def run_in_length_batches(

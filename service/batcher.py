@@ -1,9 +1,11 @@
-"""Requests that arrive together share a forward pass.
+"""Requests that arrive together share a forward pass, and a large request takes turns with the others.
 
-While one pass runs, new requests queue; when it ends, the next pass takes everything queued (up to
-``max_batch_size`` texts, in arrival order). A lone request runs at once, so there is no batching window
-to wait out, and under load batches form by themselves. Nothing is dropped: a request waits its turn.
-The backend sorts each pass by length, so mixed lengths cost little padding.
+While one pass runs, new requests queue; when it ends, the next pass takes what is queued (up to
+``max_batch_size`` texts and ``turn_tokens`` estimated tokens), one turn per request in rotation. A request
+larger than one turn is split into turns that alternate with the other requests' (a one-text request waits for
+one turn of a 256-text request, not for all of it). A lone request runs at once, so there is no batching window
+to wait out, and under load batches form by themselves. Nothing is dropped: a request waits its turn. The backend
+sorts each pass by length, so mixed lengths cost little padding.
 """
 
 from __future__ import annotations
@@ -79,26 +81,58 @@ class PooledTurns(ABC):
 
 
 class MicroBatcher(PooledTurns):
-    def __init__(self, forward: Forward, max_batch_size: int):
+    """Pooled passes over a scoring model; ``cost`` estimates a text's (or pair's) tokens, ``turn_tokens`` bounds a
+    pass's (None: texts alone bound it)."""
+
+    def __init__(self, forward: Forward, max_batch_size: int, *, turn_tokens: int | None = None,
+                 cost: Callable[[str, str | None], int] | None = None):
         super().__init__(max_batch_size)
         self.forward = forward
+        self.turn_tokens = turn_tokens
+        self.cost = cost or (lambda text, pair: 1)
+        self._queue: list[deque[_Job]] = []  # one entry per request: its turns not yet taken, in order
 
     async def __call__(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:
-        """Raw outputs for ``texts``, computed together with whatever else is queued."""
-        job = _Job(texts, pairs, asyncio.get_running_loop().create_future())
-        self._queue.append(job)
+        """Raw outputs for ``texts``, computed together with whatever else is queued, in turns."""
+        loop = asyncio.get_running_loop()
+        turns = deque(_Job(texts[a:b], pairs[a:b] if pairs is not None else None, loop.create_future())
+                      for a, b in self._turns(texts, pairs))
+        futures = [job.future for job in turns]
+        self._queue.append(turns)
         self._start()
-        return await job.future
+        outputs = await asyncio.gather(*futures)
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def _turns(self, texts: Sequence[str], pairs: Sequence[str] | None) -> list[tuple[int, int]]:
+        """Consecutive slices of a request, each within max_batch_size texts and turn_tokens (at least one text)."""
+        bounds, start, size, tokens = [], 0, 0, 0
+        for i, text in enumerate(texts):
+            cost = self.cost(text, pairs[i] if pairs is not None else None)
+            if size and (size + 1 > self.max_batch_size
+                         or (self.turn_tokens is not None and tokens + cost > self.turn_tokens)):
+                bounds.append((start, i))
+                start, size, tokens = i, 0, 0
+            size, tokens = size + 1, tokens + cost
+        bounds.append((start, len(texts)))
+        return bounds
 
     def _take(self) -> list[_Job]:
-        """The next jobs to run together: at least one, then more while they fit in max_batch_size."""
-        jobs = [self._queue.pop(0)]
-        size = len(jobs[0].texts)
-        paired = jobs[0].pairs is not None  # texts with a second text and texts alone never share a pass
-        while (self._queue and size + len(self._queue[0].texts) <= self.max_batch_size
-               and (self._queue[0].pairs is not None) == paired):
-            size += len(self._queue[0].texts)
-            jobs.append(self._queue.pop(0))
+        """The next pass: the next turn of each request in rotation while they fit (texts with a second text and
+        texts alone never share a pass); a request with turns left goes to the back of the rotation."""
+        jobs: list[_Job] = []
+        size = tokens = 0
+        while self._queue:
+            job = self._queue[0][0]
+            cost = sum(self.cost(t, job.pairs[i] if job.pairs is not None else None) for i, t in enumerate(job.texts))
+            if jobs and (size + len(job.texts) > self.max_batch_size or (job.pairs is not None) != paired
+                         or (self.turn_tokens is not None and tokens + cost > self.turn_tokens)):
+                break
+            request = self._queue.pop(0)
+            request.popleft()
+            if request:
+                self._queue.append(request)
+            jobs.append(job)
+            size, tokens, paired = size + len(job.texts), tokens + cost, job.pairs is not None
         return jobs
 
     def _run(self, jobs: list[_Job]) -> np.ndarray:

@@ -133,7 +133,7 @@ def _unknown_field(body: bytes, known: frozenset[str]) -> tuple[str, str] | None
     there is none (a body that is not a JSON object is left for the route's own validation to refuse)."""
     try:
         data = json.loads(body) if body else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser: the route's validation says so
         return None
     if not isinstance(data, dict):
         return None

@@ -23,13 +23,24 @@ class NonFiniteOutputs(ArithmeticError):
     """The model gave NaN or infinite outputs: a broken model, not a bad request."""
 
 
+def token_estimate(max_length: int):
+    """A text's (or pair's) tokens as the model reads them, estimated from characters (about 4 a token in English,
+    never more than max_length): what a turn at the model is measured in, before anything is tokenized."""
+
+    def cost(text: str, pair: str | None) -> int:
+        return min(max_length, (len(text) + len(pair or "")) // 4 + 2)
+
+    return cost
+
+
 class Scorer:
     """A scoring backend checked at start-up (the constructor raises unless the self-test passes) and pooled."""
 
     def __init__(self, backend: Any, manifest: Manifest, settings: Settings):
         self.manifest, self.spec, self.settings = manifest, manifest.task.spec, settings
         self.selftest = run_selftest(backend, manifest, half_precision=getattr(backend, "half_precision", False))
-        self.batcher = MicroBatcher(backend.logits, settings.max_batch_size)
+        self.batcher = MicroBatcher(backend.logits, settings.max_batch_size, turn_tokens=settings.turn_tokens,
+                                    cost=token_estimate(manifest.max_length))
         self.encoder = backend.encoder
 
     @property

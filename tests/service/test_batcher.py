@@ -37,16 +37,32 @@ def test_requests_that_arrive_together_share_passes_and_get_their_own_rows():
     assert list(batcher.batch_sizes) == [len(c) for c in calls]
 
 
-def test_a_request_larger_than_the_limit_runs_alone():
+def test_a_request_larger_than_a_turn_takes_turns_with_the_others():
     calls: list[list[str]] = []
     batcher = MicroBatcher(_forward(calls), max_batch_size=4)
 
     async def main():
-        return await asyncio.gather(batcher(["a"] * 10), batcher(["b"]))
+        return await asyncio.gather(batcher([f"a{i}" for i in range(10)]), batcher(["b"]))
 
     big, small = asyncio.run(main())
     assert big.shape == (10, 2) and small.shape == (1, 2)
-    assert [len(c) for c in calls] == [10, 1]
+    assert list(big[:, 0]) == [len(f"a{i}") for i in range(10)]  # its rows back in order
+    # the one-text request runs after one turn of the large one, not after all of it
+    assert calls == [["a0", "a1", "a2", "a3"], ["b"], ["a4", "a5", "a6", "a7"], ["a8", "a9"]]
+
+
+def test_a_turn_is_bounded_by_tokens_too():
+    calls: list[list[str]] = []
+    # each text costs its length: turns of at most 10 "tokens"
+    batcher = MicroBatcher(_forward(calls), max_batch_size=32, turn_tokens=10, cost=lambda text, pair: len(text))
+
+    async def main():
+        return await asyncio.gather(batcher(["x" * 6, "y" * 6, "z" * 3]), batcher(["s"]), batcher(["w" * 20]))
+
+    asyncio.run(main())
+    # the large request's first turn (6 + 6 > 10) shares its pass with the next request's while they fit; a text
+    # over the budget runs alone; then the large request's second turn
+    assert calls == [["x" * 6, "s"], ["w" * 20], ["y" * 6, "z" * 3]]
 
 
 def test_a_failing_pass_fails_only_its_requests():
