@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="seconds per phase (at most)")
     parser.add_argument("--large-texts", type=int, default=256)
     parser.add_argument("--large-chars", type=int, default=20_000)
+    parser.add_argument("--also-turn-tokens", type=int, nargs="*", default=[],
+                        help="also measure the service with turns of these many tokens")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     base = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
@@ -92,8 +94,10 @@ def main() -> None:
                 TUNESERVE_MAX_TEXTS=str(max(256, args.large_texts)),
                 TUNESERVE_MAX_BODY_BYTES=str(16 * 1024 * 1024))
     whole = str(args.large_texts * 1024)
-    setups = {"turns (as shipped)": {},
-              "one turn per request": {"TUNESERVE_TURN_TOKENS": whole, "TUNESERVE_MAX_BATCH_SIZE": "1024"}}
+    setups = {"turns (as shipped)": {}}
+    for tokens in args.also_turn_tokens:
+        setups[f"turns of {tokens} tokens"] = {"TUNESERVE_TURN_TOKENS": str(tokens)}
+    setups["one turn per request"] = {"TUNESERVE_TURN_TOKENS": whole, "TUNESERVE_MAX_BATCH_SIZE": "1024"}
     results = {}
     for name, extra in setups.items():
         proc, url = start_service(sys.executable, {**base, **extra})

@@ -1,11 +1,11 @@
 """Requests that arrive together share a forward pass, and a large request takes turns with the others.
 
 While one pass runs, new requests queue; when it ends, the next pass takes what is queued (up to
-``max_batch_size`` texts and ``turn_tokens`` estimated tokens), one turn per request in rotation. A request
-larger than one turn is split into turns that alternate with the other requests' (a one-text request waits for
-one turn of a 256-text request, not for all of it). A lone request runs at once, so there is no batching window
-to wait out, and under load batches form by themselves. Nothing is dropped: a request waits its turn. The backend
-sorts each pass by length, so mixed lengths cost little padding.
+``max_batch_size`` texts and ``turn_tokens`` estimated tokens: the service's default is one full-length text), one
+turn per request in rotation. A request larger than one turn is split into turns that alternate with the other
+requests' (a one-text request waits for one turn of a 256-text request, not for all of it). A lone request runs at
+once, so there is no batching window to wait out, and under load batches form by themselves. Nothing is dropped:
+a request waits its turn. The backend sorts each pass by length, so mixed lengths cost little padding.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ class Scorer:
     def __init__(self, backend: Any, manifest: Manifest, settings: Settings):
         self.manifest, self.spec, self.settings = manifest, manifest.task.spec, settings
         self.selftest = run_selftest(backend, manifest, half_precision=getattr(backend, "half_precision", False))
-        self.batcher = MicroBatcher(backend.logits, settings.max_batch_size, turn_tokens=settings.turn_tokens,
+        self.batcher = MicroBatcher(backend.logits, settings.max_batch_size,
+                                    turn_tokens=settings.turn_tokens or manifest.max_length,
                                     cost=token_estimate(manifest.max_length))
         self.encoder = backend.encoder
 

@@ -25,10 +25,11 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="Intra-op threads; default: the CPU cores this process may use.")
     max_batch_size: int = Field(32, ge=1, le=1024,
                                 description="Most texts that concurrent requests pool into one turn at the model.")
-    turn_tokens: int = Field(
-        1024, ge=1, description="Tokens (estimated from characters) one turn at the model may hold: a larger request "
-                                "is split into turns that alternate with other requests', so a small request waits "
-                                "for one turn, not for all of a large one.")
+    turn_tokens: int | None = Field(
+        None, ge=1, description="Tokens (estimated from characters) one turn at the model may hold; default: the "
+                                "model's max_length, one full-length text (or many short ones). A larger request is "
+                                "split into turns that alternate with other requests', so a small request waits for "
+                                "one turn, not for all of a large one (BENCHMARKS.md, fairness).")
     forward_batch_size: int = Field(
         8, ge=1, le=1024, description="Texts per forward pass: a pooled turn runs sorted by length in passes of this "
                                       "many, so short texts are not padded to the longest (measured in BENCHMARKS.md).")
