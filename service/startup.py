@@ -31,8 +31,8 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_STATUS)
 
 
-def model_directory(settings: Settings) -> tuple[Path, str]:
-    """The served model's directory and its tag (``name:local`` for an artifact directory).
+def model_directory(settings: Settings) -> Path:
+    """The served model's directory: the artifact directory, or the store model's.
 
     Raises:
         ArtifactError: the store has no such model, naming the ways to get one.
@@ -40,7 +40,7 @@ def model_directory(settings: Settings) -> tuple[Path, str]:
     import bentoml
 
     if settings.artifact is not None:
-        return Path(settings.artifact), ""
+        return Path(settings.artifact)
     try:
         stored = bentoml.models.get(settings.model)
     except (bentoml.exceptions.BentoMLException, ValueError) as exc:
@@ -52,7 +52,7 @@ def model_directory(settings: Settings) -> tuple[Path, str]:
         raise ArtifactError(f"TUNESERVE_MODEL={settings.model}: not in the BentoML store ({str(exc).splitlines()[0]}); "
                             "`bentoml models list` shows what is, `tuneserve register ARTIFACT` adds one, or set "
                             "TUNESERVE_ARTIFACT=DIR") from None
-    return Path(stored.path), str(stored.tag)
+    return Path(stored.path)
 
 
 def serving_process() -> bool:
@@ -77,7 +77,7 @@ def checked_settings() -> Settings:
         return load_settings()
     try:
         settings = load_settings()
-        directory, _ = model_directory(settings)
+        directory = model_directory(settings)
         variable = "TUNESERVE_ARTIFACT" if settings.artifact is not None else "TUNESERVE_MODEL"
         try:
             manifest = read_manifest(directory)

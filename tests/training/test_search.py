@@ -212,10 +212,11 @@ def test_tune_command_trains_the_best_into_an_artifact_that_records_the_study(se
                  "--set", "train.epochs=1"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "study run: 2 trials (2 complete), validation f1_macro (maximize)" in out
+    assert "study search: 2 trials (2 complete), validation f1_macro (maximize)" in out
     manifest = read_manifest(tmp_path / "run" / "artifact")
     study = manifest.study
-    assert study.name == "run" and study.trials == {"COMPLETE": 2} and study.metric == "f1_macro"
+    assert study.name == "search"  # named by its config file
+    assert study.trials == {"COMPLETE": 2} and study.metric == "f1_macro"
     assert study.pruner == "hyperband"  # one evaluation per trial: nothing for it to stop
     assert set(study.best_params) == {"train.lr", "train.batch_size"} and set(study.importances) == set(study.best_params)
     assert manifest.provenance.config["train"]["lr"] == study.best_params["train.lr"]
@@ -225,7 +226,7 @@ def test_tune_command_trains_the_best_into_an_artifact_that_records_the_study(se
     assert manifest.metrics["validation"]["f1_macro"] == pytest.approx(study.best_value)
     assert "test" in manifest.metrics
     card = (tmp_path / "run" / "artifact" / "README.md").read_text()
-    assert "## Hyperparameter search" in card and "`run` (2 trials: 2 complete" in card
+    assert "## Hyperparameter search" in card and "`search` (2 trials: 2 complete" in card
     assert f"| `train.batch_size` | {study.best_params['train.batch_size']} |" in card
     assert "test metrics" in out and "best configuration:" in out
 

@@ -128,7 +128,7 @@ def trackio_run(store: Path, project: str, run: str) -> dict:
 @pytest.mark.slow
 def test_wandb_and_trackio_offline_hold_the_manifests_values(base_config, tmp_path):
     base_config["train"].update(epochs=1, eval_every=5, report_to=["wandb", "trackio"])
-    path = tmp_path / "config.yaml"
+    path = tmp_path / "sentiment.yaml"  # the run is named by its config file
     path.write_text(yaml.safe_dump(base_config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TRACKIO_"))}
     done = subprocess.run([sys.executable, "-m", "training.cli", "train", str(path)], capture_output=True, text=True,
@@ -160,13 +160,13 @@ def test_wandb_and_trackio_offline_hold_the_manifests_values(base_config, tmp_pa
 
     # wandb: offline by default, its run file under OUTPUT_DIR/wandb
     record = tracking["wandb"]
-    assert record["mode"] == "offline" and record["project"] == "run"
+    assert record["mode"] == "offline" and record["project"] == "sentiment"
     run_file, = output_dir.glob(f"wandb/offline-run-*-{record['run_id']}/run-{record['run_id']}.wandb")
     records = {}
     for r in wandb_records(run_file):
         records.setdefault(r.WhichOneof("record_type"), []).append(r)
     run, = records["run"]
-    assert (run.run.run_id, run.run.project, run.run.display_name) == (record["run_id"], "run", "run")
+    assert (run.run.run_id, run.run.project, run.run.display_name) == (record["run_id"], "sentiment", "sentiment")
     config = {item.key: json.loads(item.value_json) for r in records["config"] for item in r.config.update}
     assert {k: config[k] for k in expected_params} == expected_params
     logged = by_step([{"step": r.history.step.num,
@@ -180,8 +180,8 @@ def test_wandb_and_trackio_offline_hold_the_manifests_values(base_config, tmp_pa
     assert records["exit"][0].exit.exit_code == 0
 
     # trackio: its local store (TRACKIO_DIR), project and run named as the manifest says
-    assert tracking["trackio"] == {"project": "run", "run_name": "run"}
-    stored = trackio_run(tmp_path / "trackio", "run", "run")
+    assert tracking["trackio"] == {"project": "sentiment", "run_name": "sentiment"}
+    stored = trackio_run(tmp_path / "trackio", "sentiment", "sentiment")
     assert {k: stored["config"][k] for k in expected_params} == expected_params
     check(by_step(stored["logs"]))
     for name in plots:
