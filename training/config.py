@@ -582,7 +582,7 @@ def _did_you_mean(loc: list[str]) -> str:
 
 
 def reference_table() -> str:
-    """The config reference as a Markdown table (README.md holds a copy; a test keeps them equal)."""
+    """The config reference as a Markdown table (the docs build puts it into docs/configuration.md)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
