@@ -7,8 +7,9 @@ loads a model) and the trainer import it: the ONNX CPU path, which runs without 
 :class:`SentenceEmbedder` wraps the transformer (a plain ``AutoModel``, or the peft model around it) and returns,
 for a batch of texts, their pooled and L2-normalised vectors as ``logits`` (n, d); given each text's positive
 document too (``positive_input_ids``, ...), both, stacked (n, 2, d), which is what the loss and the retrieval metrics
-read (core/tasks/embedding.py). The pooling (mean, cls or max) comes from the base model's own
-sentence-transformers files, and the published model carries them again.
+read (core/tasks/embedding.py); with a hard negative per text (``negative_input_ids``, ...) in training, (n, 3, d).
+The pooling (mean, cls or max) comes from the base model's own sentence-transformers files, and the published model
+carries them again.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from core.tasks.embedding import POOLINGS, read_pooling
 
 @dataclass
 class EmbedderOutput(ModelOutput):
-    logits: torch.Tensor | None = None  # (n, d), or (n, 2, d) with positives
+    logits: torch.Tensor | None = None  # (n, d), or (n, 2, d) with positives, (n, 3, d) with hard negatives too
 
 
 def pooling_of(model_dir: str | Path) -> str:
@@ -71,12 +72,16 @@ class SentenceEmbedder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 positive_input_ids: torch.Tensor | None = None, positive_attention_mask: torch.Tensor | None = None,
-                positive_token_type_ids: torch.Tensor | None = None, **_: Any) -> EmbedderOutput:
+                positive_token_type_ids: torch.Tensor | None = None,
+                negative_input_ids: torch.Tensor | None = None, negative_attention_mask: torch.Tensor | None = None,
+                negative_token_type_ids: torch.Tensor | None = None, **_: Any) -> EmbedderOutput:
         vectors = self.embed(input_ids, attention_mask, token_type_ids)
         if positive_input_ids is None:
             return EmbedderOutput(vectors)
-        positives = self.embed(positive_input_ids, positive_attention_mask, positive_token_type_ids)
-        return EmbedderOutput(torch.stack([vectors, positives], dim=1))
+        stacked = [vectors, self.embed(positive_input_ids, positive_attention_mask, positive_token_type_ids)]
+        if negative_input_ids is not None:
+            stacked.append(self.embed(negative_input_ids, negative_attention_mask, negative_token_type_ids))
+        return EmbedderOutput(torch.stack(stacked, dim=1))
 
     def save_pretrained(self, directory, **kwargs) -> None:
         """The transformer's (an adapter's, for a peft model) files."""

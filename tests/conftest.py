@@ -112,6 +112,18 @@ def make_pairs(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def with_hard_negatives(rows: list[dict], seed: int) -> list[dict]:
+    """Each pair with a near miss: a document on the same command about other objects than the query's."""
+    rng = random.Random(seed)
+    for row in rows:
+        verb, noun = row["query"].split()[:2]
+        others = rng.sample([o for o in OBJECTS if o != noun], 2)
+        words = [verb, *others] + rng.sample(CONNECTIVES, 5)
+        rng.shuffle(words)
+        row["negative"] = " ".join(words)
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

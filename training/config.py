@@ -54,6 +54,8 @@ class DataConfig(_Strict):
     test: str | None = Field(None, description="Test data; carved from train (stratified, seeded) when null.")
     text: str = Field("text", description="Column holding the input text (generation: `input` unless set).")
     text_pair: str | None = Field(None, description="Column holding the second text, for pair tasks.")
+    negative: str | None = Field(None, description="Embedding: column holding a hard negative per query, a document "
+                                 "that looks relevant but is not; trained against beside the batch's other positives.")
     label: str = Field("label", description="Column holding the label (class, list of classes, or number; "
                        "generation: the target text, `target` unless set).")
     label_delimiter: str | None = Field(None, description="Multi-label only: split a string label on this delimiter.")
@@ -364,6 +366,7 @@ class Config(_Strict):
                              ("data.repair_tags", self.data.repair_tags),
                              ("train.label_all_tokens", self.train.label_all_tokens),
                              ("data.augment", self.data.augment.enabled),
+                             ("data.negative", self.data.negative is not None),
                              ("generation.*", self.generation != GenerationConfig()),
                              ("embedding.*", self.embedding != EmbeddingConfig())):
             key = option.split(".")[1] if not option.endswith("*") else option.split(".")[0]

@@ -8,7 +8,7 @@ torch-side registry in ``training/recipe/torch_tasks.py``) branches on the task.
 
 Adding a task: write a module here with a ``ScoringSpec`` or ``WritingSpec`` subclass, add its name to
 :class:`Task` (core/tasks/base.py) and its spec to ``SPECS`` below, and add its torch side (peft task type, loss,
-target dtype, what wraps the transformer) to ``training/recipe/torch_tasks.py`` (README.md: "Adding a task").
+target dtype, what wraps the transformer) to ``training/recipe/torch_tasks.py`` (docs/development.md: "Adding a task").
 """
 
 from __future__ import annotations

@@ -55,9 +55,12 @@ def is_better(metric: str, candidate: float, best: float | None) -> bool:
     return candidate < best if metric in LOWER_IS_BETTER else candidate > best
 
 
-# The prefix of the features of a second text an example carries, tokenized apart from its first (an embedding
-# task's positive document): the spec encodes them, the trainer's collator pads them on their own, the model reads them.
+# The prefixes of the features of further texts an example carries, tokenized apart from its first (an embedding
+# task's positive document and, optionally, its hard negative): the spec encodes them, the trainer's collator pads
+# each on its own, the model reads them.
 SECOND_TEXT = "positive_"
+NEGATIVE_TEXT = "negative_"
+TEXTS_APART = (SECOND_TEXT, NEGATIVE_TEXT)
 
 # Largest score difference allowed between two batch arrangements of the same inputs on one backend (batch
 # invariance: the export gate, the self-test and the tests hold every backend to it).

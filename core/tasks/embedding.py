@@ -1,8 +1,9 @@
 """Sentence embeddings for semantic search: a text in, a unit vector out; a query's relevant document is nearest.
 
 Training data are (query, positive document) pairs: ``data.text`` names the query column, ``data.label`` the
-positive's. A model's outputs are one vector per text, (n, d); for labelled pairs, the query's and the positive's
-stacked, (n, 2, d) (:meth:`EmbeddingSpec.run` with the positives as the second texts, what
+positive's, and ``data.negative`` optionally a hard negative's, which the loss adds to the batch's wrong answers.
+A model's outputs are one vector per text, (n, d); for labelled pairs, the query's and the positive's stacked,
+(n, 2, d) (:meth:`EmbeddingSpec.run` with the positives as the second texts, what
 :meth:`EmbeddingSpec.judged_inputs` gives). :meth:`EmbeddingSpec.scores` L2-normalises every vector, so a dot product
 is a cosine similarity. The pooling that makes one vector of a text's token states is the base model's own, read from
 its sentence-transformers files (:func:`read_pooling`).
@@ -27,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from core.calibration import Calibration
 from core.metrics import Evaluation, checked, finished
-from core.tasks.base import SECOND_TEXT, LabelError, ModelRecord, ScoringSpec, Task, rounded
+from core.tasks.base import NEGATIVE_TEXT, SECOND_TEXT, LabelError, ModelRecord, ScoringSpec, Task, rounded
 
 if TYPE_CHECKING:
     from core.encoding import Encoder
@@ -199,7 +200,7 @@ class EmbeddingSpec(ScoringSpec):
              "to score it on query and positive pairs, GET /metadata for everything its artifact records.")
     example_text = "How do I copy a file to another directory?"
     default_columns = ("query", "positive")
-    options = frozenset({"embedding"})
+    options = frozenset({"embedding", "negative"})
     pools = True
 
     # -- labels ---------------------------------------------------------------------------------------
@@ -231,12 +232,18 @@ class EmbeddingSpec(ScoringSpec):
         return 0
 
     def encode_training(self, encoder: Encoder, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any,
-                        labels: Sequence[str] | None, **options: Any) -> tuple[dict[str, list], Any, dict]:
-        """Queries and positives tokenized apart (``positive_*`` features); each example's target is its
-        positive's :func:`text_id`."""
+                        labels: Sequence[str] | None, *, negatives: Sequence[str] | None = None, **options: Any
+                        ) -> tuple[dict[str, list], Any, dict]:
+        """Queries and positives tokenized apart (``positive_*`` features), and hard negatives where given
+        (``negative_*``). Each example's target is its positive's :func:`text_id`, or with negatives the pair
+        ``[positive id, negative id]``, so that the loss never counts a query's own positive as a negative."""
         features = dict(encoder.encode(texts))
         features.update({SECOND_TEXT + k: v for k, v in encoder.encode([str(t) for t in targets]).items()})
-        return features, [text_id(str(t)) for t in targets], {}
+        ids = [text_id(str(t)) for t in targets]
+        if negatives is None:
+            return features, ids, {}
+        features.update({NEGATIVE_TEXT + k: v for k, v in encoder.encode(list(negatives)).items()})
+        return features, [[i, text_id(n)] for i, n in zip(ids, negatives)], {}
 
     def run(self, forward: Callable[[Any], np.ndarray], encoder: Encoder, texts: Sequence[str],
             pairs: Sequence[str] | None = None, **kwargs: Any) -> np.ndarray:
@@ -259,16 +266,24 @@ class EmbeddingSpec(ScoringSpec):
         return normalise(logits)
 
     def split(self, scores: Any) -> tuple[np.ndarray, np.ndarray]:
-        """The query vectors and the positive vectors of labelled pairs' outputs.
+        """The query vectors and the positive vectors of labelled pairs' outputs (a training batch's hard
+        negatives, a third vector per example, are for the loss: retrieval ranks the split's positives).
 
         Raises:
-            ValueError: the outputs are not (n, 2, d).
+            ValueError: the outputs are not (n, 2, d) or (n, 3, d).
         """
         scores = np.asarray(scores, dtype=np.float64)
-        if scores.ndim != 3 or scores.shape[1] != 2 or scores.shape[2] == 0:
+        if scores.ndim != 3 or scores.shape[1] not in (2, 3) or scores.shape[2] == 0:
             raise ValueError(f"embedding outputs of labelled pairs must be (n, 2, d), query then positive; "
                              f"got {scores.shape}")
         return scores[:, 0], scores[:, 1]
+
+    @staticmethod
+    def positives(targets: Any) -> list[str]:
+        """Each example's positive, as a text or the id that stands for it (training batches with hard negatives
+        carry ``[positive id, negative id]`` pairs)."""
+        targets = np.asarray(targets, dtype=object)
+        return [str(t) for t in (targets[:, 0] if targets.ndim == 2 else targets)]
 
     def vectors(self, scores: Any) -> np.ndarray:
         """Each example's own vector, (n, d): the text's, or the query's of a labelled pair."""
@@ -291,7 +306,7 @@ class EmbeddingSpec(ScoringSpec):
         """Retrieval over the split's unique positives (the first example with a text gives its vector)."""
         targets, scores = checked(targets, scores)
         queries, positives = self.split(scores)
-        corpus, stands_for, relevance = corpus_of([str(t) for t in targets])
+        corpus, stands_for, relevance = corpus_of(self.positives(targets))
         similarity = normalise(queries) @ normalise(positives[stands_for]).T
         return finished(Evaluation(metrics=retrieval_metrics(relevance, similarity),
                                    notes=[f"corpus of {len(corpus)} unique positive documents"]), len(targets))
@@ -303,7 +318,7 @@ class EmbeddingSpec(ScoringSpec):
 
         targets, scores = checked(targets, scores)
         queries, positives = self.split(scores)
-        _, stands_for, relevance = corpus_of([str(t) for t in targets])
+        _, stands_for, relevance = corpus_of(self.positives(targets))
         per_query = retrieval_per_query(relevance, normalise(queries) @ normalise(positives[stands_for]).T)
         n = len(targets)
         return lambda indices: {name: weights(indices, n) @ values / n for name, values in per_query.items()}

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import make_pairs, tiny_run_config, write_jsonl
+from tests.conftest import make_pairs, tiny_run_config, with_hard_negatives, write_jsonl
 from core.errors import ConfigError
 from core.manifest import read_manifest
 from core.tasks import Task
@@ -72,3 +72,98 @@ def test_training_beats_the_untrained_model_and_the_export_keeps_retrieval(tiny_
     assert len(sample.scores) == 32 and np.linalg.norm(sample.scores) == pytest.approx(1, abs=1e-5)
     assert (result.artifact_dir / "report" / "metrics_vs_baselines.png").is_file()
     assert json.loads((result.artifact_dir / "model" / "modules.json").read_text())[1]["path"] == "1_Pooling"
+
+
+@pytest.fixture(scope="module")
+def triplets_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("triplets")
+    for name, n, seed in (("train", 320, 1), ("validation", 60, 2), ("test", 60, 3)):
+        write_jsonl(directory / f"{name}.jsonl", with_hard_negatives(make_pairs(n, seed), seed))
+    return directory
+
+
+def test_hard_negatives_are_wrong_answers_for_every_query_unless_they_are_its_positive():
+    import torch
+    import torch.nn.functional as F
+
+    from training.recipe.sentence_embedder import ranking_loss
+
+    torch.manual_seed(0)
+    vectors = F.normalize(torch.randn(3, 3, 8), dim=-1)  # (query, positive, negative) for 3 examples
+    ids = torch.tensor([[1, 10], [2, 20], [3, 30]])
+    loss = ranking_loss(20.0)
+    documents = torch.cat([vectors[:, 1], vectors[:, 2]])
+    expected = F.cross_entropy(20.0 * vectors[:, 0] @ documents.T, torch.arange(3))
+    assert float(loss(vectors, ids)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss(vectors, ids)) > float(loss(vectors[:, :2], ids[:, 0]))  # more wrong answers, higher loss
+    # Example 1's negative is example 0's positive text: no wrong answer for example 0, still one for the others.
+    same = ids.clone()
+    same[1, 1] = 1
+    logits = 20.0 * vectors[:, 0] @ documents.T
+    logits[0, 4] = torch.finfo(logits.dtype).min
+    assert float(loss(vectors, same)) == pytest.approx(float(F.cross_entropy(logits, torch.arange(3))), rel=1e-6)
+
+
+def test_a_batch_with_hard_negatives_embeds_them_apart_for_the_loss(tiny_model, triplets_dir, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from core.encoding import Encoder
+    from service.sentence_embedder import SentenceEmbedder
+    from training.data.reading import load_dataset
+    from training.recipe.batching import Collator, encode_split
+
+    raw = tiny_run_config(tiny_model, triplets_dir, tmp_path / "run", task="embedding")
+    raw["data"]["negative"] = "negative"
+    cfg = load_config(raw=raw)
+    data = load_dataset(cfg.data, cfg.task, 0)
+    assert data.train.negatives is not None and len(data.train.negatives) == len(data.train) == 320
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    split = data.validation
+    encoded = encode_split(Encoder(tokenizer, 32, 8), cfg.task, split.texts, split.pairs, split.targets, None,
+                           desc="validation", disable=True, negatives=split.negatives)
+    batch = Collator(tokenizer, cfg.task)([encoded[i] for i in range(8)])
+    assert batch["labels"].shape == (8, 2) and batch["negative_input_ids"].shape[0] == 8
+    # each text padded to its own longest: the negatives' width is theirs, not the queries'
+    assert batch["negative_attention_mask"][:, -1].any() and batch["attention_mask"][:, -1].any()
+    model = SentenceEmbedder(AutoModel.from_pretrained(tiny_model), "mean").eval()
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert logits.shape == (8, 3, 32)
+    alone = model(input_ids=batch["negative_input_ids"], attention_mask=batch["negative_attention_mask"]).logits
+    assert np.allclose(logits[:, 2].detach().numpy(), alone.detach().numpy(), atol=1e-6)
+    # evaluation ranks the split's positives, hard negatives or not
+    spec = cfg.task.spec
+    with_negatives = spec.evaluate(batch["labels"].numpy(), logits.detach().numpy())
+    without = spec.evaluate(batch["labels"][:, 0].numpy(), logits[:, :2].detach().numpy())
+    assert with_negatives.metrics == without.metrics
+
+
+def test_training_with_hard_negatives_beats_the_untrained_model(tiny_model, triplets_dir, tmp_path):
+    raw = tiny_run_config(tiny_model, triplets_dir, tmp_path / "run", task="embedding")
+    raw["data"]["negative"] = "negative"
+    raw["train"].update({"epochs": 4, "batch_size": 32, "lr": 1e-3})
+    result = train(load_config(raw=raw))
+    assert result.metrics["test"]["ndcg@10"] > result.baselines["base_model"]["ndcg@10"] + 0.1
+    assert read_manifest(result.artifact_dir).provenance.config["data"]["negative"] == "negative"
+
+
+@pytest.mark.parametrize(("change", "error", "message"), [
+    ({"task": "classification"}, "ConfigError", r"data\.negative only applies to task: embedding"),
+    ({"negative": "hard"}, "DataError", r"column 'hard' not found.*data\.negative names the negative column"),
+    ({"blank_row": 5}, "DataError", r"train\.jsonl.*row 5, column 'negative': empty text"),
+])
+def test_hard_negative_mistakes_name_the_key_or_the_row(tiny_model, triplets_dir, tmp_path, change, error, message):
+    import core.errors
+    from training.data.reading import load_dataset
+
+    rows = with_hard_negatives(make_pairs(40, 9), 9)
+    if "blank_row" in change:
+        rows[change["blank_row"] - 1]["negative"] = " "
+    directory = tmp_path / "data"
+    for name in ("train", "validation", "test"):
+        write_jsonl(directory / f"{name}.jsonl", rows)
+    raw = tiny_run_config(tiny_model, directory, tmp_path / "run", task=change.get("task", "embedding"))
+    raw["data"]["negative"] = change.get("negative", "negative")
+    with pytest.raises(getattr(core.errors, error), match=message):
+        cfg = load_config(raw=raw)
+        load_dataset(cfg.data, cfg.task, 0)
+

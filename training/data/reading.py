@@ -52,6 +52,7 @@ class Split:
     rows: list[int] = field(default_factory=list)  # 1-based row numbers in the source, for error messages
     targets: np.ndarray | None = None
     system: str | None = None  # generation from chat conversations: their system turn
+    negatives: list[str] | None = None  # embeddings: a hard negative document per example (data.negative)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -64,6 +65,7 @@ class Split:
             pairs=[self.pairs[i] for i in pick] if self.pairs is not None else None,
             labels=[self.labels[i] for i in pick], rows=[self.rows[i] for i in pick],
             targets=self.targets[pick] if self.targets is not None else None, system=self.system,
+            negatives=[self.negatives[i] for i in pick] if self.negatives is not None else None,
         )
 
 
@@ -449,7 +451,8 @@ def load_split(
     if spec.writes and cfg.label not in columns and _holds_lists(columns.get(cfg.text)):
         columns, system = _conversations(columns, cfg.text, cfg.label, f"{where} ({resolved})")
     options = {"label_delimiter": cfg.label_delimiter, "tag_scheme": cfg.tag_scheme, "repair_tags": cfg.repair_tags}
-    wanted = {"text": cfg.text, "label": cfg.label, **({"text_pair": cfg.text_pair} if cfg.text_pair else {})}
+    wanted = {"text": cfg.text, "label": cfg.label, **({"text_pair": cfg.text_pair} if cfg.text_pair else {}),
+              **({"negative": cfg.negative} if cfg.negative else {})}
     for role, column in wanted.items():
         if column not in columns:
             close = difflib.get_close_matches(column, list(columns), n=1, cutoff=0.6)
@@ -461,13 +464,14 @@ def load_split(
         raise DataError(f"{where} ({resolved}): no rows")
     drop = cfg.drop_missing_labels if drop_missing is None else drop_missing
     texts, pairs, labels, rows, dropped = [], [] if cfg.text_pair else None, [], [], 0
+    negatives = [] if cfg.negative else None
     for i in range(n):
         row = i + 1
         raw_label = columns[cfg.label][i]
         if drop and (raw_label is None or (isinstance(raw_label, str) and not raw_label.strip())):
             dropped += 1
             continue
-        for column, bucket in ((cfg.text, texts), (cfg.text_pair, pairs)):
+        for column, bucket in ((cfg.text, texts), (cfg.text_pair, pairs), (cfg.negative, negatives)):
             if column is None:
                 continue
             value = columns[column][i]
@@ -490,7 +494,8 @@ def load_split(
                     _key(split, "drop_missing_labels"))
     if not texts:
         raise DataError(f"{where} ({resolved}): no labelled rows left")
-    return Split(name=split, source=resolved, texts=texts, pairs=pairs, labels=labels, rows=rows, system=system)
+    return Split(name=split, source=resolved, texts=texts, pairs=pairs, labels=labels, rows=rows, system=system,
+                 negatives=negatives)
 
 
 def _holds_lists(values: list | None) -> bool:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from core.encoding import Encoder
 from core.tasks import Task
-from core.tasks.base import SECOND_TEXT
+from core.tasks.base import TEXTS_APART
 from training.recipe.torch_tasks import IGNORE_INDEX, torch_task
 
 
@@ -40,26 +40,29 @@ class EncodedSplit(torch.utils.data.Dataset):
 
 def encode_split(encoder: Encoder, task: Task, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any,
                  labels: Sequence[str] | None, *, desc: str, disable: bool = False, chunk: int = 2048,
-                 **options: Any) -> EncodedSplit:
+                 negatives: Sequence[str] | None = None, **options: Any) -> EncodedSplit:
     """Tokenize a split in chunks (with a progress bar) as the task's spec encodes training examples.
 
-    ``options`` go to the spec (``label_all_tokens`` for token tasks). The spec's counts (texts split into
-    windows, for example) are summed in ``EncodedSplit.stats``.
+    ``options`` go to the spec (``label_all_tokens`` for token tasks), and so do ``negatives`` (an embedding's hard
+    negative per example) where given. The spec's counts (texts split into windows, for example) are summed in
+    ``EncodedSplit.stats``.
     """
     features: dict[str, list] = {}
     encoded_targets: list = []
     stats: dict[str, int] = {}
     for start in tqdm(range(0, len(texts), chunk), desc=f"tokenize {desc}", unit="chunk", disable=disable, leave=False):
         stop = start + chunk
+        extra = {"negatives": negatives[start:stop]} if negatives is not None else {}
         part, part_targets, part_stats = task.spec.encode_training(
             encoder, texts[start:stop], pairs[start:stop] if pairs is not None else None, targets[start:stop], labels,
-            **options)
+            **extra, **options)
         for key, values in part.items():
             features.setdefault(key, []).extend(values)
         encoded_targets.extend(part_targets)
         for key, value in part_stats.items():
             stats[key] = stats.get(key, 0) + value
-    if isinstance(targets, np.ndarray):
+    if isinstance(targets, np.ndarray) and targets.dtype != object:  # numbers stay an array of the targets' shape;
+        # texts (generation's, an embedding's positives) became what the spec made of them: token ids, text ids
         encoded_targets = np.asarray(encoded_targets, dtype=targets.dtype).reshape(-1, *targets.shape[1:])
     split = EncodedSplit(features, encoded_targets)
     split.stats = stats
@@ -133,14 +136,17 @@ class Collator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         targets = [e.pop("labels") for e in examples]
-        # A second text encoded apart (an embedding task's positive, ``positive_*``) is padded to its own longest.
-        second = [{k[len(SECOND_TEXT):]: e.pop(k) for k in list(e) if k.startswith(SECOND_TEXT)} for e in examples]
+        # Texts encoded apart (an embedding task's positive, ``positive_*``, and hard negative, ``negative_*``) are
+        # each padded to their own longest.
+        apart = {prefix: [{k[len(prefix):]: e.pop(k) for k in list(e) if k.startswith(prefix)} for e in examples]
+                 for prefix in TEXTS_APART}
         batch = self.tokenizer.pad(examples, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
                                    return_tensors="pt")
-        if any(second):
-            padded = self.tokenizer.pad(second, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
-                                        return_tensors="pt")
-            batch.update({SECOND_TEXT + k: v for k, v in padded.items()})
+        for prefix, texts in apart.items():
+            if any(texts):
+                padded = self.tokenizer.pad(texts, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
+                                            return_tensors="pt")
+                batch.update({prefix + k: v for k, v in padded.items()})
         if self.pads_targets:  # one target per token: pad to the batch's (or the decoder's) length, ignored
             length = batch["input_ids"].shape[1]
             if self.decoder_inputs is not None:

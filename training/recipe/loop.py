@@ -287,7 +287,8 @@ def encode_data(cfg: Config, accelerator: Accelerator, data, built) -> tuple[dic
     splits = (data.train, data.validation, data.test)
     encoded = {
         split.name: encode_split(encoder, cfg.task, split.texts, split.pairs, split.targets, data.labels,
-                                 desc=split.name, disable=not accelerator.is_local_main_process, **options)
+                                 desc=split.name, disable=not accelerator.is_local_main_process,
+                                 negatives=split.negatives, **options)
         for split in splits
     }
     for name, stats in ((n, e.stats) for n, e in encoded.items()):

@@ -26,14 +26,21 @@ def sentence_embedder(model, path: str, cfg) -> SentenceEmbedder:
 
 def ranking_loss(scale: float):
     """Multiple-negatives ranking loss: each query against every positive of the batch, its own the right answer
-    (cross-entropy over ``scale`` x cosine similarities). Another example's positive that is the same text as the
-    query's own is not counted as a negative."""
+    (cross-entropy over ``scale`` x cosine similarities). With hard negatives (logits (n, 3, d), labels
+    ``[positive id, negative id]`` per example), every negative of the batch is a further wrong answer for every
+    query, as in sentence-transformers' MultipleNegativesRankingLoss on triplets. A document that is the same text
+    as the query's own positive (another example's positive or negative) is never counted as a wrong answer."""
 
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        queries, positives = logits[:, 0].float(), logits[:, 1].float()
-        similarity = scale * queries @ positives.T
-        same = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        queries = logits[:, 0].float()
+        documents = logits[:, 1:].float().transpose(0, 1).reshape(-1, logits.shape[-1])  # positives, then negatives
+        ids = labels.reshape(len(labels), -1)
+        own, document_ids = ids[:, 0], ids.T.reshape(-1)
+        similarity = scale * queries @ documents.T
+        right = torch.arange(len(labels), device=logits.device)
+        same = own[:, None] == document_ids[None, :]
+        same[right, right] = False
         similarity = similarity.masked_fill(same, torch.finfo(similarity.dtype).min)
-        return F.cross_entropy(similarity, torch.arange(len(labels), device=logits.device))
+        return F.cross_entropy(similarity, right)
 
     return loss
