@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from core.manifest import Manifest
-from core.tasks import Task, is_better
+from core.tasks import Task, is_better, model_routes
 from service.middleware import API_PATHS
 from service.settings import Settings
 
@@ -231,9 +231,8 @@ def _narrow_to_task(path: str, operation: dict, m: Manifest, settings: Settings)
 
 # Marks an operation of another kind of model in the API document (the page lists only this model's routes).
 OTHER_KIND = "x-other-kind-of-model"
-# The two routes that run a model: each answers for its kind of model only (404 for the other kind).
-ROUTES_BY_KIND = {"/predict": "a model that scores or labels text", "/generate": "a model that writes text",
-                  "/embed": "a model that embeds text", "/rank": "a model that embeds text"}
+# The routes that run a model: each answers for its kind of model only (404 for the others).
+ROUTES_BY_KIND = model_routes()
 
 
 def _response(operation: dict, status: int) -> dict:

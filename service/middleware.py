@@ -12,8 +12,10 @@ import hmac
 import json
 import re
 
+from core.tasks import model_routes
+
 # Routes that carry data: these need the key (when one is set) and take JSON bodies only.
-API_PATHS = frozenset({"/predict", "/evaluate", "/generate", "/embed", "/rank", "/metadata"})
+API_PATHS = frozenset({*model_routes(), "/evaluate", "/metadata"})
 
 
 # The field an error message starts with ("texts[1]: empty ..." -> "texts[1]"), as the service's messages do.

@@ -23,4 +23,15 @@ SPECS.update({Task.CLASSIFICATION: ClassificationSpec(), Task.MULTILABEL: MultiL
               Task.REGRESSION: RegressionSpec(), Task.TOKEN_CLASSIFICATION: TokenClassificationSpec(),
               Task.GENERATION: GenerationSpec(), Task.EMBEDDING: EmbeddingSpec()})
 
-__all__ = ["LOWER_IS_BETTER", "Task", "TaskSpec", "is_better", "postprocess", "spec_for"]
+
+
+def model_routes() -> dict[str, str]:
+    """Every route that runs a model, with the kind of model that answers it (the first spec to name it)."""
+    routes: dict[str, str] = {}
+    for spec in SPECS.values():
+        for route in spec.routes:
+            routes.setdefault(route, spec.kind)
+    return routes
+
+
+__all__ = ["LOWER_IS_BETTER", "Task", "TaskSpec", "is_better", "model_routes", "postprocess", "spec_for"]

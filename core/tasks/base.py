@@ -178,6 +178,8 @@ class TaskSpec(ABC):
     does: ClassVar[str]
     # The service routes that run the model (routes of other kinds of model answer 404); the first is :attr:`route`.
     routes: ClassVar[tuple[str, ...]] = ("/predict",)
+    # The kind of model its routes serve, for the API docs of another kind's model ("For a model that ...").
+    kind: ClassVar[str] = "a model that scores or labels text"
     # How to call the model, for the API docs.
     usage: ClassVar[str] = ("POST /predict to use it, POST /evaluate to score it on labelled examples, GET /metadata "
                             "for everything its artifact records.")
@@ -451,3 +453,4 @@ class WritingSpec(TaskSpec, ABC):
 
     writes = True
     routes = ("/generate",)
+    kind = "a model that writes text"

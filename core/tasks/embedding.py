@@ -196,6 +196,7 @@ class EmbeddingSpec(ScoringSpec):
     logits_axes = {0: "batch"}
     does = "embeds texts as unit vectors for semantic search"
     routes = ("/embed", "/rank")
+    kind = "a model that embeds text"
     usage = ("POST /embed to embed texts, POST /rank to order documents by similarity to a query, POST /evaluate "
              "to score it on query and positive pairs, GET /metadata for everything its artifact records.")
     example_text = "How do I copy a file to another directory?"
