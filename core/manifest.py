@@ -254,6 +254,8 @@ class Manifest(BaseModel):
     primary_metric: str
     beats_baselines: bool | None = Field(None, description="Whether the test primary metric is strictly better than "
                                          "every baseline's (null when no baseline reports it).")
+    diagnosis: str | None = Field(None, description="When the model does not beat its best baseline: the likeliest "
+                                  "reason, read from the run's own history, and the one setting to try.")
     per_class: dict[str, dict[str, float]] | None = None
     prompt: PromptFormat | None = Field(None, description="Generation: how an input becomes the prompt (the "
                                         "service renders it with the same function).")

@@ -61,3 +61,77 @@ def baseline_verdict(manifest: Manifest) -> BaselineVerdict | None:
     if value is None:
         return None
     return compare_with_baselines(manifest.primary_metric, value, manifest.baselines)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The likeliest reason a model lost to its baseline, read from its own run, and the one setting to try."""
+
+    reason: str
+    override: str  # ``key=value`` for ``--set``, or advice where no single setting applies
+
+    @property
+    def message(self) -> str:
+        """One line: the reason, then what to try."""
+        setting = "=" in self.override and " " not in self.override
+        return f"likeliest reason: {self.reason}; try {'--set ' if setting else ''}{self.override}"
+
+
+# A quarter of the logged training losses: the first and the last are compared.
+_LOSS_WINDOW = 4
+# The last quarter's mean loss above this share of the first quarter's: the loss did not really fall; above the
+# first's divided by it, it rose.
+_FLAT_LOSS = 0.9
+# The last evaluation's gain over the one before, relative to the metric's size, that counts as still improving.
+_STILL_RISING = 0.005
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def diagnose(verdict: BaselineVerdict, history: dict[str, list[dict]] | None, per_class: dict[str, dict] | None,
+             *, method: str, epochs: int, lr: float, stopped_early: bool) -> Diagnosis:
+    """Why the model did not beat ``verdict``'s baseline, in the order of what the run's history shows first:
+    a training loss that did not fall (the learning rate), a validation metric still improving at the last
+    evaluation (too few epochs), classes or tags that were never found (a new head far behind the body), else the
+    baseline's own strength (more data, or full fine-tuning).
+
+    Args:
+        history: the manifest's ``training.history`` (``train_loss`` per logged step, ``validation`` per evaluation).
+        per_class: the test split's per-class (per-type, per-label) figures, where the task has them.
+        lr: the learning rate the run used (the body's).
+    """
+    history = history or {}
+    losses = [float(e["loss"]) for e in history.get("train_loss", []) if e.get("loss") is not None]
+    if len(losses) >= 2 * _LOSS_WINDOW:
+        quarter = max(len(losses) // _LOSS_WINDOW, 1)
+        first, last = _mean(losses[:quarter]), _mean(losses[-quarter:])
+        if last * _FLAT_LOSS > first:
+            return Diagnosis(f"the training loss rose ({first:.3g} -> {last:.3g}): the learning rate is too high",
+                             f"train.lr={lr / 3:.1e}")
+        if last >= _FLAT_LOSS * first:
+            return Diagnosis(f"the training loss barely fell ({first:.3g} -> {last:.3g}): the learning rate is too "
+                             "low to move the model", f"train.lr={lr * 3:.1e}")
+    metric = verdict.metric
+    values = [float(e[metric]) for e in history.get("validation", []) if e.get(metric) is not None]
+    if values and not stopped_early:
+        gain = (values[-1] - values[-2]) if len(values) > 1 else None
+        if gain is not None and verdict.lower_is_better:
+            gain = -gain
+        best_last = all(not is_better(metric, v, values[-1]) for v in values)
+        if best_last and (gain is None or gain > _STILL_RISING * max(abs(values[-1]), 1e-3)):
+            seen = f"{values[-2]:.4f} -> {values[-1]:.4f}" if len(values) > 1 else f"{values[-1]:.4f}, one evaluation"
+            return Diagnosis(f"validation {metric} was still improving when training stopped ({seen})",
+                             f"train.epochs={max(2 * epochs, epochs + 2)}")
+    missed = sorted(name for name, figures in (per_class or {}).items()
+                    if figures.get("support", 0) > 0 and figures.get("recall", 1.0) == 0.0)
+    if missed:
+        shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
+        return Diagnosis(f"{len(missed)} of {len(per_class)} classes were never found on the test split ({shown}): "
+                         "the new head lags behind the pretrained body", f"train.head_lr={max(lr * 10, 1e-3):.1e}")
+    if method != "full":
+        return Diagnosis(f"the {verdict.baseline} baseline does better from the training words alone, and "
+                         f"{method} adapts only part of the model", "method=full")
+    return Diagnosis(f"the {verdict.baseline} baseline does better from the training words alone",
+                     "more training data, or a larger base model")

@@ -46,6 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_run(cfg, result) -> None:
     """Test metrics beside the baselines, the artifact, the export and the verdict of a finished run."""
+    from core.manifest import read_manifest
     from core.verdict import compare_with_baselines
 
     if result.artifact_dir is None:  # not the main process
@@ -57,7 +58,8 @@ def _print_run(cfg, result) -> None:
         _print_export(result.export)
     verdict = compare_with_baselines(cfg.primary_metric, result.metrics["test"][cfg.primary_metric], result.baselines)
     if verdict and not verdict.beats:  # last, where it cannot scroll away
-        print(f"\nWARNING: {verdict.message}. Check the data, the labels and the recipe before serving it.")
+        diagnosis = read_manifest(result.artifact_dir).diagnosis
+        print(f"\nWARNING: {verdict.message}; {diagnosis}.")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -171,3 +171,29 @@ def test_train_reports_a_missing_data_file_before_loading_anything(tmp_path):
                             f"status = main(['train', {str(config)!r}]); print(status, 'torch' in sys.modules)"],
                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert probe.stdout.split() == ["2", "False"], probe.stdout + probe.stderr[-2000:]
+
+
+def test_a_model_that_loses_to_its_baseline_is_told_why_and_what_to_change(tmp_path, tiny_model, data_dir):
+    """A learning rate far too low: the loss stays flat, the last line says so and names the setting, and the
+    manifest and the card carry the same text."""
+    config = {
+        "model": tiny_model, "method": "full", "output_dir": str(tmp_path / "run"),
+        "data": {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "validation.jsonl"),
+                 "test": str(data_dir / "test.jsonl")},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 1e-9, "warmup_ratio": 0.0, "max_length": 32,
+                  "early_stopping": {"patience": None}},
+    }
+    path = tmp_path / "slow.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = tuneserve("train", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    manifest = read_manifest(tmp_path / "run" / "artifact")
+    assert manifest.beats_baselines is False
+    assert manifest.diagnosis.startswith("likeliest reason: the training loss barely fell")
+    assert manifest.diagnosis.endswith("try --set train.lr=3.0e-09")
+    assert last.startswith("WARNING: the model does NOT beat its best baseline")
+    assert last.endswith(manifest.diagnosis + ".")
+    card = (tmp_path / "run" / "artifact" / "README.md").read_text()
+    assert "the training loss barely fell" in card and "`--set train.lr=3.0e-09`" not in card
+    assert "try --set train.lr=3.0e-09" in card

@@ -18,7 +18,7 @@ import numpy as np
 
 from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest, write_manifest
 from core.tasks.embedding import pooling_files
-from core.verdict import compare_with_baselines
+from core.verdict import compare_with_baselines, diagnose
 from training.publish.card import adapter_readme, base_model_name, write_card
 from training.files import swap_into_place
 from training.recipe.bases import bundled_hub_id, read_conversion
@@ -103,8 +103,12 @@ def build_manifest(cfg, built, data, result, training: dict) -> Manifest:
     primary = cfg.primary_metric
     generation = cfg.task.spec.writes
     verdict = compare_with_baselines(primary, result.metrics["test"][primary], result.baselines)
+    diagnosis = None
     if verdict and not verdict.beats:
-        logger.warning("%s: the artifact is written, and its manifest and card say so", verdict.message)
+        diagnosis = diagnose(verdict, training.get("history"), result.test.per_class, method=cfg.method,
+                             epochs=cfg.train.epochs, lr=cfg.lr, stopped_early=bool(training.get("stopped_early")))
+        logger.warning("%s; %s: the artifact is written, and its manifest and card say so", verdict.message,
+                       diagnosis.message)
     return Manifest(
         name=cfg.run_name,
         task=cfg.task,
@@ -126,6 +130,7 @@ def build_manifest(cfg, built, data, result, training: dict) -> Manifest:
         baselines=result.baselines,
         primary_metric=primary,
         beats_baselines=verdict.beats if verdict else None,
+        diagnosis=diagnosis.message if diagnosis else None,
         per_class=result.test.per_class,
         prompt=result.prompt,
         decoding=cfg.generation.decoding() if generation else None,

@@ -196,14 +196,15 @@ def per_class_table(manifest: Manifest) -> str | None:
     return "\n".join(rows)
 
 
-def _warning(verdict: BaselineVerdict | None) -> str:
+def _warning(verdict: BaselineVerdict | None, diagnosis: str | None) -> str:
     if verdict is None or verdict.beats:
         return ""
     order = "lower" if verdict.lower_is_better else "higher"
+    advice = (f" The run's own history gives the {diagnosis[0].lower()}{diagnosis[1:]}." if diagnosis else
+              " Revisit the data and the training settings before serving this one.")
     return (f"> **Warning: this model does not beat its best baseline.** On the test split its `{verdict.metric}` is "
             f"{verdict.model:.4f}, and the baseline `{verdict.baseline}` reaches {verdict.baseline_value:.4f} "
-            f"({order} is better). A simpler model does at least as well: prefer it, or revisit the data and the "
-            "training settings before serving this one.\n\n")
+            f"({order} is better): a simpler model does at least as well.{advice}\n\n")
 
 
 def _verdict_line(verdict: BaselineVerdict | None) -> str:
@@ -455,7 +456,7 @@ def model_card(manifest: Manifest) -> str:
 
 # {manifest.name}
 
-{_warning(verdict)}A {manifest.task.value} model fine-tuned with tuneserve from `{base_model_name(manifest.base_model)}` by {method}.
+{_warning(verdict, manifest.diagnosis)}A {manifest.task.value} model fine-tuned with tuneserve from `{base_model_name(manifest.base_model)}` by {method}.
 
 {what_lines}{_origin(manifest)}
 - **Input:** {' + '.join(f'`{f}`' for f in manifest.text_fields)}, {_length(manifest)}

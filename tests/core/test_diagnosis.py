@@ -1,0 +1,50 @@
+"""A model that loses to its baseline is told the likeliest reason from its own run, and the one setting to try."""
+
+import pytest
+
+from core.verdict import compare_with_baselines, diagnose
+
+LOSING = compare_with_baselines("f1_macro", 0.40, {"majority": {"f1_macro": 0.33}, "tfidf_logreg": {"f1_macro": 0.70}})
+
+
+def _history(losses, validation, metric="f1_macro"):
+    return {"train_loss": [{"step": i + 1, "loss": v, "lr": 1e-3} for i, v in enumerate(losses)],
+            "validation": [{"step": 10 * (i + 1), metric: v} for i, v in enumerate(validation)]}
+
+
+FALLING = [2.0, 1.8, 1.5, 1.2, 1.0, 0.8, 0.7, 0.6]
+SETTLED = [0.55, 0.62, 0.63, 0.63]  # best before the end
+
+
+@pytest.mark.parametrize(("losses", "validation", "per_class", "method", "stopped", "reason", "override"), [
+    ([1.0, 1.01, 0.99, 1.0, 0.98, 0.99, 0.97, 0.98], SETTLED, None, "lora", False,
+     "the training loss barely fell (1 -> 0.975)", "--set train.lr=3.0e-03"),
+    ([1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.1, 3.5], SETTLED, None, "lora", False,
+     "the training loss rose", "--set train.lr=3.3e-04"),
+    (FALLING, [0.01, 0.46, 0.50], None, "lora", False,
+     "validation f1_macro was still improving when training stopped (0.4600 -> 0.5000)", "--set train.epochs=6"),
+    (FALLING, [0.42], None, "lora", False, "(0.4200, one evaluation)", "--set train.epochs=6"),
+    (FALLING, [0.46, 0.50], {"a": {"recall": 0.9, "support": 5}, "b": {"recall": 0.0, "support": 4},
+                             "c": {"recall": 0.0, "support": 0}}, "lora", True,
+     "1 of 3 classes were never found on the test split (b)", "--set train.head_lr=1.0e-02"),
+    (FALLING, SETTLED, {"a": {"recall": 0.8, "support": 5}}, "lora", False,
+     "the tfidf_logreg baseline does better from the training words alone, and lora adapts",
+     "--set method=full"),
+    (FALLING, SETTLED, None, "full", False, "the tfidf_logreg baseline does better", "more training data, or a larger base model"),
+])
+def test_the_likeliest_reason_comes_from_the_runs_own_history(losses, validation, per_class, method, stopped, reason,
+                                                              override):
+    diagnosis = diagnose(LOSING, _history(losses, validation), per_class, method=method, epochs=3, lr=1e-3,
+                         stopped_early=stopped)
+    assert reason in diagnosis.reason and diagnosis.message.endswith(f"try {override}")
+    assert diagnosis.message.startswith("likeliest reason: ")
+
+
+def test_a_lower_is_better_metric_still_falling_is_still_improving():
+    losing = compare_with_baselines("mse", 1.2, {"mean": {"mse": 1.5}, "tfidf_ridge": {"mse": 0.9}})
+    diagnosis = diagnose(losing, _history(FALLING, [2.0, 1.5, 1.2], "mse"), None, method="lora", epochs=2, lr=5e-4,
+                         stopped_early=False)
+    assert "still improving" in diagnosis.reason and diagnosis.override == "train.epochs=4"
+    settled = diagnose(losing, _history(FALLING, [2.0, 1.1, 1.2], "mse"), None, method="lora", epochs=2, lr=5e-4,
+                       stopped_early=False)
+    assert "still improving" not in settled.reason
