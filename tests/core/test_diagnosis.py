@@ -30,7 +30,8 @@ SETTLED = [0.55, 0.62, 0.63, 0.63]  # best before the end
     (FALLING, SETTLED, {"a": {"recall": 0.8, "support": 5}}, "lora", False,
      "the tfidf_logreg baseline does better from the training words alone, and lora adapts",
      "--set method=full"),
-    (FALLING, SETTLED, None, "full", False, "the tfidf_logreg baseline does better", "more training data, or a larger base model"),
+    (FALLING, SETTLED, None, "full", False, "the tfidf_logreg baseline does better",
+     "more training data, or a larger base model"),
 ])
 def test_the_likeliest_reason_comes_from_the_runs_own_history(losses, validation, per_class, method, stopped, reason,
                                                               override):
