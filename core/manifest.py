@@ -43,6 +43,10 @@ class TrainingRecord(_Section):
     steps: int
     best_step: int
     stopped_early: bool
+    stopped_because: str | None = Field(None, description="Why training ended: patience (early stopping), epochs "
+                                        "(the last one), max_steps or max_minutes.")
+    still_improving: bool | None = Field(None, description="The validation metric was at its best at the last "
+                                         "evaluation, still improving when training ended.")
     steps_per_epoch: int
     num_processes: int = 1
     mixed_precision: str = Field("no", description="no | fp16 | bf16: what the weights were trained in.")

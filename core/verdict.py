@@ -91,7 +91,7 @@ def _mean(values: list[float]) -> float:
 
 
 def diagnose(verdict: BaselineVerdict, history: dict[str, list[dict]] | None, per_class: dict[str, dict] | None,
-             *, method: str, epochs: int, lr: float, stopped_early: bool) -> Diagnosis:
+             *, method: str, cap: tuple[str, float], lr: float, stopped_early: bool) -> Diagnosis:
     """Why the model did not beat ``verdict``'s baseline, in the order of what the run's history shows first:
     a training loss that did not fall (the learning rate), a validation metric still improving at the last
     evaluation (too few epochs), classes or tags that were never found (a new head far behind the body), else the
@@ -100,7 +100,10 @@ def diagnose(verdict: BaselineVerdict, history: dict[str, list[dict]] | None, pe
     Args:
         history: the manifest's ``training.history`` (``train_loss`` per logged step, ``validation`` per evaluation).
         per_class: the test split's per-class (per-type, per-label) figures, where the task has them.
+        cap: the setting that ended the run and its value (``("train.epochs", 3)``, ``("train.max_steps", 500)``):
+            the one to raise when the model was still improving.
         lr: the learning rate the run used (the body's).
+        stopped_early: early stopping ended the run (its patience ran out).
     """
     history = history or {}
     losses = [float(e["loss"]) for e in history.get("train_loss", []) if e.get("loss") is not None]
@@ -122,8 +125,10 @@ def diagnose(verdict: BaselineVerdict, history: dict[str, list[dict]] | None, pe
         best_last = all(not is_better(metric, v, values[-1]) for v in values)
         if best_last and (gain is None or gain > _STILL_RISING * max(abs(values[-1]), 1e-3)):
             seen = f"{values[-2]:.4f} -> {values[-1]:.4f}" if len(values) > 1 else f"{values[-1]:.4f}, one evaluation"
+            key, value = cap
+            raised = max(2 * value, value + 2) if isinstance(value, int) else 2 * value
             return Diagnosis(f"validation {metric} was still improving when training stopped ({seen})",
-                             f"train.epochs={max(2 * epochs, epochs + 2)}")
+                             f"{key}={raised:g}")
     missed = sorted(name for name, figures in (per_class or {}).items()
                     if figures.get("support", 0) > 0 and figures.get("recall", 1.0) == 0.0)
     if missed:

@@ -130,14 +130,23 @@ class DropoutConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(3, gt=0, description="Passes over the training data (early stopping may end sooner).")
+    epochs: int | Literal["auto"] = Field(3, description="Passes over the training data (early stopping may end "
+                                          "sooner); 'auto' = until the validation metric stops improving "
+                                          "(early_stopping.patience evaluations), at most max_epochs.")
+    max_epochs: int = Field(20, gt=0, description="epochs: auto: the most passes over the training data.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps, whatever the epochs.")
+    max_minutes: float | None = Field(None, gt=0, description="Stop at the first evaluation after this many minutes "
+                                      "of training (evaluation and checkpoints not counted).")
     batch_size: int = Field(32, gt=0, description="Examples per optimizer micro-step, per process.")
     eval_batch_size: int = Field(128, gt=0, description="Examples per forward pass in evaluation, per process.")
     lr: float | Literal["auto"] = Field("auto", description="Peak learning rate; 'auto' = 5e-5 (full), 5e-4 (lora), 1e-3 (freeze), "
                                                     "3e-3 (ia3), 3e-2 (prompt).")
     head_lr: float | None = Field(None, gt=0, description="Peak learning rate of the task head and pooler; null = lr.")
-    scheduler: Literal["linear", "cosine", "constant", "exponential"] = Field("linear", description="Decay after warmup.")
-    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of optimizer steps spent warming up linearly.")
+    scheduler: Literal["auto", "linear", "cosine", "constant", "exponential"] = Field(
+        "auto", description="Decay after warmup; 'auto' = linear over the run's steps, or constant with epochs: auto "
+        "(a schedule that needs no length in advance).")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of optimizer steps spent warming up linearly "
+                                "(with epochs: auto, of the first epoch's).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay (not applied to biases and LayerNorm weights).")
     l1: float = Field(0.0, ge=0, description="L1 penalty: this times the summed absolute values of the trained weights "
                       "(not biases and LayerNorm weights) is added to the training objective; the logged losses "
@@ -195,6 +204,25 @@ class TrainConfig(_Strict):
             if isinstance(value, int) and value <= 0:
                 raise ValueError(f"{name} must be 'epoch' or a positive number of steps, got {value}")
         return self
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_positive(cls, value):
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"must be 'auto' or a positive number, got {value}")
+        return value
+
+    @property
+    def epoch_cap(self) -> int:
+        """The most epochs the run may take: ``epochs``, or ``max_epochs`` with ``epochs: auto``."""
+        return self.max_epochs if self.epochs == "auto" else self.epochs
+
+    @property
+    def schedule(self) -> str:
+        """The learning-rate schedule after warmup: ``scheduler``, with ``auto`` resolved."""
+        if self.scheduler != "auto":
+            return self.scheduler
+        return "constant" if self.epochs == "auto" else "linear"
 
 
 class ExportConfig(_Strict):

@@ -35,7 +35,7 @@ SETTLED = [0.55, 0.62, 0.63, 0.63]  # best before the end
 ])
 def test_the_likeliest_reason_comes_from_the_runs_own_history(losses, validation, per_class, method, stopped, reason,
                                                               override):
-    diagnosis = diagnose(LOSING, _history(losses, validation), per_class, method=method, epochs=3, lr=1e-3,
+    diagnosis = diagnose(LOSING, _history(losses, validation), per_class, method=method, cap=("train.epochs", 3), lr=1e-3,
                          stopped_early=stopped)
     assert reason in diagnosis.reason and diagnosis.message.endswith(f"try {override}")
     assert diagnosis.message.startswith("likeliest reason: ")
@@ -43,9 +43,9 @@ def test_the_likeliest_reason_comes_from_the_runs_own_history(losses, validation
 
 def test_a_lower_is_better_metric_still_falling_is_still_improving():
     losing = compare_with_baselines("mse", 1.2, {"mean": {"mse": 1.5}, "tfidf_ridge": {"mse": 0.9}})
-    diagnosis = diagnose(losing, _history(FALLING, [2.0, 1.5, 1.2], "mse"), None, method="lora", epochs=2, lr=5e-4,
-                         stopped_early=False)
-    assert "still improving" in diagnosis.reason and diagnosis.override == "train.epochs=4"
-    settled = diagnose(losing, _history(FALLING, [2.0, 1.1, 1.2], "mse"), None, method="lora", epochs=2, lr=5e-4,
-                       stopped_early=False)
+    diagnosis = diagnose(losing, _history(FALLING, [2.0, 1.5, 1.2], "mse"), None, method="lora",
+                         cap=("train.max_minutes", 7.5), lr=5e-4, stopped_early=False)
+    assert "still improving" in diagnosis.reason and diagnosis.override == "train.max_minutes=15"
+    settled = diagnose(losing, _history(FALLING, [2.0, 1.1, 1.2], "mse"), None, method="lora",
+                       cap=("train.epochs", 2), lr=5e-4, stopped_early=False)
     assert "still improving" not in settled.reason

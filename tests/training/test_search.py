@@ -68,7 +68,7 @@ def test_a_search_space_keeps_integers_and_leaves_train_alone(search_config):
     ({"train.lrr": {"low": 1e-4, "high": 1e-3}}, r"'search.train.lrr': unknown config key 'train.lrr'"),
     ({"trian.lr": {"low": 1e-4, "high": 1e-3}}, r"'search.trian.lr': unknown config key 'trian'"),
     ({"train": {"low": 1, "high": 2}}, r"'search.train': train is a section"),
-    ({"train.epochs": {"low": 0, "high": 3}}, r"'search.train.epochs': 0 is not a valid train.epochs: .*greater than 0"),
+    ({"train.epochs": {"low": 0, "high": 3}}, r"'search.train.epochs': 0 is not a valid train.epochs: .*must be 'auto' or a positive number"),
     ({"train.warmup_ratio": {"low": 0.1, "high": 1.5}}, r"'search.train.warmup_ratio': 1.5 is not a valid .*less than 1"),
     ({"lora.r": {"choices": [8, -4]}}, r"'search.lora.r': -4 is not a valid lora.r"),
     ({"method": {"choices": ["lora", "prefix"]}}, r"'search.method': 'prefix' is not a valid method"),

@@ -98,6 +98,13 @@ def publish_artifact(cfg, model, built, data, result, training: dict) -> Path:
     return final
 
 
+def run_cap(tc, stopped_because: str | None) -> tuple[str, float]:
+    """The setting that ended a run that was not stopped by patience, and its value."""
+    if stopped_because in ("max_steps", "max_minutes"):
+        return f"train.{stopped_because}", getattr(tc, stopped_because)
+    return ("train.max_epochs", tc.max_epochs) if tc.epochs == "auto" else ("train.epochs", tc.epochs)
+
+
 def build_manifest(cfg, built, data, result, training: dict) -> Manifest:
     """The manifest of a finished run: what the model does, how well beside the baselines, and how it was made."""
     primary = cfg.primary_metric
@@ -106,7 +113,8 @@ def build_manifest(cfg, built, data, result, training: dict) -> Manifest:
     diagnosis = None
     if verdict and not verdict.beats:
         diagnosis = diagnose(verdict, training.get("history"), result.test.per_class, method=cfg.method,
-                             epochs=cfg.train.epochs, lr=cfg.lr, stopped_early=bool(training.get("stopped_early")))
+                             cap=run_cap(cfg.train, training.get("stopped_because")), lr=cfg.lr,
+                             stopped_early=training.get("stopped_because") == "patience")
         logger.warning("%s; %s: the artifact is written, and its manifest and card say so", verdict.message,
                        diagnosis.message)
     return Manifest(

@@ -49,6 +49,8 @@ class LoopState:
     best_step: int | None = None
     bad_evals: int = 0  # evaluations since the best one (early stopping)
     stopped_early: bool = False
+    # why the loop ended: "patience" (early stopping), "epochs" (the last epoch), "max_steps", "max_minutes"
+    stopped_because: str | None = None
     train_seconds: float = 0.0  # time in forward/backward/step, not in evaluation or checkpointing
     train_samples: int = 0
     history: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"train_loss": [], "validation": []})

@@ -334,9 +334,11 @@ def prepare(loop: Loop, resume: bool) -> None:
                                                                                 *eval_dls)
     loop.loaders = {"train": train_dl, "validation": val_dl, "test": test_dl}
     loop.steps_per_epoch = math.ceil(len(train_dl) / tc.grad_accum)
-    total_steps = loop.steps_per_epoch * tc.epochs
+    total_steps = min(loop.steps_per_epoch * tc.epoch_cap, tc.max_steps or math.inf)
+    # epochs: auto warms up over a share of the first epoch: the run's length is not known in advance
+    warmup_of = min(loop.steps_per_epoch, total_steps) if tc.epochs == "auto" else total_steps
     # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process).
-    loop.scheduler = make_scheduler(tc.scheduler, loop.optimizer, round(tc.warmup_ratio * total_steps), total_steps)
+    loop.scheduler = make_scheduler(tc.schedule, loop.optimizer, round(tc.warmup_ratio * warmup_of), total_steps)
     accelerator.register_for_checkpointing(loop.scheduler)
     loop.loss_fn = make_loss(cfg, built.torch_task, loop.data.train.targets, cfg.task.spec.num_outputs(loop.data.labels))
     loop.penalised = l1_parameters(loop.model) if tc.l1 else []  # train.l1: the same tensors the prepared model trains
@@ -424,13 +426,39 @@ def checkpoint(loop: Loop) -> None:
     save_checkpoint(loop.accelerator, loop.output_dir, loop.state.step, loop.state, loop.cfg.train.keep_checkpoints)
 
 
+def over_budget(loop: Loop) -> bool:
+    """Whether ``train.max_minutes`` of training have passed: the main process's clock decides for every process."""
+    from accelerate.utils import broadcast_object_list
+
+    budget = loop.cfg.train.max_minutes
+    if budget is None:
+        return False
+    return bool(broadcast_object_list([loop.state.train_seconds >= 60 * budget])[0])
+
+
+def evaluate_and_decide(loop: Loop) -> None:
+    """Evaluate; stop for want of improvement (``patience``) or of time (``max_minutes``)."""
+    state = loop.state
+    if validate(loop):
+        state.stopped_early, state.stopped_because = True, "patience"
+    elif over_budget(loop):
+        state.stopped_early, state.stopped_because = True, "max_minutes"
+
+
+def stop_message(loop: Loop) -> str:
+    tc, reason = loop.cfg.train, loop.state.stopped_because
+    if reason == "patience":
+        return f"early stopping: no {loop.cfg.monitor} improvement in {tc.early_stopping.patience} evaluations"
+    return f"stopped: train.{reason} ({getattr(tc, reason)}) reached"
+
+
 def run_epochs(loop: Loop) -> None:
     """The loop: epochs of optimizer steps, with evaluation, checkpoints and early stopping where the config says."""
     tc, state, accelerator = loop.cfg.train, loop.state, loop.accelerator
     loop.model.train()
-    progress = tqdm(total=loop.steps_per_epoch * tc.epochs, initial=state.step, desc="train", unit="step",
-                    disable=not accelerator.is_local_main_process)
-    for epoch in range(state.epoch, tc.epochs):
+    progress = tqdm(total=min(loop.steps_per_epoch * tc.epoch_cap, tc.max_steps or math.inf), initial=state.step,
+                    desc="train", unit="step", disable=not accelerator.is_local_main_process)
+    for epoch in range(state.epoch, tc.epoch_cap):
         if state.stopped_early:
             break
         done_in_epoch = state.step - epoch * loop.steps_per_epoch  # > 0 only when resuming mid-epoch
@@ -461,7 +489,9 @@ def run_epochs(loop: Loop) -> None:
             window_loss, window_n, window_start = 0.0, 0, time.time()
             state.train_seconds += time.perf_counter() - tick
             if isinstance(tc.eval_every, int) and state.step % tc.eval_every == 0:
-                state.stopped_early = validate(loop)
+                evaluate_and_decide(loop)
+            if tc.max_steps is not None and state.step >= tc.max_steps and not state.stopped_early:
+                state.stopped_early, state.stopped_because = True, "max_steps"
             if isinstance(tc.save_every, int) and state.step % tc.save_every == 0:
                 checkpoint(loop)
             if state.stopped_early:
@@ -470,17 +500,26 @@ def run_epochs(loop: Loop) -> None:
         if not state.stopped_early:
             state.epoch = epoch + 1
             if tc.eval_every == "epoch":
-                state.stopped_early = validate(loop)
+                evaluate_and_decide(loop)
         if tc.save_every == "epoch" or state.stopped_early:
             checkpoint(loop)
         if state.stopped_early:
-            accelerator.print(f"early stopping: no {loop.cfg.monitor} improvement in {tc.early_stopping.patience} "
-                              "evaluations")
+            accelerator.print(stop_message(loop))
             break
     progress.close()
+    state.stopped_because = state.stopped_because or "epochs"
     evaluated = state.history["validation"]
     if not evaluated or evaluated[-1]["step"] != state.step:
         validate(loop)  # the final weights are a candidate for "best" too
+    if still_improving(loop):
+        accelerator.print(f"validation {loop.cfg.monitor} was still improving at the last evaluation "
+                          f"({state.stopped_because} ended the run): a longer run may do better")
+
+
+def still_improving(loop: Loop) -> bool:
+    """The best validation value came at the last evaluation, after an earlier one, and no patience ran out."""
+    evaluated, state = loop.state.history["validation"], loop.state
+    return (len(evaluated) > 1 and state.stopped_because != "patience" and state.best_step == evaluated[-1]["step"])
 
 
 def train_step(loop: Loop, batch: dict, epoch: int) -> tuple[float, int]:
@@ -572,7 +611,8 @@ def training_record(loop: Loop) -> dict:
     state, accelerator, data, encoded = loop.state, loop.accelerator, loop.data, loop.encoded
     info = {
         "epochs_run": state.epoch, "steps": state.step, "best_step": state.best_step,
-        "stopped_early": state.stopped_early, "steps_per_epoch": loop.steps_per_epoch,
+        "stopped_early": state.stopped_early, "stopped_because": state.stopped_because,
+        "still_improving": still_improving(loop), "steps_per_epoch": loop.steps_per_epoch,
         "num_processes": accelerator.num_processes, "mixed_precision": loop.precision,
         "device": str(accelerator.device), "lr": loop.cfg.lr, "seconds": round(time.time() - loop.started, 1),
         "train_seconds": round(state.train_seconds, 2),
