@@ -56,6 +56,10 @@ class DataConfig(_Strict):
     text_pair: str | None = Field(None, description="Column holding the second text, for pair tasks.")
     negative: str | None = Field(None, description="Embedding: column holding a hard negative per query, a document "
                                  "that looks relevant but is not; trained against beside the batch's other positives.")
+    corpus: str | None = Field(None, description="Embedding: a file of further documents (column data.corpus_text) "
+                               "that every validation and test query ranks beside its split's positives; null = "
+                               "the positives alone.")
+    corpus_text: str = Field("text", description="Embedding: the column of data.corpus holding each document.")
     label: str = Field("label", description="Column holding the label (class, list of classes, or number; "
                        "generation: the target text, `target` unless set).")
     label_delimiter: str | None = Field(None, description="Multi-label only: split a string label on this delimiter.")
@@ -395,6 +399,7 @@ class Config(_Strict):
                              ("train.label_all_tokens", self.train.label_all_tokens),
                              ("data.augment", self.data.augment.enabled),
                              ("data.negative", self.data.negative is not None),
+                             ("data.corpus", self.data.corpus is not None),
                              ("generation.*", self.generation != GenerationConfig()),
                              ("embedding.*", self.embedding != EmbeddingConfig())):
             key = option.split(".")[1] if not option.endswith("*") else option.split(".")[0]

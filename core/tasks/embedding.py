@@ -8,10 +8,11 @@ A model's outputs are one vector per text, (n, d); for labelled pairs, the query
 is a cosine similarity. The pooling that makes one vector of a text's token states is the base model's own, read from
 its sentence-transformers files (:func:`read_pooling`).
 
-Evaluation is retrieval within a split: the corpus is the split's unique positive texts, each query is relevant to
-the document equal to its positive, and documents are ranked by dot product (:func:`retrieval_metrics`: NDCG@10,
-MRR@10, recall@1/@10, MAP). The baseline is BM25 over the same corpus; the base model's zero-shot embeddings, the
-baseline that matters most, need torch and are added by the trainer.
+Evaluation is retrieval within a split: the corpus is the split's unique positive texts (and, in training, the
+documents of ``data.corpus``), each query is relevant to the document equal to its positive, and documents are
+ranked by dot product (:func:`retrieval_metrics`: NDCG@10, MRR@10, recall@1/@10, MAP). The baseline is BM25 over
+the same corpus; the base model's zero-shot embeddings, the baseline that matters most, need torch and are added by
+the trainer.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ class EmbeddingSpec(ScoringSpec):
              "to score it on query and positive pairs, GET /metadata for everything its artifact records.")
     example_text = "How do I copy a file to another directory?"
     default_columns = ("query", "positive")
-    options = frozenset({"embedding", "negative"})
+    options = frozenset({"embedding", "negative", "corpus"})
     pools = True
 
     # -- labels ---------------------------------------------------------------------------------------
@@ -280,6 +281,12 @@ class EmbeddingSpec(ScoringSpec):
         return scores[:, 0], scores[:, 1]
 
     @staticmethod
+    def training_key(text: str) -> str:
+        """What stands for a document in training batches' targets (its :func:`text_id`), as :meth:`positives`
+        reads it: the key a data.corpus document is ranked under beside a split's positives."""
+        return str(text_id(text))
+
+    @staticmethod
     def positives(targets: Any) -> list[str]:
         """Each example's positive, as a text or the id that stands for it (training batches with hard negatives
         carry ``[positive id, negative id]`` pairs)."""
@@ -303,14 +310,24 @@ class EmbeddingSpec(ScoringSpec):
 
     # -- metrics and baselines ------------------------------------------------------------------------
     def evaluate(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *,
-                 threshold: Any = None) -> Evaluation:
-        """Retrieval over the split's unique positives (the first example with a text gives its vector)."""
+                 threshold: Any = None, documents: tuple[Sequence[str], Any] | None = None) -> Evaluation:
+        """Retrieval over the split's unique positives (the first example with a text gives its vector), and over
+        ``documents`` too where given: ``(keys, vectors)``, each key a document's text or the id standing for it
+        as the targets' do (data.corpus; one equal to a positive is that positive)."""
         targets, scores = checked(targets, scores)
         queries, positives = self.split(scores)
         corpus, stands_for, relevance = corpus_of(self.positives(targets))
-        similarity = normalise(queries) @ normalise(positives[stands_for]).T
-        return finished(Evaluation(metrics=retrieval_metrics(relevance, similarity),
-                                   notes=[f"corpus of {len(corpus)} unique positive documents"]), len(targets))
+        vectors = positives[stands_for]
+        note = f"corpus of {len(corpus)} unique positive documents"
+        if documents is not None:
+            keys, extra = documents
+            known = set(corpus)
+            new = [j for j, key in enumerate(keys) if str(key) not in known]
+            vectors = np.concatenate([vectors, np.asarray(extra, dtype=np.float64)[new].reshape(len(new), -1)])
+            relevance = np.pad(relevance, ((0, 0), (0, len(new))))
+            note = f"corpus of {len(vectors)} documents: {len(corpus)} positives and {len(new)} more from data.corpus"
+        similarity = normalise(queries) @ normalise(vectors).T
+        return finished(Evaluation(metrics=retrieval_metrics(relevance, similarity), notes=[note]), len(targets))
 
     def resampled(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *, threshold: Any = None):
         """Resamples of the queries, ranked over the whole split's corpus (the queries are the sample; the corpus
@@ -333,14 +350,18 @@ class EmbeddingSpec(ScoringSpec):
         return len({str(t) for t in targets})
 
     def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float | None = 0.5,
-                  seed: int = 0, validation: tuple | None = None, metric: str | None = None
-                  ) -> dict[str, dict[str, float]]:
-        """BM25 (Okapi; lower-cased ``\\w+`` words) ranking the test split's unique positives for each test query;
-        nothing is fitted on ``train``."""
+                  seed: int = 0, validation: tuple | None = None, metric: str | None = None,
+                  documents: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+        """BM25 (Okapi; lower-cased ``\\w+`` words) ranking the test split's unique positives (and ``documents``,
+        data.corpus, where given) for each test query; nothing is fitted on ``train``."""
         from rank_bm25 import BM25Okapi
 
         queries, _, positives = test
         corpus, _, relevance = corpus_of([str(p) for p in positives])
+        if documents is not None:
+            known = set(corpus)
+            new = [d for d in dict.fromkeys(documents) if d not in known]
+            corpus, relevance = corpus + new, np.pad(relevance, ((0, 0), (0, len(new))))
         bm25 = BM25Okapi([_words(doc) for doc in corpus])
         similarity = np.stack([bm25.get_scores(_words(str(q))) for q in queries]).astype(np.float64)
         return {"bm25": retrieval_metrics(relevance, similarity)}

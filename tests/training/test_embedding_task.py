@@ -167,3 +167,49 @@ def test_hard_negative_mistakes_name_the_key_or_the_row(tiny_model, triplets_dir
         cfg = load_config(raw=raw)
         load_dataset(cfg.data, cfg.task, 0)
 
+
+
+def test_a_corpus_file_adds_documents_every_held_out_query_ranks(tiny_model, pairs_dir, tmp_path):
+    """The same run with 150 more documents (one of them a test positive again) in data.corpus: the model and
+    BM25 rank more distractors, so neither can rank better; both are told the same corpus."""
+    from core.tasks.embedding import EmbeddingSpec
+
+    documents = [{"text": row["positive"]} for row in make_pairs(150, 11)]
+    documents.append({"text": [json.loads(line) for line in (pairs_dir / "test.jsonl").open()][0]["positive"]})
+    write_jsonl(tmp_path / "corpus.jsonl", documents)
+    runs = {}
+    for name, corpus in (("alone", None), ("corpus", str(tmp_path / "corpus.jsonl"))):
+        raw = tiny_run_config(tiny_model, pairs_dir, tmp_path / name, task="embedding")
+        raw["train"].update({"epochs": 2, "batch_size": 32, "lr": 1e-3})
+        if corpus:
+            raw["data"]["corpus"] = corpus
+        runs[name] = train(load_config(raw=raw))
+    alone, widened = runs["alone"], runs["corpus"]
+    assert widened.metrics["test"]["ndcg@10"] <= alone.metrics["test"]["ndcg@10"]
+    assert widened.baselines["bm25"]["ndcg@10"] < alone.baselines["bm25"]["ndcg@10"]
+    assert widened.baselines["base_model"]["ndcg@10"] < alone.baselines["base_model"]["ndcg@10"]
+    # what evaluate does with documents: a document equal to a positive is that positive, the rest are appended
+    spec = EmbeddingSpec()
+    vectors = np.eye(3)[[[0, 0], [1, 1]]]  # two queries, each its own positive's direction
+    documents = (["b-doc", spec.training_key("x")], np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    result = spec.evaluate(np.array(["a-doc", "b-doc"]), vectors, documents=documents)
+    assert result.notes == ["corpus of 3 documents: 2 positives and 1 more from data.corpus"]
+    assert result.metrics["recall@1"] == 1.0
+
+
+@pytest.mark.parametrize(("change", "error", "message"), [
+    ({"task": "classification"}, "ConfigError", r"data\.corpus only applies to task: embedding"),
+    ({"corpus_text": "body"}, "DataError", r"data\.corpus .*column 'body' not found.*data\.corpus_text names"),
+    ({"blank": True}, "DataError", r"data\.corpus .*row 3, column 'text'"),
+])
+def test_corpus_mistakes_name_the_key_or_the_row(tiny_model, pairs_dir, tmp_path, change, error, message):
+    import core.errors
+    from training.data.reading import load_dataset
+
+    documents = [{"text": "a document"}, {"text": "another one"}, {"text": " " if change.get("blank") else "third"}]
+    write_jsonl(tmp_path / "corpus.jsonl", documents)
+    raw = tiny_run_config(tiny_model, pairs_dir, tmp_path / "run", task=change.get("task", "embedding"))
+    raw["data"].update(corpus=str(tmp_path / "corpus.jsonl"), corpus_text=change.get("corpus_text", "text"))
+    with pytest.raises(getattr(core.errors, error), match=message):
+        cfg = load_config(raw=raw)
+        load_dataset(cfg.data, cfg.task, 0)

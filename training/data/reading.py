@@ -78,6 +78,7 @@ class Dataset:
     hashes: dict[str, str]
     system: str | None = None  # generation from chat conversations: the system turn they share
     augmentation: dict | None = None  # what data.augment added to train (its rows follow the originals)
+    corpus: list[str] | None = None  # embeddings: documents every held-out query ranks too (data.corpus), unique
 
     @property
     def original_train(self) -> Split:
@@ -163,7 +164,7 @@ def check_sources(data_cfg) -> None:
     Raises:
         DataError: naming the key and the missing file, with a close sibling's name where there is one.
     """
-    for name in ("train", "validation", "test"):
+    for name in ("train", "validation", "test", "corpus"):
         source = getattr(data_cfg, name, None)
         if not source or is_demo(source):
             continue
@@ -582,6 +583,30 @@ def file_hash(path: str) -> str | None:
     return "sha256:" + digest.hexdigest()
 
 
+def read_corpus(cfg: DataConfig) -> list[str]:
+    """The documents of ``data.corpus``, each once, in file order.
+
+    Raises:
+        DataError: the file cannot be read, lacks the ``data.corpus_text`` column, or has a blank document (by row).
+    """
+    path = demo_path(cfg.corpus) if is_demo(cfg.corpus) else Path(cfg.corpus)
+    where = "data.corpus"
+    columns, resolved = read_table(str(path), where)
+    if cfg.corpus_text not in columns:
+        close = difflib.get_close_matches(cfg.corpus_text, list(columns), n=1, cutoff=0.6)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        raise DataError(f"{where} ({resolved}): column '{cfg.corpus_text}' not found{guess}; columns are "
+                        f"{sorted(columns)}; data.corpus_text names the document column")
+    documents = columns[cfg.corpus_text]
+    for row, value in enumerate(documents, start=1):
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where} ({resolved}): row {row}, column '{cfg.corpus_text}': expected a document's "
+                            f"text, got {value!r}")
+    if not documents:
+        raise DataError(f"{where} ({resolved}): no rows")
+    return list(dict.fromkeys(documents))
+
+
 def load_dataset(cfg: DataConfig, task: Task, seed: int) -> Dataset:
     """Load and check all three splits, carving validation/test from train when they are not given.
 
@@ -613,8 +638,11 @@ def load_dataset(cfg: DataConfig, task: Task, seed: int) -> Dataset:
     if len(set(systems.values())) > 1:
         raise DataError(f"the conversations' system turns differ between splits ({systems}); the prompt format holds "
                         "one system turn for every input")
+    corpus = read_corpus(cfg) if cfg.corpus else None
+    if corpus is not None:
+        logger.info("data.corpus: %d documents beside each held-out split's positives", len(corpus))
     return Dataset(train=train, validation=validation, test=test, labels=labels, hashes=hashes, system=train.system,
-                   augmentation=augmentation)
+                   augmentation=augmentation, corpus=corpus)
 
 
 def _augment(train: Split, cfg: DataConfig, seed: int) -> tuple[Split, dict]:

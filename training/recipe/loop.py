@@ -34,7 +34,7 @@ from core.metrics import Evaluation
 from core.prompting import PromptFormat
 from core.tasks import is_better
 from core.tasks.generation import GeneratedText, Prompter
-from training.recipe.batching import Collator, LengthGroupedBatchSampler, encode_split, without_content
+from training.recipe.batching import Collator, EncodedSplit, LengthGroupedBatchSampler, encode_split, without_content
 from training.recipe.checkpoint import CHECKPOINTS, LoopState, latest_checkpoint, read_state, save_checkpoint
 from training.config import Config
 from training.data.reading import check_sources, load_dataset
@@ -101,12 +101,13 @@ def make_scheduler(name: str, optimizer, warmup: int, total: int):
 
 @torch.no_grad()
 def run_evaluation(model, dataloader, accelerator, cfg: Config, labels, loss_fn, desc: str,
-                   decisions: Decisions | None = None) -> tuple[Evaluation, np.ndarray, np.ndarray]:
+                   decisions: Decisions | None = None, **extra: Any) -> tuple[Evaluation, np.ndarray, np.ndarray]:
     """Evaluate on every process; ``gather_for_metrics`` drops the samples DDP padding duplicated.
 
     Args:
         decisions: the calibration and thresholds fitted on validation; None during training, when a multi-label
             model with ``train.threshold: auto`` is judged at the thresholds that suit this evaluation best.
+        extra: further arguments of the spec's ``evaluate`` (sentence embeddings: data.corpus's ``documents``).
 
     Returns:
         The evaluation, and the gathered targets and logits (in the loader's order).
@@ -126,7 +127,7 @@ def run_evaluation(model, dataloader, accelerator, cfg: Config, labels, loss_fn,
     loss = float(loss_fn(loss_logits, loss_targets))
     decisions = decisions or fitted_threshold(cfg, cfg.task.spec.scores(logits), targets)
     scores = cfg.task.spec.scores(logits, decisions.calibration)
-    result = cfg.task.spec.evaluate(targets, scores, labels, threshold=decisions.threshold)
+    result = cfg.task.spec.evaluate(targets, scores, labels, threshold=decisions.threshold, **extra)
     result.metrics["loss"] = loss
     model.train()
     return result, targets, logits
@@ -291,6 +292,8 @@ def encode_data(cfg: Config, accelerator: Accelerator, data, built) -> tuple[dic
                                  negatives=split.negatives, **options)
         for split in splits
     }
+    if data.corpus is not None:  # embeddings: documents every held-out query ranks too, in file order (the targets)
+        encoded["corpus"] = EncodedSplit(dict(encoder.encode(data.corpus)), list(range(len(data.corpus))))
     for name, stats in ((n, e.stats) for n, e in encoded.items()):
         if stats.get("texts_split_into_windows"):
             accelerator.print(f"{name}: {stats['texts_split_into_windows']} text(s) longer than train.max_length "
@@ -333,6 +336,9 @@ def prepare(loop: Loop, resume: bool) -> None:
     loop.model, loop.optimizer, train_dl, val_dl, test_dl = accelerator.prepare(built.model, optimizer, train_dl,
                                                                                 *eval_dls)
     loop.loaders = {"train": train_dl, "validation": val_dl, "test": test_dl}
+    if "corpus" in loop.encoded:
+        loop.loaders["corpus"] = accelerator.prepare(loader("corpus", LengthGroupedBatchSampler(
+            loop.encoded["corpus"].lengths, tc.eval_batch_size, shuffle=False)))
     loop.steps_per_epoch = math.ceil(len(train_dl) / tc.grad_accum)
     total_steps = min(loop.steps_per_epoch * tc.epoch_cap, tc.max_steps or math.inf)
     # epochs: auto warms up over a share of the first epoch: the run's length is not known in advance
@@ -365,11 +371,26 @@ def evaluate(loop: Loop, name: str, decisions: Decisions | None = None) -> tuple
     """One held-out split: the evaluation and its targets and outputs (logits, or the texts written)."""
     dataloader = loop.loaders[name]
     if not loop.writes:
+        extra = {"documents": corpus_documents(loop)} if "corpus" in loop.loaders else {}
         return run_evaluation(loop.model, dataloader, loop.accelerator, loop.cfg, loop.data.labels, loop.loss_fn, name,
-                              decisions)
+                              decisions, **extra)
     loss = token_loss(loop.model, dataloader, loop.accelerator, name, shift=loop.built.torch_task.shifts_labels)
     references, texts = written(loop, name, loop.accelerator.unwrap_model(loop.model))
     return with_loss(loop.cfg.task.spec.evaluate(references, texts), loss), references, texts
+
+
+@torch.no_grad()
+def corpus_documents(loop: Loop) -> tuple[list[str], np.ndarray]:
+    """data.corpus as the model embeds it now: each document's key (as the targets name positives) and vector."""
+    keys, vectors, model = [], [], loop.model
+    model.eval()
+    for batch in loop.loaders["corpus"]:
+        index = batch.pop("labels")
+        index, logits = loop.accelerator.gather_for_metrics((index, model(**batch).logits.float()))
+        keys.extend(loop.cfg.task.spec.training_key(loop.data.corpus[i]) for i in index.tolist())
+        vectors.append(logits.cpu().numpy())
+    model.train()
+    return keys, np.concatenate(vectors)
 
 
 def base_model_answers(loop: Loop, resume: bool) -> list:
@@ -603,7 +624,8 @@ def baselines(loop: Loop, scored: int) -> dict[str, dict[str, float]]:
         (original.texts, original.pairs, original.targets),
         (data.test.texts[:scored], data.test.pairs[:scored] if data.test.pairs else None, data.test.targets[:scored]),
         data.labels, threshold=None if tc.threshold == "auto" else tc.threshold, seed=tc.seed,
-        validation=(data.validation.texts, data.validation.pairs, data.validation.targets), metric=cfg.primary_metric)
+        validation=(data.validation.texts, data.validation.pairs, data.validation.targets), metric=cfg.primary_metric,
+        **({"documents": data.corpus} if data.corpus is not None else {}))
 
 
 def training_record(loop: Loop) -> dict:
