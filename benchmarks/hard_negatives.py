@@ -28,13 +28,13 @@ def mined(queries: list[str], positives: list[str]) -> list[str]:
     import numpy as np
     from rank_bm25 import BM25Okapi
 
-    from core.tasks.embedding import _words
+    from core.tasks.embedding import bm25_words
 
     corpus = list(dict.fromkeys(positives))
-    bm25 = BM25Okapi([_words(doc) for doc in corpus])
+    bm25 = BM25Okapi([bm25_words(doc) for doc in corpus])
     negatives = []
     for query, positive in zip(queries, positives):
-        scores = bm25.get_scores(_words(query))
+        scores = bm25.get_scores(bm25_words(query))
         order = np.argsort(-scores, kind="stable")
         negatives.append(next(corpus[j] for j in order if corpus[j] != positive))
     return negatives

@@ -176,7 +176,20 @@ def corpus_of(positives: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarr
     return corpus, np.fromiter(index.values(), dtype=np.int64, count=len(corpus)), relevance
 
 
-def _words(text: str) -> list[str]:
+def widened(corpus: list[str], relevance: np.ndarray, keys: Sequence[str]) -> tuple[list[str], np.ndarray, list[int]]:
+    """A corpus with further documents (``keys``: texts, or the ids standing for them) that no query is relevant
+    to: the corpus and relevance matrix widened, and the indices into ``keys`` of the documents added (a key
+    already in the corpus, or repeated, is that document)."""
+    known, new = set(corpus), []
+    for j, key in enumerate(keys):
+        if str(key) not in known:
+            known.add(str(key))
+            new.append(j)
+    return corpus + [str(keys[j]) for j in new], np.pad(relevance, ((0, 0), (0, len(new)))), new
+
+
+def bm25_words(text: str) -> list[str]:
+    """The words BM25 counts: lower-cased ``\\w+`` runs."""
     return WORD.findall(text.lower())
 
 
@@ -321,11 +334,10 @@ class EmbeddingSpec(ScoringSpec):
         note = f"corpus of {len(corpus)} unique positive documents"
         if documents is not None:
             keys, extra = documents
-            known = set(corpus)
-            new = [j for j, key in enumerate(keys) if str(key) not in known]
+            positives_only = len(corpus)
+            corpus, relevance, new = widened(corpus, relevance, keys)
             vectors = np.concatenate([vectors, np.asarray(extra, dtype=np.float64)[new].reshape(len(new), -1)])
-            relevance = np.pad(relevance, ((0, 0), (0, len(new))))
-            note = f"corpus of {len(vectors)} documents: {len(corpus)} positives and {len(new)} more from data.corpus"
+            note = f"corpus of {len(corpus)} documents: {positives_only} positives and {len(new)} more from data.corpus"
         similarity = normalise(queries) @ normalise(vectors).T
         return finished(Evaluation(metrics=retrieval_metrics(relevance, similarity), notes=[note]), len(targets))
 
@@ -359,11 +371,9 @@ class EmbeddingSpec(ScoringSpec):
         queries, _, positives = test
         corpus, _, relevance = corpus_of([str(p) for p in positives])
         if documents is not None:
-            known = set(corpus)
-            new = [d for d in dict.fromkeys(documents) if d not in known]
-            corpus, relevance = corpus + new, np.pad(relevance, ((0, 0), (0, len(new))))
-        bm25 = BM25Okapi([_words(doc) for doc in corpus])
-        similarity = np.stack([bm25.get_scores(_words(str(q))) for q in queries]).astype(np.float64)
+            corpus, relevance, _ = widened(corpus, relevance, documents)
+        bm25 = BM25Okapi([bm25_words(doc) for doc in corpus])
+        similarity = np.stack([bm25.get_scores(bm25_words(str(q))) for q in queries]).astype(np.float64)
         return {"bm25": retrieval_metrics(relevance, similarity)}
 
     # -- decisions ------------------------------------------------------------------------------------

@@ -455,11 +455,7 @@ def load_split(
     wanted = {"text": cfg.text, "label": cfg.label, **({"text_pair": cfg.text_pair} if cfg.text_pair else {}),
               **({"negative": cfg.negative} if cfg.negative else {})}
     for role, column in wanted.items():
-        if column not in columns:
-            close = difflib.get_close_matches(column, list(columns), n=1, cutoff=0.6)
-            guess = f" (did you mean '{close[0]}'?)" if close else ""
-            raise DataError(f"{where} ({resolved}): column '{column}' not found{guess}; columns are "
-                            f"{sorted(columns)}; {_key(split, role)} names the {role.replace('_', ' ')} column")
+        _require_column(columns, column, f"{where} ({resolved})", _key(split, role), role.replace("_", " "))
     n = len(columns[cfg.text])
     if n == 0:
         raise DataError(f"{where} ({resolved}): no rows")
@@ -583,20 +579,24 @@ def file_hash(path: str) -> str | None:
     return "sha256:" + digest.hexdigest()
 
 
+def _require_column(columns: dict[str, list], column: str, where: str, key: str, role: str) -> None:
+    """Raises DataError when ``column`` is missing, with the closest column's name and the key that names it."""
+    if column not in columns:
+        close = difflib.get_close_matches(column, list(columns), n=1, cutoff=0.6)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        raise DataError(f"{where}: column '{column}' not found{guess}; columns are {sorted(columns)}; {key} names "
+                        f"the {role} column")
+
+
 def read_corpus(cfg: DataConfig) -> list[str]:
     """The documents of ``data.corpus``, each once, in file order.
 
     Raises:
         DataError: the file cannot be read, lacks the ``data.corpus_text`` column, or has a blank document (by row).
     """
-    path = demo_path(cfg.corpus) if is_demo(cfg.corpus) else Path(cfg.corpus)
     where = "data.corpus"
-    columns, resolved = read_table(str(path), where)
-    if cfg.corpus_text not in columns:
-        close = difflib.get_close_matches(cfg.corpus_text, list(columns), n=1, cutoff=0.6)
-        guess = f" (did you mean '{close[0]}'?)" if close else ""
-        raise DataError(f"{where} ({resolved}): column '{cfg.corpus_text}' not found{guess}; columns are "
-                        f"{sorted(columns)}; data.corpus_text names the document column")
+    columns, resolved = read_table(cfg.corpus, where)
+    _require_column(columns, cfg.corpus_text, f"{where} ({resolved})", "data.corpus_text", "document")
     documents = columns[cfg.corpus_text]
     for row, value in enumerate(documents, start=1):
         if not isinstance(value, str) or not value.strip():
