@@ -19,7 +19,7 @@ import pytest
 from core.manifest import read_manifest
 from core.prompting import render_prompt
 from tests.service.test_serve_process import exits_at_once, start_server, stop, wait_ready
-from tests.service.conftest import GENERATION_NEW_TOKENS as DEFAULT_NEW_TOKENS
+from tests.conftest import GENERATION_NEW_TOKENS as DEFAULT_NEW_TOKENS
 
 TIMEOUT = 30  # seconds, for every HTTP call
 
