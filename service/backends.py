@@ -352,6 +352,29 @@ def check_backend(artifact_dir: Path, manifest: Manifest, *, backend: str) -> No
         raise ArtifactError(f"{artifact_dir}: {MODEL_DIR}/model.safetensors is missing (the torch backend loads it)")
 
 
+def auto_backend(artifact_dir: Path, manifest: Manifest, device: str) -> tuple[str, str, str]:
+    """What ``auto`` picks, without loading anything: (backend, device, why). Torch on CUDA when torch and a GPU are
+    present; otherwise ONNX int8 if the export gate kept it, else ONNX fp32; torch on the CPU for an artifact that
+    was never exported (where torch is installed) or whose export section says PyTorch serves it.
+
+    Raises:
+        ArtifactError: only PyTorch serves the artifact, and torch is not installed here.
+    """
+    torch_only = manifest.export is not None and manifest.export.variant("onnx") is None
+    if device != "cpu" and _cuda_available():
+        return "torch", "cuda", "torch sees a CUDA device"
+    if torch_only:
+        if not _torch_installed():
+            raise ArtifactError(f"{artifact_dir}: no ONNX export ({manifest.export.reason}); serving it needs "
+                                "torch, which is not installed here")
+        return "torch", "cpu", f"the artifact has no ONNX export: {manifest.export.reason}"
+    if manifest.export is None and _torch_installed():  # never exported: PyTorch is all there is
+        return "torch", "cpu", "the artifact was never exported to ONNX"
+    backend = "onnx-int8" if manifest.export and manifest.export.variant("onnx-int8") else "onnx"
+    return backend, device, ("the quantised variant passed the export gate" if backend == "onnx-int8"
+                             else "ONNX Runtime runs the exported fp32 graph without a GPU")
+
+
 def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, device: str, threads: int | None,
                    batch_size: int) -> Backend | GenerationBackend:
     """Build the backend the settings ask for: a :class:`GenerationBackend` for a model that writes text
@@ -370,20 +393,7 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
     """
     threads = threads or cpu_threads()
     if backend == "auto":
-        torch_only = manifest.export is not None and manifest.export.variant("onnx") is None
-        if device != "cpu" and _cuda_available():
-            backend, device, why = "torch", "cuda", "torch sees a CUDA device"
-        elif torch_only:
-            if not _torch_installed():
-                raise ArtifactError(f"{artifact_dir}: no ONNX export ({manifest.export.reason}); serving it needs "
-                                    "torch, which is not installed here")
-            backend, device, why = "torch", "cpu", f"the artifact has no ONNX export: {manifest.export.reason}"
-        elif manifest.export is None and _torch_installed():  # never exported: PyTorch is all there is
-            backend, device, why = "torch", "cpu", "the artifact was never exported to ONNX"
-        else:
-            backend = "onnx-int8" if manifest.export and manifest.export.variant("onnx-int8") else "onnx"
-            why = ("the quantised variant passed the export gate" if backend == "onnx-int8"
-                   else "ONNX Runtime runs the exported fp32 graph without a GPU")
+        backend, device, why = auto_backend(artifact_dir, manifest, device)
         served_log.info("backend auto: %s%s, because %s", backend, f" on {device}" if backend == "torch" else "", why)
     generation = manifest.task.spec.writes
     if backend == "torch":
