@@ -133,31 +133,28 @@ def _backend(args: argparse.Namespace, manifest=None):
     return manifest, backend
 
 
-def _answers(manifest, backend, texts: list[str], pairs: list[str] | None, max_new_tokens: int | None = None):
-    """Scores of a scoring model, or the greedy generations of a model that writes text (prompts built as in
-    training, with the artifact's prompt format)."""
-    spec = manifest.task.spec
-    if not hasattr(backend, "generate"):
-        return spec.scores(backend.logits(texts, pairs), manifest.calibration)
-    prompts = backend.prompter.all(texts)
-    return spec.scores(backend.generate(prompts, max_new_tokens=max_new_tokens or manifest.decoding["max_new_tokens"]))
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from core.manifest import read_manifest
     from core.report import assessed, report
+    from training.batch.answers import model_scores
     from training.data.reading import load_labelled
 
     # the data first: a mistake in the file is reported before seconds of loading the model
     manifest = read_manifest(args.artifact)
     split = load_labelled(manifest, args.data, text=args.text, text_pair=args.text_pair, label=args.label,
                           drop_missing=args.drop_missing_labels)
-    manifest, backend = _backend(args, manifest)
     # what the model reads to be judged (an embedding model: the positives too, which it ranks)
     texts, pairs = manifest.task.spec.judged_inputs(split.texts, split.pairs, split.targets)
-    scores = _answers(manifest, backend, texts, pairs)
+    if args.engine == "ray":
+        from training.batch.on_ray import ray_scores
+
+        scores, backend_name = ray_scores(args.artifact, manifest, texts, pairs, backend=args.backend,
+                                          address=args.ray_address, workers=args.workers, batch_size=args.batch_size)
+    else:
+        manifest, backend = _backend(args, manifest)
+        scores, backend_name = model_scores(manifest, backend, texts, pairs), backend.name
     result = report(manifest, assessed(manifest, split.targets, scores))
-    print(f"{args.data}: {result['n']} examples, backend {backend.name}")
+    print(f"{args.data}: {result['n']} examples, backend {backend_name}")
     print(_table({"this data": result["metrics"], **_bounds(result["intervals"]),
                   "at training (test)": result["training_metrics"]}, list(manifest.task.spec.metric_names)))
     drift = ", ".join(result["drift"]) or "none"
@@ -165,7 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for note in result["notes"]:
         print(f"note: {note}")
     if args.output:
-        Path(args.output).write_text(json.dumps({"backend": backend.name, **result}, indent=2, allow_nan=False)
+        Path(args.output).write_text(json.dumps({"backend": backend_name, **result}, indent=2, allow_nan=False)
                                      + "\n")
         print(f"written to {args.output}")
     return 0
@@ -177,6 +174,8 @@ def _bounds(intervals: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from training.batch.answers import model_scores
+
     pairs = args.pair if args.pair else None
     # before the model loads, as training refuses them: a blank text has nothing to score
     for name, given in (("text", args.texts), ("--pair", pairs or [])):
@@ -186,7 +185,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     manifest, backend = _backend(args)
     if manifest.has_pair and (pairs is None or len(pairs) != len(args.texts)):
         raise TuneserveError(f"this model takes text pairs: give --pair once per text ({len(args.texts)} times)")
-    scores = _answers(manifest, backend, args.texts, pairs, args.max_new_tokens)
+    scores = model_scores(manifest, backend, args.texts, pairs, args.max_new_tokens)
     field = "input" if hasattr(backend, "generate") else "text"  # a generation's own text is under "text"
     predictions = manifest.task.spec.shape(manifest, scores, ndigits=4)
     if not hasattr(backend, "generate") and not manifest.task.spec.windows:  # as /predict says it
@@ -194,6 +193,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
             prediction["truncated"] = cut
     for text, prediction in zip(args.texts, predictions):
         print(json.dumps({field: text, **prediction}, ensure_ascii=False))
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from training.batch import BatchOptions, run_batch
+
+    summary = run_batch(BatchOptions(
+        artifact=args.artifact, input=args.input, output=args.output, engine=args.engine,
+        ray_address=args.ray_address, backend=args.backend, batch_size=args.batch_size, workers=args.workers,
+        num_gpus=args.num_gpus, text=args.text, pair=args.pair, id=args.id, keep=args.keep,
+        output_format=args.format, shard_rows=args.shard_rows, max_errors=args.max_errors,
+        truncation=not args.no_truncation, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
+        progress=not args.quiet))
+    print(summary.line())
     return 0
 
 
@@ -297,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="label column (default: as at training)")
     p.add_argument("--drop-missing-labels", action="store_true", help="skip rows with no label instead of failing")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="where the model runs: this process, or a pool of Ray actors (the metrics are the same)")
+    p.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster to run on (default: start one here)")
+    p.add_argument("--workers", type=int, help="ray: actors, each with its own model (default: one per 4 CPUs)")
     _backend_option(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -322,6 +339,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     _backend_option(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("batch", help="answer files too big for memory (JSONL, CSV/TSV, Parquet, a glob, a saved "
+                                     "dataset) into Parquet shards, resumably, here or on Ray Data")
+    p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
+    p.add_argument("--input", required=True, metavar="PATH_OR_GLOB",
+                   help="a file, a glob of files (quote it), a directory of files, or a datasets save_to_disk "
+                        "directory")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory for the shards, the job file and the "
+                   "errors; the same command on it again resumes the job")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this machine; ray: Ray Data (a local cluster, or --ray-address)")
+    p.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster to run on (default: start one here)")
+    p.add_argument("--workers", type=int, help="processes (local, default 1) or actors (ray, default one per 4 CPUs) "
+                   "each with its own model")
+    p.add_argument("--num-gpus", type=float, help="ray: GPUs per actor; the actors run torch on them")
+    p.add_argument("--text", help="text column (default: as at training)")
+    p.add_argument("--pair", help="second text column, for pair models (default: as at training)")
+    p.add_argument("--id", help="a column copied to each answer and error, to join them back")
+    p.add_argument("--keep", action="append", default=[], metavar="COLUMN",
+                   help="a column to pass through (repeatable)")
+    p.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="output format (default parquet)")
+    p.add_argument("--shard-rows", type=int, default=50_000,
+                   help="local: input rows per shard, the unit written at once and resumed (default 50000); on "
+                        "ray a shard is one input file")
+    p.add_argument("--max-errors", type=int, metavar="N", help="stop once more than N rows were bad (default: never)")
+    p.add_argument("--no-truncation", action="store_true",
+                   help="a text longer than the model reads is a bad row, not cut (the service cuts it and says so)")
+    p.add_argument("--max-new-tokens", type=int, help="generation models: most tokens to write (default: the "
+                   "artifact's decoding); greedy")
+    p.add_argument("--batch-size", type=int, default=64, help="texts the model reads at once (default 64)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an output directory holding another "
+                   "job's shards (they are removed; other files are left alone)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _backend_option(p)
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("config", help="check a config without training (every data file read and checked, the "
                                       "model found) and print it with every default filled in")

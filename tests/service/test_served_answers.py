@@ -125,3 +125,26 @@ def test_concurrent_clients_get_the_answers_they_get_alone(served):
                 assert p["scores"].keys() == q["scores"].keys()
                 worst = max(worst, *(abs(p["scores"][k] - q["scores"][k]) for k in p["scores"]))
     assert worst <= 1e-5, f"{backend}: scores moved by up to {worst:.3g} with other clients' texts in the batch"
+
+
+def test_a_batch_job_answers_as_predict_does(served, artifacts, tmp_path):
+    """`tuneserve batch` over a file and the served /predict over the same rows: the same labels, scores and flags."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import write_jsonl
+    from training.batch import BatchOptions, run_batch
+
+    url, _, backend = served
+    texts = [r["text"] for r in make_rows(150, 23)] + [" ".join(["long"] * 80)]  # the last is cut at 32 tokens
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    summary = run_batch(BatchOptions(artifact=str(artifacts["classification"]), input=str(source),
+                                     output=str(tmp_path / "out"), backend="auto", shard_rows=64, progress=False))
+    assert summary.backend == backend  # what `auto` picks here is what the server was told to use
+    rows = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "out").glob("part-*.parquet"))).to_pylist()
+    served_answers = [p for i in range(0, len(texts), 50) for p in _predict(url, texts[i:i + 50])]
+    assert [r["label"] for r in rows] == [p["label"] for p in served_answers]
+    assert [r["truncated"] for r in rows] == [p["truncated"] for p in served_answers] and rows[-1]["truncated"]
+    for row, answer in zip(rows, served_answers):
+        assert row["score"] == pytest.approx(answer["score"], abs=1e-5)
+        assert row["scores"] == pytest.approx(answer["scores"], abs=1e-5)
