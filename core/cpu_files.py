@@ -2,8 +2,8 @@
 
 The manifest, the model card, the tokenizer (with the model's config.json, which names its type) and the ONNX file
 the ``auto`` backend serves on a CPU (the quantised variant when the export gate kept it, otherwise fp32), with its
-external weights file when it has one. The PyTorch
-weights, the adapter and the report plots stay out. Standard library only, so that a bare Python can run it (the
+external weights file when it has one, and the report plots (the service's page shows them). The PyTorch weights
+and the adapter stay out. Standard library only, so that a bare Python can run it (the
 Dockerfile's first stage does: ``python core/cpu_files.py ARTIFACT OUT``).
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"
 MODEL_DIR = "model"
+REPORT_DIR = "report"  # the report plots (training/publish/plots.py)
 # Model-directory files that hold weights; everything else there (tokenizer, vocabulary, config) is kept.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
@@ -38,6 +39,7 @@ def onnx_serving_files(artifact_dir: str | Path) -> list[str]:
     files = [MANIFEST_FILE, CARD_FILE, *served]
     files += sorted(f"{MODEL_DIR}/{p.name}" for p in (artifact_dir / MODEL_DIR).iterdir()
                     if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
+    files += sorted(f"{REPORT_DIR}/{p.name}" for p in (artifact_dir / REPORT_DIR).glob("*.png"))
     missing = [f for f in files if not (artifact_dir / f).is_file()]
     if missing:
         raise ValueError(f"{artifact_dir}: {', '.join(missing)} missing; the artifact is incomplete")
