@@ -1,4 +1,4 @@
-"""The API's own documentation: ``/docs.json`` and a page at ``/`` that loads nothing from another host.
+"""The API's own documentation: ``/docs.json`` and a page at ``/docs`` that loads nothing from another host.
 
 BentoML 1.4 answers ``/`` with its stock Swagger UI page (a Google Tag Manager script, BentoML's title, and a
 description whose badges are images on third-party hosts) and ``/docs.json`` with a document titled after the
@@ -447,7 +447,7 @@ def render_page(spec: dict) -> str:
 
 
 def docs_routes(document: Callable[[], dict]) -> list[Route]:
-    """``GET /docs.json`` and ``GET /``, both from ``document()`` (the completed OpenAPI document)."""
+    """``GET /docs.json`` and ``GET /docs``, both from ``document()`` (the completed OpenAPI document)."""
 
     async def docs_json(request: Request) -> JSONResponse:
         return JSONResponse(document())
@@ -455,4 +455,4 @@ def docs_routes(document: Callable[[], dict]) -> list[Route]:
     async def page(request: Request) -> HTMLResponse:
         return HTMLResponse(render_page(document()), headers=PAGE_HEADERS)
 
-    return [Route("/", page, methods=["GET"]), Route("/docs.json", docs_json, methods=["GET"])]
+    return [Route("/docs", page, methods=["GET"]), Route("/docs.json", docs_json, methods=["GET"])]

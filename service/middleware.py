@@ -13,6 +13,7 @@ import json
 import re
 
 from core.tasks import model_routes
+from service.web import GUARDED_PREFIXES
 
 # Routes that carry data: these need the key (when one is set) and take JSON bodies only.
 API_PATHS = frozenset({*model_routes(), "/evaluate", "/metadata"})
@@ -47,7 +48,8 @@ def _header(scope, name: bytes) -> bytes | None:
 
 
 def _api_path(scope) -> bool:
-    return scope["path"].rstrip("/") in API_PATHS
+    path = scope["path"].rstrip("/")
+    return path in API_PATHS or path.startswith(GUARDED_PREFIXES)
 
 
 class BearerAuthMiddleware:

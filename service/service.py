@@ -30,6 +30,7 @@ from core.manifest import Manifest, read_manifest
 from core.report import report
 from service.backends import choose_backend
 from service.docs import About, api_document, docs_routes
+from service.web import web_routes
 from service.generation import (MAX_STOP_CHARS, MAX_STOPS, EventStream, check_token_budget, decoding_options,
                                 prompt_token_ids, stream_events)
 from service.logs import quiet_client_errors
@@ -128,6 +129,7 @@ class Tuneserve:
             directory = Path(self.stored_model.path)
             self.manifest = read_manifest(directory)
             self.model_tag = str(self.stored_model.tag)
+        self.directory = directory
         self.spec = self.manifest.task.spec
         self.backend = choose_backend(directory, self.manifest, backend=self.settings.backend,
                                       device=self.settings.device, threads=self.settings.threads,
@@ -313,7 +315,9 @@ class Tuneserve:
         m = self.manifest
         return {
             "model": self.model_tag, "name": m.name, "task": m.task.value, "labels": m.labels,
-            "text_fields": m.text_fields, "max_length": m.max_length, "threshold": m.threshold, "thresholds": m.thresholds,
+            "text_fields": m.text_fields, "label_field": m.label_field, "label_key": m.task.spec.label_key,
+            "label_delimiter": m.provenance.config.get("data", {}).get("label_delimiter"),
+            "max_length": m.max_length, "threshold": m.threshold, "thresholds": m.thresholds,
             "calibration": m.calibration.model_dump() if m.calibration else None,
             "stride": m.stride, "aggregation": m.aggregation,
             "base_model": m.base_model, "method": m.method, "primary_metric": m.primary_metric,
@@ -340,7 +344,8 @@ def _api_document() -> dict:
 
 
 # Mounted at the root, ahead of BentoML's own / and /docs.json: its passive mount claims only the paths routed here.
-api_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), *docs_routes(_api_document)])
+api_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), *docs_routes(_api_document),
+                            *web_routes(lambda: bentoml.get_current_service().directory)])
 Tuneserve.mount_asgi_app(api_app, path="/")
 # The first added is the outermost: auth, then media type, then size, all before BentoML reads the body.
 if SETTINGS.api_key is not None:

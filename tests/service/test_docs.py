@@ -35,7 +35,7 @@ def test_every_task_gets_its_own_title_routes_and_working_examples(artifacts, se
     predictions = spec["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert predictions["properties"]["predictions"]["items"]["$ref"].endswith(
         "/" + manifest.task.spec.prediction_model.__name__)
-    page = client.get("/").text
+    page = client.get("/docs").text
     served = [(path, method) for path, item in spec["paths"].items() for method, op in item.items()
               if not op.get("x-other-kind-of-model")]
     for path, method in served:

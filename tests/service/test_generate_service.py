@@ -86,7 +86,7 @@ def test_generate_writes_the_texts_pytorch_wrote_at_export(server, artifact):
     for path in ("/generate", "/evaluate"):
         example = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]
         assert httpx.post(url + path, json=example, timeout=TIMEOUT).status_code == 200, (path, example)
-    assert "POST /generate" in httpx.get(url + "/", timeout=TIMEOUT).text
+    assert "POST /generate" in httpx.get(url + "/docs", timeout=TIMEOUT).text
 
 
 def test_messages_and_raw_prompts_reach_the_same_prompt(server, artifact):

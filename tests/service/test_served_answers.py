@@ -52,7 +52,7 @@ def test_the_docs_are_the_models_own_and_load_nothing_from_another_host(served):
     assert {"/predict", "/evaluate", "/metadata", "/livez", "/readyz", "/metrics"} <= set(spec["paths"])
     assert {"413", "415", "504"} <= set(spec["paths"]["/predict"]["post"]["responses"])
 
-    page = httpx.get(url + "/", timeout=TIMEOUT)
+    page = httpx.get(url + "/docs", timeout=TIMEOUT)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]
     html = page.text

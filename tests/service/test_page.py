@@ -1,0 +1,183 @@
+"""The page at ``/``, in a real browser: Debian's Chromium driven by Playwright, against a real ``bentoml serve`` on
+127.0.0.1. What the page shows must be what the API answers, under a Content-Security-Policy that lets it load and
+call this service only, usable from a keyboard and without axe-core violations."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tarfile
+
+import httpx
+import pytest
+
+from tests.conftest import make_entity_rows, make_rows
+from tests.service.test_serve_process import start_server, stop, wait_ready
+
+playwright = pytest.importorskip("playwright.sync_api", reason="the page's tests need playwright "
+                                 "(in requirements/lock.txt)")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+AXE = "axe-core@4.14.1"
+KEY = "page-test-key"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = shutil.which("chromium")
+    assert executable, "Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def axe_source(tmp_path_factory) -> str:
+    """axe-core's script, from the npm registry."""
+    directory = tmp_path_factory.mktemp("axe")
+    subprocess.run(["npm", "pack", AXE, "--silent"], cwd=directory, check=True, capture_output=True, timeout=120)
+    with tarfile.open(next(directory.glob("axe-core-*.tgz"))) as archive:
+        return archive.extractfile("package/axe.min.js").read().decode()
+
+
+def served(artifact, tmp_path_factory, **env):
+    proc, url, _ = start_server({"TUNESERVE_ARTIFACT": str(artifact), **env}, tmp_path_factory.mktemp("bentoml"))
+    wait_ready(proc, url)
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def classifier(artifacts, tmp_path_factory):
+    proc, url = served(artifacts["classification"], tmp_path_factory)
+    yield url
+    stop(proc)
+
+
+def open_page(browser, url: str, **context):
+    """A new page at ``url``, with the browser's console errors (a CSP violation among them) collected."""
+    page = browser.new_context(**context).new_page()
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url + "/")
+    return page, errors
+
+
+def test_the_page_shows_the_model_and_answers_as_predict_does(browser, classifier, artifacts):
+    page, errors = open_page(browser, classifier)
+    page.wait_for_selector("#model:not([hidden])")
+    manifest = json.loads((artifacts["classification"] / "manifest.json").read_text())
+    assert manifest["name"] in page.text_content("#title")
+    assert page.locator("#metrics tbody tr").count() == len(manifest["metrics"]["test"])
+    page.wait_for_function("document.querySelectorAll('#plots img').length > 0 && "
+                           "[...document.querySelectorAll('#plots img')].every(i => i.complete && i.naturalWidth > 0)")
+    text = make_rows(1, 99)[0]["text"]
+    page.fill("#text", text)
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")  # the Predict button, reached from the keyboard
+    shown = page.locator("[data-testid=decision]").text_content()
+    expected = httpx.post(classifier + "/predict", json={"texts": [text]}).json()["predictions"][0]["label"]
+    assert shown == expected
+    assert page.locator(".bars li").count() == len(manifest["labels"])
+    headers = httpx.get(classifier + "/").headers
+    assert "script-src 'self'" in headers["content-security-policy"] and "default-src 'none'" in headers[
+        "content-security-policy"]
+    assert errors == []
+
+
+def test_an_uploaded_file_gets_the_metrics_evaluate_gives(browser, classifier, tmp_path):
+    rows = make_rows(60, 98)
+    lines = ["text,label"] + [f'"{r["text"]}",{r["label"]}' for r in rows]
+    (tmp_path / "labelled.csv").write_text("\n".join(lines) + "\n")
+    page, errors = open_page(browser, classifier)
+    page.wait_for_selector("#evaluate:not([hidden])")
+    page.set_input_files("#file", str(tmp_path / "labelled.csv"))
+    page.wait_for_selector("#eval-metrics")
+    expected = httpx.post(classifier + "/evaluate", json={"examples": [{"text": r["text"], "label": r["label"]}
+                                                                        for r in rows]}).json()
+    assert page.text_content("[data-metric=accuracy]") == f"{expected['metrics']['accuracy']:.4f}"
+    assert page.text_content("[data-metric=f1_macro]") == f"{expected['metrics']['f1_macro']:.4f}"
+    assert page.locator(".heatmap tbody td").count() == len(expected["confusion_matrix"]) ** 2
+
+    (tmp_path / "bad.csv").write_text("text,mood\nfine,happy\n")
+    page.set_input_files("#file", str(tmp_path / "bad.csv"))
+    page.wait_for_selector("#evaluate-error:not([hidden])")
+    assert page.text_content("#evaluate-error") == "bad.csv: row 1: no label"
+    assert errors == []
+
+
+def test_no_accessibility_violations_and_readable_at_360_pixels(browser, classifier, axe_source):
+    page, _ = open_page(browser, classifier, viewport={"width": 360, "height": 740})
+    page.wait_for_selector("#model:not([hidden])")
+    page.fill("#text", "a fine film")
+    page.click("#run")
+    page.wait_for_selector("[data-testid=decision]")
+    page.evaluate(axe_source)  # run through the DevTools protocol: the page's CSP does not apply to it
+    result = page.evaluate("axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}})")
+    assert [(v["id"], [n["target"] for n in v["nodes"]]) for v in result["violations"]] == []
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 360
+
+
+def test_with_an_api_key_the_page_asks_once_and_sends_it_as_a_header(browser, artifacts, tmp_path_factory):
+    proc, url = served(artifacts["classification"], tmp_path_factory, TUNESERVE_API_KEY=KEY)
+    try:
+        page, _ = open_page(browser, url)
+        page.wait_for_selector("#key-panel:not([hidden])")
+        assert page.locator("#model").is_hidden()
+        page.fill("#key", "wrong")
+        page.press("#key", "Enter")
+        page.wait_for_selector("#key-error:not([hidden])")
+        assert "refused" in page.text_content("#key-error")
+        sent = []
+        page.on("request", lambda request: sent.append((request.url, request.headers.get("authorization"))))
+        page.fill("#key", KEY)
+        page.press("#key", "Enter")
+        page.wait_for_selector("#model:not([hidden])")
+        assert (f"{url}/metadata", f"Bearer {KEY}") in sent
+        assert all(KEY not in u for u, _ in sent)  # never in a URL
+        page.reload()  # the key stays for the tab
+        page.wait_for_selector("#model:not([hidden])")
+    finally:
+        stop(proc)
+
+
+def test_entities_are_marked_at_their_characters(browser, artifacts, tmp_path_factory):
+    proc, url = served(artifacts["token"], tmp_path_factory)
+    try:
+        text = "Zoë 🙂 " + " ".join(make_entity_rows(1, 4)[0]["tokens"])
+        expected = httpx.post(url + "/predict", json={"texts": [text]}).json()["predictions"][0]["entities"]
+        page, errors = open_page(browser, url)
+        page.wait_for_selector("#try:not([hidden])")
+        page.fill("#text", text)
+        page.click("#run")
+        page.wait_for_selector("[data-testid=decision]")
+        marks = page.eval_on_selector_all("[data-testid=decision] mark",
+                                          "ms => ms.map(m => [m.firstChild.textContent, m.dataset.label])")
+        assert marks == [[e["text"], e["label"]] for e in expected] and expected
+        assert errors == []
+    finally:
+        stop(proc)
+
+
+def test_a_generation_is_shown_as_it_streams(browser, generation_artifact, tmp_path_factory):
+    proc, url = served(generation_artifact, tmp_path_factory)
+    try:
+        page, errors = open_page(browser, url)
+        page.wait_for_selector("#try:not([hidden])")
+        page.fill("#text", "alpha beta gamma delta")
+        # count the changes to the answer: a stream shown as it comes changes it once per chunk, not once
+        page.evaluate("() => { window.changes = 0; new MutationObserver(() => window.changes++).observe("
+                      "document.querySelector('#answer'), {subtree: true, childList: true, characterData: true}); }")
+        page.click("#run")
+        page.wait_for_function("/after [0-9]+ tokens/.test(document.querySelector('#answer .note')?.textContent)")
+        tokens = int(re.search(r"after (\d+) tokens", page.text_content("#answer .note")).group(1))
+        text = page.text_content("[data-testid=decision]")
+        expected = httpx.post(url + "/generate", json={"prompts": ["alpha beta gamma delta"]}).json()["generations"][0]
+        assert (text, tokens) == (expected["text"], expected["tokens"])
+        assert tokens < 2 or page.evaluate("window.changes") > 2
+        assert page.locator("#stop").is_hidden() and errors == []
+    finally:
+        stop(proc)
