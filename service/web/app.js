@@ -127,7 +127,7 @@ function setUpTry() {
   $("pair").required = pair;
   $("candidates-box").hidden = meta.task !== "embedding";
   $("candidates").required = meta.task === "embedding";
-  const names = { embedding: "Query", generation: "Input" };
+  const names = { embedding: "Query", generation: "Input", token_classification: "Text" };
   $("text-label").textContent = names[meta.task] || (meta.text_fields || ["Text"])[0];
   if (pair) $("pair-label").textContent = meta.text_fields[1];
   $("run").textContent = meta.task === "generation" ? "Generate" : meta.task === "embedding" ? "Rank" : "Predict";
