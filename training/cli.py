@@ -270,6 +270,44 @@ def _backend_option(parser: argparse.ArgumentParser) -> None:
                              "the export gate kept, else ONNX fp32 (default: auto; the backend is printed)")
 
 
+def _add_batch_parser(sub) -> None:
+    """`tuneserve batch` and its options."""
+    p = sub.add_parser("batch", help="answer files too big for memory (JSONL, CSV/TSV, Parquet, a glob, a saved "
+                                     "dataset) into Parquet shards, resumably, here or on Ray Data")
+    p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
+    p.add_argument("--input", required=True, metavar="PATH_OR_GLOB",
+                   help="a file, a glob of files (quote it), a directory of files, or a datasets save_to_disk "
+                        "directory")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory for the shards, the job file and the "
+                   "errors; the same command on it again resumes the job")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this machine; ray: Ray Data (a local cluster, or --ray-address)")
+    p.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster to run on (default: start one here)")
+    p.add_argument("--workers", type=int, help="processes (local, default 1) or actors (ray, default one per 4 CPUs) "
+                   "each with its own model")
+    p.add_argument("--num-gpus", type=float, help="ray: GPUs per actor; the actors run torch on them")
+    p.add_argument("--text", help="text column (default: as at training)")
+    p.add_argument("--pair", help="second text column, for pair models (default: as at training)")
+    p.add_argument("--id", help="a column copied to each answer and error, to join them back")
+    p.add_argument("--keep", action="append", default=[], metavar="COLUMN",
+                   help="a column to pass through (repeatable)")
+    p.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="output format (default parquet)")
+    p.add_argument("--shard-rows", type=int, default=50_000,
+                   help="local: input rows per shard, the unit written at once and resumed (default 50000); on "
+                        "ray a shard is one input file")
+    p.add_argument("--max-errors", type=int, metavar="N", help="stop once more than N rows were bad (default: never)")
+    p.add_argument("--no-truncation", action="store_true",
+                   help="a text longer than the model reads is a bad row, not cut (the service cuts it and says so)")
+    p.add_argument("--max-new-tokens", type=int, help="generation models: most tokens to write (default: the "
+                   "artifact's decoding); greedy")
+    p.add_argument("--batch-size", type=int, default=64, help="texts the model reads at once (default 64)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an output directory holding another "
+                   "job's shards (they are removed; other files are left alone)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _backend_option(p)
+    p.set_defaults(func=cmd_batch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneserve", description="Fine-tune a transformer, measure it, serve it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -340,40 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_option(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("batch", help="answer files too big for memory (JSONL, CSV/TSV, Parquet, a glob, a saved "
-                                     "dataset) into Parquet shards, resumably, here or on Ray Data")
-    p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
-    p.add_argument("--input", required=True, metavar="PATH_OR_GLOB",
-                   help="a file, a glob of files (quote it), a directory of files, or a datasets save_to_disk "
-                        "directory")
-    p.add_argument("--output", required=True, metavar="DIR", help="directory for the shards, the job file and the "
-                   "errors; the same command on it again resumes the job")
-    p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local: this machine; ray: Ray Data (a local cluster, or --ray-address)")
-    p.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster to run on (default: start one here)")
-    p.add_argument("--workers", type=int, help="processes (local, default 1) or actors (ray, default one per 4 CPUs) "
-                   "each with its own model")
-    p.add_argument("--num-gpus", type=float, help="ray: GPUs per actor; the actors run torch on them")
-    p.add_argument("--text", help="text column (default: as at training)")
-    p.add_argument("--pair", help="second text column, for pair models (default: as at training)")
-    p.add_argument("--id", help="a column copied to each answer and error, to join them back")
-    p.add_argument("--keep", action="append", default=[], metavar="COLUMN",
-                   help="a column to pass through (repeatable)")
-    p.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="output format (default parquet)")
-    p.add_argument("--shard-rows", type=int, default=50_000,
-                   help="local: input rows per shard, the unit written at once and resumed (default 50000); on "
-                        "ray a shard is one input file")
-    p.add_argument("--max-errors", type=int, metavar="N", help="stop once more than N rows were bad (default: never)")
-    p.add_argument("--no-truncation", action="store_true",
-                   help="a text longer than the model reads is a bad row, not cut (the service cuts it and says so)")
-    p.add_argument("--max-new-tokens", type=int, help="generation models: most tokens to write (default: the "
-                   "artifact's decoding); greedy")
-    p.add_argument("--batch-size", type=int, default=64, help="texts the model reads at once (default 64)")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an output directory holding another "
-                   "job's shards (they are removed; other files are left alone)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _backend_option(p)
-    p.set_defaults(func=cmd_batch)
+    _add_batch_parser(sub)
 
     p = sub.add_parser("config", help="check a config without training (every data file read and checked, the "
                                       "model found) and print it with every default filled in")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,6 @@ class Answering:
     threads: int | None = None
     truncation: bool = True
     max_new_tokens: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def model_scores(manifest: Manifest, backend: Any, texts: Sequence[str], pairs: Sequence[str] | None,

@@ -163,6 +163,14 @@ def csv_parse_options(file: InputFile):
     return pacsv.ParseOptions(delimiter="\t" if file.format == "tsv" else ",", newlines_in_values=True)
 
 
+def csv_convert_options(columns: Sequence[str], text_columns: Sequence[str]):
+    """The columns a CSV reader keeps, the text ones read as strings (a "42" stays text, an empty field is "")."""
+    import pyarrow.csv as pacsv
+
+    return pacsv.ConvertOptions(include_columns=list(columns), column_types={c: pa.string() for c in text_columns},
+                                strings_can_be_null=False)
+
+
 def read_chunks(file: InputFile, columns: Sequence[str], rows: int, *, text_columns: Sequence[str] = ()
                 ) -> Iterator[pa.Table]:
     """The file's rows in order, ``rows`` at a time (the last chunk may hold fewer), ``columns`` only (a JSON Lines
@@ -185,10 +193,9 @@ def _batches(file: InputFile, columns: list[str], text_columns: Sequence[str]) -
     if file.format == "parquet":
         yield from pq.ParquetFile(file.path).iter_batches(batch_size=8192, columns=columns)
     elif file.format in ("csv", "tsv"):
-        convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in text_columns},
-                                       strings_can_be_null=False)
         with pacsv.open_csv(file.path, read_options=pacsv.ReadOptions(block_size=READ_BLOCK, use_threads=False),
-                            parse_options=csv_parse_options(file), convert_options=convert) as reader:
+                            parse_options=csv_parse_options(file),
+                            convert_options=csv_convert_options(columns, text_columns)) as reader:
             yield from reader
     elif file.format == "hf":
         for path in hf_data_files(file.path):

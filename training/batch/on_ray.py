@@ -21,7 +21,12 @@ import pyarrow as pa
 from core.errors import ConfigError, DataError
 from core.manifest import Manifest, read_manifest
 from training.batch.answers import Answerer, Answering, Columns, model_scores
-from training.batch.inputs import LINE, InputFile, csv_parse_options
+from training.batch.inputs import (
+    LINE,
+    InputFile,
+    csv_convert_options,
+    csv_parse_options,
+)
 from training.batch.job import Job
 
 PATH = "path"  # the column Ray Data's include_paths adds
@@ -90,17 +95,14 @@ def pool_size(cpus: float, workers: int | None, num_gpus: float | None) -> tuple
 
 def read(ray: Any, files: list[InputFile], columns: Columns) -> Any:
     """A Ray dataset of the files' raw rows, each with the path of its file."""
-    import pyarrow.csv as pacsv
-
     paths = [f.path for f in files]
     fmt = files[0].format
     if fmt == "parquet":
         return ray.data.read_parquet(paths, columns=columns.read, include_paths=True)
     if fmt in ("csv", "tsv"):
-        convert = pacsv.ConvertOptions(include_columns=columns.read, strings_can_be_null=False,
-                                       column_types={c: pa.string() for c in columns.texts.values()})
         return ray.data.read_csv(paths, include_paths=True, parse_options=csv_parse_options(files[0]),
-                                 convert_options=convert, file_extensions=None)
+                                 convert_options=csv_convert_options(columns.read, columns.texts.values()),
+                                 file_extensions=None)
     if fmt == "jsonl":
         return ray.data.read_text(paths, include_paths=True, drop_empty_lines=False, file_extensions=None)
     import datasets
