@@ -40,6 +40,8 @@ METADATA = {
     "get": {
         "tags": [MODEL_TAG],
         "operationId": "tuneserve__metadata",
+        "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "The served model, by name (optional where the service serves one)."}],
         "description": "What the artifact records about the model: task, labels, base model, method, test metrics "
                        "beside the baselines, the export's parity report, the backend serving it, versions and "
                        "request limits.",
@@ -60,6 +62,32 @@ METADATA = {
                 "versions": {"type": "object"},
                 "limits": {"type": "object"},
             }}}}}},
+    },
+}
+
+MODELS = {
+    "get": {
+        "tags": [MODEL_TAG],
+        "operationId": "tuneserve__models",
+        "description": "The models this service serves, each with its task, labels, test metric beside its best "
+                       "baseline, backend and base model; a request names one in its `model` field.",
+        "responses": {"200": {"description": "The models served", "content": {"application/json": {"schema": {
+            "type": "object", "title": "Models", "required": ["models"],
+            "properties": {"models": {"type": "array", "items": {
+                "type": "object", "required": ["name", "model", "task", "backend"],
+                "properties": {
+                    "name": {"type": "string", "description": "What a request's `model` field names."},
+                    "model": {"type": "string", "description": "The model as name:version."},
+                    "task": {"type": "string", "enum": [t.value for t in Task]},
+                    "labels": {"type": "array", "items": {"type": "string"}, "nullable": True},
+                    "primary_metric": {"type": "string"},
+                    "test": {"type": "number", "nullable": True, "description": "The primary metric on the test split."},
+                    "best_baseline": {"type": "object", "nullable": True,
+                                      "description": "The best baseline on the primary metric: name, value, beaten."},
+                    "backend": {"type": "string"},
+                    "base_model": {"type": "string"},
+                    "method": {"type": "string"},
+                }}}}}}}}},
     },
 }
 
@@ -166,6 +194,7 @@ def api_document(base: dict, about: About) -> dict:
                     {"name": PROBE_TAG, "description": "Health probes and metrics (no key needed)."}]
     paths = spec.setdefault("paths", {})
     paths["/metadata"] = copy.deepcopy(METADATA)
+    paths["/models"] = copy.deepcopy(MODELS)
     for path, text in PROBES.items():
         for operation in paths.get(path, {}).values():
             operation.update(description=text, tags=[PROBE_TAG])

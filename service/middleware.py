@@ -16,7 +16,7 @@ from core.tasks import model_routes
 from service.web import GUARDED_PREFIXES
 
 # Routes that carry data: these need the key (when one is set) and take JSON bodies only.
-API_PATHS = frozenset({*model_routes(), "/evaluate", "/metadata"})
+API_PATHS = frozenset({*model_routes(), "/evaluate", "/metadata", "/models"})
 
 
 # The field an error message starts with ("texts[1]: empty ..." -> "texts[1]"), as the service's messages do.

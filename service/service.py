@@ -1,8 +1,10 @@
-"""The tuneserve BentoML service: /predict (or /generate), /evaluate and /metadata over one fine-tuned artifact.
+"""The tuneserve BentoML service: /predict (or /generate), /evaluate, /metadata and /models over one fine-tuned
+artifact or a set of them.
 
 Run it with ``bentoml serve`` from the repository root (bentofile.yaml names this class). The model comes
 from the BentoML store (``TUNESERVE_MODEL``, default ``sentiment-lora-onnx:latest``) so that ``bentoml build``
-packages it, or from an artifact directory (``TUNESERVE_ARTIFACT``). Each endpoint validates, calls the
+packages it, or from an artifact directory (``TUNESERVE_ARTIFACT``); ``TUNESERVE_MODELS`` serves several, and each
+request names its own in its ``model`` field (service/models.py). Each endpoint validates, calls the
 backend, and shapes the answer with core/ code: post-processing, labels, prompts and metrics are the trainer's
 own. A generation model writes text at /generate (JSON, or server-sent events with ``"stream": true``); the
 others answer /predict. The service is ready only after the backend has reproduced the outputs PyTorch gave at
@@ -12,7 +14,6 @@ export.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -26,13 +27,19 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from core.errors import ArtifactError, ConfigError
-from core.manifest import Manifest, read_manifest
+from core.manifest import Manifest
 from core.report import report
 from service.backends import choose_backend
 from service.docs import About, api_document, docs_routes
-from service.web import web_routes
-from service.generation import (MAX_STOP_CHARS, MAX_STOPS, EventStream, check_token_budget, decoding_options,
-                                prompt_token_ids, stream_events)
+from service.generation import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    EventStream,
+    check_token_budget,
+    decoding_options,
+    prompt_token_ids,
+    stream_events,
+)
 from service.logs import quiet_client_errors
 from service.middleware import (
     BearerAuthMiddleware,
@@ -40,6 +47,7 @@ from service.middleware import (
     ErrorShapeMiddleware,
     JsonOnlyMiddleware,
 )
+from service.models import ModelSet, ServedModel, Source, load_model, sources
 from service.requests import (
     RequestError,
     check_messages_size,
@@ -47,10 +55,24 @@ from service.requests import (
     check_texts,
     examples_to_inputs,
 )
-from service.schemas import (EmbedResponse, EvaluateResponse, Example, GenerateResponse, Message, PredictResponse,
-                             RankedText, RankResponse)
+from service.schemas import (
+    EmbedResponse,
+    EvaluateResponse,
+    Example,
+    GenerateResponse,
+    Message,
+    PredictResponse,
+    RankedText,
+    RankResponse,
+)
 from service.scorer import NonFiniteOutputs, Scorer
-from service.startup import checked_settings, stop_server, watch_workers, worker_of_server
+from service.startup import (
+    checked_settings,
+    stop_server,
+    watch_workers,
+    worker_of_server,
+)
+from service.web import web_routes
 from service.writer import Writer
 
 logger = logging.getLogger("bentoml.tuneserve")  # under bentoml's logger, so `bentoml serve` shows it
@@ -63,15 +85,37 @@ quiet_client_errors()
 Text = Annotated[StrictStr, Field(max_length=SETTINGS.max_chars)]
 Stop = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Conversation = Annotated[list[Message], Field(min_length=1)]
+MODEL_FIELD = ("The served model to use, by name (GET /models lists them); optional where the service serves one "
+               "model.")
+
+
+def _store_tags() -> list[str]:
+    """The store tags the settings name: class attributes of the service (below), so that `bentoml build` packages
+    them. Empty where the settings are wrong: the serving process has already said so (checked_settings), and a
+    worker says so when it loads."""
+    try:
+        return [source.tag for source in sources(SETTINGS) if source.tag]
+    except ConfigError:
+        return []
+
+
+STORED = {tag: f"stored_model_{i}" for i, tag in enumerate(_store_tags())}  # store tag -> the class attribute
+
+
+def _with_stored_models(cls):
+    for tag, attribute in STORED.items():
+        setattr(cls, attribute, bentoml.models.BentoModel(tag))
+    return cls
+
+
+class NotForThisModel(RequestError):
+    """The route exists for other kinds of model; the one named has no such resource (404)."""
+
+    status = 404
 
 
 def _bad_request(exc: Exception) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, status_code=400)
-
-
-def _not_for_this_model(message: str) -> JSONResponse:
-    # The route exists for other kinds of model; this one has no such resource.
-    return JSONResponse({"error": message}, status_code=404)
+    return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "status", 400))
 
 
 def _not_finite() -> JSONResponse:
@@ -94,18 +138,22 @@ def _serving_versions() -> dict[str, str]:
 
 async def _metadata(request: Request) -> JSONResponse:
     service = bentoml.get_current_service()
-    return JSONResponse(service.metadata())
+    try:
+        served = service.models.get(request.query_params.get("model"))
+    except RequestError as exc:
+        return _bad_request(exc)
+    return JSONResponse(service.metadata(served))
+
+
+async def _models(request: Request) -> JSONResponse:
+    return JSONResponse({"models": [served.summary() for served in bentoml.get_current_service().models]})
 
 
 @bentoml.service(name="tuneserve", traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
                  http={"port": 3000},
                  logging={"access": {"enabled": SETTINGS.access_log}})
+@_with_stored_models  # each store model a class attribute; none for artifact directories, which the store does not hold
 class Tuneserve:
-    if SETTINGS.artifact is None:
-        # Declared at class scope so that `bentoml build` packages the model. Left out when an artifact
-        # directory is served, so that `bentoml serve` does not look for a store model it will not use.
-        stored_model = bentoml.models.BentoModel(SETTINGS.model)
-
     def __init__(self) -> None:
         try:
             self._load()
@@ -119,39 +167,46 @@ class Tuneserve:
                         else f"the model could not be loaded: {type(exc).__name__}: {exc}")
 
     def _load(self) -> None:
-        started = time.perf_counter()
         self.settings = SETTINGS
-        if self.settings.artifact is not None:
-            directory = Path(self.settings.artifact)
-            self.manifest: Manifest = read_manifest(directory)
-            self.model_tag = f"{self.manifest.name}:local"
-        else:  # the store model BentoML resolved for this worker (in a Bento: the one packaged with it)
-            directory = Path(self.stored_model.path)
-            self.manifest = read_manifest(directory)
-            self.model_tag = str(self.stored_model.tag)
-        self.directory = directory
-        self.spec = self.manifest.task.spec
-        self.backend = choose_backend(directory, self.manifest, backend=self.settings.backend,
-                                      device=self.settings.device, threads=self.settings.threads,
-                                      batch_size=self.settings.forward_batch_size)
+        self.models = ModelSet.of([load_model(self._located(source), self.settings, self._build)
+                                   for source in sources(self.settings)])
+        for served in self.models:
+            logger.info("serving %s (%s) as %r with backend %s; self-test passed on %d examples (%s) in %.2f s",
+                        served.tag, served.manifest.task.value, served.name, served.backend.name,
+                        served.engine.selftest["examples"], served.engine.measured, served.startup_seconds)
+
+    def _located(self, source: Source) -> Source:
+        """A store model's directory: the one BentoML resolved for this worker (in a Bento, the one packaged)."""
+        return source.located(Path(getattr(self, STORED[source.tag]).path)) if source.tag else source
+
+    def _build(self, directory: Path, manifest: Manifest) -> tuple:
+        backend = choose_backend(directory, manifest, backend=self.settings.backend, device=self.settings.device,
+                                 threads=self.settings.threads, batch_size=self.settings.forward_batch_size)
         # The one place the service asks what kind of model it serves: a writer or a scorer (service/writer.py,
         # service/scorer.py), each with its self-test and its pooled passes; the routes below ask the spec's routes.
-        self.model: Scorer | Writer = (Writer if self.spec.writes else Scorer)(self.backend, self.manifest,
-                                                                                 self.settings)
-        self.selftest = self.model.selftest
-        self.startup_seconds = time.perf_counter() - started
-        logger.info("serving %s (%s) with backend %s; self-test passed on %d examples (%s) in %.2f s",
-                    self.model_tag, self.manifest.task.value, self.backend.name, self.selftest["examples"],
-                    self.model.measured, self.startup_seconds)
+        return backend, (Writer if manifest.task.spec.writes else Scorer)(backend, manifest, self.settings)
+
+    def _serving(self, model: str | None, route: str, usage: str = "") -> ServedModel:
+        """The model a request names, if it answers ``route``.
+
+        Raises:
+            UnknownModel: no such model is served.
+            NotForThisModel: the model has no such route (``usage``: what it is not, after its task).
+        """
+        served = self.models.get(model)
+        if route not in served.spec.routes:
+            raise NotForThisModel(f"{route}: {served.name} is a {served.manifest.task.value} model{usage}: "
+                                  f"{served.spec.usage}")
+        return served
 
     @property
     def batcher(self):
-        """The model's pooled passes (their sizes are what load tests read)."""
-        return self.model.batcher
+        """The first model's pooled passes (their sizes are what load tests read)."""
+        return self.models.first.engine.batcher
 
     def __is_ready__(self) -> bool:
-        # The constructor raises unless the self-test passed, so an instance is a ready service.
-        return self.selftest is not None
+        # The constructor raises unless every model's self-test passed, so an instance is a ready service.
+        return len(self.models) > 0
 
     @bentoml.api
     async def predict(
@@ -160,44 +215,44 @@ class Tuneserve:
         text_pairs: list[Text] | None = Field(None, min_length=1, max_length=SETTINGS.max_texts,
                                               description="Second texts, one per text (pair models only)."),
         top_k: int | None = Field(None, ge=1, description="Classification: keep the k most likely labels in scores."),
+        model: StrictStr | None = Field(None, description=MODEL_FIELD),
     ) -> PredictResponse:
         """Predict labels (or values) for texts."""
-        if "/predict" not in self.spec.routes:
-            return _not_for_this_model(f"/predict: {self.manifest.name} is a {self.manifest.task.value} model: "
-                                       f"{self.spec.usage}")
         try:
+            served = self._serving(model, "/predict")
             check_texts("texts", texts, self.settings, limit=self.settings.max_texts)
-            check_pairs(self.manifest, texts, text_pairs, "text_pairs")
+            check_pairs(served.manifest, texts, text_pairs, "text_pairs")
             if text_pairs is not None:
                 check_texts("text_pairs", text_pairs, self.settings, limit=self.settings.max_texts)
         except RequestError as exc:
             return _bad_request(exc)
         try:
-            scores = await self.model.scores(texts, text_pairs)
+            scores = await served.engine.scores(texts, text_pairs)
         except NonFiniteOutputs:
             return _not_finite()
-        predictions = self.spec.shape(self.manifest, scores, top_k=top_k)
-        if not self.spec.windows:  # say which texts were longer than the model reads
-            for prediction, cut in zip(predictions, await self.model.truncated(texts, text_pairs)):
+        predictions = served.spec.shape(served.manifest, scores, top_k=top_k)
+        if not served.spec.windows:  # say which texts were longer than the model reads
+            for prediction, cut in zip(predictions, await served.engine.truncated(texts, text_pairs)):
                 prediction["truncated"] = cut
-        return PredictResponse(predictions=predictions, model=self.model_tag, backend=self.backend.name)
+        return PredictResponse(predictions=predictions, model=served.tag, backend=served.backend.name)
 
     @bentoml.api
     async def evaluate(
         self,
         examples: list[Example] = Field(min_length=1, max_length=SETTINGS.max_examples,
                                         description="Labelled examples: text (and text_pair), with label or labels."),
+        model: StrictStr | None = Field(None, description=MODEL_FIELD),
     ) -> EvaluateResponse:
         """Score the model on posted labelled data, beside the test metrics recorded at training time."""
         try:
-            texts, pairs, targets = examples_to_inputs(self.manifest, examples, self.settings)
-            evaluation = await self.model.evaluate(texts, pairs, targets)
+            served = self.models.get(model)
+            texts, pairs, targets = examples_to_inputs(served.manifest, examples, self.settings)
+            evaluation = await served.engine.evaluate(texts, pairs, targets)
         except RequestError as exc:
             return _bad_request(exc)
         except NonFiniteOutputs:
             return _not_finite()
-        body = EvaluateResponse(**report(self.manifest, evaluation), model=self.model_tag,
-                                backend=self.backend.name)
+        body = EvaluateResponse(**report(served.manifest, evaluation), model=served.tag, backend=served.backend.name)
         # Tables the task does not fill are left out, as its documented schema (service/docs.py) leaves them out.
         return JSONResponse(body.model_dump(mode="json", exclude_none=True))
 
@@ -230,22 +285,22 @@ class Tuneserve:
         stream: StrictBool = Field(False, description="Answer with server-sent events (one prompt only): "
                                                       '{"text": chunk} per chunk, then {"finish_reason", "tokens"}, '
                                                       "then [DONE]."),
+        model: StrictStr | None = Field(None, description=MODEL_FIELD),
     ) -> GenerateResponse:
         """Write text for each prompt (generation models only)."""
-        if "/generate" not in self.spec.routes:
-            return _not_for_this_model(f"/generate: {self.manifest.name} is a {self.manifest.task.value} model, which "
-                                       f"does not write text: {self.spec.usage}")
         try:
+            served = self._serving(model, "/generate", ", which does not write text")
             if prompts is not None:
                 check_texts("prompts", prompts, self.settings, limit=self.settings.max_texts)
             if messages is not None:
                 check_messages_size(messages, self.settings)
-            decoding = decoding_options(self.manifest, self.settings, max_new_tokens=max_new_tokens,
+            decoding = decoding_options(served.manifest, self.settings, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop)
+            backend = served.backend
             ids = await anyio.to_thread.run_sync(lambda: prompt_token_ids(
-                self.backend.prompter, prompts=prompts, messages=messages, raw=raw,
-                max_new_tokens=decoding.max_new_tokens, max_positions=self.backend.max_positions,
-                encoder_decoder=self.backend.layout.encoder_decoder))
+                backend.prompter, prompts=prompts, messages=messages, raw=raw,
+                max_new_tokens=decoding.max_new_tokens, max_positions=backend.max_positions,
+                encoder_decoder=backend.layout.encoder_decoder))
             check_token_budget("prompts" if prompts is not None else "messages", ids, decoding.max_new_tokens,
                                self.settings)
             if stream and len(ids) != 1:
@@ -253,10 +308,10 @@ class Tuneserve:
         except RequestError as exc:
             return _bad_request(exc)
         if stream:
-            return EventStream(stream_events(self.backend.stream(ids[0], seed=seed, **decoding.kwargs())))
-        generations = await self.model.generate(ids, decoding, seed)
-        return GenerateResponse(generations=self.spec.shape(self.manifest, generations), model=self.model_tag,
-                                backend=self.backend.name)
+            return EventStream(stream_events(backend.stream(ids[0], seed=seed, **decoding.kwargs())))
+        generations = await served.engine.generate(ids, decoding, seed)
+        return GenerateResponse(generations=served.spec.shape(served.manifest, generations), model=served.tag,
+                                backend=backend.name)
 
     @bentoml.api
     async def embed(
@@ -264,14 +319,13 @@ class Tuneserve:
         texts: list[Text] = Field(min_length=1, max_length=SETTINGS.max_texts, description="Texts to embed."),
         dimensions: int | None = Field(None, ge=1, description="Keep each vector's first N dimensions, normalised "
                                                                "again (shorter vectors, some quality lost)."),
+        model: StrictStr | None = Field(None, description=MODEL_FIELD),
     ) -> EmbedResponse:
         """Embed texts as unit vectors (embedding models only)."""
-        if "/embed" not in self.spec.routes:
-            return _not_for_this_model(f"/embed: {self.manifest.name} is a {self.manifest.task.value} model, which "
-                                       f"does not embed text: {self.spec.usage}")
         try:
+            served = self._serving(model, "/embed", ", which does not embed text")
             check_texts("texts", texts, self.settings, limit=self.settings.max_texts)
-            vectors = await self.model.scores(texts)
+            vectors = await served.engine.scores(texts)
             if dimensions is not None and dimensions > vectors.shape[1]:
                 raise RequestError(f"dimensions: {dimensions} is more than the model's {vectors.shape[1]}")
         except RequestError as exc:
@@ -279,11 +333,11 @@ class Tuneserve:
         except NonFiniteOutputs:
             return _not_finite()
         if dimensions is not None:
-            vectors = self.spec.scores(vectors[:, :dimensions])
-        cut = await self.model.truncated(texts, None)
+            vectors = served.spec.scores(vectors[:, :dimensions])
+        cut = await served.engine.truncated(texts, None)
         return EmbedResponse(embeddings=vectors.tolist(), dimensions=vectors.shape[1],
-                             truncated=[i for i, was_cut in enumerate(cut) if was_cut], model=self.model_tag,
-                             backend=self.backend.name)
+                             truncated=[i for i, was_cut in enumerate(cut) if was_cut], model=served.tag,
+                             backend=served.backend.name)
 
     @bentoml.api
     async def rank(
@@ -292,29 +346,28 @@ class Tuneserve:
         candidates: list[Text] = Field(min_length=1, max_length=SETTINGS.max_texts,
                                        description="The documents to order by similarity to the query."),
         top_k: int | None = Field(None, ge=1, description="Return only the k most similar (default: all)."),
+        model: StrictStr | None = Field(None, description=MODEL_FIELD),
     ) -> RankResponse:
         """Order candidate documents by cosine similarity to a query (embedding models only)."""
-        if "/rank" not in self.spec.routes:
-            return _not_for_this_model(f"/rank: {self.manifest.name} is a {self.manifest.task.value} model, which "
-                                       f"does not embed text: {self.spec.usage}")
         try:
+            served = self._serving(model, "/rank", ", which does not embed text")
             check_texts("query", [query], self.settings, limit=1)
             check_texts("candidates", candidates, self.settings, limit=self.settings.max_texts)
         except RequestError as exc:
             return _bad_request(exc)
         try:
-            vectors = await self.model.scores([query, *candidates])
+            vectors = await served.engine.scores([query, *candidates])
         except NonFiniteOutputs:
             return _not_finite()
         similarity = vectors[1:] @ vectors[0]
         order = np.argsort(-similarity, kind="stable")[:top_k]
         return RankResponse(results=[RankedText(index=int(i), score=float(similarity[i]), text=candidates[i])
-                                     for i in order], model=self.model_tag, backend=self.backend.name)
+                                     for i in order], model=served.tag, backend=served.backend.name)
 
-    def metadata(self) -> dict:
-        m = self.manifest
+    def metadata(self, served: ServedModel) -> dict:
+        m = served.manifest
         return {
-            "model": self.model_tag, "name": m.name, "task": m.task.value, "labels": m.labels,
+            "model": served.tag, "name": served.name, "task": m.task.value, "labels": m.labels,
             "text_fields": m.text_fields, "label_field": m.label_field, "label_key": m.task.spec.label_key,
             "label_delimiter": m.provenance.config.get("data", {}).get("label_delimiter"),
             "max_length": m.max_length, "threshold": m.threshold, "thresholds": m.thresholds,
@@ -322,20 +375,21 @@ class Tuneserve:
             "stride": m.stride, "aggregation": m.aggregation,
             "base_model": m.base_model, "method": m.method, "primary_metric": m.primary_metric,
             "metrics": m.metrics, "baselines": m.baselines, "parity": {n: p.model_dump(mode="json") for n, p in m.export.parity.items()} if m.export else None,
-            "int8": m.export.int8.model_dump(mode="json") if m.export else None, "backend": self.backend.name,
-            "execution_provider": getattr(self.backend, "provider", None), "selftest": self.selftest,
-            "startup_seconds": round(self.startup_seconds, 3),
+            "int8": m.export.int8.model_dump(mode="json") if m.export else None, "backend": served.backend.name,
+            "execution_provider": getattr(served.backend, "provider", None), "selftest": served.engine.selftest,
+            "startup_seconds": round(served.startup_seconds, 3), "models_served": self.models.names,
             "versions": {"trained_with": m.provenance.packages, "serving": _serving_versions()},
             "limits": {"max_texts": self.settings.max_texts, "max_chars": self.settings.max_chars,
                        "max_examples": self.settings.max_examples, "max_body_bytes": self.settings.max_body_bytes,
-                       **self.model.limits()},
-            "generation": self.model.metadata(),
+                       **served.engine.limits()},
+            "generation": served.engine.metadata(),
         }
 
     def about(self) -> About:
-        """What the API documents (/docs.json and the page at /) say about the model served."""
-        return About(manifest=self.manifest, model_tag=self.model_tag, backend=self.backend.name,
-                     provider=getattr(self.backend, "provider", None),
+        """What the API documents (/docs.json and the page at /) say about the model served (the first, of several)."""
+        served = self.models.first
+        return About(manifest=served.manifest, model_tag=served.tag, backend=served.backend.name,
+                     provider=getattr(served.backend, "provider", None),
                      tuneserve_version=_serving_versions().get("tuneserve"), settings=self.settings)
 
 
@@ -344,8 +398,9 @@ def _api_document() -> dict:
 
 
 # Mounted at the root, ahead of BentoML's own / and /docs.json: its passive mount claims only the paths routed here.
-api_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), *docs_routes(_api_document),
-                            *web_routes(lambda: bentoml.get_current_service().directory)])
+api_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), Route("/models", _models, methods=["GET"]),
+                            *docs_routes(_api_document),
+                            *web_routes(lambda name: bentoml.get_current_service().models.get(name).directory)])
 Tuneserve.mount_asgi_app(api_app, path="/")
 # The first added is the outermost: auth, then media type, then size, all before BentoML reads the body.
 if SETTINGS.api_key is not None:

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Device of the torch backend.")
     model: str = Field(DEFAULT_MODEL, description="Tag of the model in the BentoML store (name:version).")
     artifact: Path | None = Field(None, description="Serve this artifact directory instead of a store model.")
+    models: str | None = Field(
+        None, description="Serve several models in one process: a comma-separated list of store tags or artifact "
+                          "directories (NAME=SOURCE names one), or one directory whose sub-directories are artifacts. "
+                          "Each request names its model in its `model` field (service/models.py).")
     threads: int | None = Field(None, ge=1, description="Intra-op threads; default: the CPU cores this process may use.")
     max_batch_size: int = Field(32, ge=1, le=1024,
                                 description="Most texts that concurrent requests pool into one turn at the model.")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from core.errors import ArtifactError, ConfigError
+from service.models import Source, sources
 from service.settings import DEFAULT_MODEL, Settings, load_settings
 
 EXIT_STATUS = 2  # a usage error, as argparse and click use it
@@ -31,25 +32,25 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_STATUS)
 
 
-def model_directory(settings: Settings) -> Path:
-    """The served model's directory: the artifact directory, or the store model's.
+def model_directory(source: Source) -> Path:
+    """A served model's directory: the artifact directory, or the store model's.
 
     Raises:
         ArtifactError: the store has no such model, naming the ways to get one.
     """
     import bentoml
 
-    if settings.artifact is not None:
-        return Path(settings.artifact)
+    if source.directory is not None:
+        return source.directory
     try:
-        stored = bentoml.models.get(settings.model)
+        stored = bentoml.models.get(source.tag)
     except (bentoml.exceptions.BentoMLException, ValueError) as exc:
-        if settings.model == DEFAULT_MODEL:
+        if source.given == f"TUNESERVE_MODEL={DEFAULT_MODEL}":
             raise ArtifactError(
                 f"no model to serve: TUNESERVE_MODEL defaults to {DEFAULT_MODEL}, which is not in the BentoML store. "
                 "Train and register the demo model with `make demo`, register your own with `tuneserve register "
                 "ARTIFACT`, or serve an artifact directory with TUNESERVE_ARTIFACT=DIR") from None
-        raise ArtifactError(f"TUNESERVE_MODEL={settings.model}: not in the BentoML store ({str(exc).splitlines()[0]}); "
+        raise ArtifactError(f"{source.given}: not in the BentoML store ({str(exc).splitlines()[0]}); "
                             "`bentoml models list` shows what is, `tuneserve register ARTIFACT` adds one, or set "
                             "TUNESERVE_ARTIFACT=DIR") from None
     return Path(stored.path)
@@ -77,16 +78,14 @@ def checked_settings() -> Settings:
         return load_settings()
     try:
         settings = load_settings()
-        directory = model_directory(settings)
-        variable = "TUNESERVE_ARTIFACT" if settings.artifact is not None else "TUNESERVE_MODEL"
-        try:
-            manifest = read_manifest(directory)
-            check_backend(directory, manifest, backend=settings.backend)
-        except ArtifactError as exc:
-            # the artifact's errors start with its directory: name the variable that gave it instead
-            where = str(settings.artifact) if settings.artifact is not None else settings.model
-            message = str(exc).removeprefix(f"{directory}: ")
-            raise ArtifactError(f"{variable}={where}: {message}") from None
+        for source in sources(settings):
+            directory = model_directory(source)
+            try:
+                manifest = read_manifest(directory)
+                check_backend(directory, manifest, backend=settings.backend)
+            except ArtifactError as exc:
+                # the artifact's errors start with its directory: name the setting that gave it instead
+                raise ArtifactError(f"{source.given}: {str(exc).removeprefix(f'{directory}: ')}") from None
     except (ConfigError, ArtifactError) as exc:
         fail(str(exc))
     return settings

@@ -15,6 +15,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from core.cpu_files import CARD_FILE, REPORT_DIR
+from service.requests import RequestError
 
 WEB_DIR = Path(__file__).parent / "web"
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -44,8 +45,13 @@ def card_html(directory: Path) -> str:
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
 
-def web_routes(artifact_dir: Callable[[], Path]) -> list[Route]:
-    """The page, its script and style, the list of report plots, each plot, and the card."""
+def _refused(exc: RequestError) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "status", 400))  # shaped by the middleware
+
+
+def web_routes(artifact_dir: Callable[[str | None], Path]) -> list[Route]:
+    """The page, its script and style, the list of report plots, each plot, and the card; ``artifact_dir`` gives the
+    directory of the model a request names in ``?model=`` (raising RequestError for one not served)."""
     files = {path: ((WEB_DIR / name).read_bytes(), media) for path, (name, media) in STATIC.items()}
 
     def static(path: str) -> Callable:
@@ -56,18 +62,30 @@ def web_routes(artifact_dir: Callable[[], Path]) -> list[Route]:
 
         return serve
 
+    def directory_of(request: Request) -> Path:
+        return artifact_dir(request.query_params.get("model"))
+
     async def report(request: Request) -> JSONResponse:
-        return JSONResponse({"plots": plots(artifact_dir())})
+        try:
+            return JSONResponse({"plots": plots(directory_of(request))})
+        except RequestError as exc:
+            return _refused(exc)
 
     async def plot(request: Request) -> Response:
         name = request.path_params["name"]
-        directory = artifact_dir()
+        try:
+            directory = directory_of(request)
+        except RequestError as exc:
+            return _refused(exc)
         if name not in plots(directory):  # only a listed file: nothing else of the disk is reachable
             return JSONResponse({"error": f"no report plot named {name}", "field": None}, status_code=404)
         return FileResponse(directory / REPORT_DIR / name, media_type="image/png", headers=HEADERS)
 
     async def card(request: Request) -> JSONResponse:
-        return JSONResponse({"html": card_html(artifact_dir())})
+        try:
+            return JSONResponse({"html": card_html(directory_of(request))})
+        except RequestError as exc:
+            return _refused(exc)
 
     return [*(Route(path, static(path), methods=["GET"]) for path in STATIC),
             Route("/report", report, methods=["GET"]), Route("/report/{name}", plot, methods=["GET"]),

@@ -17,7 +17,8 @@ def asgi_app():
 
 @pytest.fixture
 def serve(asgi_app, monkeypatch):
-    """serve(artifact_dir, **settings) -> a TestClient whose start-up builds a service instance over the artifact."""
+    """serve(artifact_dir, **settings) -> a TestClient whose start-up builds a service instance over the artifact
+    (or over the models a ``models=`` setting names)."""
     from starlette.testclient import TestClient
 
     from service import service as service_module
@@ -25,7 +26,7 @@ def serve(asgi_app, monkeypatch):
 
     clients = []
 
-    def start(artifact: Path, **settings) -> TestClient:
+    def start(artifact: Path | None = None, **settings) -> TestClient:
         monkeypatch.setattr(service_module, "SETTINGS", Settings(artifact=artifact, **settings))
         client = TestClient(asgi_app, raise_server_exceptions=False)
         client.__enter__()

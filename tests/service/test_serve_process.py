@@ -220,8 +220,9 @@ def test_a_broken_artifact_stops_the_server_at_once_with_one_line(artifacts, tmp
     ({"TUNESERVE_BACKEND": "nonsense"}, "TUNESERVE_BACKEND: Input should be 'auto', 'onnx', 'onnx-int8' or 'torch'"),
     ({"TUNESERVE_MAX_TEXTS": "many"}, "TUNESERVE_MAX_TEXTS: "),
     ({"TUNESERVE_MODEL": "nosuch:latest"}, "TUNESERVE_MODEL=nosuch:latest: not in the BentoML store"),
+    ({"TUNESERVE_MODELS": "tags=./nosuch/artifact"}, "TUNESERVE_MODELS: tags=./nosuch/artifact: no such directory"),
     ({}, "no model to serve: TUNESERVE_MODEL defaults to sentiment-lora-onnx:latest"),
-], ids=["backend", "limit", "unknown-tag", "nothing-configured"])
+], ids=["backend", "limit", "unknown-tag", "missing-directory-in-a-set", "nothing-configured"])
 def test_a_wrong_setting_stops_the_server_before_any_worker(artifacts, tmp_path, env, reason):
     if "TUNESERVE_BACKEND" in env or "TUNESERVE_MAX_TEXTS" in env:
         env = {**env, "TUNESERVE_ARTIFACT": str(artifacts["classification"])}

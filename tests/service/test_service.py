@@ -324,7 +324,7 @@ def test_every_4xx_has_one_body_shape_and_unknown_fields_are_refused_on_every_ro
         assert isinstance(answer["error"], str) and "\n" not in answer["error"] and answer["error"], answer
         assert not answer["error"].startswith(":"), answer
     r = client.post("/predict", json={"txts": ["fine"]})
-    assert r.json()["error"] == "txts: unknown field; did you mean texts? this route takes text_pairs, texts, top_k"
+    assert r.json()["error"] == "txts: unknown field; did you mean texts? this route takes model, text_pairs, texts, top_k"
     bad_json = client.post("/predict", content=b'{"texts": [', headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and bad_json.json()["field"] in (None, "body"), bad_json.text
     assert not bad_json.json()["error"].startswith(":"), bad_json.text

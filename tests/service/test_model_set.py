@@ -1,0 +1,91 @@
+"""Several models in one service (TUNESERVE_MODELS): each request names its model, and each model answers as it
+does when served alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import ArtifactError, ConfigError
+from core.manifest import read_manifest
+from service.models import ModelSet, ServedModel, sources
+from service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def three(artifacts) -> str:
+    return (f"sentiment={artifacts['classification']}, tags={artifacts['token']},"
+            f"topics={artifacts['multilabel']}")
+
+
+def test_each_request_names_its_model_and_gets_that_models_answer(artifacts, serve, three):
+    alone = serve(artifacts["classification"], backend="onnx")
+    texts = ["a superb plot", "dull and tedious acting"]
+    expected = alone.post("/predict", json={"texts": texts}).json()["predictions"]
+    tagged_alone = serve(artifacts["token"], backend="onnx").post(
+        "/predict", json={"texts": ["alice met bob in paris"]}).json()["predictions"]
+    client = serve(models=three, backend="onnx")
+
+    listed = client.get("/models").json()["models"]
+    assert [(m["name"], m["task"]) for m in listed] == [
+        ("sentiment", "classification"), ("tags", "token_classification"), ("topics", "multilabel")]
+    manifest = read_manifest(artifacts["classification"])
+    assert listed[0]["labels"] == manifest.labels and listed[0]["backend"] == "onnx"
+    assert listed[0]["test"] == manifest.metrics["test"][manifest.primary_metric]
+    assert listed[0]["best_baseline"]["name"] in manifest.baselines
+
+    body = client.post("/predict", json={"texts": texts, "model": "sentiment"}).json()
+    assert body["model"] == "sentiment:local" and body["predictions"] == expected
+    tagged = client.post("/predict", json={"texts": ["alice met bob in paris"], "model": "tags"}).json()
+    assert tagged["predictions"] == tagged_alone and "entities" in tagged["predictions"][0]
+    topics = client.post("/predict", json={"texts": texts, "model": "topics"}).json()["predictions"]
+    assert all("labels" in p for p in topics)
+    rows = [{"text": t, "label": p["label"]} for t, p in zip(texts, expected)]
+    evaluated = client.post("/evaluate", json={"examples": rows, "model": "sentiment"}).json()
+    assert evaluated["model"] == "sentiment:local" and evaluated["metrics"]["accuracy"] == 1.0
+    assert client.get("/metadata", params={"model": "tags"}).json()["task"] == "token_classification"
+    assert client.get("/card", params={"model": "topics"}).status_code == 200
+
+    # without a name, or with a wrong one, nothing is guessed
+    unnamed = client.post("/predict", json={"texts": texts})
+    assert unnamed.status_code == 400 and unnamed.json()["field"] == "model"
+    assert "sentiment, tags, topics" in unnamed.json()["error"]
+    for response in (client.post("/predict", json={"texts": texts, "model": "sentimnet"}),
+                     client.post("/evaluate", json={"examples": rows, "model": "sentimnet"}),
+                     client.get("/metadata", params={"model": "sentimnet"}),
+                     client.get("/report", params={"model": "sentimnet"})):
+        assert response.status_code == 404, response.text
+        assert response.json()["field"] == "model" and "served: sentiment, tags, topics" in response.json()["error"]
+    assert client.get("/metadata").status_code == 400
+    # a route the named model has no use for
+    wrong = client.post("/embed", json={"texts": texts, "model": "tags"})
+    assert wrong.status_code == 404 and wrong.json()["error"].startswith("/embed: tags is a token_classification")
+
+
+def test_the_models_setting_names_directories_tags_and_directories_of_artifacts(artifacts, tmp_path):
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    (shelf / "b-tags").symlink_to(artifacts["token"])
+    (shelf / "a-sentiment").symlink_to(artifacts["classification"])
+    (shelf / "notes").mkdir()  # not an artifact: passed over
+    found = sources(Settings(models=f"{shelf}, topics={artifacts['multilabel']}, sentiment-lora-onnx:latest"))
+    assert [(s.directory.name if s.directory else None, s.tag, s.name) for s in found] == [
+        ("a-sentiment", None, None), ("b-tags", None, None), (artifacts["multilabel"].name, None, "topics"),
+        (None, "sentiment-lora-onnx:latest", None)]
+
+    refused = {
+        "  , ": "no model named",
+        f"{tmp_path / 'nosuch'}": "no such directory",
+        f"{shelf / 'notes'}": "no artifact in it",
+        f"all={shelf}": "NAME= names one model",
+    }
+    for value, message in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            sources(Settings(models=value))
+    with pytest.raises(ConfigError, match="both set"):
+        sources(Settings(models=str(shelf), artifact=artifacts["token"]))
+
+    # two models of one name cannot be told apart by a request
+    twins = [ServedModel("run", "run:local", artifacts[k], read_manifest(artifacts[k]), None, None, 0.0)
+             for k in ("classification", "token")]
+    with pytest.raises(ArtifactError, match="two models are named 'run'.*NAME=SOURCE"):
+        ModelSet.of(twins)
