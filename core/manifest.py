@@ -161,6 +161,8 @@ class ExportVariant(_Section):
                              "any weights kept outside it.")
     precision: str = Field(description="fp32 | int8.")
     method: str | None = Field(None, description="How a quantised variant was made.")
+    base: str | None = Field(None, description="A variant over a shared base: the identity (sha256) of the base "
+                             "weights it needs; models of one identity share one graph when served together.")
     gate: Literal["passed"] = Field("passed", description="The gate's outcome: only variants that pass are kept "
                                     "(int8 attempts that failed are in the int8 report).")
     parity: ParityReport = Field(description="Against PyTorch on the held-out split, at the task level.")
@@ -180,6 +182,8 @@ class ExportRecord(_Section):
     variants: list[ExportVariant] = Field(default_factory=list, description="Every variant that passed its gate "
                                           "(empty without an ONNX export).")
     int8: Int8Report
+    shared_base: dict[str, Any] | None = Field(None, description="Whether a variant over a shared base was kept "
+                                               "(kept) and why not (reason).")
     selftest: list[SelftestExample]
 
     def variant(self, name: str) -> ExportVariant | None:

@@ -24,6 +24,7 @@ from core.manifest import MODEL_DIR, Manifest
 from core.tasks.generation import DECODER_ONLY, GeneratedText, Layout, Prompter, layout
 
 logger = logging.getLogger(__name__)
+SHARED_BACKEND = "onnx-shared"  # a model over a base graph shared with other models (core/shared_base.py)
 served_log = logging.getLogger("bentoml.tuneserve")  # the service's log, where the backend choice is told
 
 
@@ -96,6 +97,84 @@ class OnnxBackend:
 
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None) -> np.ndarray:
         return self.model.logits(self.encoder, texts, pairs, task=self.task, batch_size=self.batch_size)
+
+
+class SharedBases:
+    """The shared base graphs this process has open, one per base identity (core/shared_base.py)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.open: dict[str, Any] = {}
+
+    def get(self, identity: str, graph: Path):
+        from core.shared_base import SharedBase
+
+        if identity not in self.open:
+            from core.onnx_runner import check_external_data
+
+            check_external_data(graph)
+            self.open[identity] = SharedBase(graph, identity, threads=self.threads, spinning=False,
+                                             providers=_onnx_providers())
+        return self.open[identity]
+
+
+def _onnx_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+
+
+class SharedBaseBackend:
+    """A model over a base graph it shares with the other models served: its own adapter and head, the base's
+    session (core/shared_base.py). Its rows join the other models' in the base's passes."""
+
+    name = SHARED_BACKEND
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, bases: SharedBases, *, batch_size: int):
+        from core.shared_base import Adapter
+
+        graph, adapter_file = shared_files(artifact_dir, manifest)
+        variant = manifest.export.variant(SHARED_BACKEND)
+        adapter = Adapter.load(adapter_file)
+        if adapter.base != variant.base:
+            raise ArtifactError(f"{artifact_dir}: {adapter_file.name} was made for other base weights than the "
+                                "manifest records")
+        self.shared = bases.get(variant.base, graph)
+        self.key = str(artifact_dir.resolve())
+        self.shared.add(self.key, adapter)
+        self.model = self.shared.model_for(self.key)
+        self.encoder = Encoder.from_manifest(load_tokenizer(artifact_dir), manifest)
+        self.task, self.batch_size = manifest.task, batch_size
+        self.provider = self.shared.model.session.get_providers()[0]
+
+    def logits(self, texts: Sequence[str], pairs: Sequence[str] | None) -> np.ndarray:
+        return self.model.logits(self.encoder, texts, pairs, task=self.task, batch_size=self.batch_size)
+
+
+def shared_base_of(manifest: Manifest) -> str | None:
+    """The identity of the base weights the artifact's ``onnx-shared`` variant runs over (None: it has none)."""
+    variant = manifest.export.variant(SHARED_BACKEND) if manifest.export else None
+    return variant.base if variant else None
+
+
+def shared_files(artifact_dir: Path, manifest: Manifest) -> tuple[Path, Path]:
+    """The shared base graph and the adapter file of the ``onnx-shared`` variant, checked to exist.
+
+    Raises:
+        ArtifactError: the export kept no such variant (saying why), or a file is missing.
+    """
+    export = manifest.export
+    variant = export.variant(SHARED_BACKEND) if export else None
+    if variant is None:
+        why = (export.shared_base or {}).get("reason") if export else None
+        raise ArtifactError(f"{artifact_dir}: the manifest lists no variant over a shared base"
+                            f"{f' ({why})' if why else ' (export it again with this version)'}; "
+                            "serve it with TUNESERVE_BACKEND=auto, onnx or onnx-int8")
+    paths = tuple(artifact_dir / f for f in variant.files)
+    for path in paths:
+        if not path.is_file():
+            raise ArtifactError(f"{artifact_dir}: the manifest lists {path.relative_to(artifact_dir)}, which is missing")
+    return paths
 
 
 def _load_torch_model(artifact_dir: Path, manifest: Manifest, *, device: str, threads: int):
@@ -338,6 +417,9 @@ def check_backend(artifact_dir: Path, manifest: Manifest, *, backend: str) -> No
     if backend in ("onnx", "onnx-int8"):
         graph_file(artifact_dir, manifest, backend)
         return
+    if backend == SHARED_BACKEND:
+        shared_files(artifact_dir, manifest)
+        return
     onnx = manifest.export is not None and manifest.export.variant("onnx") is not None
     if backend == "auto" and onnx:  # what serves it without a GPU: the int8 variant the gate kept, else fp32
         graph_file(artifact_dir, manifest, "onnx-int8" if manifest.export.variant("onnx-int8") else "onnx")
@@ -376,7 +458,7 @@ def auto_backend(artifact_dir: Path, manifest: Manifest, device: str) -> tuple[s
 
 
 def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, device: str, threads: int | None,
-                   batch_size: int) -> Backend | GenerationBackend:
+                   batch_size: int, bases: SharedBases | None = None) -> Backend | GenerationBackend:
     """Build the backend the settings ask for: a :class:`GenerationBackend` for a model that writes text
     (its spec ``writes``), a scoring :class:`Backend` otherwise.
 
@@ -384,7 +466,9 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
     otherwise ONNX fp32; torch on the CPU for an artifact that was never exported (where torch is installed), or
     whose export section says PyTorch serves it (an encoder-decoder generation model: no ONNX export yet). For a
     decoder-only generation model, ``onnx-int8`` is its quantised decoder (8-bit weights,
-    training/export/decoder.py). The choice and its reason go to the service's log.
+    training/export/decoder.py). With ``bases`` (a set of models, some over one base), ``auto`` serves a model
+    that has an ``onnx-shared`` variant over the base it shares with others (:class:`SharedBaseBackend`). The
+    choice and its reason go to the service's log.
 
     Raises:
         ArtifactError: the artifact lacks what the chosen backend needs (an artifact only PyTorch serves, where torch
@@ -392,6 +476,13 @@ def choose_backend(artifact_dir: Path, manifest: Manifest, *, backend: str, devi
         ConfigError: torch was asked for but is not installed, or CUDA was asked for but is absent.
     """
     threads = threads or cpu_threads()
+    shareable = bases is not None and manifest.export is not None and manifest.export.variant(SHARED_BACKEND)
+    if backend == "auto" and shareable and not (device != "cpu" and _cuda_available()):
+        served_log.info("backend auto: %s, because the model shares its base with other models served",
+                        SHARED_BACKEND)
+        backend = SHARED_BACKEND
+    if backend == SHARED_BACKEND:
+        return SharedBaseBackend(artifact_dir, manifest, bases or SharedBases(threads), batch_size=batch_size)
     if backend == "auto":
         backend, device, why = auto_backend(artifact_dir, manifest, device)
         served_log.info("backend auto: %s%s, because %s", backend, f" on {device}" if backend == "torch" else "", why)

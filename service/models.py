@@ -112,6 +112,8 @@ class ServedModel:
             "best_baseline": ({"name": verdict.baseline, "value": verdict.baseline_value, "beaten": verdict.beats}
                               if verdict else None),
             "backend": self.backend.name, "base_model": m.base_model, "method": m.method,
+            # the identity of the base graph it shares with the other models that name the same one
+            "shared_base": self.backend.shared.base[:16] if hasattr(self.backend, "shared") else None,
         }
 
 

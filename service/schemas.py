@@ -8,7 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 
 from core.tasks.embedding import Embedding
 from core.tasks.generation import Generation
-from core.tasks.sequence import ClassPrediction, MultiLabelPrediction, RegressionPrediction
+from core.tasks.sequence import (
+    ClassPrediction,
+    MultiLabelPrediction,
+    RegressionPrediction,
+)
 from core.tasks.token import EntitySpan, TokenPrediction
 
 

@@ -14,6 +14,7 @@ export.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -27,9 +28,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from core.errors import ArtifactError, ConfigError
-from core.manifest import Manifest
+from core.manifest import Manifest, read_manifest
 from core.report import report
-from service.backends import choose_backend
+from service.backends import (
+    SHARED_BACKEND,
+    SharedBases,
+    choose_backend,
+    cpu_threads,
+    shared_base_of,
+)
 from service.docs import About, api_document, docs_routes
 from service.generation import (
     MAX_STOP_CHARS,
@@ -168,8 +175,12 @@ class Tuneserve:
 
     def _load(self) -> None:
         self.settings = SETTINGS
-        self.models = ModelSet.of([load_model(self._located(source), self.settings, self._build)
-                                   for source in sources(self.settings)])
+        located = [self._located(source) for source in sources(self.settings)]
+        # Models over one base share its graph (each adds its adapter and head): the bases two or more models need.
+        needed = Counter(shared_base_of(read_manifest(source.directory)) for source in located)
+        self.shared_bases = {base for base, count in needed.items() if base is not None and count > 1}
+        self.bases = SharedBases(self.settings.threads or cpu_threads())
+        self.models = ModelSet.of([load_model(source, self.settings, self._build) for source in located])
         for served in self.models:
             logger.info("serving %s (%s) as %r with backend %s; self-test passed on %d examples (%s) in %.2f s",
                         served.tag, served.manifest.task.value, served.name, served.backend.name,
@@ -180,8 +191,10 @@ class Tuneserve:
         return source.located(Path(getattr(self, STORED[source.tag]).path)) if source.tag else source
 
     def _build(self, directory: Path, manifest: Manifest) -> tuple:
+        sharing = self.settings.backend == SHARED_BACKEND or shared_base_of(manifest) in self.shared_bases
         backend = choose_backend(directory, manifest, backend=self.settings.backend, device=self.settings.device,
-                                 threads=self.settings.threads, batch_size=self.settings.forward_batch_size)
+                                 threads=self.settings.threads, batch_size=self.settings.forward_batch_size,
+                                 bases=self.bases if sharing else None)
         # The one place the service asks what kind of model it serves: a writer or a scorer (service/writer.py,
         # service/scorer.py), each with its self-test and its pooled passes; the routes below ask the spec's routes.
         return backend, (Writer if manifest.task.spec.writes else Scorer)(backend, manifest, self.settings)

@@ -16,9 +16,9 @@ DEFAULT_MODEL = "sentiment-lora-onnx:latest"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TUNESERVE_", extra="ignore", protected_namespaces=())
 
-    backend: Literal["auto", "onnx", "onnx-int8", "torch"] = Field(
-        "auto", description="auto: torch on CUDA when torch and a GPU are present, else ONNX int8 if the artifact "
-                            "kept it, else ONNX fp32.")
+    backend: Literal["auto", "onnx", "onnx-int8", "onnx-shared", "torch"] = Field(
+        "auto", description="auto: torch on CUDA when torch and a GPU are present, else (several models over one "
+                            "base) the base graph they share, else ONNX int8 if the artifact kept it, else ONNX fp32.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Device of the torch backend.")
     model: str = Field(DEFAULT_MODEL, description="Tag of the model in the BentoML store (name:version).")
     artifact: Path | None = Field(None, description="Serve this artifact directory instead of a store model.")

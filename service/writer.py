@@ -12,8 +12,13 @@ from core.manifest import Manifest
 from core.metrics import Evaluation
 from core.report import assessed
 from core.tasks.generation import GeneratedText
-from service.generation import (Decoding, GenerationBatcher, check_token_budget, default_max_new_tokens,
-                                max_new_tokens_cap)
+from service.generation import (
+    Decoding,
+    GenerationBatcher,
+    check_token_budget,
+    default_max_new_tokens,
+    max_new_tokens_cap,
+)
 from service.selftest import run_generation_selftest
 from service.settings import Settings
 

@@ -303,3 +303,25 @@ def generation_artifact(tmp_path_factory) -> Path:
         "train": {"epochs": 3, "batch_size": 16, "eval_batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0,
                   "max_length": 32},
         "generation": {"max_target_length": 8, "max_new_tokens": GENERATION_NEW_TOKENS, "eval_examples": 8}})
+
+
+@pytest.fixture(scope="session")
+def shared_artifacts(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """name -> exported artifact over one base (the tiny BERT), each with its variant over a shared base: a LoRA
+    classifier (rank 8 on every encoder layer), a LoRA tagger of another rank on two of them, and a multi-label model
+    over the frozen encoder."""
+    built = {}
+    for name, changes in {
+        "sentiment": {"task": "classification", "data.label": "label", "method": "lora",
+                      "train": {"epochs": 4, "batch_size": 16, "lr": 2e-2, "warmup_ratio": 0.0, "max_length": 32}},
+        "tags": {"task": "token_classification", "data.text": "tokens", "data.label": "tags", "method": "lora",
+                 "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+                 "train": {"epochs": 6, "batch_size": 16, "lr": 2e-2, "warmup_ratio": 0.0, "max_length": 12,
+                           "stride": 4}},
+        "topics": {"task": "multilabel", "data.label": "topics", "method": "freeze"},
+    }.items():
+        directory = tmp_path_factory.mktemp(f"shared-{name}")
+        for split, (n, seed) in {"train": (240, 1), "validation": (60, 2), "test": (60, 3)}.items():
+            write_jsonl(directory / f"{split}.jsonl", (make_entity_rows if name == "tags" else make_rows)(n, seed))
+        built[name] = _train_exported(tiny_model, directory, name=name, **changes)
+    return built

@@ -89,3 +89,33 @@ def test_the_models_setting_names_directories_tags_and_directories_of_artifacts(
              for k in ("classification", "token")]
     with pytest.raises(ArtifactError, match="two models are named 'run'.*NAME=SOURCE"):
         ModelSet.of(twins)
+
+
+def test_models_over_one_base_share_its_graph_and_each_answers_as_alone(shared_artifacts, serve):
+    import concurrent.futures
+
+    texts = {"sentiment": ["a superb plot", "dull and tedious acting", "the music was lovely"],
+             "tags": ["alice met bob in paris", "bob went home"], "topics": ["the plot and the music"]}
+    alone = {name: serve(directory, backend="onnx").post("/predict", json={"texts": texts[name]}).json()["predictions"]
+             for name, directory in shared_artifacts.items()}
+    client = serve(models=",".join(str(d) for d in shared_artifacts.values()))
+    listed = client.get("/models").json()["models"]
+    assert [m["name"] for m in listed] == list(shared_artifacts)
+    assert {m["backend"] for m in listed} == {"onnx-shared"} and len({m["shared_base"] for m in listed}) == 1
+
+    def ask(name: str) -> tuple[str, list]:
+        response = client.post("/predict", json={"texts": texts[name], "model": name})
+        assert response.status_code == 200, response.text
+        return name, response.json()["predictions"]
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, [name for name in shared_artifacts for _ in range(4)]))
+    for name, predictions in answers:
+        for got, want in zip(predictions, alone[name]):
+            if "entities" in want:
+                assert [(e["start"], e["end"], e["label"]) for e in got["entities"]] == [
+                    (e["start"], e["end"], e["label"]) for e in want["entities"]]
+                assert [e["score"] for e in got["entities"]] == pytest.approx([e["score"] for e in want["entities"]], abs=1e-4)
+            else:
+                assert got.get("label") == want.get("label") and got.get("labels") == want.get("labels")
+                assert list(got["scores"].values()) == pytest.approx(list(want["scores"].values()), abs=1e-4)

@@ -217,7 +217,7 @@ def test_a_broken_artifact_stops_the_server_at_once_with_one_line(artifacts, tmp
 
 
 @pytest.mark.parametrize("env, reason", [
-    ({"TUNESERVE_BACKEND": "nonsense"}, "TUNESERVE_BACKEND: Input should be 'auto', 'onnx', 'onnx-int8' or 'torch'"),
+    ({"TUNESERVE_BACKEND": "nonsense"}, "TUNESERVE_BACKEND: Input should be 'auto', 'onnx', 'onnx-int8', 'onnx-shared' or 'torch'"),
     ({"TUNESERVE_MAX_TEXTS": "many"}, "TUNESERVE_MAX_TEXTS: "),
     ({"TUNESERVE_MODEL": "nosuch:latest"}, "TUNESERVE_MODEL=nosuch:latest: not in the BentoML store"),
     ({"TUNESERVE_MODELS": "tags=./nosuch/artifact"}, "TUNESERVE_MODELS: tags=./nosuch/artifact: no such directory"),

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.manifest import Manifest, read_manifest
-from training.export.base import ExportError, HeldOut, held_out_from_config, library_noise_to_log, publish, staging
+from training.export.base import (
+    ExportError,
+    HeldOut,
+    held_out_from_config,
+    library_noise_to_log,
+    publish,
+    staging,
+)
 from training.export.decoder import export_decoder_artifact
 from training.export.encoder import export_encoder
 

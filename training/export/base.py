@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import TuneserveError
-from core.manifest import MANIFEST_FILE, SCHEMA_VERSION, ExportRecord, Manifest, read_manifest
+from core.manifest import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    ExportRecord,
+    Manifest,
+    read_manifest,
+)
 from training.export.int8 import CALIBRATION_EXAMPLES
 from training.files import swap_into_place
 from training.publish.card import write_card

@@ -22,7 +22,13 @@ import os
 from pathlib import Path
 
 from core.tasks.generation import GeneratedText, Prompter
-from training.export.base import OPSET, ExportError, HeldOut, library_noise_to_log, variant
+from training.export.base import (
+    OPSET,
+    ExportError,
+    HeldOut,
+    library_noise_to_log,
+    variant,
+)
 
 logger = logging.getLogger(__name__)
 

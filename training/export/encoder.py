@@ -18,9 +18,12 @@ import numpy as np
 from core.encoding import Encoder
 from core.manifest import MODEL_DIR, Manifest
 from core.onnx_runner import OnnxModel, check_external_data
+from core.shared_base import SharedModel
 from core.tasks.base import BATCH_INVARIANCE_TOLERANCE
 from training.export.base import OPSET, ExportError, HeldOut, variant
 from training.export.int8 import SENSITIVITY_PROBE, activation_ranges, search_int8
+from training.export.shared import VARIANT as SHARED_VARIANT
+from training.export.shared import export_shared, shared_files
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,17 @@ def selftest_examples(manifest: Manifest, scores: np.ndarray, count: int) -> lis
             if queue and len(picked) < count:
                 picked.append(queue.pop(0))
     return picked
+
+
+# A graph file to open, or a model already open (a model over a shared base: core/shared_base.py).
+Candidate = Path | SharedModel
+
+
+def _opened(candidate: Candidate):
+    if isinstance(candidate, SharedModel):
+        return candidate
+    check_external_data(candidate)
+    return OnnxModel(candidate)
 
 
 def _take(scores, rows: np.ndarray):
@@ -90,17 +104,16 @@ class _Judge:
         # the examples nearest to another decision: where quantization shows first
         self.probe = np.argsort(self.spec.margins(manifest, self.scores), kind="stable")[:SENSITIVITY_PROBE]
 
-    def run(self, path: Path, rows: np.ndarray | None = None, **arrangement):
+    def run(self, candidate: Candidate, rows: np.ndarray | None = None, **arrangement):
         """The candidate's calibrated scores on the held-out examples (``rows``: some of them)."""
-        check_external_data(path)
         texts, pairs = self.texts, self.pairs
         if rows is not None:
             texts = [texts[i] for i in rows]
             pairs = [pairs[i] for i in rows] if pairs else None
-        logits = OnnxModel(path).logits(self.encoder, texts, pairs, task=self.manifest.task, **arrangement)
+        logits = _opened(candidate).logits(self.encoder, texts, pairs, task=self.manifest.task, **arrangement)
         return self.spec.scores(logits, self.manifest.calibration)
 
-    def compare(self, path: Path) -> dict:
+    def compare(self, path: Candidate) -> dict:
         """The variant against PyTorch, and against itself batched as the service pools requests."""
         spec, manifest = self.spec, self.manifest
         candidate = self.run(path)
@@ -116,7 +129,7 @@ class _Judge:
         changed = self.spec.flat(self.run(path, self.probe))
         return float(np.mean(np.abs(changed - self.spec.flat(_take(self.scores, self.probe)))))
 
-    def selftest(self, variants: dict[str, Path]) -> list[dict]:
+    def selftest(self, variants: dict[str, Candidate]) -> list[dict]:
         """A few inputs with PyTorch's outputs and each kept variant's own (``variants``: name -> graph), for a
         serving backend to reproduce before it reports ready: a variant is held to its own outputs, tightly."""
         held_out, scores = self.held_out, self.scores
@@ -124,9 +137,9 @@ class _Judge:
         rows = selftest_examples(self.manifest, scores, SELFTEST_EXAMPLES)
         texts = [held_out.texts[i] for i in rows]
         pairs = [held_out.pairs[i] for i in rows] if held_out.pairs else None
-        own = {name: self.spec.scores(OnnxModel(path).logits(self.encoder, texts, pairs, task=self.manifest.task),
+        own = {name: self.spec.scores(_opened(candidate).logits(self.encoder, texts, pairs, task=self.manifest.task),
                                       self.manifest.calibration)
-               for name, path in variants.items()}
+               for name, candidate in variants.items()}
         return [{"text": texts[k], "text_pair": pairs[k] if pairs else None, "scores": self.spec.record(scores[i]),
                  "decision": decisions[i], "variants": {name: self.spec.record(got[k]) for name, got in own.items()}}
                 for k, i in enumerate(rows)]
@@ -202,9 +215,17 @@ def export_encoder(artifact_dir: Path, manifest: Manifest, held_out: HeldOut, tm
     variants = [variant("onnx", tmp, FP32_FILE, "fp32", parity["onnx"])]
     if "onnx-int8" in parity:
         variants.append(variant("onnx-int8", tmp, INT8_FILE, "int8", parity["onnx-int8"], int8_report["method"]))
+    runnable: dict[str, Candidate] = {v["name"]: tmp / Path(v["files"][0]).name for v in variants}
+    shared_parity, why_not_shared, shared = export_shared(
+        artifact_dir, manifest, tmp, judge, lambda report: _gate(manifest, report, min_int8_agreement, max_int8_drop))
+    if shared_parity is not None:
+        variants.append({"name": SHARED_VARIANT, "runtime": "onnxruntime", "files": shared_files(), "precision": "fp32",
+                         "method": f"{manifest.method} over a shared base", "base": shared.base, "gate": "passed",
+                         "parity": shared_parity})
+        runnable[SHARED_VARIANT] = shared.model_for(manifest.name)
     return {"backend": "onnx", "held_out": held_out.name, "graph": {"opset": OPSET, **graph}, "variants": variants,
-            "int8": int8_report,
-            "selftest": judge.selftest({v["name"]: tmp / Path(v["files"][0]).name for v in variants})}
+            "int8": int8_report, "shared_base": {"kept": shared_parity is not None, "reason": why_not_shared},
+            "selftest": judge.selftest(runnable)}
 
 
 def _write_fp32(artifact_dir: Path, encoder: Encoder, manifest: Manifest, tmp: Path) -> dict:
