@@ -48,11 +48,13 @@ def onnx_serving_files(artifact_dir: str | Path) -> list[str]:
 
 def _served_files(export: dict, artifact_dir: Path) -> list[str]:
     """The files of the variant the ``auto`` backend serves on a CPU (int8 where the gate kept it, else fp32), with
-    the weights a graph keeps outside itself (a quantised decoder's; any graph over protobuf's 2 GB)."""
+    the weights a graph keeps outside itself (a quantised decoder's; any graph over protobuf's 2 GB), and those of a
+    variant over a shared base, which ``auto`` serves in a set of models over that base."""
     if "variants" in export:  # manifest version 4: a list of the variants that passed their gate
         by_name = {v["name"]: v for v in export["variants"]}
         chosen = by_name.get("onnx-int8") or by_name.get("onnx")
-        return list(chosen["files"]) if chosen else []
+        shared = by_name.get("onnx-shared")  # what serving it beside other models over its base needs
+        return (list(chosen["files"]) if chosen else []) + (list(shared["files"]) if shared else [])
     onnx = export.get("onnx") or {}  # versions 1 to 3 named the two files by field
     chosen = onnx.get("int8") or onnx.get("fp32")
     if not chosen:

@@ -109,6 +109,10 @@ class Adapter:
                    {k: v for k, v in tensors.items() if k.startswith("head.")}, metadata["base"])
 
 
+class AdapterRemoved(LookupError):
+    """The adapter a batch asked for was removed before its pass ran."""
+
+
 @dataclass
 class _Stacks:
     """The adapters a pass sees: their order and their factors stacked (replaced whole, never changed in place)."""
@@ -200,7 +204,7 @@ class SharedBase:
         models' batches are queued.
 
         Raises:
-            KeyError: no adapter of that key is loaded (it was removed meanwhile).
+            AdapterRemoved: no adapter of that key is loaded (it was removed meanwhile).
         """
         mine = _Submission({n: np.asarray(batch[n], dtype=np.int64) for n in self.token_inputs}, key)
         with self._turn:
@@ -227,7 +231,7 @@ class SharedBase:
             if s.key in stacks.index:
                 runnable.append(s)
             else:
-                s.error, s.done = KeyError(f"no adapter {s.key!r} is loaded"), True
+                s.error, s.done = AdapterRemoved(f"no adapter {s.key!r} is loaded (it was removed)"), True
         if not runnable:
             return
         width = max(s.batch["input_ids"].shape[1] for s in runnable)

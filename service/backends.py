@@ -150,6 +150,10 @@ class SharedBaseBackend:
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None) -> np.ndarray:
         return self.model.logits(self.encoder, texts, pairs, task=self.task, batch_size=self.batch_size)
 
+    def close(self) -> None:
+        """Take this model's adapter out of the shared base (its batches still queued get AdapterRemoved)."""
+        self.shared.remove(self.key)
+
 
 def shared_base_of(manifest: Manifest) -> str | None:
     """The identity of the base weights the artifact's ``onnx-shared`` variant runs over (None: it has none)."""

@@ -49,7 +49,7 @@ def _header(scope, name: bytes) -> bytes | None:
 
 def _api_path(scope) -> bool:
     path = scope["path"].rstrip("/")
-    return path in API_PATHS or path.startswith(GUARDED_PREFIXES)
+    return path in API_PATHS or path.startswith((*GUARDED_PREFIXES, "/models/"))
 
 
 class BearerAuthMiddleware:

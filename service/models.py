@@ -30,6 +30,13 @@ class UnknownModel(RequestError):
     status = 404
 
 
+class ModelLoading(RequestError):
+    """A request names a model that is being added (503, with Retry-After)."""
+
+    status = 503
+    retry_after = 5
+
+
 @dataclass(frozen=True)
 class Source:
     """Where one served model comes from: an artifact directory or a store tag, as the settings wrote it."""
@@ -61,28 +68,32 @@ def sources(settings: Settings) -> list[Source]:
     if not entries:
         raise ConfigError(f"{MODELS_VARIABLE}: no model named; give store tags or artifact directories, "
                           "separated by commas")
-    found: list[Source] = []
-    for entry in entries:
-        name, _, value = entry.partition("=") if "=" in entry else ("", "", entry)
-        name, value = name.strip() or None, value.strip()
-        given = f"{MODELS_VARIABLE}: {entry}"
-        path = Path(value)
-        if path.is_dir() and (path / MANIFEST_FILE).is_file():
-            found.append(Source(given, directory=path, name=name))
-        elif path.is_dir():
-            inside = sorted(p for p in path.iterdir() if (p / MANIFEST_FILE).is_file())
-            if not inside:
-                raise ConfigError(f"{given}: {value} is a directory with no artifact in it (no {MANIFEST_FILE} there "
-                                  "or in its sub-directories)")
-            if name:
-                raise ConfigError(f"{given}: {value} holds {len(inside)} artifacts; NAME= names one model, so give "
-                                  "each its own entry")
-            found += [Source(f"{given}/{p.name}", directory=p) for p in inside]
-        elif "/" in value or value.startswith("."):  # a path, not a tag
-            raise ConfigError(f"{given}: no such directory")
-        else:
-            found.append(Source(given, tag=value, name=name))
-    return found
+    return [source for entry in entries for source in sources_of(entry, f"{MODELS_VARIABLE}: {entry}")]
+
+
+def sources_of(entry: str, given: str, *, many: bool = True) -> list[Source]:
+    """The models one entry names: ``[NAME=]DIRECTORY``, ``[NAME=]TAG``, or a directory of artifacts (``many``).
+
+    Raises:
+        ConfigError: the directory does not exist or holds no artifact, or NAME= names a directory of artifacts.
+    """
+    name, _, value = entry.partition("=") if "=" in entry else ("", "", entry)
+    name, value = name.strip() or None, value.strip()
+    path = Path(value)
+    if path.is_dir() and (path / MANIFEST_FILE).is_file():
+        return [Source(given, directory=path, name=name)]
+    if path.is_dir():
+        inside = sorted(p for p in path.iterdir() if (p / MANIFEST_FILE).is_file())
+        if not inside or not many:
+            raise ConfigError(f"{given}: {value} is a directory with no artifact in it (no {MANIFEST_FILE}"
+                              f"{' there or in its sub-directories' if many else ''})")
+        if name:
+            raise ConfigError(f"{given}: {value} holds {len(inside)} artifacts; NAME= names one model, so give "
+                              "each its own entry")
+        return [Source(f"{given}/{p.name}", directory=p) for p in inside]
+    if "/" in value or value.startswith("."):  # a path, not a tag
+        raise ConfigError(f"{given}: no such directory")
+    return [Source(given, tag=value, name=name)]
 
 
 @dataclass
@@ -101,6 +112,12 @@ class ServedModel:
     def spec(self):
         return self.manifest.task.spec
 
+    def close(self) -> None:
+        """Give back what it holds in shared structures (its adapter in a shared base)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
     def summary(self) -> dict:
         """What GET /models says of it: the task, the labels, the test metric beside the best baseline, the backend
         and the base model."""
@@ -114,7 +131,18 @@ class ServedModel:
             "backend": self.backend.name, "base_model": m.base_model, "method": m.method,
             # the identity of the base graph it shares with the other models that name the same one
             "shared_base": self.backend.shared.base[:16] if hasattr(self.backend, "shared") else None,
+            "note": None if hasattr(self.backend, "shared") else self._own_graph_note(),
         }
+
+    def _own_graph_note(self) -> str | None:
+        """Why a model of a set runs its own graph rather than a shared base's (None: it never could share one)."""
+        export = self.manifest.export
+        shared = export.shared_base if export else None
+        if shared and shared.get("kept"):
+            return "served as its own graph: no other model served here shares its base"
+        if shared and shared.get("reason"):
+            return f"served as its own graph: it cannot share a base ({shared['reason']})"
+        return None
 
 
 def model_name(source: Source, manifest: Manifest) -> str:
@@ -138,9 +166,11 @@ def load_model(source: Source, settings: Settings, build: Callable[[Path, Manife
 
 @dataclass
 class ModelSet:
-    """The served models by name, in the order the settings gave them."""
+    """The served models by name, in the order the settings gave them (then in the order added). Adding and
+    removing replace the mapping whole, so a request that has its model keeps it."""
 
     models: dict[str, ServedModel] = field(default_factory=dict)
+    loading: set[str] = field(default_factory=set)  # names being added
 
     @classmethod
     def of(cls, served: list[ServedModel]) -> ModelSet:
@@ -176,9 +206,25 @@ class ModelSet:
             raise RequestError(f"model: this service serves {len(self.models)} models ({', '.join(self.models)}); "
                                "name one in the request's \"model\" field")
         model = self.models.get(name)
+        if model is None and name in self.loading:
+            raise ModelLoading(f"model: {name!r} is being added; try again in a few seconds")
         if model is None:
             raise UnknownModel(f"model: no model named {name!r} is served here; served: {', '.join(self.models)} "
                                "(GET /models lists them)")
+        return model
+
+    def add(self, model: ServedModel) -> None:
+        """Raises:
+            ArtifactError: a model of that name is served."""
+        if model.name in self.models:
+            raise ArtifactError(f"model: {model.name!r} is served already; remove it first (DELETE /models/{model.name})")
+        self.models = {**self.models, model.name: model}
+
+    def remove(self, name: str) -> ServedModel:
+        """Raises:
+            UnknownModel: no model of that name is served."""
+        model = self.get(name)
+        self.models = {k: v for k, v in self.models.items() if k != name}
         return model
 
     def __len__(self) -> int:

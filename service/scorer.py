@@ -13,10 +13,17 @@ import numpy as np
 from core.manifest import Manifest
 from core.metrics import Evaluation
 from core.report import assessed
+from core.shared_base import AdapterRemoved
 from service.batcher import MicroBatcher
 from service.requests import RequestError
 from service.selftest import run_selftest
 from service.settings import Settings
+
+
+class ModelRemoved(RequestError):
+    """The request's model was removed from the service before its turn (404)."""
+
+    status = 404
 
 
 class NonFiniteOutputs(ArithmeticError):
@@ -54,8 +61,13 @@ class Scorer:
 
         Raises:
             NonFiniteOutputs: the model's outputs are not all finite.
+            ModelRemoved: the model was removed from the service meanwhile.
         """
-        scores = self.spec.scores(await self.batcher(texts, pairs), self.manifest.calibration)
+        try:
+            outputs = await self.batcher(texts, pairs)
+        except AdapterRemoved:
+            raise ModelRemoved(f"model: {self.manifest.name!r} was removed while this request waited") from None
+        scores = self.spec.scores(outputs, self.manifest.calibration)
         if not np.all(np.isfinite(self.spec.flat(scores))):
             raise NonFiniteOutputs(f"{self.manifest.name} gave non-finite outputs")
         return scores

@@ -54,7 +54,15 @@ from service.middleware import (
     ErrorShapeMiddleware,
     JsonOnlyMiddleware,
 )
-from service.models import ModelSet, ServedModel, Source, load_model, sources
+from service.models import (
+    ModelSet,
+    ServedModel,
+    Source,
+    load_model,
+    model_name,
+    sources,
+    sources_of,
+)
 from service.requests import (
     RequestError,
     check_messages_size,
@@ -122,7 +130,9 @@ class NotForThisModel(RequestError):
 
 
 def _bad_request(exc: Exception) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "status", 400))
+    retry = getattr(exc, "retry_after", None)
+    return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "status", 400),
+                        headers={"Retry-After": str(retry)} if retry else None)
 
 
 def _not_finite() -> JSONResponse:
@@ -156,6 +166,46 @@ async def _models(request: Request) -> JSONResponse:
     return JSONResponse({"models": [served.summary() for served in bentoml.get_current_service().models]})
 
 
+def _admin_refusal() -> JSONResponse | None:
+    if SETTINGS.api_key is None:  # the key guards every /models route; without one, nobody may change the set
+        return JSONResponse({"error": "adding and removing models needs TUNESERVE_API_KEY set (the key then guards "
+                                      "these routes)", "field": None}, status_code=403)
+    return None
+
+
+async def _add_model(request: Request) -> JSONResponse:
+    """POST /models {"source": DIRECTORY or TAG, "name": optional}: load, self-test and add a model while serving."""
+    if (refusal := _admin_refusal()) is not None:
+        return refusal
+    try:
+        body = await request.json()
+    except ValueError:
+        return _bad_request(RequestError("body: not JSON; send {\"source\": DIRECTORY or TAG, \"name\": optional}"))
+    try:
+        if not isinstance(body, dict) or not isinstance(body.get("source"), str) or not body["source"].strip():
+            raise RequestError('source: give an artifact directory or a store tag, as {"source": "..."}')
+        unknown = sorted(set(body) - {"source", "name"})
+        if unknown:
+            raise RequestError(f"{unknown[0]}: unknown field; this route takes name, source")
+        name = body.get("name")
+        if name is not None and (not isinstance(name, str) or not name.strip() or "," in name or "=" in name):
+            raise RequestError("name: a model name is a non-empty string without ',' or '='")
+        entry = f"{name}={body['source']}" if name else body["source"]
+        return await bentoml.get_current_service().add_model(entry)
+    except RequestError as exc:
+        return _bad_request(exc)
+
+
+async def _remove_model(request: Request) -> JSONResponse:
+    """DELETE /models/{name}: stop serving a model (requests already waiting for it get 404)."""
+    if (refusal := _admin_refusal()) is not None:
+        return refusal
+    try:
+        return bentoml.get_current_service().remove_model(request.path_params["name"])
+    except RequestError as exc:
+        return _bad_request(exc)
+
+
 @bentoml.service(name="tuneserve", traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
                  http={"port": 3000},
                  logging={"access": {"enabled": SETTINGS.access_log}})
@@ -186,12 +236,61 @@ class Tuneserve:
                         served.tag, served.manifest.task.value, served.name, served.backend.name,
                         served.engine.selftest["examples"], served.engine.measured, served.startup_seconds)
 
+    async def add_model(self, entry: str) -> JSONResponse:
+        """Load, self-test and add the model ``entry`` names (``[NAME=]DIRECTORY`` or ``[NAME=]TAG``), off the event
+        loop: the other models keep answering meanwhile. A model that fails stays out, with its reason in the log
+        and the answer.
+
+        Raises:
+            RequestError: the entry names no artifact.
+        """
+        try:
+            [source] = sources_of(entry, f"source {entry}", many=False)
+            if source.tag is not None:  # not packaged with the service: the store's own copy
+                source = source.located(Path(bentoml.models.get(source.tag).path))
+        except (ConfigError, bentoml.exceptions.BentoMLException, ValueError) as exc:
+            raise RequestError(str(exc).splitlines()[0]) from None
+        try:
+            pending = model_name(source, read_manifest(source.directory))
+        except ArtifactError as exc:
+            return JSONResponse({"error": f"source: {exc}", "field": "source"}, status_code=422)
+        if pending in self.models.names or pending in self.models.loading:
+            return JSONResponse({"error": f"model: {pending!r} is served already (or being added); remove it first "
+                                          f"(DELETE /models/{pending})", "field": "model"}, status_code=409)
+        self.models.loading.add(pending)
+        try:
+            served = await anyio.to_thread.run_sync(load_model, source, self.settings, self._build)
+            self.models.add(served)
+        except (ArtifactError, ConfigError) as exc:
+            logger.warning("model %s not added: %s", pending, exc)
+            return JSONResponse({"error": f"model {pending!r} not added: {exc}", "field": "source"}, status_code=422)
+        except Exception as exc:  # an unexpected failure of one model must not take the service down
+            logger.exception("model %s not added", pending)
+            return JSONResponse({"error": f"model {pending!r} not added: {type(exc).__name__}: {exc}",
+                                 "field": "source"}, status_code=422)
+        finally:
+            self.models.loading.discard(pending)
+        logger.info("added %s (%s) as %r with backend %s in %.2f s", served.tag, served.manifest.task.value,
+                    served.name, served.backend.name, served.startup_seconds)
+        return JSONResponse({"added": served.summary()}, status_code=201)
+
+    def remove_model(self, name: str) -> JSONResponse:
+        """Raises:
+            RequestError: no such model, or it is the last one served."""
+        if len(self.models) == 1 and name in self.models.names:
+            raise RequestError(f"model: {name!r} is the only model served; add another before removing it")
+        served = self.models.remove(name)
+        served.close()
+        logger.info("removed %r", name)
+        return JSONResponse({"removed": name})
+
     def _located(self, source: Source) -> Source:
         """A store model's directory: the one BentoML resolved for this worker (in a Bento, the one packaged)."""
         return source.located(Path(getattr(self, STORED[source.tag]).path)) if source.tag else source
 
     def _build(self, directory: Path, manifest: Manifest) -> tuple:
-        sharing = self.settings.backend == SHARED_BACKEND or shared_base_of(manifest) in self.shared_bases
+        base = shared_base_of(manifest)  # a model added later joins a base already open
+        sharing = self.settings.backend == SHARED_BACKEND or base in self.shared_bases or base in self.bases.open
         backend = choose_backend(directory, manifest, backend=self.settings.backend, device=self.settings.device,
                                  threads=self.settings.threads, batch_size=self.settings.forward_batch_size,
                                  bases=self.bases if sharing else None)
@@ -243,6 +342,8 @@ class Tuneserve:
             scores = await served.engine.scores(texts, text_pairs)
         except NonFiniteOutputs:
             return _not_finite()
+        except RequestError as exc:  # the model was removed while the request waited
+            return _bad_request(exc)
         predictions = served.spec.shape(served.manifest, scores, top_k=top_k)
         if not served.spec.windows:  # say which texts were longer than the model reads
             for prediction, cut in zip(predictions, await served.engine.truncated(texts, text_pairs)):
@@ -372,6 +473,8 @@ class Tuneserve:
             vectors = await served.engine.scores([query, *candidates])
         except NonFiniteOutputs:
             return _not_finite()
+        except RequestError as exc:
+            return _bad_request(exc)
         similarity = vectors[1:] @ vectors[0]
         order = np.argsort(-similarity, kind="stable")[:top_k]
         return RankResponse(results=[RankedText(index=int(i), score=float(similarity[i]), text=candidates[i])
@@ -412,6 +515,8 @@ def _api_document() -> dict:
 
 # Mounted at the root, ahead of BentoML's own / and /docs.json: its passive mount claims only the paths routed here.
 api_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), Route("/models", _models, methods=["GET"]),
+                            Route("/models", _add_model, methods=["POST"]),
+                            Route("/models/{name}", _remove_model, methods=["DELETE"]),
                             *docs_routes(_api_document),
                             *web_routes(lambda name: bentoml.get_current_service().models.get(name).directory)])
 Tuneserve.mount_asgi_app(api_app, path="/")

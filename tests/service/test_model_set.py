@@ -119,3 +119,51 @@ def test_models_over_one_base_share_its_graph_and_each_answers_as_alone(shared_a
             else:
                 assert got.get("label") == want.get("label") and got.get("labels") == want.get("labels")
                 assert list(got["scores"].values()) == pytest.approx(list(want["scores"].values()), abs=1e-4)
+
+
+def test_models_are_added_and_removed_while_the_others_keep_answering(shared_artifacts, serve, tmp_path):
+    import concurrent.futures
+
+    key = {"Authorization": "Bearer k"}
+    from service.middleware import _api_path
+
+    # the key guards the routes that change the set (the in-process app is built before the key is set)
+    assert _api_path({"path": "/models"}) and _api_path({"path": "/models/tags"})
+    # (one in-process service at a time: the routes mounted beside BentoML's answer for the latest one started)
+    alone = serve(shared_artifacts["topics"], backend="onnx").post("/predict", json={"texts": ["the plot and the music"]})
+    client = serve(models=f"{shared_artifacts['sentiment']},{shared_artifacts['tags']}", api_key="k")
+
+    def ask(_) -> int:
+        return client.post("/predict", json={"texts": ["a superb plot"], "model": "sentiment"}, headers=key).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        during = pool.map(ask, range(40))
+        added = client.post("/models", json={"source": str(shared_artifacts["topics"])}, headers=key)
+        statuses = list(during)
+    assert added.status_code == 201, added.text
+    assert added.json()["added"]["name"] == "topics" and added.json()["added"]["backend"] == "onnx-shared"
+    assert statuses == [200] * 40  # every request to another model was answered meanwhile
+    answer = client.post("/predict", json={"texts": ["the plot and the music"], "model": "topics"}, headers=key)
+    assert answer.json()["predictions"][0]["labels"] == alone.json()["predictions"][0]["labels"]
+
+    again = client.post("/models", json={"source": str(shared_artifacts["topics"])}, headers=key)
+    assert again.status_code == 409 and "served already" in again.json()["error"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    refused = client.post("/models", json={"source": str(broken)}, headers=key)
+    assert refused.status_code == 422 and refused.json()["field"] == "source"
+    assert "\n" not in refused.json()["error"]
+    missing = client.post("/models", json={"source": str(tmp_path / "nosuch")}, headers=key)
+    assert missing.status_code == 400 and "no such directory" in missing.json()["error"]
+    assert client.post("/models", json={"source": "x", "colour": 1}, headers=key).status_code == 400
+
+    assert client.delete("/models/tags", headers=key).json() == {"removed": "tags"}
+    gone = client.post("/predict", json={"texts": ["alice met bob"], "model": "tags"}, headers=key)
+    assert gone.status_code == 404 and "served: sentiment, topics" in gone.json()["error"]
+    assert client.delete("/models/tags", headers=key).status_code == 404
+    assert [m["name"] for m in client.get("/models", headers=key).json()["models"]] == ["sentiment", "topics"]
+    assert ask(0) == 200
+
+    locked = serve(models=str(shared_artifacts["sentiment"]))  # no API key: nobody may change the set
+    assert locked.post("/models", json={"source": str(shared_artifacts["topics"])}).status_code == 403
