@@ -68,7 +68,11 @@ def sources(settings: Settings) -> list[Source]:
     if not entries:
         raise ConfigError(f"{MODELS_VARIABLE}: no model named; give store tags or artifact directories, "
                           "separated by commas")
-    return [source for entry in entries for source in sources_of(entry, f"{MODELS_VARIABLE}: {entry}")]
+    found = [source for entry in entries for source in sources_of(entry, f"{MODELS_VARIABLE}: {entry}")]
+    if len(found) > settings.max_models:
+        raise ConfigError(f"{MODELS_VARIABLE}: names {len(found)} models, over TUNESERVE_MAX_MODELS={settings.max_models} "
+                          "(each costs memory: BENCHMARKS.md, model sets); raise the limit or serve fewer")
+    return found
 
 
 def sources_of(entry: str, given: str, *, many: bool = True) -> list[Source]:

@@ -254,6 +254,10 @@ class Tuneserve:
             pending = model_name(source, read_manifest(source.directory))
         except ArtifactError as exc:
             return JSONResponse({"error": f"source: {exc}", "field": "source"}, status_code=422)
+        if len(self.models) + len(self.models.loading) >= self.settings.max_models:
+            return JSONResponse({"error": f"model: this service serves {len(self.models)} models, its limit "
+                                          f"(TUNESERVE_MAX_MODELS={self.settings.max_models}); remove one first",
+                                 "field": "model"}, status_code=409)
         if pending in self.models.names or pending in self.models.loading:
             return JSONResponse({"error": f"model: {pending!r} is served already (or being added); remove it first "
                                           f"(DELETE /models/{pending})", "field": "model"}, status_code=409)

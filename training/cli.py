@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from core.errors import TuneserveError
+from core.errors import ConfigError, TuneserveError
 
 
 def _table(columns: dict[str, dict[str, float]], names: list[str]) -> str:
@@ -259,8 +259,13 @@ def _check_config(cfg) -> list[str]:
 def cmd_register(args: argparse.Namespace) -> int:
     from training.publish.register import register
 
-    tag = register(args.artifact, args.name, onnx_only=args.onnx_only)
-    print(tag)
+    if args.name and len(args.artifact) > 1:
+        raise ConfigError(f"--name names one model; {len(args.artifact)} artifacts were given (each is stored under "
+                          "its own name)")
+    tags = [register(artifact, args.name, onnx_only=args.onnx_only) for artifact in args.artifact]
+    print("\n".join(tags))
+    if len(tags) > 1:
+        print(f"serve them in one process: TUNESERVE_MODELS={','.join(tags)} bentoml serve", file=sys.stderr)
     return 0
 
 
@@ -361,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: keep int8 only if it passes the gate; on: fail if it cannot; off: skip")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("register", help="copy an artifact into the BentoML model store and print its tag")
-    p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")
+    p = sub.add_parser("register", help="copy artifacts into the BentoML model store and print their tags")
+    p.add_argument("artifact", nargs="+", help="artifact directories (OUTPUT_DIR/artifact); several register a set "
+                                               "that one service serves (TUNESERVE_MODELS)")
     p.add_argument("--name", help="model name in the store (default: the artifact's name, plus -onnx with --onnx-only)")
     p.add_argument("--onnx-only", action="store_true",
                    help="store only what the ONNX backend loads (no PyTorch weights): the model of a CPU bento")

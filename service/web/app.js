@@ -5,6 +5,7 @@
 const KEY = "tuneserve-api-key";
 const $ = (id) => document.getElementById(id);
 let meta = null;
+let chosen = null; // the model picked, where the service serves several (GET /models); every call names it
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -32,6 +33,8 @@ function headers(json) {
 }
 
 async function call(path, body, options = {}) {
+  if (chosen !== null && body === undefined) path += `${path.includes("?") ? "&" : "?"}model=${encodeURIComponent(chosen)}`;
+  if (chosen !== null && body !== undefined) body = { ...body, model: chosen };
   const response = await fetch(path, {
     method: body === undefined ? "GET" : "POST",
     headers: headers(body !== undefined),
@@ -415,8 +418,26 @@ $("file").addEventListener("change", async () => {
 
 // -- start ------------------------------------------------------------------------------------------------------
 
+// Several models served: a picker, and every call names the one picked.
+function setUpPicker(models) {
+  if (models.length < 2) return;
+  if (chosen === null || !models.some((m) => m.name === chosen)) chosen = models[0].name;
+  $("picker").replaceChildren(...models.map((m) => el("option", { value: m.name, selected: m.name === chosen || null,
+    text: `${m.name} (${m.task.replace("_", " ")})` })));
+  $("picker-box").hidden = false;
+}
+
+$("picker").addEventListener("change", () => {
+  chosen = $("picker").value;
+  for (const id of ["answer", "report", "plots", "card"]) $(id).replaceChildren();
+  for (const id of ["try-error", "evaluate-error"]) show(id, "");
+  start();
+});
+
 async function start() {
   try {
+    const listing = chosen === null ? (await call("/models")).models : null;
+    if (listing) setUpPicker(listing);
     meta = await call("/metadata");
   } catch (error) {
     if (error.status !== 401) show("key-error", error.message);

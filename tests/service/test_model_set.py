@@ -81,6 +81,8 @@ def test_the_models_setting_names_directories_tags_and_directories_of_artifacts(
     for value, message in refused.items():
         with pytest.raises(ConfigError, match=message):
             sources(Settings(models=value))
+    with pytest.raises(ConfigError, match="names 2 models, over TUNESERVE_MAX_MODELS=1"):
+        sources(Settings(models=str(shelf), max_models=1))
     with pytest.raises(ConfigError, match="both set"):
         sources(Settings(models=str(shelf), artifact=artifacts["token"]))
 
@@ -167,3 +169,37 @@ def test_models_are_added_and_removed_while_the_others_keep_answering(shared_art
 
     locked = serve(models=str(shared_artifacts["sentiment"]))  # no API key: nobody may change the set
     assert locked.post("/models", json={"source": str(shared_artifacts["topics"])}).status_code == 403
+    capped = serve(models=str(shared_artifacts["sentiment"]), api_key="k", max_models=1)
+    full = capped.post("/models", json={"source": str(shared_artifacts["topics"])}, headers=key)
+    assert full.status_code == 409 and "TUNESERVE_MAX_MODELS=1" in full.json()["error"]
+
+
+def test_a_registered_set_is_served_by_a_real_server_from_the_store(shared_artifacts, tmp_path):
+    """`tuneserve register A B --onnx-only`, then `bentoml serve` with TUNESERVE_MODELS naming the store tags: the
+    service declares each as a model of its own (what `bentoml build` packages) and serves them over one base."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.service.test_serve_process import start_server, stop, wait_ready
+
+    home = tmp_path / "bentoml"
+    env = {**__import__("os").environ, "BENTOML_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "training.cli", "register", str(shared_artifacts["sentiment"]),
+                           str(shared_artifacts["tags"]), "--onnx-only"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tags = done.stdout.split()
+    assert [t.split(":")[0] for t in tags] == ["sentiment-onnx", "tags-onnx"]
+    assert f"TUNESERVE_MODELS={','.join(tags)}" in done.stderr
+    proc, url, _ = start_server({"TUNESERVE_MODELS": ",".join(tags)}, home)
+    try:
+        wait_ready(proc, url)
+        listed = httpx.get(url + "/models").json()["models"]
+        assert [(m["name"], m["model"], m["backend"]) for m in listed] == [
+            ("sentiment", tags[0], "onnx-shared"), ("tags", tags[1], "onnx-shared")]
+        answer = httpx.post(url + "/predict", json={"texts": ["alice met bob"], "model": "tags"}).json()
+        assert answer["model"] == tags[1] and "entities" in answer["predictions"][0]
+    finally:
+        stop(proc)

@@ -217,3 +217,37 @@ def test_a_generation_is_shown_as_it_streams(browser, generation_artifact, tmp_p
         assert page.locator("#stop").is_hidden() and errors == []
     finally:
         stop(proc)
+
+
+def test_a_set_of_models_gets_a_picker_and_every_call_names_the_picked_model(browser, shared_artifacts, axe_source,
+                                                                             tmp_path_factory):
+    models = f"{shared_artifacts['sentiment']},{shared_artifacts['tags']}"
+    proc, url, _ = start_server({"TUNESERVE_MODELS": models}, tmp_path_factory.mktemp("bentoml"))
+    try:
+        wait_ready(proc, url)
+        page, errors = open_page(browser, url)
+        page.wait_for_selector("#model:not([hidden])")
+        assert page.locator("#picker option").all_text_contents() == ["sentiment (classification)",
+                                                                     "tags (token classification)"]
+        assert "sentiment" in page.text_content("#title")
+        text = make_rows(1, 99)[0]["text"]
+        page.fill("#text", text)
+        page.click("#run")
+        expected = httpx.post(url + "/predict", json={"texts": [text], "model": "sentiment"}).json()["predictions"][0]
+        wait_until(page, "document.querySelector('[data-testid=decision]') !== null")
+        assert page.locator("[data-testid=decision]").text_content() == expected["label"]
+
+        page.select_option("#picker", "tags")  # the page follows the model picked
+        wait_until(page, "document.querySelector('#title').textContent.startsWith('tags')")
+        assert page.locator("#answer").inner_html() == ""
+        page.fill("#text", "alice met bob in paris")
+        page.click("#run")
+        wait_until(page, "document.querySelector('p.entities[data-testid=decision]') !== null")
+        entities = httpx.post(url + "/predict", json={"texts": ["alice met bob in paris"], "model": "tags"}).json()
+        assert page.locator("p.entities mark").count() == len(entities["predictions"][0]["entities"])
+        page.evaluate(axe_source)
+        result = page.evaluate("axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}})")
+        assert result["violations"] == [], [v["id"] for v in result["violations"]]
+        assert errors == []
+    finally:
+        stop(proc)
