@@ -82,8 +82,11 @@ class Encoder:
     lock: Any = field(default_factory=threading.RLock, compare=False, repr=False)
 
     @classmethod
-    def from_manifest(cls, tokenizer: Any, manifest: Any) -> Encoder:
-        return cls(tokenizer, manifest.max_length, manifest.stride or 0)
+    def from_manifest(cls, tokenizer: Any, manifest: Any, lock: Any = None) -> Encoder:
+        """``lock``: the tokenizer's, where other encoders share it (each encoder's own by default)."""
+        if lock is None:
+            return cls(tokenizer, manifest.max_length, manifest.stride or 0)
+        return cls(tokenizer, manifest.max_length, manifest.stride or 0, lock)
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *, padding: bool | str = False,
                return_tensors: str | None = None) -> Any:

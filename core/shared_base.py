@@ -119,6 +119,7 @@ class _Stacks:
 
     index: dict[str, int] = field(default_factory=dict)
     feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    rank: int = 1
 
 
 @dataclass
@@ -152,7 +153,8 @@ class SharedBase:
                        for name in inputs if name.startswith("lora_A.")}
         self.token_inputs = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in inputs]
         self._stacks = _Stacks()
-        self._adapters: dict[str, Adapter] = {}
+        self._adapters: dict[str, Adapter] = {}  # heads (the factors are in the stacks)
+        self._ranks: dict[str, int] = {}
         self._changes = threading.Lock()
         self._queue: list[_Submission] = []
         self._turn = threading.Condition()
@@ -175,29 +177,39 @@ class SharedBase:
         if foreign:
             raise ArtifactError(f"{key}: adapts {', '.join(foreign[:3])}, which the shared base graph does not adapt")
         with self._changes:
-            adapters = {**self._adapters, key: adapter}
-            self._stacks = self._stacked(adapters)
-            self._adapters = adapters
+            self._stacks = self._restacked(key, adapter)
+            # the factors live on in the stacks alone; the head is kept for this model's answers
+            self._adapters = {**self._adapters, key: Adapter({}, adapter.head_kind, adapter.head, adapter.base)}
+            self._ranks = {**self._ranks, key: adapter.rank}
 
     def remove(self, key: str) -> None:
         with self._changes:
-            adapters = {k: a for k, a in self._adapters.items() if k != key}
-            self._stacks = self._stacked(adapters)
-            self._adapters = adapters
+            self._stacks = self._restacked(key, None)
+            self._adapters = {k: a for k, a in self._adapters.items() if k != key}
+            self._ranks = {k: r for k, r in self._ranks.items() if k != key}
 
-    def _stacked(self, adapters: dict[str, Adapter]) -> _Stacks:
-        rank = max([a.rank for a in adapters.values()] + [1])
+    def _restacked(self, key: str, adapter: Adapter | None) -> _Stacks:
+        """The stacks with ``key``'s row replaced by ``adapter``'s factors (None: without ``key``), copied from the
+        current ones: a pass under way keeps the stacks it took."""
+        old = self._stacks
+        kept = [k for k in old.index if k != key]
+        keys = kept + ([key] if adapter is not None else [])
+        ranks = [self._ranks[k] for k in kept] + ([adapter.rank] if adapter is not None else [])
+        rank, carried = max(ranks + [1]), min(old.rank, max(ranks + [1]))
+        rows = [old.index[k] for k in kept]
         feeds = {}
         for layer, (width_in, width_out) in self.layers.items():
-            a = np.zeros((max(len(adapters), 1), width_in, rank), np.float32)
-            b = np.zeros((max(len(adapters), 1), rank, width_out), np.float32)
-            for k, adapter in enumerate(adapters.values()):
-                if f"lora_A.{layer}" in adapter.factors:
-                    own_a, own_b = adapter.factors[f"lora_A.{layer}"], adapter.factors[f"lora_B.{layer}"]
-                    a[k, :, :own_a.shape[1]] = own_a
-                    b[k, :own_b.shape[0], :] = own_b
+            a = np.zeros((max(len(keys), 1), width_in, rank), np.float32)
+            b = np.zeros((max(len(keys), 1), rank, width_out), np.float32)
+            if rows:
+                a[:len(rows), :, :carried] = old.feeds[f"lora_A.{layer}"][rows, :, :carried]
+                b[:len(rows), :carried, :] = old.feeds[f"lora_B.{layer}"][rows, :carried, :]
+            if adapter is not None and f"lora_A.{layer}" in adapter.factors:
+                own_a, own_b = adapter.factors[f"lora_A.{layer}"], adapter.factors[f"lora_B.{layer}"]
+                a[len(rows), :, :own_a.shape[1]] = own_a
+                b[len(rows), :own_b.shape[0], :] = own_b
             feeds[f"lora_A.{layer}"], feeds[f"lora_B.{layer}"] = a, b
-        return _Stacks({key: k for k, key in enumerate(adapters)}, feeds)
+        return _Stacks({k: i for i, k in enumerate(keys)}, feeds, rank)
 
     def hidden(self, batch: dict[str, np.ndarray], key: str) -> np.ndarray:
         """The hidden states of one padded batch under one model's adapter, computed in a pass with whatever other

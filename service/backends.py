@@ -74,6 +74,34 @@ def load_tokenizer(artifact_dir: Path):
                             f"({str(exc).splitlines()[0][:300]})") from None
 
 
+_ENCODERS: dict[tuple, tuple[Any, Any]] = {}  # tokenizer files' hash -> (tokenizer, its lock), shared by models
+_ENCODERS_LOCK = threading.Lock()
+_NOT_TOKENIZER = {"config.json", "generation_config.json"}
+
+
+def scoring_encoder(artifact_dir: Path, manifest: Manifest) -> Encoder:
+    """The artifact's tokenizer with its settings. Models whose tokenizer files are identical (fine-tunes of one
+    base) share one tokenizer, about 10 MB each (BENCHMARKS.md, model sets), and the lock its calls take: a fast
+    tokenizer must not be called from two threads at once, and each call sets the truncation it needs."""
+    import hashlib
+    import json
+
+    model_dir = artifact_dir / MODEL_DIR
+    digest = hashlib.sha256()
+    try:
+        digest.update(str(json.loads((model_dir / "config.json").read_text()).get("model_type")).encode())
+        for path in sorted(model_dir.iterdir()):
+            if path.is_file() and path.name not in _NOT_TOKENIZER and path.suffix not in (".safetensors", ".bin"):
+                digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{artifact_dir}: cannot read {MODEL_DIR}/ ({exc})") from None
+    with _ENCODERS_LOCK:
+        if digest.hexdigest() not in _ENCODERS:
+            _ENCODERS[digest.hexdigest()] = (load_tokenizer(artifact_dir), threading.RLock())
+        tokenizer, lock = _ENCODERS[digest.hexdigest()]
+    return Encoder.from_manifest(tokenizer, manifest, lock=lock)
+
+
 class OnnxBackend:
     """ONNX Runtime over the artifact's exported graph (fp32 or the int8 variant the export gate kept)."""
 
@@ -89,7 +117,7 @@ class OnnxBackend:
             self.model = OnnxModel(path, threads=threads, providers=providers, spinning=False)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for a bad file
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
-        self.encoder = Encoder.from_manifest(load_tokenizer(artifact_dir), manifest)
+        self.encoder = scoring_encoder(artifact_dir, manifest)
         self.task = manifest.task
         self.batch_size = batch_size
         self.name = "onnx-int8" if int8 else "onnx"
@@ -143,7 +171,7 @@ class SharedBaseBackend:
         self.key = str(artifact_dir.resolve())
         self.shared.add(self.key, adapter)
         self.model = self.shared.model_for(self.key)
-        self.encoder = Encoder.from_manifest(load_tokenizer(artifact_dir), manifest)
+        self.encoder = scoring_encoder(artifact_dir, manifest)
         self.task, self.batch_size = manifest.task, batch_size
         self.provider = self.shared.model.session.get_providers()[0]
 
@@ -224,7 +252,7 @@ class TorchBackend:
         import torch
 
         self.model, self.half_precision = _load_torch_model(artifact_dir, manifest, device=device, threads=threads)
-        self.encoder = Encoder.from_manifest(load_tokenizer(artifact_dir), manifest)
+        self.encoder = scoring_encoder(artifact_dir, manifest)
         self.spec = manifest.task.spec
         self.batch_size = batch_size
         self.device = device

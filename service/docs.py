@@ -42,6 +42,7 @@ METADATA = {
         "operationId": "tuneserve__metadata",
         "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
                         "description": "The served model, by name (optional where the service serves one)."}],
+        "x-model-errors": True,
         "description": "What the artifact records about the model: task, labels, base model, method, test metrics "
                        "beside the baselines, the export's parity report, the backend serving it, versions and "
                        "request limits.",
@@ -89,6 +90,42 @@ MODELS = {
                     "method": {"type": "string"},
                 }}}}}}}}},
     },
+    "post": {
+        "tags": [MODEL_TAG],
+        "operationId": "tuneserve__add_model",
+        "description": "Add a model while serving (needs TUNESERVE_API_KEY set; 403 otherwise): it is loaded and "
+                       "self-tested while the others keep answering.",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "title": "AddModel", "required": ["source"], "additionalProperties": False,
+            "properties": {"source": {"type": "string", "description": "An artifact directory or a store tag."},
+                           "name": {"type": "string", "description": "The name requests use (default: the "
+                                                                     "config's name, else the directory's)."}}}}}},
+        "responses": {"201": {"description": "Added: {\"added\": the model as GET /models lists it}",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      **{str(code): {"description": text, "content": {"application/json": {
+                          "schema": {"$ref": "#/components/schemas/Error"}}}}
+                         for code, text in ((400, "Not a source: no such directory, or a malformed body"),
+                                            (403, "No API key is set: the set cannot change"),
+                                            (409, "A model of that name is served, or the limit is reached"),
+                                            (422, "The source is not a model that can be served: why, in one line"))}},
+    },
+}
+
+REMOVE_MODEL = {
+    "delete": {
+        "tags": [MODEL_TAG],
+        "operationId": "tuneserve__remove_model",
+        "description": "Stop serving a model (needs TUNESERVE_API_KEY set; 403 otherwise); requests waiting for it get "
+                       "404.",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "Removed: {\"removed\": name}",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      **{str(code): {"description": text, "content": {"application/json": {
+                          "schema": {"$ref": "#/components/schemas/Error"}}}}
+                         for code, text in ((400, "The only model served cannot be removed"),
+                                            (403, "No API key is set: the set cannot change"),
+                                            (404, "No model of that name is served"))}},
+    },
 }
 
 METHODS = {"full": "full fine-tuning", "lora": "LoRA adapters, merged", "freeze": "frozen encoder, trained head",
@@ -113,6 +150,12 @@ class About:
     provider: str | None
     tuneserve_version: str | None
     settings: Settings
+
+
+# What a request naming its model (several served) may get beside its own answers.
+MODEL_ERRORS = {400: "Bad request (with several models served: no model named)",
+                404: "No model of that name is served (GET /models lists them)",
+                503: "The model named is being added; try again after Retry-After seconds"}
 
 
 def middleware_responses(settings: Settings, body: bool = True) -> dict[int, str]:
@@ -195,6 +238,7 @@ def api_document(base: dict, about: About) -> dict:
     paths = spec.setdefault("paths", {})
     paths["/metadata"] = copy.deepcopy(METADATA)
     paths["/models"] = copy.deepcopy(MODELS)
+    paths["/models/{name}"] = copy.deepcopy(REMOVE_MODEL)
     for path, text in PROBES.items():
         for operation in paths.get(path, {}).values():
             operation.update(description=text, tags=[PROBE_TAG])
@@ -210,12 +254,18 @@ def api_document(base: dict, about: About) -> dict:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     examples = _examples(about)
     for path, item in paths.items():
-        if path.rstrip("/") not in API_PATHS:
+        if path.rstrip("/") not in API_PATHS and not path.startswith("/models/"):
             continue
         for operation in item.values():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             operation["tags"] = [MODEL_TAG]
+            takes_model = operation.pop("x-model-errors", False) or ("requestBody" in operation and path != "/models")
+            if takes_model:
+                for status, text in MODEL_ERRORS.items():
+                    operation["responses"].setdefault(str(status), {
+                        "description": text,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
             for status, text in middleware_responses(about.settings, body="requestBody" in operation).items():
                 operation["responses"].setdefault(str(status), {
                     "description": text,

@@ -190,9 +190,14 @@ class ErrorShapeMiddleware:
                 data = json.loads(body)
             except ValueError:
                 data = None
+            headers = [(k, v) for k, v in start_message.get("headers", []) if k.lower() != b"content-length"]
             if isinstance(data, dict):
                 body = json.dumps(_reshaped(data)).encode()
-            headers = [(k, v) for k, v in start_message.get("headers", []) if k.lower() != b"content-length"]
+            elif data is None:  # the router's plain "Not Found" (a path it cannot match) or "Method Not Allowed"
+                what = body.decode(errors="replace").strip() or "Not Found"
+                body = json.dumps(error_body(f"{what.lower()}: {scope['method']} {scope['path']!r}")).encode()
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+                headers.append((b"content-type", b"application/json"))
             await send({**start_message, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
 

@@ -163,6 +163,9 @@ async def _metadata(request: Request) -> JSONResponse:
 
 
 async def _models(request: Request) -> JSONResponse:
+    """GET: the models served; POST: add one (one route, so that its Allow header names both methods)."""
+    if request.method == "POST":
+        return await _add_model(request)
     return JSONResponse({"models": [served.summary() for served in bentoml.get_current_service().models]})
 
 
@@ -518,9 +521,9 @@ def _api_document() -> dict:
 
 
 # Mounted at the root, ahead of BentoML's own / and /docs.json: its passive mount claims only the paths routed here.
-api_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), Route("/models", _models, methods=["GET"]),
-                            Route("/models", _add_model, methods=["POST"]),
-                            Route("/models/{name}", _remove_model, methods=["DELETE"]),
+api_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
+                            Route("/models", _models, methods=["GET", "POST"]),
+                            Route("/models/{name:path}", _remove_model, methods=["DELETE"]),
                             *docs_routes(_api_document),
                             *web_routes(lambda name: bentoml.get_current_service().models.get(name).directory)])
 Tuneserve.mount_asgi_app(api_app, path="/")

@@ -93,3 +93,30 @@ def test_an_adapter_for_other_base_weights_or_layers_is_refused(shared_artifacts
     with pytest.raises(ArtifactError, match="cannot read the adapter"):
         Adapter.load(tmp_path / "broken.safetensors")
     assert "other" not in shared and "foreign" not in shared
+
+
+def test_adding_replacing_and_removing_adapters_leaves_the_others_answers_alone(shared_artifacts):
+    manifests = {n: read_manifest(d) for n, d in shared_artifacts.items()}
+    graph = shared_files(shared_artifacts["tags"], manifests["tags"])[0]
+    adapters = {n: Adapter.load(shared_files(d, manifests[n])[1]) for n, d in shared_artifacts.items()}
+    shared = SharedBase(graph, adapters["tags"].base, threads=1)
+    encoders = {n: Encoder.from_manifest(load_tokenizer(d), manifests[n]) for n, d in shared_artifacts.items()}
+    texts = {n: _texts(n, 6, seed=7) for n in shared_artifacts}
+
+    def answers(name):
+        return shared.model_for(name).logits(encoders[name], texts[name], task=manifests[name].task)
+
+    shared.add("tags", adapters["tags"])  # rank 4
+    shared.add("topics", adapters["topics"])  # no factors: a frozen encoder
+    before = {n: answers(n) for n in ("tags", "topics")}
+    shared.add("sentiment", adapters["sentiment"])  # rank 8: every stack widens
+    shared.add("sentiment", adapters["sentiment"])  # replaced in place of itself
+    widened = {n: answers(n) for n in ("tags", "topics")}
+    first = answers("sentiment")
+    shared.remove("tags")  # the rank-4 row goes; sentiment's row moves up
+    assert "tags" not in shared and np.array_equal(answers("sentiment"), first)
+    shared.remove("sentiment")  # back to rank 1
+    for name in ("tags", "topics"):  # a wider stack (zero-padded) changes nothing
+        spec = manifests[name].task.spec
+        assert np.abs(spec.flat(widened[name]) - spec.flat(before[name])).max() < 1e-5
+    assert np.abs(answers("topics") - before["topics"]).max() < 1e-5
