@@ -28,7 +28,7 @@ class Settings(BaseSettings):
                           "Each request names its model in its `model` field (service/models.py).")
     max_models: int = Field(
         64, ge=1, description="Most models one process serves (TUNESERVE_MODELS and those added while serving): each "
-                              "costs memory, about 15 MB over a shared base and 80 MB as a merged int8 graph of MiniLM "
+                              "costs memory, about 4 MB over a shared base and 70 MB as a merged int8 graph of MiniLM "
                               "(BENCHMARKS.md, model sets).")
     threads: int | None = Field(None, ge=1, description="Intra-op threads; default: the CPU cores this process may use.")
     max_batch_size: int = Field(32, ge=1, le=1024,
