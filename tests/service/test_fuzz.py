@@ -52,7 +52,9 @@ def test_schemathesis_finds_no_server_error_and_no_response_off_schema(task, art
                                "--checks", "all", "--exclude-checks", EXCLUDED, "--max-examples", str(TASKS[task]),
                                "--seed", "1", "--request-timeout", str(SERVICE_TIMEOUT + 10),
                                "--max-response-time", str(SERVICE_TIMEOUT), "-H", f"Authorization: Bearer {KEY}",
-                               "--report", "junit", "--report-junit-path", str(report)],
+                               "--report", "junit", "--report-junit-path", str(report),
+                               # adding and removing models is the same code for every task: fuzzed with the first
+                               *([] if task == next(iter(TASKS)) else ["--exclude-path-regex", "^/models"])],
                               capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert done.returncode == 0, done.stdout[-4000:]
         suites = ET.parse(report).getroot()
