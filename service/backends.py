@@ -106,15 +106,12 @@ class OnnxBackend:
     """ONNX Runtime over the artifact's exported graph (fp32 or the int8 variant the export gate kept)."""
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, *, int8: bool, threads: int, batch_size: int):
-        import onnxruntime as ort
-
         from core.onnx_runner import OnnxModel, check_external_data
 
         path = graph_file(artifact_dir, manifest, "onnx-int8" if int8 else "onnx")
         check_external_data(path)
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
-            self.model = OnnxModel(path, threads=threads, providers=providers, spinning=False)
+            self.model = OnnxModel(path, threads=threads, providers=_onnx_providers(), spinning=False)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for a bad file
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
         self.encoder = scoring_encoder(artifact_dir, manifest)

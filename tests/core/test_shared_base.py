@@ -120,3 +120,15 @@ def test_adding_replacing_and_removing_adapters_leaves_the_others_answers_alone(
         spec = manifests[name].task.spec
         assert np.abs(spec.flat(widened[name]) - spec.flat(before[name])).max() < 1e-5
     assert np.abs(answers("topics") - before["topics"]).max() < 1e-5
+
+
+def test_a_lora_artifact_without_its_factors_says_why_it_cannot_share_a_base(shared_artifacts, tmp_path):
+    import shutil
+
+    from training.export.shared import not_shareable
+
+    copy = tmp_path / "artifact"
+    shutil.copytree(shared_artifacts["sentiment"], copy, ignore=shutil.ignore_patterns("onnx"))
+    assert not_shareable(copy, read_manifest(copy)) is None
+    shutil.rmtree(copy / "adapter")  # as an artifact written before adapters were kept
+    assert "adapter/adapter_config.json" in not_shareable(copy, read_manifest(copy))

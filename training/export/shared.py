@@ -52,7 +52,10 @@ def not_shareable(artifact_dir: Path, manifest: Manifest) -> str | None:
         return None
     if manifest.method != "lora":
         return f"method {manifest.method}: only LoRA adapters and a frozen encoder leave the base weights as they are"
-    peft_config = json.loads((artifact_dir / ADAPTER_DIR / "adapter_config.json").read_text())
+    adapter_config = artifact_dir / ADAPTER_DIR / "adapter_config.json"
+    if not adapter_config.is_file():  # an artifact written before adapters were kept beside the merged model
+        return f"no {ADAPTER_DIR}/adapter_config.json: the LoRA factors were not kept (train it again to share a base)"
+    peft_config = json.loads(adapter_config.read_text())
     if peft_config.get("use_dora"):
         return "DoRA rescales each weight's columns, which a low-rank side path cannot express"
     if peft_config.get("rank_pattern") or peft_config.get("alpha_pattern"):
