@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,9 @@ class Evaluation:
     macro_over: list[str] | None = None
     # metric -> (low, high), filled by TaskSpec.assess (95% unless asked otherwise)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # the examples the model answered worst, filled by core.report.assessed: {"by": what the loss is, "examples":
+    # [{"index", "prediction", "loss"}]}; None for a task without a per-example loss
+    worst: dict | None = None
 
 
 # Metrics that are the share of examples with a yes/no outcome: their interval is exact (Clopper-Pearson) at any size.
@@ -156,6 +159,14 @@ def take(values: Any, indices: np.ndarray) -> Any:
     if isinstance(values, np.ndarray):
         return values[indices]
     return [values[i] for i in indices]
+
+
+def joined(parts: Sequence[Any]) -> Any:
+    """Targets or scores of several parts as one, in order: arrays stacked along their rows, sequences chained
+    (what :func:`take` selects from)."""
+    if all(isinstance(part, np.ndarray) for part in parts):
+        return np.concatenate(parts)
+    return [item for part in parts for item in part]
 
 
 def checked(targets: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -332,6 +343,15 @@ def regression_metrics(y: Any, pred: Any) -> Evaluation:
 
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def rouge_l(references: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
+    """Each prediction's ROUGE-L F1 (0-100) against its reference, stemmed as :func:`generation_metrics` scores it."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return np.asarray([100 * scorer.score(str(r), str(p))["rougeL"].fmeasure for r, p in zip(references, predictions)],
+                      dtype=np.float64)
 
 
 def generation_metrics(references: Any, predictions: Any) -> Evaluation:

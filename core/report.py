@@ -23,9 +23,31 @@ if TYPE_CHECKING:
 MACRO_OF = {"precision_macro": "precision", "recall_macro": "recall", "f1_macro": "f1"}
 
 
+# how many of the worst-answered examples an evaluation lists
+WORST = 10
+
+
 def assessed(manifest: Manifest, targets: Any, scores: Any) -> Evaluation:
-    """The task's metrics of ``scores`` against ``targets``, each with its 95% interval."""
-    return manifest.task.spec.assess(targets, scores, manifest.labels, threshold=manifest.decision_threshold)
+    """The task's metrics of ``scores`` against ``targets``, each with its 95% interval, and the examples it
+    answered worst."""
+    evaluation = manifest.task.spec.assess(targets, scores, manifest.labels, threshold=manifest.decision_threshold)
+    evaluation.worst = worst_examples(manifest, targets, scores)
+    return evaluation
+
+
+def worst_examples(manifest: Manifest, targets: Any, scores: Any, k: int = WORST) -> dict | None:
+    """The ``k`` examples of highest loss (the task's :meth:`~core.tasks.base.TaskSpec.losses`), worst first: each
+    one's index among the examples, the model's decision and the loss; None for a task without a loss."""
+    from core.metrics import take
+
+    spec = manifest.task.spec
+    losses = spec.losses(targets, scores, threshold=manifest.decision_threshold)
+    if losses is None:
+        return None
+    order = np.argsort(-losses, kind="stable")[:k]
+    decisions = spec.decide(manifest, take(scores, order))
+    return {"by": spec.loss_name, "examples": [{"index": int(i), "prediction": decision, "loss": float(losses[i])}
+                                               for i, decision in zip(order, decisions)]}
 
 
 def training_figures(manifest: Manifest, evaluation: Evaluation) -> tuple[dict[str, float], list[str]]:
@@ -76,6 +98,7 @@ def report(manifest: Manifest, evaluation: Evaluation) -> dict:
         "delta": {k: metrics[k] - training[k] for k in metrics if k in training},
         "drift": drift,
         **({"macro_over": list(evaluation.macro_over)} if evaluation.macro_over is not None else {}),
+        **({"worst": evaluation.worst} if evaluation.worst is not None else {}),
         **{name: table for name, table in tables.items()
            if name in manifest.task.spec.evaluation_tables and table is not None},
         "notes": (list(evaluation.notes) + notes

@@ -266,7 +266,9 @@ def api_document(base: dict, about: About) -> dict:
                     operation["responses"].setdefault(str(status), {
                         "description": text,
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
-            for status, text in middleware_responses(about.settings, body="requestBody" in operation).items():
+            parted = {409: "A part that does not continue its evaluation (`part`): never begun, out of order, idle, "
+                           "or over the limit"} if path == "/evaluate" else {}
+            for status, text in {**parted, **middleware_responses(about.settings, body="requestBody" in operation)}.items():
                 operation["responses"].setdefault(str(status), {
                     "description": text,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
@@ -298,6 +300,8 @@ def _narrow_to_task(path: str, operation: dict, m: Manifest, settings: Settings)
         for table in ("per_class", "confusion_matrix"):
             if table not in spec.evaluation_tables:
                 properties.pop(table, None)
+        if spec.loss_name is None:
+            properties.pop("worst", None)
     if path == "/evaluate" and spec.ranked_corpus([]) is not None:
         operation["description"] = " ".join(filter(None, [operation.get("description"), (
             f"At most {settings.max_corpus:,} distinct documents (positives) per request: each query is ranked "

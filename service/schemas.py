@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 
 from core.tasks.embedding import Embedding
 from core.tasks.generation import Generation
@@ -36,6 +44,32 @@ class Example(BaseModel):
                                           "`entities` (token models).")
 
 
+class EvaluationPart(BaseModel):
+    """Which part of an evaluation posted in parts a request is (service/parts.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$", description="The evaluation's id, chosen by the client "
+                          "(8 to 64 letters, digits, - or _), the same on each of its parts.")
+    index: StrictInt = Field(ge=0, description="0 for the first part, then 1, 2, ...: parts are posted in order, one "
+                             "at a time.")
+    last: StrictBool = Field(description="true on the part that ends the evaluation: it is answered with the report "
+                             "of all the parts' examples, as one request holding them all would be.")
+    examples: int | None = Field(None, description="In the answer: the examples the evaluation holds so far.")
+
+
+class WorstExample(BaseModel):
+    index: int = Field(description="The example's position among those evaluated (over all parts, in order).")
+    prediction: Any = Field(description="The model's decision, as /predict gives it: a label, labels, a value, "
+                            "entities (start, end, label) or a text.")
+    loss: float = Field(description="How badly the model answered it (`by` says how); higher is worse.")
+
+
+class WorstExamples(BaseModel):
+    by: str = Field(description="What the loss measures.")
+    examples: list[WorstExample] = Field(description="The examples of highest loss, worst first (at most 10).")
+
+
 class PredictResponse(BaseModel):
     predictions: list[ClassPrediction | MultiLabelPrediction | RegressionPrediction | TokenPrediction | Embedding] = Field(
         description="One prediction per text, in request order.")
@@ -60,6 +94,10 @@ class EvaluateResponse(BaseModel):
     per_class: dict[str, dict[str, float]] | None = Field(None, description="Precision, recall, F1, support per label.")
     confusion_matrix: list[list[int]] | None = Field(
         None, description="Rows: true class, columns: predicted class, in the model's label order (classification).")
+    worst: WorstExamples | None = Field(None, description="The examples the model answered worst, to read first "
+                                        "(every task but embedding).")
+    part: EvaluationPart | None = Field(None, description="For a part of an evaluation in parts: which one, and how "
+                                        "many examples the evaluation holds so far.")
     notes: list[str] = Field(default_factory=list, description="Metrics left out or recomputed, labels absent, and "
                              "why.")
     model: str

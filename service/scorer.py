@@ -73,8 +73,18 @@ class Scorer:
         return scores
 
     async def evaluate(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any) -> Evaluation:
-        """The task's metrics on labelled examples with their 95% intervals, with the trainer's code (an embedding model ranks the
-        positives too: :meth:`core.tasks.base.TaskSpec.judged_inputs`).
+        """The task's metrics on labelled examples with their 95% intervals, with the trainer's code (an embedding
+        model ranks the positives too: :meth:`core.tasks.base.TaskSpec.judged_inputs`).
+
+        Raises:
+            as :meth:`judge`.
+        """
+        scores = await self.judge(texts, pairs, targets)
+        # the intervals' resampling is CPU work: off the event loop, so other requests keep being answered
+        return await anyio.to_thread.run_sync(assessed, self.manifest, targets, scores)
+
+    async def judge(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any) -> Any:
+        """The model's scores for labelled examples, what :func:`core.report.assessed` compares with their targets.
 
         Raises:
             RequestError: the examples hold more documents to rank than the service's limit, or the model would
@@ -96,9 +106,7 @@ class Scorer:
                                f"limit of {limit:,} texts per request "
                                f"(TUNESERVE_MAX_EXAMPLES); post at most {n * limit // read:,} examples per "
                                "request, or score a whole file with `tuneserve evaluate ARTIFACT --data FILE`")
-        scores = await self.scores(texts, pairs)
-        # the intervals' resampling is CPU work: off the event loop, so other requests keep being answered
-        return await anyio.to_thread.run_sync(assessed, self.manifest, targets, scores)
+        return await self.scores(texts, pairs)
 
     async def truncated(self, texts: Sequence[str], pairs: Sequence[str] | None) -> list[bool]:
         """Whether each text (or pair) is longer than the model reads (its first max_length tokens)."""

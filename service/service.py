@@ -29,7 +29,8 @@ from starlette.routing import Route
 
 from core.errors import ArtifactError, ConfigError
 from core.manifest import Manifest, read_manifest
-from core.report import report
+from core.metrics import Evaluation
+from core.report import assessed, report
 from service.backends import (
     SHARED_BACKEND,
     SharedBases,
@@ -63,6 +64,7 @@ from service.models import (
     sources,
     sources_of,
 )
+from service.parts import PartedEvaluations
 from service.requests import (
     RequestError,
     check_messages_size,
@@ -73,6 +75,7 @@ from service.requests import (
 from service.schemas import (
     EmbedResponse,
     EvaluateResponse,
+    EvaluationPart,
     Example,
     GenerateResponse,
     Message,
@@ -234,6 +237,7 @@ class Tuneserve:
         self.shared_bases = {base for base, count in needed.items() if base is not None and count > 1}
         self.bases = SharedBases(self.settings.threads or cpu_threads())
         self.models = ModelSet.of([load_model(source, self.settings, self._build) for source in located])
+        self.parted = PartedEvaluations(self.settings.max_parted_examples)
         for served in self.models:
             logger.info("serving %s (%s) as %r with backend %s; self-test passed on %d examples (%s) in %.2f s",
                         served.tag, served.manifest.task.value, served.name, served.backend.name,
@@ -287,6 +291,7 @@ class Tuneserve:
         if len(self.models) == 1 and name in self.models.names:
             raise RequestError(f"model: {name!r} is the only model served; add another before removing it")
         served = self.models.remove(name)
+        self.parted.forget(name)
         served.close()
         logger.info("removed %r", name)
         return JSONResponse({"removed": name})
@@ -363,19 +368,55 @@ class Tuneserve:
         examples: list[Example] = Field(min_length=1, max_length=SETTINGS.max_examples,
                                         description="Labelled examples: text (and text_pair), with label or labels."),
         model: StrictStr | None = Field(None, description=MODEL_FIELD),
+        part: EvaluationPart | None = Field(
+            None, description="Post more examples than one request allows as numbered parts of one evaluation: the "
+                              "last part is answered with the report of them all, exactly as one request would be "
+                              "(parts are held in this process; not for embedding models)."),
     ) -> EvaluateResponse:
         """Score the model on posted labelled data, beside the test metrics recorded at training time."""
         try:
             served = self.models.get(model)
             texts, pairs, targets = examples_to_inputs(served.manifest, examples, self.settings)
-            evaluation = await served.engine.evaluate(texts, pairs, targets)
+            if part is None:
+                evaluation = await served.engine.evaluate(texts, pairs, targets)
+            else:
+                evaluation, part = await self._evaluate_part(served, part, texts, pairs, targets)
         except RequestError as exc:
             return _bad_request(exc)
         except NonFiniteOutputs:
             return _not_finite()
-        body = EvaluateResponse(**report(served.manifest, evaluation), model=served.tag, backend=served.backend.name)
+        body = EvaluateResponse(**report(served.manifest, evaluation), part=part, model=served.tag,
+                                backend=served.backend.name)
         # Tables the task does not fill are left out, as its documented schema (service/docs.py) leaves them out.
         return JSONResponse(body.model_dump(mode="json", exclude_none=True))
+
+    async def _evaluate_part(self, served: ServedModel, part: EvaluationPart, texts: list[str],
+                             pairs: list[str] | None, targets) -> tuple[Evaluation, EvaluationPart]:
+        """One part of an evaluation in parts (service/parts.py): the report of all the parts for the last one, the
+        metrics of this part alone (no intervals) for the others.
+
+        Raises:
+            RequestError: the model ranks (its evaluation cannot be split), or the part does not continue its
+                evaluation (409).
+        """
+        if served.spec.ranked_corpus(targets) is not None:
+            raise RequestError("part: an embedding model's evaluation ranks every query against every document of "
+                               "one request, so it cannot be posted in parts; post the examples in one request")
+        self.parted.check(served, served.name, part.id, part.index, len(texts))
+        outputs = await served.engine.judge(texts, pairs, targets)
+        held = self.parted.add(served, served.name, part.id, part.index, part.last, targets, outputs)
+        manifest = served.manifest
+        if part.last:
+            every_target, every_output, parts = held
+            evaluation = await anyio.to_thread.run_sync(assessed, manifest, every_target, every_output)
+            evaluation.notes.append(f"evaluation {part.id!r} was posted in {parts} parts: every figure is over all "
+                                    f"{evaluation.n:,} examples")
+            return evaluation, part.model_copy(update={"examples": evaluation.n})
+        evaluation = await anyio.to_thread.run_sync(lambda: served.spec.evaluate(
+            targets, outputs, manifest.labels, threshold=manifest.decision_threshold))
+        evaluation.notes.append(f"part {part.index} of evaluation {part.id!r}: the metrics of this part alone, "
+                                f"without intervals; {held:,} examples held so far, and the last part is answered for all of them")
+        return evaluation, part.model_copy(update={"examples": held})
 
     @bentoml.api
     async def generate(

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_texts: int = Field(256, ge=1, description="Most texts in one /predict request.")
     max_chars: int = Field(20_000, ge=1, description="Longest text, in characters.")
     max_examples: int = Field(10_000, ge=1, description="Most examples in one /evaluate request.")
+    max_parted_examples: int = Field(
+        100_000, ge=1, description="Most examples one evaluation posted in parts may hold over all its parts (the "
+                                   "service keeps their targets and the model's outputs until the last part).")
     max_new_tokens: int = Field(
         512, ge=1, description="Generation: the most tokens one /generate request may ask for per prompt (each model "
                                "also caps it at 4 times the default it was evaluated with).")

@@ -42,8 +42,16 @@ class Writer:
         return await self.batcher(ids, decoding, seed)
 
     async def evaluate(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any) -> Evaluation:
-        """Greedy decoding with the model's max_new_tokens, as the trainer scored its test split; metrics with their
-        95% intervals.
+        """Metrics of :meth:`judge`'s texts with their 95% intervals.
+
+        Raises:
+            as :meth:`judge`.
+        """
+        generations = await self.judge(texts, pairs, targets)
+        return await anyio.to_thread.run_sync(assessed, self.manifest, targets, generations)
+
+    async def judge(self, texts: Sequence[str], pairs: Sequence[str] | None, targets: Any) -> list[GeneratedText]:
+        """Greedy decoding with the model's max_new_tokens, as the trainer scored its test split.
 
         Raises:
             RequestError: the examples' prompts and new tokens are more than the service's budget per request.
@@ -51,8 +59,7 @@ class Writer:
         max_new_tokens = default_max_new_tokens(self.manifest)
         prompts = await anyio.to_thread.run_sync(self.backend.prompter.all, texts)
         check_token_budget("examples", prompts, max_new_tokens, self.settings)
-        generations = await self.batcher(prompts, Decoding(max_new_tokens))
-        return await anyio.to_thread.run_sync(assessed, self.manifest, targets, generations)
+        return await self.batcher(prompts, Decoding(max_new_tokens))
 
     def limits(self) -> dict:
         return {"max_new_tokens": max_new_tokens_cap(self.manifest, self.settings),

@@ -197,6 +197,8 @@ class TaskSpec(ABC):
     # A long text is read in overlapping windows (nothing cut away); otherwise the model reads its first max_length
     # tokens and each answer says when it was cut (``truncated``).
     windows: ClassVar[bool] = False
+    # What :meth:`losses` measures, for the worst examples an evaluation lists (None: the task lists none).
+    loss_name: ClassVar[str | None] = None
 
     # -- labels ---------------------------------------------------------------------------------------
     def parse_example(self, text: Any, label: Any, options: dict | None = None) -> tuple[str, Any]:
@@ -331,6 +333,11 @@ class TaskSpec(ABC):
         """Fit each simple baseline on ``train`` and score it on ``test`` with :meth:`evaluate` (``validation``
         and ``metric``: where a task fits its decisions on validation, the baselines' are fitted the same way)."""
         ...
+
+    def losses(self, targets: Any, scores: Any, *, threshold: float | np.ndarray = 0.5) -> np.ndarray | None:
+        """How badly the model answered each example, higher worse (:attr:`loss_name` says how), for the worst
+        examples an evaluation lists; None for a task that lists none."""
+        return None
 
     # -- decisions ------------------------------------------------------------------------------------
     def scores(self, logits: Any, calibration: Calibration | None = None) -> Any:

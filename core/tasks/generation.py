@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from core.metrics import Evaluation, generation_metrics, generation_resampled
+from core.metrics import Evaluation, generation_metrics, generation_resampled, rouge_l
 from core.prompting import PromptFormat, render_prompt
 from core.tasks.base import LabelError, WritingSpec
 
@@ -245,6 +245,11 @@ class GenerationSpec(WritingSpec):
 
     def resampled(self, targets: Any, scores: Any, labels: Sequence[str] | None = None, *, threshold: float = 0.5):
         return generation_resampled(list(targets), [g.text for g in self.scores(scores)])
+
+    loss_name = "100 - ROUGE-L F1 against the reference"
+
+    def losses(self, targets: Any, scores: Any, *, threshold: float = 0.5) -> np.ndarray:
+        return 100 - rouge_l(list(targets), [g.text for g in self.scores(scores)])
 
     def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float | None = 0.5,
                   seed: int = 0, **_: Any) -> dict[str, dict[str, float]]:

@@ -99,6 +99,12 @@ class ClassificationSpec(ScoringSpec):
     def resampled(self, targets, scores, labels=None, *, threshold: float = 0.5):
         return classification_resampled(targets, scores)
 
+    loss_name = "cross-entropy: -ln of the probability given to the true label"
+
+    def losses(self, targets, scores, *, threshold: float = 0.5) -> np.ndarray:
+        truth = np.asarray(scores, dtype=np.float64)[np.arange(len(targets)), np.asarray(targets, dtype=np.int64)]
+        return -np.log(np.clip(truth, 1e-12, 1.0))
+
     def baselines(self, train, test, labels, *, threshold: float | None = 0.5, seed: int = 0, **_: Any
                   ) -> dict[str, dict[str, float]]:
         from sklearn.dummy import DummyClassifier
@@ -199,6 +205,13 @@ class MultiLabelSpec(ScoringSpec):
     def resampled(self, targets, scores, labels=None, *, threshold: float = 0.5):
         return multilabel_resampled(targets, scores, threshold)
 
+    loss_name = "binary cross-entropy summed over the labels"
+
+    def losses(self, targets, scores, *, threshold: float = 0.5) -> np.ndarray:
+        p = np.clip(np.asarray(scores, dtype=np.float64), 1e-12, 1 - 1e-12)
+        y = np.asarray(targets, dtype=np.float64)
+        return -(y * np.log(p) + (1 - y) * np.log1p(-p)).sum(axis=1)
+
     def baselines(self, train, test, labels, *, threshold: float | None = 0.5, seed: int = 0,
                   validation: tuple | None = None, metric: str | None = None) -> dict[str, dict[str, float]]:
         """``threshold`` None: each baseline's per-label thresholds are fitted on ``validation`` for ``metric``,
@@ -289,6 +302,11 @@ class RegressionSpec(ScoringSpec):
 
     def evaluate(self, targets, scores, labels=None, *, threshold: float = 0.5) -> Evaluation:
         return regression_metrics(targets, np.reshape(np.asarray(scores, dtype=np.float64), -1))
+
+    loss_name = "absolute error"
+
+    def losses(self, targets, scores, *, threshold: float = 0.5) -> np.ndarray:
+        return np.abs(np.reshape(np.asarray(scores, dtype=np.float64), -1) - np.asarray(targets, dtype=np.float64))
 
     def baselines(self, train, test, labels, *, threshold: float | None = 0.5, seed: int = 0, **_: Any
                   ) -> dict[str, dict[str, float]]:

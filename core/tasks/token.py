@@ -475,6 +475,11 @@ class TokenClassificationSpec(ScoringSpec):
         gold, predicted = self.word_level(targets, scores)
         return gold, [p.argmax(axis=1) if len(p) else np.zeros(0, dtype=np.int64) for p in predicted]
 
+    loss_name = "words given a wrong tag"
+
+    def losses(self, targets, scores, *, threshold: float = 0.5) -> np.ndarray:
+        return np.asarray([int(np.sum(g != p)) for g, p in zip(*self.word_tags(targets, scores))], dtype=np.float64)
+
     def agreement(self, manifest: ModelRecord, reference, candidate) -> dict:
         a, b = self.flat(reference), self.flat(candidate)
         return {"tokens": int(len(a)),

@@ -36,6 +36,24 @@ def test_generation_metrics_on_known_cases():
         generation_metrics(["a"], ["a", "b"])
 
 
+def test_the_worst_generations_are_those_furthest_from_their_reference():
+    from types import SimpleNamespace
+
+    from core.report import worst_examples
+    from core.tasks.base import Task
+
+    references = ["the cat sat on the mat", "a dog ran", "birds fly south"]
+    written = [GeneratedText("the cat sat on the mat"), GeneratedText("a cat ran"), GeneratedText("nothing alike")]
+    losses = GenerationSpec().losses(references, written)
+    # ROUGE-L F1: identical 100; "a cat ran" shares 2 of 3 words each way -> 200/3; nothing shared -> 0
+    assert losses == pytest.approx([0, 100 / 3, 100])
+    manifest = SimpleNamespace(task=Task.GENERATION, decision_threshold=0.5)
+    worst = worst_examples(manifest, references, written, k=2)
+    assert worst["by"].startswith("100 - ROUGE-L")
+    assert worst["examples"] == [{"index": 2, "prediction": "nothing alike", "loss": pytest.approx(100)},
+                                 {"index": 1, "prediction": "a cat ran", "loss": pytest.approx(100 / 3)}]
+
+
 def test_baselines_copy_the_input_and_retrieve_the_nearest_training_target():
     spec = GenerationSpec()
     train = (["copy files and directories", "remove files or directories", "list directory contents"], None,
