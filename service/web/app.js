@@ -134,6 +134,11 @@ function setUpTry() {
   $("text-label").textContent = names[meta.task] || (meta.text_fields || ["Text"])[0];
   if (pair) $("pair-label").textContent = meta.text_fields[1];
   $("run").textContent = meta.task === "generation" ? "Generate" : meta.task === "embedding" ? "Rank" : "Predict";
+  $("options-box").hidden = meta.task !== "generation";
+  if (meta.task === "generation") {
+    $("max-new-tokens").placeholder = String(meta.max_new_tokens || "");
+    if ((meta.limits || {}).max_new_tokens) $("max-new-tokens").max = String(meta.limits.max_new_tokens);
+  }
   $("try").hidden = false;
 }
 
@@ -214,7 +219,12 @@ async function generate(text) {
   const status = el("p", { class: "note", text: "writing…" });
   $("answer").replaceChildren(out, status);
   try {
-    const response = await call("/generate", { prompts: [text], stream: true }, { raw: true, signal: streaming.signal });
+    const body = { prompts: [text], stream: true };
+    const number = (id) => ($(id).value === "" ? null : Number($(id).value));
+    if (number("max-new-tokens") !== null) body.max_new_tokens = number("max-new-tokens");
+    if (number("temperature")) body.temperature = number("temperature");
+    if (number("seed") !== null) body.seed = number("seed");
+    const response = await call("/generate", body, { raw: true, signal: streaming.signal });
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -322,27 +332,29 @@ function toExample(row, i) {
   return example;
 }
 
-function combine(reports) {
-  if (reports.length === 1) return reports[0];
-  const n = reports.reduce((s, r) => s + r.n, 0);
-  const weighted = (pick) => {
-    const out = {};
-    for (const name of Object.keys(pick(reports[0]))) out[name] = reports.reduce((s, r) => s + r.n * (pick(r)[name] ?? 0), 0) / n;
-    return out;
-  };
-  const metrics = weighted((r) => r.metrics);
-  const training = reports[0].training_metrics;
-  const confusion = reports[0].confusion_matrix ? reports[0].confusion_matrix.map((row, i) => row.map((_, j) =>
-    reports.reduce((s, r) => s + r.confusion_matrix[i][j], 0))) : null;
-  return { n, metrics, intervals: {}, training_metrics: training, drift: [], confusion_matrix: confusion,
-    per_class: null, notes: [`Posted in ${reports.length} parts: each metric is the mean of the parts' weighted by `
-      + "examples (exact for accuracy and the confusion matrix), without intervals."] };
+// Examples as parts of one evaluation, each within the service's limits (examples and bytes per request): the last
+// part's answer is the report of all of them, exactly as one request would give it (service/parts.py).
+function parts(examples) {
+  const limits = meta.limits || {};
+  const most = Math.max(1, Math.min(limits.max_examples || 256, 1000));
+  const budget = (limits.max_body_bytes || 1048576) - 4096; // room for the request's own fields
+  const encoder = new TextEncoder();
+  const out = [];
+  let part = [], bytes = 0;
+  for (const example of examples) {
+    const size = encoder.encode(JSON.stringify(example)).length + 1;
+    if (part.length && (part.length >= most || bytes + size > budget)) { out.push(part); part = []; bytes = 0; }
+    part.push(example);
+    bytes += size;
+  }
+  out.push(part);
+  return out;
 }
 
 // A table that may scroll sideways on a narrow screen: a region the keyboard can reach.
 const scroller = (label, table) => el("div", { class: "scroll", tabindex: "0", role: "region", "aria-label": label }, table);
 
-function reportView(report) {
+function reportView(report, examples) {
   const names = Object.keys(report.metrics);
   const rows = names.map((name) => {
     const interval = (report.intervals || {})[name];
@@ -367,12 +379,39 @@ function reportView(report) {
     parts.push(scroller("Per class", el("table", {}, el("caption", { text: "Per class" }),
       el("thead", {}, el("tr", {}, ["label", "precision", "recall", "f1", "support"].map((h) => el("th", { scope: "col", text: h })))),
       el("tbody", {}, Object.entries(report.per_class).map(([label, v]) => el("tr", {}, el("th", { scope: "row", text: label }),
-        ["precision", "recall", "f1", "support"].map((k) => el("td", { text: v[k] === undefined ? "–" : fmt(v[k]) }))))))));
+        ["precision", "recall", "f1", "support"].map((k) => el("td", { text: v[k] === undefined ? "–" : k === "support" ? String(v[k]) : fmt(v[k]) }))))))));
   }
+  if (report.worst && report.worst.examples.length) parts.push(worstView(report.worst, examples));
   for (const note of report.notes || []) parts.push(el("p", { class: "note", text: note }));
   const blob = new Blob([JSON.stringify(report, null, 2)], { type: "application/json" });
   parts.push(el("a", { href: URL.createObjectURL(blob), download: `${meta.name}-evaluation.json`, text: "Download the report (JSON)" }));
   return parts;
+}
+
+// How the page shows an example's truth or a decision, per task.
+function shown(value, text) {
+  if (value === null || value === undefined) return "–";
+  if (Array.isArray(value) && value.length && typeof value[0] === "object") {
+    const chars = Array.from(text || ""); // entities: offsets in characters
+    return value.map((e) => `${chars.slice(e.start, e.end).join("")} (${e.label})`).join(", ");
+  }
+  if (Array.isArray(value)) return value.join(", ") || "none";
+  return typeof value === "number" ? fmt(value) : String(value);
+}
+
+function worstView(worst, examples) {
+  const truthKey = ["label", "labels", "entities", "tags", "reference"];
+  const clip = (t) => (t.length > 200 ? `${t.slice(0, 200)}…` : t);
+  return scroller("Worst examples", el("table", { id: "worst" },
+    el("caption", { text: `The examples answered worst (by ${worst.by})` }),
+    el("thead", {}, el("tr", {}, ["row", "text", "truth", "prediction", "loss"].map((h) => el("th", { scope: "col", text: h })))),
+    el("tbody", {}, worst.examples.map((w) => {
+      const example = examples[w.index];
+      const text = example.text ?? example.input ?? (example.tokens || []).join(" ");
+      const truth = example[truthKey.find((k) => example[k] !== undefined)];
+      return el("tr", {}, el("th", { scope: "row", text: String(w.index + 1) }), el("td", { text: clip(text) }),
+        el("td", { text: shown(truth, text) }), el("td", { text: shown(w.prediction, text) }), el("td", { text: fmt(w.loss) }));
+    }))));
 }
 
 function heatmap(matrix) {
@@ -399,16 +438,24 @@ $("file").addEventListener("change", async () => {
     const rows = /\.csv$/i.test(file.name) ? parseCsv(text) : parseJsonl(text);
     if (!rows.length) throw new Error("the file holds no rows");
     const examples = rows.map(toExample);
-    const size = Math.max(1, Math.min((meta.limits || {}).max_examples || 256, 1000));
-    const reports = [];
+    const split = parts(examples);
+    if (split.length > 1 && meta.task === "embedding") {
+      throw new Error(`${examples.length} examples: an embedding model ranks all of a file's queries against all its `
+        + `documents in one request, at most ${split[0].length} examples here`);
+    }
+    // getRandomValues, not randomUUID: the page may be served over plain HTTP, where randomUUID is missing
+    const id = Array.from(crypto.getRandomValues(new Uint8Array(12)), (b) => b.toString(16).padStart(2, "0")).join("");
     progress.hidden = false;
     progress.max = examples.length;
     progress.value = 0;
-    for (let i = 0; i < examples.length; i += size) {
-      reports.push(await call("/evaluate", { examples: examples.slice(i, i + size) }));
-      progress.value = Math.min(examples.length, i + size);
+    let report = null;
+    for (const [index, part] of split.entries()) {
+      const body = { examples: part };
+      if (split.length > 1) body.part = { id, index, last: index === split.length - 1 };
+      report = await call("/evaluate", body);
+      progress.value += part.length;
     }
-    $("report").replaceChildren(...reportView(combine(reports)));
+    $("report").replaceChildren(...reportView(report, examples));
   } catch (error) {
     if (error.status !== 401) show("evaluate-error", `${file.name}: ${error.message}`);
   } finally {

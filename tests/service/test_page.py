@@ -25,6 +25,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 AXE = "axe-core@4.14.1"
 KEY = "page-test-key"
+NARROW = {"width": 360, "height": 740}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,8 @@ def served(artifact, tmp_path_factory, **env):
 
 @pytest.fixture(scope="module")
 def classifier(artifacts, tmp_path_factory):
-    proc, url = served(artifacts["classification"], tmp_path_factory)
+    # 25 examples per /evaluate request: the page posts a file of 60 rows as three parts of one evaluation
+    proc, url = served(artifacts["classification"], tmp_path_factory, TUNESERVE_MAX_EXAMPLES="25")
     yield url
     stop(proc)
 
@@ -114,7 +116,7 @@ def test_the_page_shows_the_model_and_answers_as_predict_does(browser, classifie
     expected = httpx.post(classifier + "/predict", json={"texts": [text]}).json()["predictions"][0]["label"]
     assert shown == expected
     assert page.locator(".bars li").count() == len(manifest["labels"])
-    snapshot(page, "page-classification")
+    snapshot(page.locator("#try"), "page-classification")
     headers = httpx.get(classifier + "/").headers
     assert "script-src 'self'" in headers["content-security-policy"] and "default-src 'none'" in headers[
         "content-security-policy"]
@@ -129,11 +131,21 @@ def test_an_uploaded_file_gets_the_metrics_evaluate_gives(browser, classifier, t
     page.wait_for_selector("#evaluate:not([hidden])")
     page.set_input_files("#file", str(tmp_path / "labelled.csv"))
     page.wait_for_selector("#eval-metrics")
-    expected = httpx.post(classifier + "/evaluate", json={"examples": [{"text": r["text"], "label": r["label"]}
-                                                                        for r in rows]}).json()
-    assert page.text_content("[data-metric=accuracy]") == f"{expected['metrics']['accuracy']:.4f}"
-    assert page.text_content("[data-metric=f1_macro]") == f"{expected['metrics']['f1_macro']:.4f}"
+    # the service takes 25 examples per request: the page posted three parts of one evaluation, and shows the
+    # report of all 60 rows (tests/service/test_evaluate_parts.py: the same report as one request's)
+    examples = [{"text": r["text"], "label": r["label"]} for r in rows]
+    for index, at in enumerate((0, 25, 50)):
+        part = {"id": "page-test-file", "index": index, "last": at == 50}
+        expected = httpx.post(classifier + "/evaluate", json={"examples": examples[at:at + 25], "part": part}).json()
+    assert expected["n"] == 60 and page.text_content("#report > p") == "60 examples"
+    for name, value in expected["metrics"].items():
+        assert page.text_content(f"[data-metric={name}]") == f"{value:.4f}", name
     assert page.locator(".heatmap tbody td").count() == len(expected["confusion_matrix"]) ** 2
+    # the worst examples, worst first, each with its row's text, truth and the model's answer
+    worst = expected["worst"]["examples"]
+    shown = page.eval_on_selector_all("#worst tbody tr", "rs => rs.map(r => [...r.children].map(c => c.textContent))")
+    assert [row[:4] for row in shown] == [[str(w["index"] + 1), rows[w["index"]]["text"], rows[w["index"]]["label"],
+                                           w["prediction"]] for w in worst]
     snapshot(page.locator("#evaluate"), "page-evaluate")
 
     (tmp_path / "bad.csv").write_text("text,mood\nfine,happy\n")
@@ -143,8 +155,22 @@ def test_an_uploaded_file_gets_the_metrics_evaluate_gives(browser, classifier, t
     assert errors == []
 
 
+def test_the_page_and_its_files_weigh_at_most_250_kb(classifier):
+    page = httpx.get(classifier + "/")
+    files = re.findall(r'(?:src|href)="(/ui/[^"]+)"', page.text)
+    assert {"/ui/app.js", "/ui/app.css"} <= set(files)
+    sizes = {path: len(httpx.get(classifier + path).content) for path in files}
+    assert len(page.content) + sum(sizes.values()) <= 250_000, sizes
+
+
+def narrow(page) -> None:
+    """The page as shown is readable at 360 px: nothing wider than the window, so nothing to scroll sideways."""
+    assert page.evaluate("window.innerWidth") == 360
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= 360
+
+
 def test_no_accessibility_violations_and_readable_at_360_pixels(browser, classifier, axe_source):
-    page, _ = open_page(browser, classifier, viewport={"width": 360, "height": 740})
+    page, _ = open_page(browser, classifier, viewport=NARROW)
     page.wait_for_selector("#model:not([hidden])")
     page.fill("#text", "a fine film")
     page.click("#run")
@@ -152,7 +178,7 @@ def test_no_accessibility_violations_and_readable_at_360_pixels(browser, classif
     page.evaluate(axe_source)  # run through the DevTools protocol: the page's CSP does not apply to it
     result = page.evaluate("axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}})")
     assert [(v["id"], [n["target"] for n in v["nodes"]]) for v in result["violations"]] == []
-    assert page.evaluate("document.scrollingElement.scrollWidth") <= 360
+    narrow(page)
 
 
 def test_with_an_api_key_the_page_asks_once_and_sends_it_as_a_header(browser, artifacts, tmp_path_factory):
@@ -183,11 +209,12 @@ def test_entities_are_marked_at_their_characters(browser, artifacts, tmp_path_fa
     try:
         text = "Zoë 🙂 " + " ".join(make_entity_rows(1, 4)[0]["tokens"])
         expected = httpx.post(url + "/predict", json={"texts": [text]}).json()["predictions"][0]["entities"]
-        page, errors = open_page(browser, url)
+        page, errors = open_page(browser, url, viewport=NARROW)
         page.wait_for_selector("#try:not([hidden])")
         page.fill("#text", text)
         page.click("#run")
         page.wait_for_selector("[data-testid=decision]")
+        narrow(page)
         marks = page.eval_on_selector_all("[data-testid=decision] mark",
                                           "ms => ms.map(m => [m.firstChild.textContent, m.dataset.label])")
         assert marks == [[e["text"], e["label"]] for e in expected] and expected
@@ -197,10 +224,12 @@ def test_entities_are_marked_at_their_characters(browser, artifacts, tmp_path_fa
         stop(proc)
 
 
-def test_a_generation_is_shown_as_it_streams(browser, generation_artifact, tmp_path_factory):
-    proc, url = served(generation_artifact, tmp_path_factory)
+def test_a_generation_is_shown_as_it_streams_and_stop_ends_its_decoding(browser, generation_artifact,
+                                                                        tmp_path_factory):
+    proc, url, log = start_server({"TUNESERVE_ARTIFACT": str(generation_artifact)}, tmp_path_factory.mktemp("bentoml"))
     try:
-        page, errors = open_page(browser, url)
+        wait_ready(proc, url)
+        page, errors = open_page(browser, url, viewport=NARROW)
         page.wait_for_selector("#try:not([hidden])")
         page.fill("#text", "alpha beta gamma delta")
         page.click("#run")
@@ -214,6 +243,41 @@ def test_a_generation_is_shown_as_it_streams(browser, generation_artifact, tmp_p
         assert page.evaluate("document.querySelector('[data-testid=decision]').childNodes.length") == len(
             [e for e in events if "text" in e]) >= 1
         snapshot(page.locator("#try"), "page-generation")
+        assert page.locator("#stop").is_hidden() and errors == []
+        narrow(page)
+
+        # Stop, while a long sample is written: the page shows "stopped" and the server stops decoding for it
+        body = {"prompts": ["alpha beta gamma delta"], "max_new_tokens": 200, "temperature": 2.0}
+        lengths = {seed: httpx.post(url + "/generate", json={**body, "seed": seed}).json()["generations"][0]["tokens"]
+                   for seed in range(12)}
+        seed = max(lengths, key=lengths.get)
+        assert lengths[seed] >= 60, lengths
+        page.click("#options-box summary")  # the decoding options
+        page.fill("#max-new-tokens", "200")
+        page.fill("#temperature", "2")
+        page.fill("#seed", str(seed))
+        page.click("#run")
+        # Stop is pressed as soon as the first text is shown, from inside the page: a click through Playwright waits
+        # for the button to stop moving, which it does not while text streams in above it
+        pressed = page.evaluate("""() => new Promise((resolve) => {
+            const until = Date.now() + 30000;
+            const press = () => {
+                const out = document.querySelector('[data-testid=decision]');
+                if (out && out.childNodes.length > 0 && !document.getElementById('stop').hidden) {
+                    document.getElementById('stop').click();
+                    resolve(true);
+                } else if (Date.now() > until) resolve(false);
+                else setTimeout(press, 5);
+            };
+            press();
+        })""")
+        assert pressed, "the stream ended before Stop could be pressed"
+        wait_until(page, "document.querySelector('#answer .note').textContent === 'stopped'")
+        deadline = time.monotonic() + 10
+        while "stream closed before its end" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stopped = [int(n) for n in re.findall(r"decoding stopped after (\d+) chunks", log.read_text())]
+        assert stopped and stopped[-1] < lengths[seed] // 4, (stopped, lengths[seed])
         assert page.locator("#stop").is_hidden() and errors == []
     finally:
         stop(proc)
@@ -248,6 +312,54 @@ def test_a_set_of_models_gets_a_picker_and_every_call_names_the_picked_model(bro
         page.evaluate(axe_source)
         result = page.evaluate("axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}})")
         assert result["violations"] == [], [v["id"] for v in result["violations"]]
+        assert errors == []
+    finally:
+        stop(proc)
+
+
+def test_every_other_task_answers_as_its_api_and_reads_at_360_pixels(browser, artifacts, embedding_artifact, axe_source,
+                                                                        tmp_path_factory):
+    """Multi-label, regression, a pair model and an embedding model, served as one set and picked in turn: the page
+    shows each one's decision as its route gives it, without accessibility violations, 360 px wide."""
+    names = ("multilabel", "regression", "pair")
+    models = ",".join([f"{name}={artifacts[name]}" for name in names] + [f"embedding={embedding_artifact}"])
+    proc, url, _ = start_server({"TUNESERVE_MODELS": models}, tmp_path_factory.mktemp("bentoml"))
+    row = make_rows(1, 97)[0]
+    try:
+        wait_ready(proc, url)
+        page, errors = open_page(browser, url, viewport=NARROW)
+        page.wait_for_selector("#model:not([hidden])")
+        for name in (*names, "embedding"):
+            if name != "multilabel":  # the first is picked to begin with
+                page.select_option("#picker", name)
+                wait_until(page, f"document.querySelector('#title').textContent.startsWith('{name}')")
+            page.fill("#text", row["text"])
+            if name == "pair":
+                page.fill("#pair", "a note about the weather")
+            if name == "embedding":
+                page.fill("#candidates", "a small cat\nthe weather today\na fine film")
+            page.click("#run")
+            wait_until(page, "document.querySelector('[data-testid=decision]') !== null")
+            decision = page.text_content("[data-testid=decision]")
+            if name == "embedding":
+                answer = httpx.post(url + "/rank", json={"query": row["text"], "model": name, "candidates": [
+                    "a small cat", "the weather today", "a fine film"]}).json()["results"]
+                assert page.eval_on_selector_all("[data-testid=decision] li", "ls => ls.map(l => l.textContent)") == [
+                    f"{r['score']:.3f} {r['text']}" for r in answer]
+            else:
+                body = {"texts": [row["text"]], "model": name}
+                if name == "pair":
+                    body["text_pairs"] = ["a note about the weather"]
+                answer = httpx.post(url + "/predict", json=body).json()["predictions"][0]
+                expected = {"multilabel": "".join(answer.get("labels", [])) or "none",
+                            "regression": f"{answer.get('value', 0):.4f}", "pair": answer.get("label")}[name]
+                assert decision == expected, name
+            narrow(page)
+            page.evaluate(axe_source)
+            result = page.evaluate("axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}})")
+            assert result["violations"] == [], (name, [v["id"] for v in result["violations"]])
+            snapshot(page.locator("#try"), f"page-{name}")
+            page.evaluate("document.querySelectorAll('[data-testid=decision]').forEach(n => n.remove())")
         assert errors == []
     finally:
         stop(proc)
