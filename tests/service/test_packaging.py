@@ -103,6 +103,9 @@ def test_the_dockerfiles_install_steps_serve_the_onnx_model_without_torch(artifa
         assert r.status_code == 200, r.text
         assert r.json()["backend"] in ("onnx", "onnx-int8")
         assert "torch" not in httpx.get(url + "/metadata").json()["versions"]["serving"]
+        page = httpx.get(url + "/")  # the page and its files are in the image
+        assert page.status_code == 200 and '<script src="/ui/app.js"' in page.text
+        assert httpx.get(url + "/ui/app.js").status_code == 200
     finally:
         stop(proc)
 
@@ -124,6 +127,7 @@ def test_bentoml_build_packages_service_core_and_the_registered_model(artifacts,
     bentos = tmp_path / "bentoml" / "bentos" / "tuneserve"
     src = next(p for p in bentos.iterdir() if p.is_dir() and p.name != "latest") / "src"
     assert (src / "service" / "service.py").is_file() and (src / "core" / "manifest.py").is_file()
+    assert {p.name for p in (src / "service" / "web").iterdir()} >= {"index.html", "app.js", "app.css"}  # the page
     assert not (src / "training").exists() and not (src / "tests").exists()
     requirements = next((src.parent / "env" / "python").glob("requirements*.txt")).read_text()
     assert "onnxruntime==" in requirements and "torch" not in requirements
