@@ -7,6 +7,7 @@ the spec, so a number means the same thing wherever it is reported. Inputs are t
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -14,8 +15,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats
-from sklearn import metrics as skm
+
+
+class _OnFirstUse:
+    """A module imported when one of its names is first used. scipy.stats and scikit-learn's metrics take about a
+    second to import, which every start of the service would pay (it imports this module for its types) though
+    only an evaluation uses them."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        module = importlib.import_module(self._name)
+        self.__dict__.update(vars(module))  # later lookups find the names here, without this method
+        return getattr(module, attribute)
+
+
+stats = _OnFirstUse("scipy.stats")
+skm = _OnFirstUse("sklearn.metrics")
 
 
 @dataclass

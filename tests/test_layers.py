@@ -58,3 +58,13 @@ def test_no_module_imports_itself_through_others():
     graph = grimp.build_graph("core", "training", "service", cache_dir=None)
     circles = [c for package in ("core", "training", "service") for c in _circles(graph, package)]
     assert circles == [], circles
+
+
+def test_the_service_imports_without_scipy_and_scikit_learn():
+    """Importing the service (every start of a worker does) leaves scipy.stats, scikit-learn and pandas for the first
+    evaluation: they took about a second of each start (BENCHMARKS.md, cold start)."""
+    code = ("import sys, service.service; "
+            "print(sorted(m for m in ('scipy.stats', 'sklearn', 'pandas', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "[]"
