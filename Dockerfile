@@ -3,9 +3,11 @@
 # Build it from the repository root after `make demo` (or any `tuneserve train`), naming the artifact to serve:
 #   docker build --build-arg ARTIFACT=runs/sentiment-lora/artifact -t tuneserve .
 #   docker run --rm -p 3000:3000 tuneserve
+# or a directory whose sub-directories are artifacts: one service serves them all, each request naming its model
+# (TUNESERVE_MODELS; a base graph that several LoRA models carry is stored once).
 
-# Stage 1: from the artifact, only what the ONNX backend loads (core/cpu_files.py: manifest, card, tokenizer, the
-# ONNX file `auto` serves). The rest of the artifact never reaches the image.
+# Stage 1: from the artifact (or each one), only what the ONNX backend loads (core/cpu_files.py: manifest, card,
+# tokenizer, the ONNX file `auto` serves). The rest of the artifact never reaches the image.
 FROM python:3.11-slim AS serving-files
 ARG ARTIFACT=runs/sentiment-lora/artifact
 COPY core/cpu_files.py /build/cpu_files.py
@@ -17,7 +19,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     BENTOML_HOME=/srv/bentoml \
-    TUNESERVE_ARTIFACT=/srv/artifact \
+    TUNESERVE_MODELS=/srv/models \
     TUNESERVE_BACKEND=auto
 
 RUN useradd --create-home --uid 10001 tuneserve
@@ -30,7 +32,7 @@ RUN python -m pip install --no-cache-dir -r requirements/serve.txt
 COPY bentofile.yaml bentofile.yaml
 COPY core/ core/
 COPY service/ service/
-COPY --from=serving-files /build/serving /srv/artifact
+COPY --from=serving-files /build/serving /srv/models
 RUN mkdir -p /srv/bentoml && chown -R tuneserve /srv/bentoml
 
 USER tuneserve

@@ -5,11 +5,17 @@ the ``auto`` backend serves on a CPU (the quantised variant when the export gate
 external weights file when it has one, and the report plots (the service's page shows them). The PyTorch weights
 and the adapter stay out. Standard library only, so that a bare Python can run it (the
 Dockerfile's first stage does: ``python core/cpu_files.py ARTIFACT OUT``).
+
+ARTIFACT may also be a directory whose sub-directories are artifacts, a set of models for one service
+(``TUNESERVE_MODELS``): each one's files go to OUT/NAME, and a file identical to one already copied (the base graph
+that LoRA models over one base each carry) becomes a relative symbolic link to it, so that the image holds it once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -73,11 +79,49 @@ def copy_onnx_serving_files(artifact_dir: str | Path, out_dir: str | Path) -> li
     return files
 
 
+def copy_serving_set(source: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy one artifact's serving files into ``out_dir``, or, for a directory of artifacts, each one's into
+    ``out_dir/NAME`` (NAME: its directory's name) with identical files stored once. Returns the paths written
+    (relative to ``out_dir``; a linked one ends with `` -> TARGET``).
+
+    Raises:
+        ValueError: ``source`` is neither an artifact nor a directory holding one, or an artifact lacks its files.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    if (source / MANIFEST_FILE).is_file():
+        return copy_onnx_serving_files(source, out_dir)
+    artifacts = sorted(p for p in source.iterdir() if (p / MANIFEST_FILE).is_file()) if source.is_dir() else []
+    if not artifacts:
+        raise ValueError(f"{source}: neither an artifact ({MANIFEST_FILE}) nor a directory of artifacts")
+    out_dir.mkdir(parents=True)
+    written, seen = [], {}  # (size, sha256) -> the first copy
+    for artifact in artifacts:
+        for relative in copy_onnx_serving_files(artifact, out_dir / artifact.name):
+            path = out_dir / artifact.name / relative
+            key = (path.stat().st_size, _sha256(path))
+            if key in seen:
+                path.unlink()
+                path.symlink_to(os.path.relpath(seen[key], path.parent))
+                written.append(f"{artifact.name}/{relative} -> {seen[key].relative_to(out_dir)}")
+            else:
+                seen[key] = path
+                written.append(f"{artifact.name}/{relative}")
+    return written
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python core/cpu_files.py ARTIFACT OUT")
+        sys.exit("usage: python core/cpu_files.py ARTIFACT|DIRECTORY-OF-ARTIFACTS OUT")
     try:
-        copied = copy_onnx_serving_files(sys.argv[1], sys.argv[2])
+        copied = copy_serving_set(sys.argv[1], sys.argv[2])
     except (OSError, ValueError) as exc:
         sys.exit(f"serving files: {exc}")
     print("\n".join(copied))

@@ -88,7 +88,8 @@ def test_the_dockerfiles_install_steps_serve_the_onnx_model_without_torch(artifa
             command = list(step.value)
     assert not (artifact / "model" / "model.safetensors").exists() and not (artifact / "adapter").exists()
     assert (artifact / "model" / "tokenizer.json").is_file() and (artifact / "manifest.json").is_file()
-    env.update(TUNESERVE_ARTIFACT=str(artifact), BENTOML_HOME=str(tmp_path / "bentoml"))
+    assert env["TUNESERVE_MODELS"] == "/srv/models"  # the image serves what its first stage copied there
+    env.update(TUNESERVE_MODELS=str(artifact), BENTOML_HOME=str(tmp_path / "bentoml"))
     no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, env=env)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
 
@@ -131,3 +132,40 @@ def test_bentoml_build_packages_service_core_and_the_registered_model(artifacts,
     assert not (src / "training").exists() and not (src / "tests").exists()
     requirements = next((src.parent / "env" / "python").glob("requirements*.txt")).read_text()
     assert "onnxruntime==" in requirements and "torch" not in requirements
+
+
+@pytest.mark.slow
+def test_the_dockerfiles_first_stage_takes_a_directory_of_artifacts_and_stores_their_base_once(shared_artifacts,
+                                                                                              tmp_path):
+    """ARTIFACT may name a directory of artifacts: the first stage copies each one's serving files under its name,
+    the base graph the LoRA models share once (the others link to it), and the image's TUNESERVE_MODELS serves the
+    set over that base."""
+    from tests.service.test_serve_process import start_server
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("sentiment", "tags"):
+        shutil.copytree(shared_artifacts[name], models / name)
+    done = subprocess.run([sys.executable, str(ROOT / "core" / "cpu_files.py"), str(models), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "out"
+    bases = [out / name / "onnx" / "shared" / "base.onnx" for name in ("sentiment", "tags")]
+    assert not bases[0].is_symlink() and bases[1].is_symlink()
+    assert bases[1].resolve() == bases[0].resolve() and "tags/onnx/shared/base.onnx -> sentiment/" in done.stdout
+    assert all(p.name == "adapter.safetensors" for p in out.rglob("*.safetensors"))  # no PyTorch weights
+
+    env = {"TUNESERVE_MODELS": str(out)}
+    proc, url, _ = start_server(env, tmp_path / "bentoml")
+    try:
+        wait_ready(proc, url)
+        listed = httpx.get(url + "/models").json()["models"]
+        assert [(m["name"], m["backend"]) for m in listed] == [("sentiment", "onnx-shared"), ("tags", "onnx-shared")]
+        answer = httpx.post(url + "/predict", json={"texts": ["a fine film"], "model": "sentiment"})
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in ("positive", "negative")
+    finally:
+        stop(proc)
+
+    done = subprocess.run([sys.executable, str(ROOT / "core" / "cpu_files.py"), str(tmp_path / "bentoml"),
+                           str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "neither an artifact" in done.stderr
