@@ -113,6 +113,11 @@ class ParityReport(_Section):
     metric_delta: dict[str, float]
     label_agreement: float | None = None
     label_agreement_per_label: dict[str, float] | None = None
+    decisions: int | None = Field(None, description="Decisions label_agreement is over: examples, labels of each "
+                                  "example (multi-label) or sub-tokens.")
+    disagreements: int | None = Field(None, description="Decisions that differ from PyTorch's.")
+    agreement_low: float | None = Field(None, description="The lower end of the 95% Wilson interval of "
+                                        "label_agreement: the least agreement these decisions show.")
     entity_agreement: float | None = Field(None, description="Token tasks: texts whose entities are identical.")
     batch_invariance: BatchInvariance | None = None
     output_agreement: float | None = Field(None, description="Generation: share of greedy outputs identical to "

@@ -178,6 +178,20 @@ def take(values: Any, indices: np.ndarray) -> Any:
     return [values[i] for i in indices]
 
 
+def wilson_low(agreeing: int, n: int, level: float = 0.95) -> float:
+    """The lower end of the Wilson score interval of ``agreeing`` out of ``n``: the least share the sample shows at
+    ``level`` confidence (an export's agreement with PyTorch is measured on a sample of the decisions the model will
+    make: 7 disagreements in 1,057 measure 99.34%, and show no more than 98.64%)."""
+    if n <= 0:
+        return 0.0
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = agreeing / n
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (p + z * z / (2 * n) - spread) / (1 + z * z / n)
+
+
 def joined(parts: Sequence[Any]) -> Any:
     """Targets or scores of several parts as one, in order: arrays stacked along their rows, sequences chained
     (what :func:`take` selects from)."""

@@ -102,6 +102,9 @@ def _print_export(section: dict) -> None:
         figures = [f"{name} {report[key]:.4%}" for key, name in (("label_agreement", "label agreement"),
                                                                   ("output_agreement", "identical greedy outputs"))
                    if report.get(key) is not None]
+        if report.get("agreement_low") is not None:
+            figures[0] += (f" ({report['disagreements']:,} of {report['decisions']:,} decisions differ; at least "
+                           f"{report['agreement_low']:.2%} at 95% confidence)")
         if report.get("max_abs_diff") is not None:
             figures.append(f"max |score diff| {report['max_abs_diff']:.2e}")
         print(f"  parity {variant}: {', '.join(figures)} on {report['examples']} {section['held_out']} examples")

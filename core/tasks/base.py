@@ -382,6 +382,13 @@ class TaskSpec(ABC):
             "metric_delta": {k: new_metrics[k] - v for k, v in ref_metrics.items() if k in new_metrics},
         }
         report.update(self.agreement(manifest, reference, candidate))
+        decisions = report.get("tokens", report.get("decisions"))
+        if "label_agreement" in report and decisions:
+            from core.metrics import wilson_low
+
+            agreeing = round(report["label_agreement"] * decisions)
+            report.update(decisions=int(decisions), disagreements=int(decisions - agreeing),
+                          agreement_low=wilson_low(agreeing, decisions))
         return report
 
     def agreement(self, manifest: ModelRecord, reference: Any, candidate: Any) -> dict:

@@ -151,7 +151,8 @@ class ClassificationSpec(ScoringSpec):
         return ClassPrediction
 
     def agreement(self, manifest: ModelRecord, reference, candidate) -> dict:
-        return {"label_agreement": float(np.mean(np.argmax(reference, 1) == np.argmax(candidate, 1)))}
+        return {"label_agreement": float(np.mean(np.argmax(reference, 1) == np.argmax(candidate, 1))),
+                "decisions": len(reference)}
 
 
 class MultiLabelSpec(ScoringSpec):
@@ -255,7 +256,7 @@ class MultiLabelSpec(ScoringSpec):
     def agreement(self, manifest: ModelRecord, reference, candidate) -> dict:
         threshold = manifest.decision_threshold
         same = (np.asarray(reference) >= threshold) == (np.asarray(candidate) >= threshold)
-        return {"label_agreement": float(same.mean()),
+        return {"label_agreement": float(same.mean()), "decisions": int(same.size),
                 "label_agreement_per_label": {n: float(v) for n, v in zip(manifest.labels, same.mean(axis=0))}}
 
 

@@ -49,7 +49,8 @@ def _export(int8_kept: bool = True, selftest_text: str = "It's a gorgeous film."
     if int8_kept:
         variants.append({"name": "onnx-int8", "runtime": "onnxruntime", "files": ["onnx/model.int8.onnx"],
                          "precision": "int8", "method": "smoothquant",
-                         "parity": {**parity, "label_agreement": 0.9934, "metric_delta": {"f1_macro": -0.0021}}})
+                         "parity": {**parity, "label_agreement": 0.9934, "metric_delta": {"f1_macro": -0.0021},
+                                    "decisions": 151, "disagreements": 1, "agreement_low": 0.9635}})
     return {
         "held_out": "validation", "graph": {"opset": 17, "optimizer": "onnxruntime.transformers (bert)",
                                             "fusions": {"Attention": 6}},
@@ -208,8 +209,8 @@ def test_the_export_section_gives_batch_invariance_and_calibration_where_recorde
     export["int8"]["calibration"] = {"split": "train", "examples": 200}
     _, body = _split(model_card(_manifest(export=export)))
     assert "| f1_macro change | max diff across batchings | decisions changed by batching |" in body
-    assert "| onnx-int8 | 151 | 0.9934 | 2.00e-06 | 3.00e-07 | -0.0021 | 3.00e-07 | 0 |" in body
-    assert "| onnx | 151 | 1.0000 | 2.00e-06 | 3.00e-07 | 0.0000 | — | — |" in body
+    assert "| onnx-int8 | 151 | 0.9934 | 1 of 151 (≥ 0.9635) | 2.00e-06 | 3.00e-07 | -0.0021 | 3.00e-07 | 0 |" in body
+    assert "| onnx | 151 | 1.0000 | — | 2.00e-06 | 3.00e-07 | 0.0000 | — | — |" in body  # a report without the bound
     assert "activation scales fixed from 200 train examples" in body
 
 

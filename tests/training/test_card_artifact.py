@@ -107,7 +107,12 @@ def test_tuneserve_export_rewrites_the_card_with_its_results(lora_artifact, tmp_
     manifest = read_manifest(art)
     parity = manifest.export.parity["onnx"]
     assert "Not exported yet" not in card
-    assert f"| onnx | {parity.examples:,} | {parity.label_agreement:.4f} | {parity.max_abs_diff:.2e} |" in card
+    # the agreement, and what so many decisions show of it: the lower end of its 95% Wilson interval
+    assert parity.decisions == parity.examples and parity.disagreements == round((1 - parity.label_agreement) * parity.examples)
+    differing = f"{parity.disagreements:,} of {parity.decisions:,} (≥ {parity.agreement_low:.4f})"
+    assert (f"| onnx | {parity.examples:,} | {parity.label_agreement:.4f} | {differing} | {parity.max_abs_diff:.2e} |"
+            in card)
+    assert parity.agreement_low < parity.label_agreement or parity.label_agreement < 1
     assert "`onnx/model.onnx` (opset 17" in card and "not requested (`--int8 off`)" in card
     # The usage example is one of the self-test inputs, with PyTorch's answer in the service's shape.
     curl = re.search(r"-d '(.*)'\n# (\{.*\})\n", card)

@@ -256,13 +256,16 @@ def export_section(manifest: Manifest) -> str:
     parts = ["\n".join(lines), f"Every variant against PyTorch on the {export.held_out} split:"]
     # Batch invariance: the variant against itself, batched as the service pools requests and run alone.
     batching = any(getattr(r, "batch_invariance", None) for r in export.parity.values())
-    columns = ["variant", "examples", "agreement", "max abs diff", "mean abs diff", f"{primary} change"]
+    columns = ["variant", "examples", "agreement", "differing decisions (95% lower bound)", "max abs diff",
+               "mean abs diff", f"{primary} change"]
     columns += ["max diff across batchings", "decisions changed by batching"] if batching else []
     rows = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for variant, report in export.parity.items():
         agreement = next((a for a in (report.label_agreement, report.entity_agreement, report.output_agreement)
                           if a is not None), None)
-        cells = [variant, f"{report.examples:,}", _figure(agreement),
+        low = getattr(report, "agreement_low", None)
+        differing = (f"{report.disagreements:,} of {report.decisions:,} (≥ {low:.4f})" if low is not None else "—")
+        cells = [variant, f"{report.examples:,}", _figure(agreement), differing,
                  *(f"{d:.2e}" if d is not None else "—" for d in (report.max_abs_diff, report.mean_abs_diff)),
                  _figure(report.metric_delta.get(primary))]
         if batching:
