@@ -17,6 +17,7 @@ import numpy as np
 
 from core.encoding import Encoder
 from core.manifest import MODEL_DIR, Manifest
+from core.metrics import take
 from core.onnx_runner import OnnxModel, check_external_data
 from core.shared_base import SharedModel
 from core.tasks.base import BATCH_INVARIANCE_TOLERANCE
@@ -67,11 +68,6 @@ def _opened(candidate: Candidate):
     return OnnxModel(candidate)
 
 
-def _take(scores, rows: np.ndarray):
-    """Some examples' scores (an array's rows, or a list's items)."""
-    return scores[rows] if isinstance(scores, np.ndarray) else [scores[int(i)] for i in rows]
-
-
 def _gate(manifest: Manifest, report: dict, min_agreement: float, max_drop: float) -> str | None:
     """Why a variant fails (None when it passes)."""
     invariance = report.get("batch_invariance")
@@ -120,14 +116,14 @@ class _Judge:
         report = spec.compare(manifest, self.scores, candidate, self.held_out.targets)
         shuffled = self.run(path, self.pooled, batch_size=POOLED_BATCH, by_length=False)
         report["batch_invariance"] = spec.invariance(manifest, candidate, {
-            f"shuffled batches of {POOLED_BATCH} (mixed lengths)": _take(shuffled, np.argsort(self.pooled)),
+            f"shuffled batches of {POOLED_BATCH} (mixed lengths)": take(shuffled, np.argsort(self.pooled)),
             f"the first {len(self.alone)} alone": self.run(path, self.alone, batch_size=1)})
         return report
 
     def damage(self, path: Path) -> float:
         """Mean score change on the examples nearest to another decision."""
         changed = self.spec.flat(self.run(path, self.probe))
-        return float(np.mean(np.abs(changed - self.spec.flat(_take(self.scores, self.probe)))))
+        return float(np.mean(np.abs(changed - self.spec.flat(take(self.scores, self.probe)))))
 
     def selftest(self, variants: dict[str, Candidate]) -> list[dict]:
         """A few inputs with PyTorch's outputs and each kept variant's own (``variants``: name -> graph), for a
