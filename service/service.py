@@ -415,7 +415,8 @@ class Tuneserve:
         evaluation = await anyio.to_thread.run_sync(lambda: served.spec.evaluate(
             targets, outputs, manifest.labels, threshold=manifest.decision_threshold))
         evaluation.notes.append(f"part {part.index} of evaluation {part.id!r}: the metrics of this part alone, "
-                                f"without intervals; {held:,} examples held so far, and the last part is answered for all of them")
+                                f"without intervals; {held:,} examples held so far, and the last part is answered "
+                                "for all of them")
         return evaluation, part.model_copy(update={"examples": held})
 
     @bentoml.api
