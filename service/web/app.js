@@ -136,7 +136,7 @@ function setUpTry() {
   $("run").textContent = meta.task === "generation" ? "Generate" : meta.task === "embedding" ? "Rank" : "Predict";
   $("options-box").hidden = meta.task !== "generation";
   if (meta.task === "generation") {
-    $("max-new-tokens").placeholder = String(meta.max_new_tokens || "");
+    $("max-new-tokens").placeholder = String((meta.generation || {}).max_new_tokens || "");
     if ((meta.limits || {}).max_new_tokens) $("max-new-tokens").max = String(meta.limits.max_new_tokens);
   }
   $("try").hidden = false;
@@ -336,7 +336,14 @@ function toExample(row, i) {
 // part's answer is the report of all of them, exactly as one request would give it (service/parts.py).
 function parts(examples) {
   const limits = meta.limits || {};
-  const most = Math.max(1, Math.min(limits.max_examples || 256, 1000));
+  let most = Math.min(limits.max_examples || 256, 1000); // parts of at most 1,000: the progress bar moves
+  if (meta.task === "embedding") most = limits.max_examples || 256; // ranked within one request: one part only
+  const newTokens = (meta.generation || {}).max_new_tokens;
+  if (meta.task === "generation" && limits.max_request_tokens && newTokens) {
+    // each prompt costs its own tokens and max_new_tokens of the request's token budget: room for half of it
+    most = Math.min(most, Math.floor(limits.max_request_tokens / (2 * newTokens)));
+  }
+  most = Math.max(1, most);
   const budget = (limits.max_body_bytes || 1048576) - 4096; // room for the request's own fields
   const encoder = new TextEncoder();
   const out = [];

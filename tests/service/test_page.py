@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import make_entity_rows, make_rows
+from tests.conftest import GENERATION_NEW_TOKENS, make_entity_rows, make_rows
 from tests.service.test_serve_process import start_server, stop, wait_ready
 
 playwright = pytest.importorskip("playwright.sync_api", reason="the page's tests need playwright "
@@ -252,7 +252,8 @@ def test_a_generation_is_shown_as_it_streams_and_stop_ends_its_decoding(browser,
                    for seed in range(12)}
         seed = max(lengths, key=lengths.get)
         assert lengths[seed] >= 60, lengths
-        page.click("#options-box summary")  # the decoding options
+        page.click("#options-box summary")  # the decoding options, the model's own default shown in the box
+        assert page.get_attribute("#max-new-tokens", "placeholder") == str(GENERATION_NEW_TOKENS)
         page.fill("#max-new-tokens", "200")
         page.fill("#temperature", "2")
         page.fill("#seed", str(seed))
