@@ -98,7 +98,8 @@ def copy_serving_set(source: str | Path, out_dir: str | Path) -> list[str]:
     for artifact in artifacts:
         for relative in copy_onnx_serving_files(artifact, out_dir / artifact.name):
             path = out_dir / artifact.name / relative
-            key = (path.stat().st_size, _sha256(path))
+            with path.open("rb") as f:
+                key = (path.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest())
             if key in seen:
                 path.unlink()
                 path.symlink_to(os.path.relpath(seen[key], path.parent))
@@ -107,14 +108,6 @@ def copy_serving_set(source: str | Path, out_dir: str | Path) -> list[str]:
                 seen[key] = path
                 written.append(f"{artifact.name}/{relative}")
     return written
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 if __name__ == "__main__":
