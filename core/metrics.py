@@ -376,13 +376,18 @@ def regression_metrics(y: Any, pred: Any) -> Evaluation:
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
-def rouge_l(references: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
-    """Each prediction's ROUGE-L F1 (0-100) against its reference, stemmed as :func:`generation_metrics` scores it."""
+def rouge_per_example(references: Sequence[str], predictions: Sequence[str],
+                      types: Sequence[str] = ROUGE_TYPES) -> dict[str, np.ndarray]:
+    """Each prediction's ROUGE F1 (0-100) of each type against its reference, stemmed as :func:`generation_metrics`
+    scores them."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return np.asarray([100 * scorer.score(str(r), str(p))["rougeL"].fmeasure for r, p in zip(references, predictions)],
-                      dtype=np.float64)
+    scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
+    per_example = {name: np.zeros(len(references)) for name in types}
+    for i, (reference, prediction) in enumerate(zip(references, predictions)):
+        for name, score in scorer.score(str(reference), str(prediction)).items():
+            per_example[name][i] = 100 * score.fmeasure
+    return per_example
 
 
 def generation_metrics(references: Any, predictions: Any) -> Evaluation:
@@ -418,15 +423,10 @@ def generation_resampled(references: Any, predictions: Any) -> Callable[[np.ndar
     BLEU and chrF from summed sentence statistics (sacrebleu's own route for its paired bootstrap; tests hold the
     figures equal)."""
     import sacrebleu
-    from rouge_score import rouge_scorer
 
     references, predictions = [str(r) for r in references], [str(p) for p in predictions]
     n = len(references)
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    per_example = {name: np.zeros(n) for name in ROUGE_TYPES}
-    for i, (reference, prediction) in enumerate(zip(references, predictions)):
-        for name, score in scorer.score(reference, prediction).items():
-            per_example[name][i] = 100 * score.fmeasure
+    per_example = rouge_per_example(references, predictions)
     per_example["exact_match"] = np.asarray([" ".join(p.split()) == " ".join(r.split())
                                              for p, r in zip(predictions, references)], dtype=float)
     per_example["words"] = np.asarray([len(p.split()) for p in predictions], dtype=float)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from core.metrics import Evaluation, generation_metrics, generation_resampled, rouge_l
+from core.metrics import Evaluation, generation_metrics, generation_resampled, rouge_per_example
 from core.prompting import PromptFormat, render_prompt
 from core.tasks.base import LabelError, WritingSpec
 
@@ -249,7 +249,7 @@ class GenerationSpec(WritingSpec):
     loss_name = "100 - ROUGE-L F1 against the reference"
 
     def losses(self, targets: Any, scores: Any, *, threshold: float = 0.5) -> np.ndarray:
-        return 100 - rouge_l(list(targets), [g.text for g in self.scores(scores)])
+        return 100 - rouge_per_example(list(targets), [g.text for g in self.scores(scores)], ("rougeL",))["rougeL"]
 
     def baselines(self, train: tuple, test: tuple, labels: Sequence[str] | None, *, threshold: float | None = 0.5,
                   seed: int = 0, **_: Any) -> dict[str, dict[str, float]]:

@@ -263,8 +263,8 @@ def export_section(manifest: Manifest) -> str:
     for variant, report in export.parity.items():
         agreement = next((a for a in (report.label_agreement, report.entity_agreement, report.output_agreement)
                           if a is not None), None)
-        low = getattr(report, "agreement_low", None)
-        differing = (f"{report.disagreements:,} of {report.decisions:,} (≥ {low:.4f})" if low is not None else "—")
+        low = report.agreement_low
+        differing = f"{report.disagreements:,} of {report.decisions:,} (≥ {low:.4f})" if low is not None else "—"
         cells = [variant, f"{report.examples:,}", _figure(agreement), differing,
                  *(f"{d:.2e}" if d is not None else "—" for d in (report.max_abs_diff, report.mean_abs_diff)),
                  _figure(report.metric_delta.get(primary))]
