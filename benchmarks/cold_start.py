@@ -1,11 +1,8 @@
 """Cold start: from `bentoml serve` to the first answer of /readyz, and where the time goes.
 
-Each artifact is started ``--runs`` times in each of two arrangements, taken in turn so that a busy moment of the
-machine hits both:
-
-- **as shipped**: scipy.stats and scikit-learn's metrics are imported when an evaluation first uses them;
-- **eager**: the same service with those two imported as the interpreter starts (a ``sitecustomize.py`` on
-  PYTHONPATH), as the service imported them before.
+Each artifact is started ``--runs`` times by the service as it is in this checkout and, with ``--before REV``, by
+the service as it was at commit REV (checked out beside, in a temporary git worktree), the two taken in turn so
+that a busy moment of the machine hits both.
 
 Every line the server logs is stamped with the moment it arrives, which splits a start into: BentoML's main process
 (interpreter, BentoML, the service module imported to read its configuration) until it says it listens; the
@@ -13,12 +10,13 @@ worker's start until it logs the model it serves (which says how long the model'
 rest until /readyz answers. Beside them, ``import service.service`` timed in a fresh interpreter. Run it on exported
 artifacts (an encoder classifier; a generation model is started with its int8 decoder):
 
-    python benchmarks/cold_start.py runs/sentiment-lora/artifact [runs/summarize-lora/artifact] --runs 5
+    python benchmarks/cold_start.py runs/sentiment-lora/artifact [runs/summarize-lora/artifact] --runs 5 --before HEAD
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -28,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,27 +35,25 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._report import shown, write_section  # noqa: E402
 from benchmarks.serve_load import free_port  # noqa: E402
 
-EAGER = "import scipy.stats, sklearn.metrics\n"
 LISTENING = re.compile(r"listening on")
 SERVING = re.compile(r"serving \S+ \(\S+\) as .* self-test passed .* in (\d+\.\d+) s")
 
 
-def environment(artifact: Path, eager: bool, eager_dir: Path) -> dict:
+def environment(artifact: Path, home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
-    env.update(TUNESERVE_ARTIFACT=str(artifact), BENTOML_HOME=str(eager_dir / "bentoml"), TUNESERVE_ACCESS_LOG="false")
-    if eager:
-        env["PYTHONPATH"] = str(eager_dir)  # its sitecustomize.py imports the two as the interpreter starts
+    env.update(TUNESERVE_ARTIFACT=str(artifact.absolute()), BENTOML_HOME=str(home), TUNESERVE_ACCESS_LOG="false")
     return env
 
 
-def one_start(python: str, artifact: Path, eager: bool, eager_dir: Path, timeout: float = 120) -> dict[str, float]:
-    """Seconds from launch to: the main process listening, the model served (and its load + self-test), ready."""
+def one_start(python: str, artifact: Path, root: Path, home: Path, timeout: float = 120) -> dict[str, float]:
+    """Seconds from launch to: the main process listening, the model served (and its load + self-test), ready,
+    for the service in the checkout at ``root``."""
     import httpx
 
     port = free_port()
     start = time.monotonic()
     proc = subprocess.Popen([python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=environment(artifact, eager, eager_dir), stdout=subprocess.PIPE,
+                            cwd=root, env=environment(artifact, home), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     stamps: dict[str, float] = {}
 
@@ -94,17 +91,31 @@ def one_start(python: str, artifact: Path, eager: bool, eager_dir: Path, timeout
     return stamps
 
 
-def import_seconds(python: str, eager: bool, eager_dir: Path) -> float:
+def import_seconds(python: str, root: Path) -> float:
     """A fresh interpreter that imports ``service.service`` and exits, start to end (the best of three)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
-    if eager:
-        env["PYTHONPATH"] = str(eager_dir)
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        subprocess.run([python, "-c", "import service.service"], cwd=ROOT, env=env, capture_output=True, check=True)
+        subprocess.run([python, "-c", "import service.service"], cwd=root, env=env, capture_output=True, check=True)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+@contextlib.contextmanager
+def checkouts(before: str | None, scratch: Path) -> Iterator[dict[str, Path]]:
+    """The service's code by label: this checkout, and the commit ``before`` in a temporary worktree."""
+    if before is None:
+        yield {"this checkout": ROOT}
+        return
+    rev = subprocess.run(["git", "rev-parse", "--short", before], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = scratch / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True, capture_output=True)
+    try:
+        yield {"this checkout": ROOT, f"at {rev} (before)": tree}
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 
 
 def main() -> None:
@@ -113,44 +124,45 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="starts per artifact and arrangement")
     parser.add_argument("--python", action="append", help="an interpreter that runs the service (repeat for "
                         "several, e.g. .venv/bin/python and .venv-serve/bin/python; default: this one)")
+    parser.add_argument("--before", help="also start the service as it was at this commit (e.g. HEAD~1)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    pythons = args.python or [sys.executable]
-    with tempfile.TemporaryDirectory() as directory:
-        eager_dir = Path(directory)
-        (eager_dir / "sitecustomize.py").write_text(EAGER)
+    pythons = [str(Path(p).absolute()) for p in args.python or [sys.executable]]  # run from either checkout
+    with tempfile.TemporaryDirectory() as directory, checkouts(args.before, Path(directory)) as trees:
+        home = Path(directory) / "bentoml"
         rows, imports = [], []
         for python in pythons:
             where = shown(Path(python).parent.parent)  # the virtual environment
-            seconds = {eager: import_seconds(python, eager, eager_dir) for eager in (False, True)}
-            imports.append(f"{where}: {seconds[False]:.2f} s (eager: {seconds[True]:.2f} s)")
+            seconds = {label: import_seconds(python, root) for label, root in trees.items()}
+            imports.append(f"{where}: " + ", ".join(f"{s:.2f} s ({label})" for label, s in seconds.items()))
             print(imports[-1], flush=True)
             for artifact in args.artifacts:
-                runs: dict[bool, list[dict]] = {False: [], True: []}
+                runs: dict[str, list[dict]] = {label: [] for label in trees}
                 for _ in range(args.runs):
-                    for eager in (False, True):
-                        runs[eager].append(one_start(python, artifact, eager, eager_dir))
-                        print(where, shown(artifact), "eager" if eager else "shipped", runs[eager][-1], flush=True)
-                for eager in (False, True):
-                    median = {k: statistics.median(r[k] for r in runs[eager]) for k in runs[eager][0]}
-                    rows.append((where, shown(artifact), eager, median, min(r["ready"] for r in runs[eager])))
+                    for label, root in trees.items():
+                        runs[label].append(one_start(python, artifact, root, home))
+                        print(where, shown(artifact), label, runs[label][-1], flush=True)
+                for label in trees:
+                    median = {k: statistics.median(r[k] for r in runs[label]) for k in runs[label][0]}
+                    rows.append((where, shown(artifact), label, median, min(r["ready"] for r in runs[label])))
 
-    lines = ["| environment | artifact | scipy, scikit-learn | main process listening | worker: interpreter, "
-             "imports | model load + self-test | then ready | ready (median) | ready (best) |",
+    lines = ["| environment | artifact | service | main process listening | worker: interpreter, imports "
+             "| model load + self-test | then ready | ready (median) | ready (best) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for where, artifact, eager, m, best in rows:
+    for where, artifact, label, m, best in rows:
         worker = m["served"] - m["listening"] - m["load_and_selftest"]
-        lines.append(f"| {where} | {artifact} | {'imported at start (before)' if eager else 'on first use'} "
-                     f"| {m['listening']:.2f} s | {worker:.2f} s | {m['load_and_selftest']:.2f} s "
-                     f"| {m['ready'] - m['served']:.2f} s | **{m['ready']:.2f} s** | {best:.2f} s |")
+        lines.append(f"| {where} | {artifact} | {label} | {m['listening']:.2f} s | {worker:.2f} s "
+                     f"| {m['load_and_selftest']:.2f} s | {m['ready'] - m['served']:.2f} s | **{m['ready']:.2f} s** "
+                     f"| {best:.2f} s |")
     table = "\n".join(lines)
-    body = (f"Medians of {args.runs} starts per row, the two arrangements taken in turn. A fresh interpreter that "
-            f"imports the service and exits: {'; '.join(imports)}.\n\n{table}")
+    body = (f"Medians of {args.runs} starts per row, the services taken in turn. A fresh interpreter that imports the "
+            f"service and exits: {'; '.join(imports)}.\n\n{table}")
     print(body)
     if not args.no_write:
         command = ("python benchmarks/cold_start.py " + " ".join(shown(a) for a in args.artifacts)
-                   + "".join(f" --python {shown(p)}" for p in pythons) + f" --runs {args.runs}")
+                   + "".join(f" --python {shown(p)}" for p in pythons) + f" --runs {args.runs}"
+                   + (f" --before {args.before}" if args.before else ""))
         write_section("cold-start", command, body)
 
 

@@ -167,7 +167,8 @@ class OnnxDecoder:
     """Greedy or seeded sampling decoding over an ONNX Runtime session of a decoder with a key/value cache.
 
     Args:
-        path: the ONNX file.
+        graph: the ONNX file, or an ONNX Runtime session already open on it (whose own threads, providers and
+            spinning then hold).
         tokenizer: anything with ``decode(ids, skip_special_tokens=True)`` (a ``tokenizers.Tokenizer`` or a
             transformers tokenizer); it turns generated ids into text.
         eos_token_ids: the token ids that end a generation.
@@ -179,17 +180,13 @@ class OnnxDecoder:
         ArtifactError: the graph lacks an input or output decoding needs, or its cache has no fixed head shape.
     """
 
-    def __init__(self, path: str | os.PathLike, tokenizer: Any, eos_token_ids: int | Iterable[int], *,
+    def __init__(self, graph: Any, tokenizer: Any, eos_token_ids: int | Iterable[int], *,
                  threads: int | None = None, providers: Sequence[str] | None = None, spinning: bool = True):
-        import onnxruntime as ort
+        from core.onnx_runner import open_session
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+        opened = not isinstance(graph, (str, os.PathLike))
+        self.session = graph if opened else open_session(graph, threads=threads, providers=providers, spinning=spinning)
+        where = "" if opened else f"{graph}: "
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset([eos_token_ids] if isinstance(eos_token_ids, int) else map(int, eos_token_ids))
 
@@ -205,10 +202,10 @@ class OnnxDecoder:
         self.present_names = [f"present.{layer}.{kind}" for layer, kind, _ in past]
         missing += [n for n in self.present_names if n not in outputs]
         if missing:
-            raise ArtifactError(f"{path}: not a decoder graph with a key/value cache; it lacks {', '.join(missing)}")
+            raise ArtifactError(f"{where}not a decoder graph with a key/value cache; it lacks {', '.join(missing)}")
         shape = inputs[self.past_names[0]].shape  # [batch, kv heads, past, head dim]
         if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
-            raise ArtifactError(f"{path}: cache input {self.past_names[0]} has shape {shape}; expected "
+            raise ArtifactError(f"{where}cache input {self.past_names[0]} has shape {shape}; expected "
                                 "[batch, kv_heads, past, head_dim] with fixed heads and head dim")
         self.kv_heads, self.head_dim = shape[1], shape[3]
         self.cache_dtype = _DTYPES.get(inputs[self.past_names[0]].type, np.float32)
@@ -239,8 +236,8 @@ class OnnxDecoder:
         sampling = Sampling(temperature, top_p, top_k)
         seeds = _seeds(seed, len(prompt_ids))
         results: list[Generated | None] = [None] * len(prompt_ids)
-        for width in sorted({_padded(len(p)) for p in prompt_ids}):  # one batch per padded width
-            members = [i for i, p in enumerate(prompt_ids) if _padded(len(p)) == width]
+        for width in sorted({padded_width(len(p)) for p in prompt_ids}):  # one batch per padded width
+            members = [i for i, p in enumerate(prompt_ids) if padded_width(len(p)) == width]
             rows: list[_Row] = []
             for rows in self._decode([prompt_ids[i] for i in members], max_new_tokens, sampling,
                                      [seeds[i] for i in members] if seeds else None, stop):
@@ -288,7 +285,7 @@ class OnnxDecoder:
         rows = [_Row(self.tokenizer, self.eos_token_ids, stop, max_new_tokens) for _ in prompts]
 
         # The prompts, left-padded; the first step runs them against an empty cache.
-        width = _padded(max(map(len, prompts)))
+        width = padded_width(max(map(len, prompts)))
         input_ids = np.zeros((len(prompts), width), dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
         for i, p in enumerate(prompts):
@@ -318,7 +315,7 @@ class OnnxDecoder:
             mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
 
 
-def _padded(length: int) -> int:
+def padded_width(length: int) -> int:
     """The width a prompt of ``length`` tokens is left-padded to."""
     return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
 

@@ -18,28 +18,46 @@ from core.encoding import Encoder
 CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion",)
 
 
+def open_session(path: str | os.PathLike, *, threads: int | None = None, providers: Sequence[str] | None = None,
+                 spinning: bool = True, disabled_optimizers: Sequence[str] = (), save_optimized: str | os.PathLike | None = None):
+    """An ONNX Runtime session over the graph at ``path``.
+
+    Args:
+        threads: intra-op threads (None: ONNX Runtime's default, one per core).
+        providers: execution providers (default: the CPU).
+        spinning: let idle threads busy-wait between runs (faster for one caller; a server wants False).
+        disabled_optimizers: graph fusions the session must not apply.
+        save_optimized: write the graph as the session runs it, after its own fusions, to this file.
+
+    ONNX Runtime releases the GIL while it builds the session, so another thread can load a tokenizer meanwhile.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if save_optimized:
+        options.optimized_model_filepath = str(save_optimized)
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if not spinning:
+        # By default idle intra-op threads busy-wait for the next run; in a server that CPU is needed to
+        # read and answer requests between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]),
+                                disabled_optimizers=list(disabled_optimizers))
+
+
 class OnnxModel:
     """An ONNX Runtime session over a sequence-classification graph with ``logits`` as its output."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, providers: Sequence[str] | None = None,
                  spinning: bool = True, save_optimized: str | os.PathLike | None = None):
-        """Open a session; ``save_optimized`` writes the graph as the session runs it, after its own fusions."""
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if save_optimized:
-            options.optimized_model_filepath = str(save_optimized)
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        if not spinning:
-            # By default idle intra-op threads busy-wait for the next run; in a server that CPU is needed to
-            # read and answer requests between runs.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        """Open a session (:func:`open_session`)."""
         self.path = Path(path)
         providers = list(providers or ["CPUExecutionProvider"])
         disabled = [] if "CUDAExecutionProvider" in providers else list(CPU_DISABLED_FUSIONS)
-        self.session = ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
+        self.session = open_session(path, threads=threads, providers=providers, spinning=spinning,
+                                    disabled_optimizers=disabled, save_optimized=save_optimized)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def forward(self, batch) -> np.ndarray:

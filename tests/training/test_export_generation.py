@@ -238,6 +238,27 @@ def test_a_graph_without_a_cache_is_refused(tmp_path, tiny_lm):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
     with pytest.raises(ArtifactError, match="attention_mask.*past_key_values"):
         OnnxDecoder(path, tiny_lm[1], 0)
+    # A session opened beforehand (the service opens it while the tokenizer loads) is checked the same way.
+    from core.onnx_runner import open_session
+    with pytest.raises(ArtifactError, match="^not a decoder graph.*attention_mask"):
+        OnnxDecoder(open_session(path), tiny_lm[1], 0)
+
+
+def test_the_selftest_takes_prompts_of_one_padded_width_that_run_as_one_batch():
+    from core.decoding import PAD_MULTIPLE
+    from training.export.decoder import SELFTEST_EXAMPLES, selftest_rows
+
+    assert SELFTEST_EXAMPLES == 4
+    lengths = [90, 74, 40, 104, 50, 112, 60, 45, 33, 70, 64]  # widths 96, 96, 64, 128, 64, 128, 64, 64, 64, 96, 64
+    prompts = [[0] * n for n in lengths]
+    # The narrowest width with four prompts (64: rows 2, 4, 6, 7, 8, 10), in order; row 8 (33 tokens) is not a
+    # candidate (its text was written differently by a kept decoder, say).
+    chosen = selftest_rows(prompts, [i for i in range(len(lengths)) if i != 8])
+    assert chosen == [2, 4, 6, 7]
+    assert {-(-lengths[i] // PAD_MULTIPLE) for i in chosen} == {2}
+    # No width with four: the shortest prompts.
+    assert selftest_rows(prompts, [0, 1, 3, 5, 2]) == [2, 1, 0, 3]
+    assert selftest_rows(prompts, [5, 3]) == [3, 5]
 
 
 def test_decoding_needs_no_torch(tiny_lm, decoder):
