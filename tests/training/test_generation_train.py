@@ -106,6 +106,13 @@ def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_ll
     assert manifest.export.parity["onnx-int8"].metric_delta["rougeL"] >= -1.0
     assert manifest.export.parity["onnx-int8"].batch_invariance.decision_changes == 0
     assert (result.artifact_dir / manifest.export.variant("onnx-int8").path).is_file()
+    # Both are stored as ONNX Runtime runs them (its RMSNorm fusion done), the unfused exports not published.
+    import onnx
+    for name in ("onnx", "onnx-int8"):
+        graph = onnx.load(result.artifact_dir / manifest.export.variant(name).path, load_external_data=False).graph
+        assert "SimplifiedLayerNormalization" in {node.op_type for node in graph.node}
+    assert sorted(p.name for p in (result.artifact_dir / "onnx").iterdir()) == [
+        "model.int8.onnx", "model.int8.onnx.data", "model.onnx", "model.onnx.data"]
     # A CPU deployment carries the quantised decoder with its weights file, and no PyTorch weights.
     from core.cpu_files import onnx_serving_files
 
@@ -180,7 +187,7 @@ def test_a_quantised_decoder_that_loses_metric_is_dropped_with_its_reason(tiny_l
     manifest = read_manifest(result.artifact_dir)
     assert not manifest.export.int8.kept and "rougeL drops by" in manifest.export.int8.reason
     assert manifest.export.variant("onnx-int8") is None and "onnx-int8" not in manifest.export.parity
-    assert sorted(p.name for p in (result.artifact_dir / "onnx").iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in (result.artifact_dir / "onnx").iterdir()) == ["model.onnx", "model.onnx.data"]
     # Served on a CPU, `auto` is then the fp32 decoder.
     from service.backends import choose_backend
 
