@@ -8,7 +8,9 @@ Every line the server logs is stamped with the moment it arrives, which splits a
 (interpreter, BentoML, the service module imported to read its configuration) until it says it listens; the
 worker's start until it logs the model it serves (which says how long the model's load and self-test took); and the
 rest until /readyz answers. Beside them, ``import service.service`` timed in a fresh interpreter. Run it on exported
-artifacts (an encoder classifier; a generation model is started with its int8 decoder):
+artifacts (an encoder classifier; a generation model is started with its int8 decoder). An artifact given as
+``NOW,BEFORE`` is served from NOW by this checkout and from BEFORE (the same model as the earlier commit exported
+it) by the earlier one, for changes of the export:
 
     python benchmarks/cold_start.py runs/sentiment-lora/artifact [runs/summarize-lora/artifact] --runs 5 --before HEAD
 """
@@ -120,7 +122,7 @@ def checkouts(before: str | None, scratch: Path) -> Iterator[dict[str, Path]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifacts", nargs="+", type=Path)
+    parser.add_argument("artifacts", nargs="+", help="artifact directories, each NOW or NOW,BEFORE")
     parser.add_argument("--runs", type=int, default=5, help="starts per artifact and arrangement")
     parser.add_argument("--python", action="append", help="an interpreter that runs the service (repeat for "
                         "several, e.g. .venv/bin/python and .venv-serve/bin/python; default: this one)")
@@ -137,15 +139,17 @@ def main() -> None:
             seconds = {label: import_seconds(python, root) for label, root in trees.items()}
             imports.append(f"{where}: " + ", ".join(f"{s:.2f} s ({label})" for label, s in seconds.items()))
             print(imports[-1], flush=True)
-            for artifact in args.artifacts:
+            for given in args.artifacts:
+                now, _, before = given.partition(",")
+                served = {label: Path(before if before and root != ROOT else now) for label, root in trees.items()}
                 runs: dict[str, list[dict]] = {label: [] for label in trees}
                 for _ in range(args.runs):
                     for label, root in trees.items():
-                        runs[label].append(one_start(python, artifact, root, home))
-                        print(where, shown(artifact), label, runs[label][-1], flush=True)
+                        runs[label].append(one_start(python, served[label], root, home))
+                        print(where, shown(served[label]), label, runs[label][-1], flush=True)
                 for label in trees:
                     median = {k: statistics.median(r[k] for r in runs[label]) for k in runs[label][0]}
-                    rows.append((where, shown(artifact), label, median, min(r["ready"] for r in runs[label])))
+                    rows.append((where, shown(served[label]), label, median, min(r["ready"] for r in runs[label])))
 
     lines = ["| environment | artifact | service | main process listening | worker: interpreter, imports "
              "| model load + self-test | then ready | ready (median) | ready (best) |",
@@ -160,7 +164,7 @@ def main() -> None:
             f"service and exits: {'; '.join(imports)}.\n\n{table}")
     print(body)
     if not args.no_write:
-        command = ("python benchmarks/cold_start.py " + " ".join(shown(a) for a in args.artifacts)
+        command = ("python benchmarks/cold_start.py " + " ".join(",".join(map(shown, a.split(","))) for a in args.artifacts)
                    + "".join(f" --python {shown(p)}" for p in pythons) + f" --runs {args.runs}"
                    + (f" --before {args.before}" if args.before else ""))
         write_section("cold-start", command, body)
