@@ -31,6 +31,10 @@ from core.errors import ArtifactError
 SHARED_DIR = "shared"
 BASE_FILE = "base.onnx"
 ADAPTER_FILE = "adapter.safetensors"
+# In a model store entry registered without its base graph (training/publish/register.py), this file beside where the
+# graph would be holds the store tag of the entry that has it: the models over one base store it once.
+STORED_BASE_FILE = "base.store-tag"
+STORED_BASE_PREFIX = "tuneserve-base-"  # that entry's name: the prefix and the base identity's first 16 digits
 ADAPTER_INPUT = "adapter"  # the graph's input: each row's index into the stacked factors
 HIDDEN_OUTPUT = "hidden"
 FACTOR_PREFIXES = ("lora_A.", "lora_B.")

@@ -21,6 +21,7 @@ import numpy as np
 from core.encoding import Encoder
 from core.errors import ArtifactError, ConfigError
 from core.manifest import MODEL_DIR, Manifest
+from core.shared_base import STORED_BASE_FILE
 from core.tasks.generation import DECODER_ONLY, GeneratedText, Layout, Prompter, layout
 
 logger = logging.getLogger(__name__)
@@ -218,11 +219,30 @@ def shared_files(artifact_dir: Path, manifest: Manifest) -> tuple[Path, Path]:
         raise ArtifactError(f"{artifact_dir}: the manifest lists no variant over a shared base"
                             f"{f' ({why})' if why else ' (export it again with this version)'}; "
                             "serve it with TUNESERVE_BACKEND=auto, onnx or onnx-int8")
-    paths = tuple(artifact_dir / f for f in variant.files)
-    for path in paths:
+    graph, adapter = (artifact_dir / f for f in variant.files)
+    if not graph.is_file() and (pointer := graph.with_name(STORED_BASE_FILE)).is_file():
+        graph = stored_base_graph(pointer.read_text().strip(), artifact_dir) / variant.files[0]
+    for path in (graph, adapter):
         if not path.is_file():
-            raise ArtifactError(f"{artifact_dir}: the manifest lists {path.relative_to(artifact_dir)}, which is missing")
-    return paths
+            shown = path.relative_to(artifact_dir) if path.is_relative_to(artifact_dir) else path
+            raise ArtifactError(f"{artifact_dir}: the manifest lists {shown}, which is missing")
+    return graph, adapter
+
+
+def stored_base_graph(tag: str, artifact_dir: Path) -> Path:
+    """The directory of the store entry ``tag`` that holds a model's base graph (registered apart from the model,
+    training/publish/register.py).
+
+    Raises:
+        ArtifactError: no such entry in the model store (or in the bento).
+    """
+    import bentoml
+
+    try:
+        return Path(bentoml.models.get(tag).path)
+    except (bentoml.exceptions.BentoMLException, ValueError) as exc:
+        raise ArtifactError(f"{artifact_dir}: its base graph is stored apart, as {tag}, which the model store does "
+                            f"not hold ({str(exc).splitlines()[0]}); register the artifact again") from None
 
 
 def _load_torch_model(artifact_dir: Path, manifest: Manifest, *, device: str, threads: int):

@@ -31,6 +31,7 @@ from core.errors import ArtifactError, ConfigError
 from core.manifest import Manifest, read_manifest
 from core.metrics import Evaluation
 from core.report import assessed, report
+from core.shared_base import SHARED_DIR, STORED_BASE_FILE
 from service.backends import (
     SHARED_BACKEND,
     SharedBases,
@@ -108,13 +109,25 @@ MODEL_FIELD = ("The served model to use, by name (GET /models lists them); optio
 
 
 def _store_tags() -> list[str]:
-    """The store tags the settings name: class attributes of the service (below), so that `bentoml build` packages
-    them. Empty where the settings are wrong: the serving process has already said so (checked_settings), and a
-    worker says so when it loads."""
+    """The store tags the settings name, and those of the base graphs their entries keep apart (once for the models
+    over one base, training/publish/register.py): class attributes of the service (below), so that `bentoml build`
+    packages them. Empty where the settings are wrong: the serving process has already said so (checked_settings),
+    and a worker says so when it loads."""
     try:
-        return [source.tag for source in sources(SETTINGS) if source.tag]
+        tags = [source.tag for source in sources(SETTINGS) if source.tag]
     except ConfigError:
         return []
+    return tags + list(dict.fromkeys(base for tag in tags if (base := _stored_base_tag(tag))))
+
+
+def _stored_base_tag(tag: str) -> str | None:
+    """The tag of the entry holding the base graph of store entry ``tag``, if it keeps its base graph apart."""
+    try:
+        entry = Path(bentoml.models.get(tag).path)
+    except (bentoml.exceptions.BentoMLException, ValueError):
+        return None  # the worker says what is wrong with it when it loads
+    pointer = next(entry.glob(f"*/{SHARED_DIR}/{STORED_BASE_FILE}"), None)  # onnx/shared/base.store-tag
+    return pointer.read_text().strip() if pointer else None
 
 
 STORED = {tag: f"stored_model_{i}" for i, tag in enumerate(_store_tags())}  # store tag -> the class attribute

@@ -169,3 +169,64 @@ def test_the_dockerfiles_first_stage_takes_a_directory_of_artifacts_and_stores_t
     done = subprocess.run([sys.executable, str(ROOT / "core" / "cpu_files.py"), str(tmp_path / "bentoml"),
                            str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "neither an artifact" in done.stderr
+
+
+@pytest.mark.slow
+def test_models_over_one_base_are_registered_and_packaged_with_their_base_graph_once(shared_artifacts, tmp_path):
+    """`tuneserve register --onnx-only` stores the base graph of LoRA models over one base in one entry of its own,
+    which each model's entry names; the service finds it there, and `bentoml build` packages it once."""
+    from tests.service.test_serve_process import start_server
+
+    home = tmp_path / "bentoml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")} | {"BENTOML_HOME": str(home)}
+    tags = {}
+    for name in ("sentiment", "tags", "sentiment"):  # the second registration of one artifact stores nothing
+        done = subprocess.run([sys.executable, "-m", "training.cli", "register", str(shared_artifacts[name]),
+                               "--onnx-only", "--name", name], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        tags[name] = done.stdout.strip().splitlines()[-1]
+    store = home / "models"
+    bases = sorted(p for p in store.rglob("base.onnx"))
+    assert len(bases) == 1 and bases[0].relative_to(store).parts[0].startswith("tuneserve-base-")
+    pointers = {name: next((store / name).rglob("base.store-tag")).read_text().strip() for name in ("sentiment", "tags")}
+    assert pointers["sentiment"] == pointers["tags"] and len(list((store / "sentiment").iterdir())) == 2  # + latest
+
+    proc, url, log = start_server({"TUNESERVE_MODELS": f"{tags['sentiment']},{tags['tags']}"}, home)
+    try:
+        wait_ready(proc, url)
+        listed = httpx.get(url + "/models").json()["models"]
+        assert [(m["name"], m["backend"]) for m in listed] == [("sentiment", "onnx-shared"), ("tags", "onnx-shared")]
+        answer = httpx.post(url + "/predict", json={"texts": ["a fine film"], "model": "sentiment"})
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in ("positive", "negative")
+    finally:
+        stop(proc)
+
+    # The bento names the two models and the base graph's entry; exported, it holds the base graph once, and
+    # served from its own directory (as its image does, with a store of its own) it finds the base there.
+    env["TUNESERVE_MODELS"] = f"{tags['sentiment']},{tags['tags']}"
+    built = subprocess.run([sys.executable, "-m", "bentoml", "build", ".", "--output", "tag"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    info = json.loads(subprocess.run([sys.executable, "-m", "bentoml", "get", "tuneserve:latest", "-o", "json"],
+                                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=120).stdout)
+    assert sorted(m["tag"] for m in info["services"][0]["models"]) == sorted([tags["sentiment"], tags["tags"],
+                                                                              pointers["sentiment"]])
+    archive = tmp_path / "tuneserve.bento"
+    done = subprocess.run([sys.executable, "-m", "bentoml", "export", "tuneserve:latest", str(archive)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bento = tmp_path / "bento"
+    bento.mkdir()
+    shutil.unpack_archive(archive, bento, format="tar")
+    graphs = sorted(p.relative_to(bento / "models").parts[0] for p in (bento / "models").rglob("base.onnx"))
+    assert graphs == [pointers["sentiment"].partition(":")[0]]  # once, in the base's entry
+
+    proc, url, log = start_server({"TUNESERVE_MODELS": env["TUNESERVE_MODELS"]}, tmp_path / "empty-home",
+                                  bento=str(bento))
+    try:
+        wait_ready(proc, url)
+        listed = httpx.get(url + "/models").json()["models"]
+        assert [(m["name"], m["backend"]) for m in listed] == [("sentiment", "onnx-shared"), ("tags", "onnx-shared")]
+    finally:
+        stop(proc)

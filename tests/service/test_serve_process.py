@@ -29,8 +29,9 @@ def free_port() -> int:
 
 
 def start_server(env: dict, bentoml_home: Path, python: str = sys.executable,
-                 attempts: int = 3) -> tuple[subprocess.Popen, str, Path]:
-    """Start ``bentoml serve`` on a free port and return once it holds the port (or has exited).
+                 attempts: int = 3, bento: str = ".") -> tuple[subprocess.Popen, str, Path]:
+    """Start ``bentoml serve`` (of this checkout, or of ``bento``: a bento's directory) on a free port and return
+    once it holds the port (or has exited).
 
     ``free_port`` releases the port before the server binds it, so another process can take it in between; the
     server then exits with "Could not bind" and is started again on a fresh port."""
@@ -41,7 +42,7 @@ def start_server(env: dict, bentoml_home: Path, python: str = sys.executable,
         port = free_port()
         log = bentoml_home / f"serve-{port}.log"
         with log.open("w") as out:
-            proc = subprocess.Popen([python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+            proc = subprocess.Popen([python, "-m", "bentoml", "serve", bento, "--host", "127.0.0.1", "--port", str(port)],
                                     cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         deadline = time.monotonic() + 120

@@ -132,3 +132,29 @@ def test_an_onnx_only_registration_holds_what_the_onnx_backend_loads_and_no_pyto
     assert served in held and not any(h.endswith(".safetensors") or h.startswith("adapter/") for h in held)
     assert bentoml.models.get(tag).info.labels["backends"] == ("onnx-int8" if manifest.export.variant("onnx-int8") else "onnx")
     assert register(artifact, onnx_only=True) == tag  # unchanged: one model
+
+
+def test_lora_models_over_one_base_store_it_once_and_a_lost_base_entry_is_named(shared_artifacts, tmp_path, store):
+    import bentoml
+
+    from core.errors import ArtifactError
+    from core.manifest import read_manifest
+    from service.backends import shared_files
+
+    tags = {name: register(shutil.copytree(shared_artifacts[name], tmp_path / name), name, onnx_only=True)
+            for name in ("sentiment", "tags")}
+    [base] = _stored(next(m.tag.name for m in bentoml.models.list() if m.tag.name.startswith("tuneserve-base-")))
+    for tag in tags.values():
+        entry = Path(bentoml.models.get(tag).path)
+        assert not (entry / "onnx" / "shared" / "base.onnx").exists()
+        assert (entry / "onnx" / "shared" / "base.store-tag").read_text().strip() == base
+        assert bentoml.models.get(tag).info.metadata["shared_base_model"] == base
+        graph, adapter = shared_files(entry, read_manifest(entry))
+        assert graph == Path(bentoml.models.get(base).path) / "onnx" / "shared" / "base.onnx" and adapter.is_file()
+    assert register(tmp_path / "sentiment", "sentiment", onnx_only=True) == tags["sentiment"]  # nothing new stored
+    assert len(_stored(base.partition(":")[0])) == 1
+
+    bentoml.models.delete(base)
+    entry = Path(bentoml.models.get(tags["tags"]).path)
+    with pytest.raises(ArtifactError, match=f"base graph is stored apart, as {base}, which the model store does not hold"):
+        shared_files(entry, read_manifest(entry))

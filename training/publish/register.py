@@ -12,6 +12,8 @@ from core.errors import ArtifactError
 from core.manifest import MODEL_DIR, read_manifest
 from core.onnx_runner import check_external_data
 from core.cpu_files import onnx_serving_files
+from core.shared_base import STORED_BASE_FILE, STORED_BASE_PREFIX
+from training.export.shared import VARIANT as SHARED_VARIANT
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,10 @@ def register(artifact_dir: str | Path, name: str | None = None, *, onnx_only: bo
 
     With ``onnx_only`` only what the ONNX Runtime backend loads is stored (manifest, card, tokenizer, the ONNX file
     the ``auto`` backend serves), under ``<name>-onnx`` by default: the model a CPU bento packages, without the
-    PyTorch weights. A GPU bento needs the whole artifact.
+    PyTorch weights. A GPU bento needs the whole artifact. The base graph of an ``onnx-shared`` variant (90 MB for
+    MiniLM, the same for every LoRA model over that base) is then stored once, in its own entry
+    (``tuneserve-base-<identity>``), which the model's entry names in ``onnx/shared/base.store-tag``: a bento of
+    several models over one base packages it once.
 
     An artifact already stored under ``name`` with the same content (hash of its files, kept in the entry's
     ``content_sha256`` label) is not copied again: its tag is returned. The store entry is written by
@@ -75,8 +80,6 @@ def register(artifact_dir: str | Path, name: str | None = None, *, onnx_only: bo
     Raises:
         ArtifactError: the artifact is incomplete, or the name is not a valid BentoML model name.
     """
-    import bentoml
-
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     name = (name or (f"{manifest.name}-onnx" if onnx_only else manifest.name)).lower()
@@ -93,7 +96,33 @@ def register(artifact_dir: str | Path, name: str | None = None, *, onnx_only: bo
                 raise ArtifactError(f"{artifact_dir}: the manifest lists {', '.join(missing)}, which is missing")
             check_external_data(artifact_dir / variant.path)
             backends.append(variant.name)
+    labels = {"task": manifest.task.value, "method": manifest.method, "backends": ",".join(backends),
+              "source": "tuneserve"}
+    metadata = {"primary_metric": manifest.primary_metric, "test_metrics": manifest.metrics.get("test", {}),
+                "base_model": manifest.base_model, "int8_kept": bool(manifest.export and manifest.export.int8.kept)}
+    if manifest.labels is not None:  # regression and generation models have none (BentoML's metadata refuses null)
+        metadata["labels"] = manifest.labels
+    shared = manifest.export.variant(SHARED_VARIANT) if onnx_only and manifest.export else None
+    pointer = {}
+    if shared is not None:
+        graph = [artifact_dir / f for f in (shared.path, f"{shared.path}.data") if (artifact_dir / f).is_file()]
+        base_tag = _store(f"{STORED_BASE_PREFIX}{shared.base[:16]}", artifact_dir, graph,
+                          {"source": "tuneserve", "kind": "shared base graph"}, {"base_identity": shared.base})
+        files = [f for f in files if f not in graph]
+        pointer = {Path(shared.path).with_name(STORED_BASE_FILE): base_tag + "\n"}
+        metadata["shared_base_model"] = base_tag
+    return _store(name, artifact_dir, files, labels, metadata, pointer)
+
+
+def _store(name: str, artifact_dir: Path, files: list[Path], labels: dict, metadata: dict,
+           written: dict[Path, str] | None = None) -> str:
+    """Copy ``files`` (and ``written``: relative path -> text) into a new store entry ``name``, or return the tag of
+    the newest entry of that name that holds the same content (both)."""
+    import bentoml
+
     digest = content_hash(artifact_dir, files)
+    if written:  # a model's pointer to its base entry: a base stored again under a new tag makes a new entry
+        digest = hashlib.sha256((digest + "".join(f"\0{k}\0{v}" for k, v in sorted(written.items()))).encode()).hexdigest()
     models, same = _stored_with(name, digest)
     if same is not None:
         if same.tag != models[0].tag:
@@ -102,15 +131,12 @@ def register(artifact_dir: str | Path, name: str | None = None, *, onnx_only: bo
         else:
             logger.info("%s is already in the store as %s (same content); nothing copied", artifact_dir, same.tag)
         return str(same.tag)
-    labels = {"task": manifest.task.value, "method": manifest.method, "backends": ",".join(backends),
-              "source": "tuneserve", CONTENT_LABEL: digest}
-    metadata = {"primary_metric": manifest.primary_metric, "test_metrics": manifest.metrics.get("test", {}),
-                "base_model": manifest.base_model, "int8_kept": bool(manifest.export and manifest.export.int8.kept)}
-    if manifest.labels is not None:  # regression and generation models have none (BentoML's metadata refuses null)
-        metadata["labels"] = manifest.labels
-    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+    with bentoml.models.create(name, labels={**labels, CONTENT_LABEL: digest}, metadata=metadata) as model:
         for path in files:
             target = Path(model.path) / path.relative_to(artifact_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+        for relative, text in (written or {}).items():
+            (Path(model.path) / relative).parent.mkdir(parents=True, exist_ok=True)
+            (Path(model.path) / relative).write_text(text)
     return str(model.tag)
