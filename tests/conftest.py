@@ -325,3 +325,17 @@ def shared_artifacts(tiny_model, tmp_path_factory) -> dict[str, Path]:
             write_jsonl(directory / f"{split}.jsonl", (make_entity_rows if name == "tags" else make_rows)(n, seed))
         built[name] = _train_exported(tiny_model, directory, name=name, **changes)
     return built
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A private, empty model store (BentoML resolves its home once per process, so the store itself is patched)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    home = tmp_path / "bentoml"
+    (home / "models").mkdir(parents=True)
+    monkeypatch.setenv("BENTOML_HOME", str(home))  # for any subprocess
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+    with BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))):
+        yield home / "models"

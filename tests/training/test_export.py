@@ -326,9 +326,8 @@ def test_external_data_outside_the_model_directory_is_refused(tmp_path, location
         check_external_data(path)
 
 
-def test_register_puts_the_artifact_in_the_bentoml_store(base_config, tmp_path, monkeypatch):
-    art = _train(base_config).artifact_dir
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # a private store, for the subprocesses too
+def test_register_puts_the_artifact_in_the_bentoml_store(base_config, store):
+    art = _train(base_config).artifact_dir  # `store`: a private store, for the subprocesses too
     done = subprocess.run([sys.executable, "-m", "training.cli", "register", str(art), "--name", "sentiment-tiny"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -11,7 +11,6 @@ import pytest
 
 from core.manifest import read_manifest
 from tests.conftest import CHATML, byte_level_bpe, crash_after_first_checkpoint, write_jsonl
-from tests.training.test_register import store  # noqa: F401 (a fixture)
 from training.config import load_config
 from training.run import train
 
@@ -74,7 +73,7 @@ def _config(model: str, data, output, **changes) -> dict:
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_tiny_llama_learns_to_summarise_and_the_artifact_says_how_well(tiny_llama, pair_dir, tmp_path, method,
-                                                                          store):  # noqa: F811 (the fixture)
+                                                                          store):
     result = train(load_config(raw=_config(tiny_llama, pair_dir, tmp_path / "run", method=method,
                                            **({"train": {"epochs": 6, "batch_size": 16, "eval_batch_size": 16,
                                                          "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 32}}

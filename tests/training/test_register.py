@@ -27,20 +27,6 @@ def artifact(trained, tmp_path):
     return shutil.copytree(trained, tmp_path / "artifact")
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A private, empty model store (BentoML resolves its home once per process, so the store itself is patched)."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models import ModelStore
-
-    home = tmp_path / "bentoml"
-    (home / "models").mkdir(parents=True)
-    monkeypatch.setenv("BENTOML_HOME", str(home))  # for any subprocess
-    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
-    with BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))):
-        yield home / "models"
-
-
 def _stored(name: str) -> list[str]:
     import bentoml
 
