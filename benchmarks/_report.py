@@ -1,13 +1,18 @@
-"""Shared by the benchmark scripts: the machine's matmul rate and writing a section of BENCHMARKS.md."""
+"""Shared by the benchmark scripts: the machine's matmul rate, an earlier commit checked out beside this one, and
+writing a section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
@@ -59,9 +64,12 @@ def shown(path: str | Path) -> str:
 def machine() -> str:
     import os
 
-    import torch
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    try:
+        import torch
+    except ImportError:  # the service's environment (the image's) has no torch
+        return f"{cpu}, no torch"
+    return f"{cpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def write_section(name: str, command: str, body: str, path: Path = BENCHMARKS) -> None:
@@ -73,3 +81,19 @@ def write_section(name: str, command: str, body: str, path: Path = BENCHMARKS) -
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + f"\n\n{section}\n"
     path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+@contextlib.contextmanager
+def checkouts(before: str | None, scratch: Path) -> Iterator[dict[str, Path]]:
+    """The service's code by label: this checkout, and the commit ``before`` in a temporary worktree."""
+    if before is None:
+        yield {"this checkout": ROOT}
+        return
+    rev = subprocess.run(["git", "rev-parse", "--short", before], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = scratch / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True, capture_output=True)
+    try:
+        yield {"this checkout": ROOT, f"at {rev} (before)": tree}
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)

@@ -18,7 +18,6 @@ it) by the earlier one, for changes of the export:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import signal
@@ -28,13 +27,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import shown, write_section  # noqa: E402
+from benchmarks._report import checkouts, shown, write_section  # noqa: E402
 from benchmarks.serve_load import free_port  # noqa: E402
 
 LISTENING = re.compile(r"listening on")
@@ -102,22 +100,6 @@ def import_seconds(python: str, root: Path) -> float:
         subprocess.run([python, "-c", "import service.service"], cwd=root, env=env, capture_output=True, check=True)
         best = min(best, time.perf_counter() - start)
     return best
-
-
-@contextlib.contextmanager
-def checkouts(before: str | None, scratch: Path) -> Iterator[dict[str, Path]]:
-    """The service's code by label: this checkout, and the commit ``before`` in a temporary worktree."""
-    if before is None:
-        yield {"this checkout": ROOT}
-        return
-    rev = subprocess.run(["git", "rev-parse", "--short", before], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    tree = scratch / "before"
-    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True, capture_output=True)
-    try:
-        yield {"this checkout": ROOT, f"at {rev} (before)": tree}
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 
 
 def main() -> None:

@@ -2,13 +2,15 @@
 
 A client sends one-text /predict requests one after another (a few seconds, bounded in count) while another keeps
 legal large requests coming, one at a time (256 texts of 20,000 characters each, about 5 MB). The same requests
-go to two `bentoml serve` processes over one artifact: the service as it ships (a large request is split into
-turns of at most TUNESERVE_TURN_TOKENS that alternate with other requests'), and the same service with turns as
-large as a whole request (TUNESERVE_TURN_TOKENS and TUNESERVE_MAX_BATCH_SIZE over the request's size: the large
-request holds the model for its whole length, as before turns). Each gets the one-text requests alone first.
-The figure that matters is the one-text p99 under load against its p99 alone.
+go to `bentoml serve` processes over one artifact, one after the other: the service as it ships (a large request
+is split into turns of at most TUNESERVE_TURN_TOKENS that alternate with other requests', and one-turn requests
+run beside a large request's turn), with ``--before REV`` the service as it was at commit REV (checked out beside,
+in a temporary git worktree), and this service with turns as large as a whole request (TUNESERVE_TURN_TOKENS and
+TUNESERVE_MAX_BATCH_SIZE over the request's size: the large request holds the model for its whole length, as before
+turns). Each gets the one-text requests alone first. The figure that matters is the one-text p99 under load
+against its p99 alone.
 
-    python benchmarks/fairness.py runs/sentiment-lora/artifact
+    python benchmarks/fairness.py runs/sentiment-lora/artifact --before HEAD
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import shown, write_section  # noqa: E402
+from benchmarks._report import checkouts, shown, write_section  # noqa: E402
 from benchmarks.serve_load import start_service, stop, wait_ready  # noqa: E402
 
 SMALL = "A gentle, funny film that never lets its cast down."
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--large-chars", type=int, default=20_000)
     parser.add_argument("--also-turn-tokens", type=int, nargs="*", default=[],
                         help="also measure the service with turns of these many tokens")
+    parser.add_argument("--before", help="also measure the service as it was at this commit (e.g. HEAD~1)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     base = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
@@ -94,18 +98,20 @@ def main() -> None:
                 TUNESERVE_MAX_TEXTS=str(max(256, args.large_texts)),
                 TUNESERVE_MAX_BODY_BYTES=str(16 * 1024 * 1024))
     whole = str(args.large_texts * 1024)
-    setups = {"turns (as shipped)": {}}
-    for tokens in args.also_turn_tokens:
-        setups[f"turns of {tokens} tokens"] = {"TUNESERVE_TURN_TOKENS": str(tokens)}
-    setups["one turn per request"] = {"TUNESERVE_TURN_TOKENS": whole, "TUNESERVE_MAX_BATCH_SIZE": "1024"}
-    results = {}
-    for name, extra in setups.items():
-        proc, url = start_service(sys.executable, {**base, **extra})
-        try:
-            wait_ready(url, proc)
-            results[name] = measure(url, args.requests, args.seconds, args.large_texts, args.large_chars)
-        finally:
-            stop(proc)
+    with tempfile.TemporaryDirectory() as scratch, checkouts(args.before, Path(scratch)) as trees:
+        setups = {("turns (as shipped)" if label == "this checkout" else f"turns, {label}"): (root, {})
+                  for label, root in trees.items()}
+        for tokens in args.also_turn_tokens:
+            setups[f"turns of {tokens} tokens"] = (ROOT, {"TUNESERVE_TURN_TOKENS": str(tokens)})
+        setups["one turn per request"] = (ROOT, {"TUNESERVE_TURN_TOKENS": whole, "TUNESERVE_MAX_BATCH_SIZE": "1024"})
+        results = {}
+        for name, (root, extra) in setups.items():
+            proc, url = start_service(sys.executable, {**base, **extra}, root)
+            try:
+                wait_ready(url, proc)
+                results[name] = measure(url, args.requests, args.seconds, args.large_texts, args.large_chars)
+            finally:
+                stop(proc)
     rows = ["| service | one-text p50 alone | p99 alone | p50 under load | p99 under load | p99 ratio | "
             "one-text answered under load | large requests done (median s) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -117,10 +123,14 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     if not args.no_write:
-        command = f"python benchmarks/fairness.py {shown(args.artifact)}"
+        command = (f"python benchmarks/fairness.py {shown(args.artifact)} --requests {args.requests} "
+                   f"--seconds {args.seconds:g}" + (f" --before {args.before}" if args.before else ""))
         body = (f"One-text `/predict` requests, one after another, alone and while large requests ({args.large_texts} "
-                f"texts of {args.large_chars:,} characters, one at a time) keep arriving; the same artifact in two "
-                "`bentoml serve` processes, one after the other in this run.\n\n" + table)
+                f"texts of {args.large_chars:,} characters, one at a time) keep arriving; the same artifact in "
+                f"{len(results)} `bentoml serve` processes, one after the other in this run. As shipped, a request "
+                "of one turn runs beside a large request's turn (a second pass at the model, from a second thread "
+                "on the same session), so it waits for neither the large request nor its current turn; the large "
+                "requests' own time is the last column.\n\n" + table)
         write_section("fairness", command, body)
 
 

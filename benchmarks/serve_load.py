@@ -56,11 +56,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(python: str, env: dict) -> tuple[subprocess.Popen, str]:
-    """`bentoml serve` of the repository's service on a free loopback port, in its own process group."""
+def start_service(python: str, env: dict, root: Path = ROOT) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` of the service in ``root`` (this checkout) on a free loopback port, in its own process
+    group."""
     port = free_port()
     proc = subprocess.Popen([python, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -36,8 +36,9 @@ class Settings(BaseSettings):
     turn_tokens: int | None = Field(
         None, ge=1, description="Tokens (estimated from characters) one turn at the model may hold; default: the "
                                 "model's max_length, one full-length text (or many short ones). A larger request is "
-                                "split into turns that alternate with other requests', so a small request waits for "
-                                "one turn, not for all of a large one (BENCHMARKS.md, fairness).")
+                                "split into turns that alternate with other requests', and requests of one turn run "
+                                "beside a large request's turn, so a small request does not wait for a large one "
+                                "(BENCHMARKS.md, fairness).")
     forward_batch_size: int = Field(
         8, ge=1, le=1024, description="Texts per forward pass: a pooled turn runs sorted by length in passes of this "
                                       "many, so short texts are not padded to the longest (measured in BENCHMARKS.md).")

@@ -3,6 +3,9 @@ sizes and padding, for every task."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -50,3 +53,28 @@ def test_each_input_gets_the_same_answer_in_any_batch(artifacts, task, backend_n
                 assert decisions[position] == alone_decisions[i], (texts[i], rows, batch_size)
 
     check()
+
+
+@pytest.mark.parametrize("backend_name", ["onnx-int8", "onnx", "torch"])
+@pytest.mark.parametrize("task", ["classification", "token"])
+def test_two_passes_at_once_give_the_answers_of_one_at_a_time(artifacts, task, backend_name):
+    # the service runs a large request's turn and the one-turn requests' lane side by side (service/batcher.py):
+    # one backend, called from two threads at once, its session's threads shared between them
+    artifact = artifacts[task]
+    manifest = read_manifest(artifact)
+    backend = choose_backend(artifact, manifest, backend=backend_name, device="cpu", threads=2, batch_size=4)
+    spec = manifest.task.spec
+    texts = TOKEN_POOL if task == "token" else POOL
+    large, small = texts * 3, texts[:3]
+    alone = {tuple(rows): spec.flat(spec.scores(backend.logits(rows, None))) for rows in (large, small)}
+    start = threading.Barrier(2)
+
+    def repeatedly(rows: list[str]) -> list[np.ndarray]:
+        start.wait()
+        return [spec.flat(spec.scores(backend.logits(rows, None))) for _ in range(6)]
+
+    with ThreadPoolExecutor(2) as pool:
+        at_once = {tuple(rows): pool.submit(repeatedly, rows) for rows in (large, small)}
+        for rows, future in at_once.items():
+            for got in future.result():
+                assert np.abs(got - alone[rows]).max() <= BATCH_INVARIANCE_TOLERANCE, (task, backend_name)

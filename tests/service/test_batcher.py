@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -42,13 +43,67 @@ def test_a_request_larger_than_a_turn_takes_turns_with_the_others():
     batcher = MicroBatcher(_forward(calls), max_batch_size=4)
 
     async def main():
-        return await asyncio.gather(batcher([f"a{i}" for i in range(10)]), batcher(["b"]))
+        big = asyncio.ensure_future(batcher([f"a{i}" for i in range(10)]))
+        other = asyncio.ensure_future(batcher([f"c{i}" for i in range(5)]))
+        return await big, await other
+
+    big, other = asyncio.run(main())
+    assert big.shape == (10, 2) and other.shape == (5, 2)
+    assert list(big[:, 0]) == [len(f"a{i}") for i in range(10)]  # its rows back in order
+    # two large requests alternate, a turn each; their last turns share a pass
+    assert calls == [["a0", "a1", "a2", "a3"], ["c0", "c1", "c2", "c3"], ["a4", "a5", "a6", "a7"],
+                     ["c4", "a8", "a9"]]
+
+
+def test_a_one_turn_request_does_not_wait_for_a_large_requests_turn():
+    # the large request's turn holds the model until the small request has its answer: the small one runs beside
+    # it, in the second lane (were it queued behind the turn, this would never finish)
+    turn_running, small_answered = threading.Event(), threading.Event()
+    calls: list[list[str]] = []
+
+    def forward(texts, pairs):
+        calls.append(list(texts))
+        if texts[0].startswith("a"):
+            turn_running.set()
+            assert small_answered.wait(10), "the one-text request waited for the large request's turn"
+        return np.array([[float(len(t)), 0.0] for t in texts], dtype=np.float32)
+
+    batcher = MicroBatcher(forward, max_batch_size=4)
+
+    async def main():
+        big = asyncio.ensure_future(batcher([f"a{i}" for i in range(6)]))
+        await asyncio.to_thread(turn_running.wait, 10)
+        small = await asyncio.wait_for(batcher(["b"]), 10)
+        small_answered.set()
+        return await big, small
 
     big, small = asyncio.run(main())
-    assert big.shape == (10, 2) and small.shape == (1, 2)
-    assert list(big[:, 0]) == [len(f"a{i}") for i in range(10)]  # its rows back in order
-    # the one-text request runs after one turn of the large one, not after all of it
-    assert calls == [["a0", "a1", "a2", "a3"], ["b"], ["a4", "a5", "a6", "a7"], ["a8", "a9"]]
+    assert list(big[:, 0]) == [2.0] * 6 and list(small[:, 0]) == [1.0]
+    assert calls == [["a0", "a1", "a2", "a3"], ["b"], ["a4", "a5"]]
+
+
+def test_one_turn_requests_pool_in_the_second_lane_and_never_join_a_large_turn():
+    calls: list[list[str]] = []
+    lock = threading.Lock()
+
+    def forward(texts, pairs):
+        with lock:
+            calls.append(list(texts))
+        time.sleep(0.05 if texts[0].startswith("a") else 0.001)
+        return np.array([[float(len(t)), 0.0] for t in texts], dtype=np.float32)
+
+    batcher = MicroBatcher(forward, max_batch_size=4)
+
+    async def main():
+        big = asyncio.ensure_future(batcher([f"a{i}" for i in range(8)]))
+        await asyncio.sleep(0.01)  # the first turn is running
+        smalls = await asyncio.gather(*(batcher([f"s{i}"]) for i in range(3)))
+        return await big, smalls
+
+    big, smalls = asyncio.run(main())
+    assert big.shape == (8, 2) and [s.shape for s in smalls] == [(1, 2)] * 3
+    assert ["s0", "s1", "s2"] in calls  # pooled into one pass of their own
+    assert all(len({t[0] for t in call}) == 1 for call in calls)  # no pass mixes the two kinds
 
 
 def test_a_turn_is_bounded_by_tokens_too():
@@ -57,12 +112,11 @@ def test_a_turn_is_bounded_by_tokens_too():
     batcher = MicroBatcher(_forward(calls), max_batch_size=32, turn_tokens=10, cost=lambda text, pair: len(text))
 
     async def main():
-        return await asyncio.gather(batcher(["x" * 6, "y" * 6, "z" * 3]), batcher(["s"]), batcher(["w" * 20]))
+        return await asyncio.gather(batcher(["x" * 6, "y" * 6, "z" * 3]), batcher(["w" * 20]), batcher(["v" * 20]))
 
     asyncio.run(main())
-    # the large request's first turn (6 + 6 > 10) shares its pass with the next request's while they fit; a text
-    # over the budget runs alone; then the large request's second turn
-    assert calls == [["x" * 6, "s"], ["w" * 20], ["y" * 6, "z" * 3]]
+    # the large request's turns: 6 + 6 > 10, then 6 + 3; a one-turn request over the budget runs alone
+    assert sorted(calls) == sorted([["x" * 6], ["y" * 6, "z" * 3], ["w" * 20], ["v" * 20]])
 
 
 def test_a_failing_pass_fails_only_its_requests():
