@@ -153,3 +153,13 @@ def test_token_tag_lines_of_the_demo_set_are_read_as_sentences():
     assert read_token_tag_lines(text) == [
         {"id": "1", "tokens": ["@ann", "Empire", "State"], "tags": ["O", "B-facility", "I-facility"]},
         {"id": "2", "tokens": ["hi"], "tags": ["O"]}]
+
+
+def test_conll2003_lines_are_read_as_sentences_without_the_article_marks():
+    from training.data.demo import read_conll2003
+
+    text = ("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\nGerman JJ B-NP B-MISC\n\n"
+            "-DOCSTART- -X- -X- O\n\nPeter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n")
+    assert read_conll2003(text) == [
+        {"id": "1", "tokens": ["EU", "rejects", "German"], "tags": ["B-ORG", "O", "B-MISC"]},
+        {"id": "2", "tokens": ["Peter", "Blackburn"], "tags": ["B-PER", "I-PER"]}]

