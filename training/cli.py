@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="write a demo data set as JSONL")
     p.add_argument("name", help="vader:movie | vader:amazon | vader:nyt | vader:tweets | wnut16:tweets | conll03:en | "
-                                  "manpages:debian | jokes:one-liners")
+                                  "manpages:debian | jokes:one-liners | foldoc:computing")
     p.add_argument("--output", required=True, help="directory to write <name>.jsonl into")
     p.set_defaults(func=cmd_data)
     return parser

@@ -52,6 +52,8 @@ DEMO_DATASETS = {
     "manpages:debian": "Debian 12 manual pages (manpages, manpages-dev, coreutils): DESCRIPTION paragraph to NAME "
                        "summary",
     "jokes:one-liners": "Tagged one-liner jokes of the npm package one-liner-joke 1.2.2 (20 tags)",
+    "foldoc:computing": "Definitions of the Free On-line Dictionary of Computing (Denis Howe) as Debian 12 packages "
+                        "it, with their subject categories (44)",
 }
 DEMO_LANGUAGE = "en"
 
