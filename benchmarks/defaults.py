@@ -10,6 +10,7 @@ settings on top, side by side: how a candidate default is judged.
     python benchmarks/defaults.py --sets wnut16:tweets jokes:one-liners --seeds 42 43 44
     python benchmarks/defaults.py --sets wnut16:tweets --variant "head 1e-2=train.head_lr=1e-2" --reuse
     python benchmarks/defaults.py --max-train 2000      # every known set, training rows capped
+    python benchmarks/defaults.py --sets conll03:en jokes:one-liners --max-train conll03:en=1000
 
 A run already in ``--output-root`` is read back with ``--reuse`` instead of trained again.
 """
@@ -120,11 +121,17 @@ def main() -> None:
                         help="also train with these settings (comma-separated --set items) under NAME")
     parser.add_argument("--variant-on", nargs="+", choices=list(SETS), metavar="SET",
                         help="train the variants on these sets only (default: every set)")
-    parser.add_argument("--max-train", type=int, help="cap each set's training rows (data.max_train_examples)")
+    parser.add_argument("--max-train", nargs="+", default=[], metavar="[SET=]N",
+                        help="cap the training rows (data.max_train_examples) of every set, or of the sets named")
     parser.add_argument("--output-root", default="runs/defaults")
     parser.add_argument("--reuse", action="store_true", help="read back runs already in --output-root")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    caps = {}
+    for given in args.max_train:
+        name, _, number = given.rpartition("=")
+        for each in ([name] if name else args.sets):
+            caps[each] = int(number)
     variants = {"defaults": []}
     for given in args.variant:
         label, _, settings = given.partition("=")
@@ -137,7 +144,7 @@ def main() -> None:
             slug = "".join(c if c.isalnum() else "-" for c in f"{name}-{label}")
             results[(name, label)] = [
                 outcome(run(name, seed, settings, ROOT / args.output_root / f"{slug}-{seed}", args.reuse,
-                            args.max_train)) for seed in args.seeds]
+                            caps.get(name))) for seed in args.seeds]
             print(table({(name, label): results[(name, label)]}).splitlines()[-1], flush=True)
     text = table(results)
     print(text)
@@ -145,12 +152,12 @@ def main() -> None:
         command = ("python benchmarks/defaults.py --sets " + " ".join(args.sets) + " --seeds "
                    + " ".join(map(str, args.seeds)) + "".join(f" --variant '{v}'" for v in args.variant)
                    + (" --variant-on " + " ".join(args.variant_on) if args.variant_on else "")
-                   + (f" --max-train {args.max_train}" if args.max_train else ""))
+                   + (" --max-train " + " ".join(args.max_train) if args.max_train else ""))
         settings = "; ".join(f"{label}: {', '.join(s)}" for label, s in variants.items() if s)
         body = ("The minimal config (`task`, `model: minilm`, `data`, `method: lora`; export off) on each data set, "
                 f"one run per seed ({', '.join(map(str, args.seeds))}; each seed its own split), test values of the "
                 "task's primary metric against the best of the baselines fitted on the same training rows"
-                + (f"; training rows capped at {args.max_train:,}" if args.max_train else "")
+                + ("; training rows capped: " + ", ".join(f"{n} at {c:,}" for n, c in caps.items()) if caps else "")
                 + (f". Settings tried on top: {settings}" if settings else "") + ".\n\n" + text)
         write_section("defaults", command, body)
 

@@ -52,6 +52,7 @@ class TrainingRecord(_Section):
     mixed_precision: str = Field("no", description="no | fp16 | bf16: what the weights were trained in.")
     device: str
     lr: float
+    head_lr: float | None = Field(None, description="The task head's and pooler's learning rate (null: lr).")
     seconds: float
     train_seconds: float
     train_samples_per_second: float

@@ -91,7 +91,8 @@ def _mean(values: list[float]) -> float:
 
 
 def diagnose(verdict: BaselineVerdict, history: dict[str, list[dict]] | None, per_class: dict[str, dict] | None,
-             *, method: str, cap: tuple[str, float], lr: float, stopped_early: bool) -> Diagnosis:
+             *, method: str, cap: tuple[str, float], lr: float, stopped_early: bool,
+             head_lr: float | None = None) -> Diagnosis:
     """Why the model did not beat ``verdict``'s baseline, in the order of what the run's history shows first:
     a training loss that did not fall (the learning rate), a validation metric still improving at the last
     evaluation (too few epochs), classes or tags that were never found (a new head far behind the body), else the
@@ -104,6 +105,7 @@ def diagnose(verdict: BaselineVerdict, history: dict[str, list[dict]] | None, pe
             the one to raise when the model was still improving.
         lr: the learning rate the run used (the body's).
         stopped_early: early stopping ended the run (its patience ran out).
+        head_lr: the task head's learning rate, where it had its own (None: lr).
     """
     history = history or {}
     losses = [float(e["loss"]) for e in history.get("train_loss", []) if e.get("loss") is not None]
@@ -134,7 +136,8 @@ def diagnose(verdict: BaselineVerdict, history: dict[str, list[dict]] | None, pe
     if missed:
         shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
         return Diagnosis(f"{len(missed)} of {len(per_class)} classes were never found on the test split ({shown}): "
-                         "the new head lags behind the pretrained body", f"train.head_lr={max(lr * 10, 1e-3):.1e}")
+                         "the new head lags behind the pretrained body",
+                         f"train.head_lr={max(3 * (head_lr or lr), 10 * lr, 1e-3):.1e}")
     if method != "full":
         return Diagnosis(f"the {verdict.baseline} baseline does better from the training words alone, and "
                          f"{method} adapts only part of the model", "method=full")

@@ -136,7 +136,8 @@ class DropoutConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: int | Literal["auto"] = Field(3, description="Passes over the training data (early stopping may end "
                                           "sooner); 'auto' = until the validation metric stops improving "
-                                          "(early_stopping.patience evaluations), at most max_epochs.")
+                                          "(early_stopping.patience evaluations), at most max_epochs. The default "
+                                          "is 3, or the task's own: auto for token_classification and multilabel.")
     max_epochs: int = Field(20, gt=0, description="epochs: auto: the most passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps, whatever the epochs.")
     max_minutes: float | None = Field(None, gt=0, description="Stop at the first evaluation after this many minutes "
@@ -145,7 +146,9 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(128, gt=0, description="Examples per forward pass in evaluation, per process.")
     lr: float | Literal["auto"] = Field("auto", description="Peak learning rate; 'auto' = 5e-5 (full), 5e-4 (lora), 1e-3 (freeze), "
                                                     "3e-3 (ia3), 3e-2 (prompt).")
-    head_lr: float | None = Field(None, gt=0, description="Peak learning rate of the task head and pooler; null = lr.")
+    head_lr: float | None = Field(None, gt=0, description="Peak learning rate of the task head and pooler; null = lr, "
+                                  "or with lr: auto the task's own multiple of it (token_classification and "
+                                  "multilabel: 10x; not with method: freeze, which trains the head alone).")
     scheduler: Literal["auto", "linear", "cosine", "constant", "exponential"] = Field(
         "auto", description="Decay after warmup; 'auto' = linear over the run's steps, or constant with epochs: auto "
         "(a schedule that needs no length in advance).")
@@ -385,6 +388,9 @@ class Config(_Strict):
         for field, column in zip(("text", "label"), self.task.spec.default_columns):
             if field not in self.data.model_fields_set:  # the task's own column names (generation: input, target)
                 setattr(self.data, field, column)
+        for field, value in self.task.spec.train_defaults.items():  # the task's own training defaults
+            if field not in self.train.model_fields_set:
+                setattr(self.train, field, value)
         metric = self.train.early_stopping.metric
         allowed = ("auto", "loss", *self.task.spec.metric_names)
         if metric not in allowed:
@@ -452,6 +458,19 @@ class Config(_Strict):
     @property
     def lr(self) -> float:
         return DEFAULT_LR[self.method] if self.train.lr == "auto" else float(self.train.lr)
+
+    @property
+    def head_lr(self) -> float | None:
+        """The task head's (and pooler's) learning rate: train.head_lr, else with lr: auto the task's multiple of it
+        (None: lr, one rate for every trained parameter)."""
+        if self.train.head_lr is not None:
+            return float(self.train.head_lr)
+        factor = self.task.spec.head_lr_factor
+        # the task's pair of rates goes with the default lr (a config that sets lr has chosen its rate for all);
+        # method: freeze trains the head alone, at lr
+        if self.train.lr != "auto" or self.method == "freeze" or factor == 1:
+            return None
+        return self.lr * factor
 
     @property
     def monitor(self) -> str:

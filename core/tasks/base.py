@@ -199,6 +199,11 @@ class TaskSpec(ABC):
     windows: ClassVar[bool] = False
     # What :meth:`losses` measures, for the worst examples an evaluation lists (None: the task lists none).
     loss_name: ClassVar[str | None] = None
+    # Training defaults of this task, where a config leaves them out (chosen on real data sets: BENCHMARKS.md,
+    # defaults): settings of the config's train section, and the task head's learning rate as a multiple of the
+    # body's (a head starts from random weights while the body is pretrained; 1: one rate for all).
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    head_lr_factor: ClassVar[float] = 1.0
 
     # -- labels ---------------------------------------------------------------------------------------
     def parse_example(self, text: Any, label: Any, options: dict | None = None) -> tuple[str, Any]:

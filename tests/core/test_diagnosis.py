@@ -41,6 +41,13 @@ def test_the_likeliest_reason_comes_from_the_runs_own_history(losses, validation
     assert diagnosis.message.startswith("likeliest reason: ")
 
 
+def test_a_head_that_already_had_its_own_rate_is_told_to_go_faster_still():
+    per_class = {"a": {"recall": 0.9, "support": 5}, "b": {"recall": 0.0, "support": 4}}
+    diagnosis = diagnose(LOSING, _history(FALLING, [0.46, 0.50]), per_class, method="lora", cap=("train.epochs", 3),
+                         lr=5e-4, stopped_early=True, head_lr=5e-3)
+    assert diagnosis.override == "train.head_lr=1.5e-02"
+
+
 def test_a_lower_is_better_metric_still_falling_is_still_improving():
     losing = compare_with_baselines("mse", 1.2, {"mean": {"mse": 1.5}, "tfidf_ridge": {"mse": 0.9}})
     diagnosis = diagnose(losing, _history(FALLING, [2.0, 1.5, 1.2], "mse"), None, method="lora",

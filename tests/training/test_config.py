@@ -87,3 +87,26 @@ def test_the_model_is_named_after_its_config_file_unless_it_names_itself(tmp_pat
     (tmp_path / "named.yaml").write_text(yaml.safe_dump({**raw, "name": "tickets-v2"}))
     assert load_config(tmp_path / "named.yaml").run_name == "tickets-v2"
     assert load_config(raw=raw).run_name == "run"  # no file: the output directory's name
+
+
+@pytest.mark.parametrize("task", [t.value for t in Task])
+def test_a_task_brings_its_own_training_defaults_where_the_config_is_silent(task):
+    spec = Task(task).spec
+    silent = load_config(raw={"task": task, "data": {"train": "x.jsonl"}})
+    for key, value in spec.train_defaults.items():
+        assert getattr(silent.train, key) == value, key
+    assert silent.head_lr == (None if spec.head_lr_factor == 1 else silent.lr * spec.head_lr_factor)
+    # what a config sets is kept; a config that sets lr has chosen one rate for all
+    own = load_config(raw={"task": task, "data": {"train": "x.jsonl"},
+                           "train": {"epochs": 2, "head_lr": 1e-3, "warmup_ratio": 0.1}})
+    assert (own.train.epochs, own.head_lr, own.train.warmup_ratio) == (2, 1e-3, 0.1)
+    assert load_config(raw={"task": task, "data": {"train": "x.jsonl"}, "train": {"lr": 1e-3}}).head_lr is None
+    assert load_config(raw={"task": task, "data": {"train": "x.jsonl"}, "method": "freeze"}).head_lr is None
+
+
+def test_token_and_multilabel_train_until_validation_stops_rising_with_a_faster_head():
+    for task in ("token_classification", "multilabel"):
+        cfg = load_config(raw={"task": task, "data": {"train": "x.jsonl"}})
+        assert cfg.train.epochs == "auto" and cfg.train.schedule == "constant"
+        assert cfg.head_lr == pytest.approx(10 * cfg.lr)
+    assert load_config(raw={"data": {"train": "x.jsonl"}}).train.epochs == 3

@@ -114,7 +114,7 @@ def build_manifest(cfg, built, data, result, training: dict) -> Manifest:
     if verdict and not verdict.beats:
         diagnosis = diagnose(verdict, training.get("history"), result.test.per_class, method=cfg.method,
                              cap=run_cap(cfg.train, training.get("stopped_because")), lr=cfg.lr,
-                             stopped_early=training.get("stopped_because") == "patience")
+                             stopped_early=training.get("stopped_because") == "patience", head_lr=cfg.head_lr)
         logger.warning("%s; %s: the artifact is written, and its manifest and card say so", verdict.message,
                        diagnosis.message)
     return Manifest(

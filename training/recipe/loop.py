@@ -331,7 +331,7 @@ def prepare(loop: Loop, resume: bool) -> None:
                                                          group_by_length=tc.group_by_length))
     eval_dls = [loader(name, LengthGroupedBatchSampler(loop.encoded[name].lengths, tc.eval_batch_size, shuffle=False))
                 for name in ("validation", "test")]
-    optimizer = torch.optim.AdamW(optimizer_groups(built.model, tc.weight_decay, built.head_modules, tc.head_lr),
+    optimizer = torch.optim.AdamW(optimizer_groups(built.model, tc.weight_decay, built.head_modules, cfg.head_lr),
                                   lr=cfg.lr)
     loop.model, loop.optimizer, train_dl, val_dl, test_dl = accelerator.prepare(built.model, optimizer, train_dl,
                                                                                 *eval_dls)
@@ -636,7 +636,8 @@ def training_record(loop: Loop) -> dict:
         "stopped_early": state.stopped_early, "stopped_because": state.stopped_because,
         "still_improving": still_improving(loop), "steps_per_epoch": loop.steps_per_epoch,
         "num_processes": accelerator.num_processes, "mixed_precision": loop.precision,
-        "device": str(accelerator.device), "lr": loop.cfg.lr, "seconds": round(time.time() - loop.started, 1),
+        "device": str(accelerator.device), "lr": loop.cfg.lr, "head_lr": loop.cfg.head_lr,
+        "seconds": round(time.time() - loop.started, 1),
         "train_seconds": round(state.train_seconds, 2),
         "train_samples_per_second": round(state.train_samples / max(state.train_seconds, 1e-9), 2),
         "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
