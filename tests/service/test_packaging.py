@@ -140,8 +140,6 @@ def test_the_dockerfiles_first_stage_takes_a_directory_of_artifacts_and_stores_t
     """ARTIFACT may name a directory of artifacts: the first stage copies each one's serving files under its name,
     the base graph the LoRA models share once (the others link to it), and the image's TUNESERVE_MODELS serves the
     set over that base."""
-    from tests.service.test_serve_process import start_server
-
     models = tmp_path / "models"
     models.mkdir()
     for name in ("sentiment", "tags"):
@@ -155,16 +153,7 @@ def test_the_dockerfiles_first_stage_takes_a_directory_of_artifacts_and_stores_t
     assert bases[1].resolve() == bases[0].resolve() and "tags/onnx/shared/base.onnx -> sentiment/" in done.stdout
     assert all(p.name == "adapter.safetensors" for p in out.rglob("*.safetensors"))  # no PyTorch weights
 
-    env = {"TUNESERVE_MODELS": str(out)}
-    proc, url, _ = start_server(env, tmp_path / "bentoml")
-    try:
-        wait_ready(proc, url)
-        listed = httpx.get(url + "/models").json()["models"]
-        assert [(m["name"], m["backend"]) for m in listed] == [("sentiment", "onnx-shared"), ("tags", "onnx-shared")]
-        answer = httpx.post(url + "/predict", json={"texts": ["a fine film"], "model": "sentiment"})
-        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in ("positive", "negative")
-    finally:
-        stop(proc)
+    _serves_the_set({"TUNESERVE_MODELS": str(out)}, tmp_path / "bentoml")
 
     done = subprocess.run([sys.executable, str(ROOT / "core" / "cpu_files.py"), str(tmp_path / "bentoml"),
                            str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
@@ -175,8 +164,6 @@ def test_the_dockerfiles_first_stage_takes_a_directory_of_artifacts_and_stores_t
 def test_models_over_one_base_are_registered_and_packaged_with_their_base_graph_once(shared_artifacts, tmp_path):
     """`tuneserve register --onnx-only` stores the base graph of LoRA models over one base in one entry of its own,
     which each model's entry names; the service finds it there, and `bentoml build` packages it once."""
-    from tests.service.test_serve_process import start_server
-
     home = tmp_path / "bentoml"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")} | {"BENTOML_HOME": str(home)}
     tags = {}
@@ -192,15 +179,7 @@ def test_models_over_one_base_are_registered_and_packaged_with_their_base_graph_
     pointers = {name: next((store / name).rglob("base.store-tag")).read_text().strip() for name in ("sentiment", "tags")}
     assert pointers["sentiment"] == pointers["tags"] and len(list((store / "sentiment").iterdir())) == 2  # + latest
 
-    proc, url, log = start_server({"TUNESERVE_MODELS": f"{tags['sentiment']},{tags['tags']}"}, home)
-    try:
-        wait_ready(proc, url)
-        listed = httpx.get(url + "/models").json()["models"]
-        assert [(m["name"], m["backend"]) for m in listed] == [("sentiment", "onnx-shared"), ("tags", "onnx-shared")]
-        answer = httpx.post(url + "/predict", json={"texts": ["a fine film"], "model": "sentiment"})
-        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in ("positive", "negative")
-    finally:
-        stop(proc)
+    _serves_the_set({"TUNESERVE_MODELS": f"{tags['sentiment']},{tags['tags']}"}, home)
 
     # The bento names the two models and the base graph's entry; exported, it holds the base graph once, and
     # served from its own directory (as its image does, with a store of its own) it finds the base there.
@@ -222,11 +201,20 @@ def test_models_over_one_base_are_registered_and_packaged_with_their_base_graph_
     graphs = sorted(p.relative_to(bento / "models").parts[0] for p in (bento / "models").rglob("base.onnx"))
     assert graphs == [pointers["sentiment"].partition(":")[0]]  # once, in the base's entry
 
-    proc, url, log = start_server({"TUNESERVE_MODELS": env["TUNESERVE_MODELS"]}, tmp_path / "empty-home",
-                                  bento=str(bento))
+    _serves_the_set({"TUNESERVE_MODELS": env["TUNESERVE_MODELS"]}, tmp_path / "empty-home", bento=str(bento))
+
+
+def _serves_the_set(env: dict, home: Path, bento: str = ".") -> None:
+    """A real server over the set of a LoRA classifier and a tagger: /models lists both on their shared base, and
+    the classifier answers."""
+    from tests.service.test_serve_process import start_server
+
+    proc, url, _ = start_server(env, home, bento=bento)
     try:
         wait_ready(proc, url)
         listed = httpx.get(url + "/models").json()["models"]
         assert [(m["name"], m["backend"]) for m in listed] == [("sentiment", "onnx-shared"), ("tags", "onnx-shared")]
+        answer = httpx.post(url + "/predict", json={"texts": ["a fine film"], "model": "sentiment"})
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in ("positive", "negative")
     finally:
         stop(proc)
