@@ -159,7 +159,8 @@ def main() -> None:
                 "task's primary metric against the best of the baselines fitted on the same training rows"
                 + ("; training rows capped: " + ", ".join(f"{n} at {c:,}" for n, c in caps.items()) if caps else "")
                 + (f". Settings tried on top: {settings}" if settings else "") + ".\n\n" + text)
-        write_section("defaults", command, body)
+        # one section per group of task families, so that sweeping one family keeps the others' tables
+        write_section("-".join(["defaults", *sorted({SETS[name][0] for name in args.sets})]), command, body)
 
 
 if __name__ == "__main__":
