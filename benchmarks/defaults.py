@@ -47,16 +47,22 @@ SETS: dict[str, tuple[str, dict]] = {
     "conll03:en": ("token_classification", {"text": "tokens", "label": "tags"}),
     "jokes:one-liners": ("multilabel", {"label": "labels"}),
     "foldoc:computing": ("multilabel", {"label": "labels"}),
+    # retrieval: the query column finds its document (text: the query, label: the document)
+    "manpages:debian/search": ("embedding", {"text": "target", "label": "input"}),
+    "foldoc:computing/terms": ("embedding", {"text": "id", "label": "text"}),
+    "wordnet:glosses": ("embedding", {"text": "words", "label": "text"}),
 }
 
 
 def minimal_config(name: str, output: Path) -> dict:
+    """The config a newcomer writes for ``name`` (``set[/view]``): the task, the base model, the data, LoRA."""
     task, data = SETS[name]
     return {"task": task, "model": "minilm", "data": {"train": name.split("/")[0], **data}, "method": "lora",
             "output_dir": str(output)}
 
 
-def run(name: str, seed: int, settings: list[str], output: Path, reuse: bool, max_train: int | None) -> dict:
+def run(name: str, seed: int, settings: list[str], output: Path, reuse: bool, max_train: int | None,
+        max_eval: int | None) -> dict:
     """The manifest of one run: read back with ``reuse`` where it exists, else trained."""
     manifest = output / "artifact" / "manifest.json"
     if reuse and manifest.exists():
@@ -64,6 +70,8 @@ def run(name: str, seed: int, settings: list[str], output: Path, reuse: bool, ma
     sets = [f"train.seed={seed}", "export.onnx=false", *settings]
     if max_train:
         sets.append(f"data.max_train_examples={max_train}")
+    if max_eval:
+        sets.append(f"data.max_eval_examples={max_eval}")
     with tempfile.TemporaryDirectory() as scratch:
         config = Path(scratch) / f"{name.replace(':', '-').replace('/', '-')}.yaml"
         config.write_text(yaml.safe_dump(minimal_config(name, output), sort_keys=False))
@@ -112,6 +120,16 @@ def table(results: dict[tuple[str, str], list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def per_set(given: list[str], sets: list[str]) -> dict[str, int]:
+    """``[SET=]N`` items as a cap per set: ``N`` alone caps every set."""
+    caps = {}
+    for item in given:
+        name, _, number = item.rpartition("=")
+        for each in ([name] if name else sets):
+            caps[each] = int(number)
+    return caps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,15 +141,13 @@ def main() -> None:
                         help="train the variants on these sets only (default: every set)")
     parser.add_argument("--max-train", nargs="+", default=[], metavar="[SET=]N",
                         help="cap the training rows (data.max_train_examples) of every set, or of the sets named")
+    parser.add_argument("--max-eval", nargs="+", default=[], metavar="[SET=]N",
+                        help="cap the validation and test rows (data.max_eval_examples), as --max-train")
     parser.add_argument("--output-root", default="runs/defaults")
     parser.add_argument("--reuse", action="store_true", help="read back runs already in --output-root")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    caps = {}
-    for given in args.max_train:
-        name, _, number = given.rpartition("=")
-        for each in ([name] if name else args.sets):
-            caps[each] = int(number)
+    caps, eval_caps = per_set(args.max_train, args.sets), per_set(args.max_eval, args.sets)
     variants = {"defaults": []}
     for given in args.variant:
         label, _, settings = given.partition("=")
@@ -144,7 +160,7 @@ def main() -> None:
             slug = "".join(c if c.isalnum() else "-" for c in f"{name}-{label}")
             results[(name, label)] = [
                 outcome(run(name, seed, settings, ROOT / args.output_root / f"{slug}-{seed}", args.reuse,
-                            caps.get(name))) for seed in args.seeds]
+                            caps.get(name), eval_caps.get(name))) for seed in args.seeds]
             print(table({(name, label): results[(name, label)]}).splitlines()[-1], flush=True)
     text = table(results)
     print(text)
@@ -152,12 +168,15 @@ def main() -> None:
         command = ("python benchmarks/defaults.py --sets " + " ".join(args.sets) + " --seeds "
                    + " ".join(map(str, args.seeds)) + "".join(f" --variant '{v}'" for v in args.variant)
                    + (" --variant-on " + " ".join(args.variant_on) if args.variant_on else "")
-                   + (" --max-train " + " ".join(args.max_train) if args.max_train else ""))
+                   + (" --max-train " + " ".join(args.max_train) if args.max_train else "")
+                   + (" --max-eval " + " ".join(args.max_eval) if args.max_eval else ""))
         settings = "; ".join(f"{label}: {', '.join(s)}" for label, s in variants.items() if s)
         body = ("The minimal config (`task`, `model: minilm`, `data`, `method: lora`; export off) on each data set, "
                 f"one run per seed ({', '.join(map(str, args.seeds))}; each seed its own split), test values of the "
                 "task's primary metric against the best of the baselines fitted on the same training rows"
                 + ("; training rows capped: " + ", ".join(f"{n} at {c:,}" for n, c in caps.items()) if caps else "")
+                + ("; validation and test rows capped: " + ", ".join(f"{n} at {c:,}" for n, c in eval_caps.items())
+                   if eval_caps else "")
                 + (f". Settings tried on top: {settings}" if settings else "") + ".\n\n" + text)
         # one section per group of task families, so that sweeping one family keeps the others' tables
         write_section("-".join(["defaults", *sorted({SETS[name][0] for name in args.sets})]), command, body)

@@ -317,6 +317,8 @@ def _add_batch_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from training.data.demo import DEMO_SETS
+
     parser = argparse.ArgumentParser(prog="tuneserve", description="Fine-tune a transformer, measure it, serve it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -397,8 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("data", help="write a demo data set as JSONL")
-    p.add_argument("name", help="vader:movie | vader:amazon | vader:nyt | vader:tweets | wnut16:tweets | conll03:en | "
-                                  "manpages:debian | jokes:one-liners | foldoc:computing")
+    p.add_argument("name", help=" | ".join(DEMO_SETS))
     p.add_argument("--output", required=True, help="directory to write <name>.jsonl into")
     p.set_defaults(func=cmd_data)
     return parser

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from core.errors import ConfigError
 from core.prompting import PromptFormat
 from core.tasks import Task
+from training.data.demo import DEMO_SETS
 
 
 class _Strict(BaseModel):
@@ -48,8 +49,7 @@ class AugmentConfig(_Strict):
 
 class DataConfig(_Strict):
     train: str = Field(description="Training data: a file (csv, tsv, jsonl, json, parquet), a directory of such "
-                       "files, a demo set (vader:movie, vader:amazon, vader:nyt, vader:tweets, wnut16:tweets, conll03:en, "
-                       "manpages:debian, jokes:one-liners, foldoc:computing) or a Hub data set name.")
+                       f"files, a demo set ({', '.join(DEMO_SETS)}) or a Hub data set name.")
     validation: str | None = Field(None, description="Validation data; carved from train (stratified, seeded) when null.")
     test: str | None = Field(None, description="Test data; carved from train (stratified, seeded) when null.")
     text: str = Field("text", description="Column holding the input text (generation: `input` unless set).")

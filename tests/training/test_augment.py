@@ -236,3 +236,17 @@ def test_the_real_wordnet_is_the_3_0_release_with_its_byte_offsets_intact(wordne
     assert wordnet.synset("dog.n.01").lemma_names()[:2] == ["dog", "domestic_dog"]
     assert "glad" in _synonyms(wordnet, "happy") and wordnet.synsets("movies")[0].name() == "movie.n.01"
     assert sum(1 for _ in wordnet.all_synsets("n")) == 82115  # every offset in the index points at its synset
+
+
+def test_the_glosses_set_pairs_each_synsets_words_with_its_definition_once(wordnet):
+    from training.data.demo import read_wordnet_glosses
+
+    rows = read_wordnet_glosses([wordnet.synset("car.n.01"), wordnet.synset("dog.n.01"), wordnet.synset("car.n.01")])
+    assert rows == [
+        {"id": "car.n.01", "words": "car, auto, automobile, machine, motorcar",
+         "text": "a motor vehicle with four wheels; usually propelled by an internal combustion engine"},
+        {"id": "dog.n.01", "words": "dog, domestic dog, Canis familiaris",  # underscores read as spaces
+         "text": "a member of the genus Canis (probably descended from the common wolf) that has been domesticated "
+                 "by man since prehistoric times; occurs in many breeds"},
+        # the repeated synset's gloss was seen: left out, so that no two rows share one answer
+    ]

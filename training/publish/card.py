@@ -54,6 +54,7 @@ DEMO_DATASETS = {
     "jokes:one-liners": "Tagged one-liner jokes of the npm package one-liner-joke 1.2.2 (20 tags)",
     "foldoc:computing": "Definitions of the Free On-line Dictionary of Computing (Denis Howe) as Debian 12 packages "
                         "it, with their subject categories (44)",
+    "wordnet:glosses": "Princeton WordNet 3.0: each synset's words and its gloss (definition)",
 }
 DEMO_LANGUAGE = "en"
 
