@@ -43,11 +43,18 @@ class PooledTurns(ABC):
         self._queue: list = []
         self._running = False
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # outputs per recent pass, for tests and benchmarks
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to its tasks
 
     def _start(self) -> None:
         if not self._running:
             self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._spawn(self._drain())
+
+    def _spawn(self, work) -> None:
+        """Run ``work`` as a task of the running loop, held until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @abstractmethod
     def _take(self) -> list:
@@ -146,7 +153,7 @@ class MicroBatcher(PooledTurns):
     def _start_second_lane(self) -> None:
         if not self._second_lane and any(not request[0].part for request in self._queue):
             self._second_lane = True
-            asyncio.get_running_loop().create_task(self._drain_one_turn_requests())
+            self._spawn(self._drain_one_turn_requests())
 
     async def _drain_one_turn_requests(self) -> None:
         """The second lane: pooled passes of the queued one-turn requests, while a large request's turn runs."""
