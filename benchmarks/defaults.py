@@ -1,11 +1,11 @@
 """The minimal config against its best baseline on real data sets: does a newcomer's first run win?
 
-For each data set and seed, `tuneserve train` runs the smallest config the README teaches (``task``,
-``model: minilm``, ``data``, ``method: lora``, nothing else), with ONNX export off; the seed draws the split, the new
-head, dropout and batch order. Each run's manifest gives the test value of the task's primary metric, the best of
-its baselines on the same split (fitted on the same training rows), the epoch the run stopped at and why, and the
-diagnosis the tool printed when the model lost. ``--variant NAME=KEY=VALUE,...`` trains the same sets and seeds with
-settings on top, side by side: how a candidate default is judged.
+For each data set and seed, `tuneserve train` runs the smallest config the README teaches (``task``, ``model:
+minilm``, or ``smollm2`` for generation, ``data``, ``method: lora``, nothing else), with ONNX export off; the seed
+draws the split, the new head, dropout and batch order. Each run's manifest gives the test value of the task's
+primary metric, the best of its baselines on the same split (fitted on the same training rows), the epoch the run
+stopped at and why, and the diagnosis the tool printed when the model lost. ``--variant NAME=KEY=VALUE,...`` trains
+the same sets and seeds with settings on top, side by side: how a candidate default is judged.
 
     python benchmarks/defaults.py --sets wnut16:tweets jokes:one-liners --seeds 42 43 44
     python benchmarks/defaults.py --sets wnut16:tweets --variant "head 1e-2=train.head_lr=1e-2" --reuse
@@ -51,14 +51,20 @@ SETS: dict[str, tuple[str, dict]] = {
     "manpages:debian/search": ("embedding", {"text": "target", "label": "input"}),
     "foldoc:computing/terms": ("embedding", {"text": "id", "label": "text"}),
     "wordnet:glosses": ("embedding", {"text": "words", "label": "text"}),
+    # generation over SmolLM2: summarise a man page, define the words, name the computing term defined
+    "manpages:debian/summary": ("generation", {"text": "input", "label": "target"}),
+    "wordnet:glosses/define": ("generation", {"text": "words", "label": "text"}),
+    "foldoc:computing/name": ("generation", {"text": "text", "label": "id"}),
 }
+# The bundled base model of each task family (the README's minimal configs).
+MODELS = {"generation": "smollm2"}
 
 
 def minimal_config(name: str, output: Path) -> dict:
     """The config a newcomer writes for ``name`` (``set[/view]``): the task, the base model, the data, LoRA."""
     task, data = SETS[name]
-    return {"task": task, "model": "minilm", "data": {"train": name.split("/")[0], **data}, "method": "lora",
-            "output_dir": str(output)}
+    return {"task": task, "model": MODELS.get(task, "minilm"), "data": {"train": name.split("/")[0], **data},
+            "method": "lora", "output_dir": str(output)}
 
 
 def run(name: str, seed: int, settings: list[str], output: Path, reuse: bool, max_train: int | None,
@@ -171,7 +177,8 @@ def main() -> None:
                    + (" --max-train " + " ".join(args.max_train) if args.max_train else "")
                    + (" --max-eval " + " ".join(args.max_eval) if args.max_eval else ""))
         settings = "; ".join(f"{label}: {', '.join(s)}" for label, s in variants.items() if s)
-        body = ("The minimal config (`task`, `model: minilm`, `data`, `method: lora`; export off) on each data set, "
+        body = ("The minimal config (`task`, `model` (minilm; smollm2 for generation), `data`, `method: lora`; export "
+                "off) on each data set, "
                 f"one run per seed ({', '.join(map(str, args.seeds))}; each seed its own split), test values of the "
                 "task's primary metric against the best of the baselines fitted on the same training rows"
                 + ("; training rows capped: " + ", ".join(f"{n} at {c:,}" for n, c in caps.items()) if caps else "")
