@@ -209,6 +209,9 @@ class EmbeddingSpec(ScoringSpec):
     auto_model = "AutoModel"
     logits_axes = {0: "batch"}
     does = "embeds texts as unit vectors for semantic search"
+    # no new head: the pooled body is the model; 3 epochs, one rate (BENCHMARKS.md, defaults: embedding)
+    train_defaults = {}
+    head_lr_factor = 1.0
     routes = ("/embed", "/rank")
     kind = "a model that embeds text"
     usage = ("POST /embed to embed texts, POST /rank to order documents by similarity to a query, POST /evaluate "

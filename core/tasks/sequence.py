@@ -175,10 +175,6 @@ class MultiLabelSpec(ScoringSpec):
     plot = "per_label"
     evaluation_tables = ("per_class",)
     options = frozenset({"label_delimiter", "threshold", "calibrate", "augment"})
-    # Many labels, each rare: 3 epochs stop while validation is still rising, and a head at the body's rate lags
-    # (BENCHMARKS.md, defaults: jokes:one-liners and foldoc:computing, 3 seeds each)
-    train_defaults = {"epochs": "auto"}
-    head_lr_factor = 10.0
 
     def example_label(self, manifest) -> Any:
         return (manifest.labels or [])[:1]

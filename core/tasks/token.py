@@ -258,10 +258,6 @@ class TokenClassificationSpec(ScoringSpec):
     logits_axes = {0: "batch", 1: "sequence"}
     options = frozenset({"tag_scheme", "repair_tags", "label_all_tokens", "stride", "aggregation"})
     accepts_token_lists = True
-    # A new tag head at the body's rate leaves most tags unfound after 3 epochs, which stop while validation is
-    # still rising (BENCHMARKS.md, defaults: wnut16:tweets and conll03:en, 3 seeds each)
-    train_defaults = {"epochs": "auto"}
-    head_lr_factor = 10.0
 
     # -- labels ---------------------------------------------------------------------------------------
     example_text = "Ana flew from Oslo to see Acme Corp"

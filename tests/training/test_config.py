@@ -95,7 +95,7 @@ def test_a_task_brings_its_own_training_defaults_where_the_config_is_silent(task
     silent = load_config(raw={"task": task, "data": {"train": "x.jsonl"}})
     for key, value in spec.train_defaults.items():
         assert getattr(silent.train, key) == value, key
-    assert silent.head_lr == (None if spec.head_lr_factor == 1 else silent.lr * spec.head_lr_factor)
+    assert silent.head_lr == (None if spec.head_lr_factor == 1 else silent.lr * spec.head_lr_factor)  # LoRA
     # what a config sets is kept; a config that sets lr has chosen one rate for all
     own = load_config(raw={"task": task, "data": {"train": "x.jsonl"},
                            "train": {"epochs": 2, "head_lr": 1e-3, "warmup_ratio": 0.1}})
@@ -104,9 +104,16 @@ def test_a_task_brings_its_own_training_defaults_where_the_config_is_silent(task
     assert load_config(raw={"task": task, "data": {"train": "x.jsonl"}, "method": "freeze"}).head_lr is None
 
 
-def test_token_and_multilabel_train_until_validation_stops_rising_with_a_faster_head():
-    for task in ("token_classification", "multilabel"):
+def test_the_tasks_with_a_head_train_until_validation_stops_rising_with_a_faster_head():
+    for task in ("classification", "regression", "token_classification", "multilabel"):
         cfg = load_config(raw={"task": task, "data": {"train": "x.jsonl"}})
         assert cfg.train.epochs == "auto" and cfg.train.schedule == "constant"
         assert cfg.head_lr == pytest.approx(10 * cfg.lr)
-    assert load_config(raw={"data": {"train": "x.jsonl"}}).train.epochs == 3
+    # the multiple stops at the head's rate the sweep chose for LoRA; a body as fast as that keeps one rate
+    rates = {method: load_config(raw={"task": "classification", "data": {"train": "x.jsonl"}, "method": method}).head_lr
+             for method in ("full", "lora", "ia3", "prompt", "freeze")}
+    assert rates == {"full": pytest.approx(5e-4), "lora": pytest.approx(5e-3), "ia3": pytest.approx(5e-3),
+                     "prompt": None, "freeze": None}
+    for task in ("embedding", "generation"):  # no new head: 3 epochs, one rate
+        cfg = load_config(raw={"task": task, "data": {"train": "x.jsonl"}})
+        assert (cfg.train.epochs, cfg.head_lr) == (3, None)
