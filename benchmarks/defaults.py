@@ -45,8 +45,10 @@ SETS: dict[str, tuple[str, dict]] = {
     "vader:tweets/rating": ("regression", {"label": "rating"}),
     "wnut16:tweets": ("token_classification", {"text": "tokens", "label": "tags"}),
     "conll03:en": ("token_classification", {"text": "tokens", "label": "tags"}),
+    "usaddress:labeled": ("token_classification", {"text": "tokens", "label": "tags"}),
     "jokes:one-liners": ("multilabel", {"label": "labels"}),
     "foldoc:computing": ("multilabel", {"label": "labels"}),
+    "movies:genres": ("multilabel", {"label": "labels"}),
     # retrieval: the query column finds its document (text: the query, label: the document)
     "manpages:debian/search": ("embedding", {"text": "target", "label": "input"}),
     "foldoc:computing/terms": ("embedding", {"text": "id", "label": "text"}),

