@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--output-root", default="runs/defaults")
     parser.add_argument("--reuse", action="store_true", help="read back runs already in --output-root")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--section", help="the BENCHMARKS.md section to write (default: defaults-<the sets' task "
+                                          "families>): a sweep of other sets of the same families keeps the first")
     args = parser.parse_args()
     caps, eval_caps = per_set(args.max_train, args.sets), per_set(args.max_eval, args.sets)
     variants = {"defaults": []}
@@ -177,7 +179,8 @@ def main() -> None:
                    + " ".join(map(str, args.seeds)) + "".join(f" --variant '{v}'" for v in args.variant)
                    + (" --variant-on " + " ".join(args.variant_on) if args.variant_on else "")
                    + (" --max-train " + " ".join(args.max_train) if args.max_train else "")
-                   + (" --max-eval " + " ".join(args.max_eval) if args.max_eval else ""))
+                   + (" --max-eval " + " ".join(args.max_eval) if args.max_eval else "")
+                   + (f" --section {args.section}" if args.section else ""))
         settings = "; ".join(f"{label}: {', '.join(s)}" for label, s in variants.items() if s)
         body = ("The minimal config (`task`, `model` (minilm; smollm2 for generation), `data`, `method: lora`; export "
                 "off) on each data set, "
@@ -188,7 +191,8 @@ def main() -> None:
                    if eval_caps else "")
                 + (f". Settings tried on top: {settings}" if settings else "") + ".\n\n" + text)
         # one section per group of task families, so that sweeping one family keeps the others' tables
-        write_section("-".join(["defaults", *sorted({SETS[name][0] for name in args.sets})]), command, body)
+        write_section(args.section or "-".join(["defaults", *sorted({SETS[name][0] for name in args.sets})]), command,
+                      body)
 
 
 if __name__ == "__main__":
