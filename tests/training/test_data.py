@@ -103,6 +103,13 @@ def test_fewer_than_two_classes(tmp_path):
     _expect(tmp_path, rows, r"has 1 classes \(\['positive'\]\); classification needs at least two")
 
 
+def test_too_few_rows_to_carve_a_split_is_a_data_error_naming_it(tmp_path):
+    rows = [dict(r, score=float(i)) for i, r in enumerate(make_rows(2))]
+    # one row goes to test; the one left cannot also give a validation row
+    _expect(tmp_path, rows, r"cannot set 11% of 1 training rows apart as the validation split .*data.validation",
+            task=Task.REGRESSION, label="score")
+
+
 def test_missing_label_fails_unless_dropping_is_asked_for(tmp_path):
     rows = make_rows(30)
     rows[7]["label"] = None

@@ -552,8 +552,12 @@ def _check_label_set(task: Task, labels: list[str], split: Split, column: str) -
 def _carve(split: Split, fraction: float, task: Task, seed: int, name: str) -> tuple[Split, Split]:
     """Split off a seeded fraction of ``split``, stratified where the task gives keys to stratify by."""
     index = np.arange(len(split))
-    keep, carved = train_test_split(index, test_size=fraction, random_state=seed,
-                                    stratify=task.spec.stratify_key(split.labels))
+    try:
+        keep, carved = train_test_split(index, test_size=fraction, random_state=seed,
+                                        stratify=task.spec.stratify_key(split.labels))
+    except ValueError as error:  # too few rows to leave some on both sides
+        raise DataError(f"cannot set {fraction:.0%} of {len(split)} training rows apart as the {name} split "
+                        f"({error}); give more rows, or data.{name} as a file of its own") from None
     rest, part = split.subset(np.sort(keep)), split.subset(np.sort(carved))
     part.name = name
     return rest, part
