@@ -13,8 +13,8 @@ the same sets and seeds with settings on top, side by side: how a candidate defa
     python benchmarks/defaults.py --sets conll03:en jokes:one-liners --max-train conll03:en=1000
 
 A run already in ``--output-root`` is read back with ``--reuse`` instead of trained again.
-Each run writes the BENCHMARKS.md section of its sets' task families (``defaults-<families>``); ``--section`` names another,
-so that a sweep of more sets of the same families keeps the earlier table.
+Each run writes the BENCHMARKS.md section of its sets' task families (``defaults-<families>``); ``--section``
+names another, so that a sweep of more sets of the same families keeps the earlier table.
 """
 
 from __future__ import annotations

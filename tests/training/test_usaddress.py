@@ -15,8 +15,11 @@ from training.data.reading import load_dataset
 
 XML = b"""<?xml version="1.0" encoding="utf-8"?>
 <AddressCollection>
-  <AddressString><AddressNumber>8128</AddressNumber> <StreetName>MARTIN</StreetName> <StreetName>LUTHER KING</StreetName> <StreetNamePostType>Drive,</StreetNamePostType> <PlaceName>Chicago</PlaceName></AddressString>
-  <AddressString><Recipient>Jane</Recipient> <Recipient>Doe</Recipient> <USPSBoxType>PO Box</USPSBoxType> <USPSBoxID>12</USPSBoxID></AddressString>
+  <AddressString><AddressNumber>8128</AddressNumber> <StreetName>MARTIN</StreetName>
+    <StreetName>LUTHER KING</StreetName> <StreetNamePostType>Drive,</StreetNamePostType>
+    <PlaceName>Chicago</PlaceName></AddressString>
+  <AddressString><Recipient>Jane</Recipient> <Recipient>Doe</Recipient> <USPSBoxType>PO Box</USPSBoxType>
+    <USPSBoxID>12</USPSBoxID></AddressString>
   <AddressString></AddressString>
 </AddressCollection>
 """
@@ -64,7 +67,8 @@ def test_the_demo_set_is_written_cached_and_reads_as_token_classification(tmp_pa
     assert main(["data", "usaddress:labeled", "--output", str(tmp_path / "out")]) == 0
     assert "fields: id, tokens, tags" in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "out" / "labeled.jsonl").read_text().splitlines()]
-    assert rows == read_usaddress(many) and [r["tokens"] for r in rows] == [r["tokens"] for r in read_usaddress(XML)] * 4
+    assert rows == read_usaddress(many)
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in read_usaddress(XML)] * 4
     monkeypatch.setattr(demo_data, "USADDRESS_SDIST", PinnedFile("file:///nowhere.tar.gz", 1, "0" * 64))  # cached
     cfg = load_config(raw={"task": "token_classification",
                            "data": {"train": "usaddress:labeled", "text": "tokens", "label": "tags",
