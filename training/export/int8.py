@@ -108,7 +108,7 @@ def activation_ranges(fp32: Path, scratch: Path, encoder: Encoder, texts: Sequen
         return logits
 
     task.spec.run(forward, encoder, texts, pairs, batch_size=64, return_tensors="np")
-    del session
+    session = None  # close the graph's file before removing it (forward's cell holds it otherwise)
     scratch.unlink()
     return ranges
 
