@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.manifest import MODEL_DIR, Manifest
+from core.manifest import ADAPTER_DIR, MODEL_DIR, Manifest
 from core.shared_base import (
     ADAPTER_FILE,
     ADAPTER_INPUT,
@@ -33,7 +33,6 @@ from training.export.base import ONNX_DIR, OPSET
 logger = logging.getLogger(__name__)
 
 VARIANT = "onnx-shared"
-ADAPTER_DIR = "adapter"  # peft's files, beside the merged model (training/publish/artifact.py)
 # The architectures whose heads the shared base computes, and the head each has.
 HEAD_OF = {"BertForSequenceClassification": "pooled", "BertForTokenClassification": "tokens"}
 SHARED_MODEL_TYPES = ("bert",)
