@@ -257,20 +257,24 @@ def test_a_generation_is_shown_as_it_streams_and_stop_ends_its_decoding(browser,
         page.fill("#max-new-tokens", "200")
         page.fill("#temperature", "2")
         page.fill("#seed", str(seed))
-        page.click("#run")
-        # Stop is pressed as soon as the first text is shown, from inside the page: a click through Playwright waits
-        # for the button to stop moving, which it does not while text streams in above it
+        # Run, and press Stop as soon as the first text is shown, from inside the page: a click through Playwright
+        # waits for the button to stop moving, which it does not while text streams in above it. A MutationObserver,
+        # watching before Run is clicked, presses it in the microtask after the first text is added, before the page
+        # reads the stream on: polling on a timer can miss the whole stream when a busy machine delays the timer
         pressed = page.evaluate("""() => new Promise((resolve) => {
-            const until = Date.now() + 30000;
             const press = () => {
                 const out = document.querySelector('[data-testid=decision]');
-                if (out && out.childNodes.length > 0 && !document.getElementById('stop').hidden) {
-                    document.getElementById('stop').click();
-                    resolve(true);
-                } else if (Date.now() > until) resolve(false);
-                else setTimeout(press, 5);
+                const stop = document.getElementById('stop');
+                if (!out || out.childNodes.length === 0 || stop.hidden) return false;
+                stop.click();
+                return true;
             };
-            press();
+            const observer = new MutationObserver(() => {
+                if (press()) { observer.disconnect(); resolve(true); }
+            });
+            observer.observe(document.getElementById('answer'), {childList: true, subtree: true});
+            document.getElementById('run').click();
+            setTimeout(() => { observer.disconnect(); resolve(false); }, 30000);
         })""")
         assert pressed, "the stream ended before Stop could be pressed"
         wait_until(page, "document.querySelector('#answer .note').textContent === 'stopped'")
