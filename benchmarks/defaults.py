@@ -11,6 +11,7 @@ the same sets and seeds with settings on top, side by side: how a candidate defa
     python benchmarks/defaults.py --sets wnut16:tweets --variant "head 1e-2=train.head_lr=1e-2" --reuse
     python benchmarks/defaults.py --max-train 2000      # every known set, training rows capped
     python benchmarks/defaults.py --sets conll03:en jokes:one-liners --max-train conll03:en=1000
+    python benchmarks/defaults.py --sets wnut16:tweets --variant "auto=train.epochs=auto" --no-defaults
 
 A run already in ``--output-root`` is read back with ``--reuse`` instead of trained again.
 Each run writes the BENCHMARKS.md section of its sets' task families (``defaults-<families>``); ``--section``
@@ -155,15 +156,19 @@ def main() -> None:
                         help="cap the validation and test rows (data.max_eval_examples), as --max-train")
     parser.add_argument("--output-root", default="runs/defaults")
     parser.add_argument("--reuse", action="store_true", help="read back runs already in --output-root")
+    parser.add_argument("--no-defaults", action="store_true",
+                        help="train the variants only (the defaults of the same sets and seeds: an earlier table)")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--section", help="the BENCHMARKS.md section to write (default: defaults-<the sets' task "
                                           "families>): a sweep of other sets of the same families keeps the first")
     args = parser.parse_args()
     caps, eval_caps = per_set(args.max_train, args.sets), per_set(args.max_eval, args.sets)
-    variants = {"defaults": []}
+    variants = {} if args.no_defaults else {"defaults": []}
     for given in args.variant:
         label, _, settings = given.partition("=")
         variants[label] = [s for s in settings.split(",") if s]
+    if not variants:
+        parser.error("--no-defaults trains the variants only: name at least one --variant")
     results: dict[tuple[str, str], list[dict]] = {}
     for name in args.sets:
         for label, settings in variants.items():
@@ -180,6 +185,7 @@ def main() -> None:
         command = ("python benchmarks/defaults.py --sets " + " ".join(args.sets) + " --seeds "
                    + " ".join(map(str, args.seeds)) + "".join(f" --variant '{v}'" for v in args.variant)
                    + (" --variant-on " + " ".join(args.variant_on) if args.variant_on else "")
+                   + (" --no-defaults" if args.no_defaults else "")
                    + (" --max-train " + " ".join(args.max_train) if args.max_train else "")
                    + (" --max-eval " + " ".join(args.max_eval) if args.max_eval else "")
                    + (f" --section {args.section}" if args.section else ""))
@@ -191,7 +197,9 @@ def main() -> None:
                 + ("; training rows capped: " + ", ".join(f"{n} at {c:,}" for n, c in caps.items()) if caps else "")
                 + ("; validation and test rows capped: " + ", ".join(f"{n} at {c:,}" for n, c in eval_caps.items())
                    if eval_caps else "")
-                + (f". Settings tried on top: {settings}" if settings else "") + ".\n\n" + text)
+                + (f". Settings tried on top: {settings}" if settings else "")
+                + ("; the defaults themselves are not rerun here (their rows: the earlier table of these sets)"
+                   if args.no_defaults else "") + ".\n\n" + text)
         # one section per group of task families, so that sweeping one family keeps the others' tables
         write_section(args.section or "-".join(["defaults", *sorted({SETS[name][0] for name in args.sets})]), command,
                       body)

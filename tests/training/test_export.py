@@ -352,3 +352,30 @@ def test_register_refuses_a_bad_name_and_an_incomplete_artifact(base_config, tmp
     (art / "onnx" / "model.onnx").unlink()
     with pytest.raises(ArtifactError, match="lists onnx/model.onnx, which is missing"):
         register(art, "ok")
+
+
+def test_int8_fidelity_is_judged_again_on_the_test_split_the_gate_never_saw(artifacts):
+    """benchmarks/int8_fidelity.py: the gate's own comparison on the test split, beside the gate's record."""
+    from benchmarks.int8_fidelity import measure, table
+    from core.metrics import wilson_low
+
+    decisions_per_example = {"classification": 1, "multilabel": len(read_manifest(artifacts["multilabel"]).labels)}
+    for name in ("classification", "multilabel", "token"):
+        manifest = read_manifest(artifacts[name])
+        rows = measure(artifacts[name])
+        assert [r["variant"] for r in rows] == [v.name for v in manifest.export.variants
+                                               if v.name in ("onnx", "onnx-int8")]
+        for row in rows:
+            recorded = manifest.export.variant(row["variant"]).parity
+            assert row["gate"] == (recorded.decisions, recorded.disagreements)
+            assert row["examples"] == (60, 60)  # the validation split, then the test split (tests/conftest.py)
+            decisions, differing = row["test"]
+            if name in decisions_per_example:
+                assert decisions == 60 * decisions_per_example[name]
+            else:  # sub-tokens, several per sentence
+                assert decisions > 60
+            assert row["both"] == (recorded.decisions + decisions, recorded.disagreements + differing)
+        fp32 = rows[0]
+        assert fp32["test"][1] <= 0.001 * fp32["test"][0] and fp32["invariant"]  # fp32 agrees on unseen data too
+        decisions, differing = fp32["both"]
+        assert f"(≥ {wilson_low(decisions - differing, decisions):.2%})" in table(rows)

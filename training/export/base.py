@@ -68,8 +68,9 @@ class HeldOut:
         return self.name, self.texts[:count], self.pairs[:count] if self.pairs else None
 
 
-def held_out_from_config(manifest: Manifest, artifact_dir: Path) -> HeldOut:
-    """Reload the run's validation split (test when validation is empty) exactly as training carved it."""
+def held_out_from_config(manifest: Manifest, artifact_dir: Path, split: str = "validation") -> HeldOut:
+    """Reload the run's validation split (test when validation is empty) exactly as training carved it; ``split="test"``:
+    its test split, which the gate never measures on (what int8 fidelity is checked on afterwards)."""
     from training.config import Config
     from training.data.reading import load_dataset
 
@@ -83,6 +84,8 @@ def held_out_from_config(manifest: Manifest, artifact_dir: Path) -> HeldOut:
         raise ExportError(f"{artifact_dir}: the data this model was trained on changed on disk since training ({', '.join(f'{n}: {sources[n]}' for n in changed)}): "
                           "the gate would measure on other examples than the held-out ones. Restore the data, or "
                           "retrain (`tuneserve train` exports after training)")
+    if split == "test":
+        return HeldOut.from_splits(data.test, data.train)
     return HeldOut.from_splits(data.validation if len(data.validation) else data.test, data.train)
 
 

@@ -86,7 +86,7 @@ def _gate(manifest: Manifest, report: dict, min_agreement: float, max_drop: floa
     return None
 
 
-class _Judge:
+class Judge:
     """A candidate graph run over the held-out examples and held against PyTorch's scores on them."""
 
     def __init__(self, manifest: Manifest, encoder: Encoder, held_out: HeldOut, reference: np.ndarray):
@@ -188,7 +188,7 @@ def export_encoder(artifact_dir: Path, manifest: Manifest, held_out: HeldOut, tm
     texts, pairs = manifest.task.spec.judged_inputs(held_out.texts, held_out.pairs, held_out.targets)
     reference = predict_logits(loaded, texts, pairs, batch_size=64)
     graph = _write_fp32(artifact_dir, loaded.encoder, manifest, tmp)
-    judge = _Judge(manifest, loaded.encoder, held_out, reference)
+    judge = Judge(manifest, loaded.encoder, held_out, reference)
     parity = {"onnx": judge.compare(tmp / FP32_FILE)}
     logger.info("ONNX fp32: label agreement with PyTorch %s, largest score difference %.2e, batch invariance %.1e",
                 parity["onnx"].get("label_agreement", "n/a"), parity["onnx"]["max_abs_diff"],
@@ -241,7 +241,7 @@ def _write_fp32(artifact_dir: Path, encoder: Encoder, manifest: Manifest, tmp: P
     return graph
 
 
-def _search_int8(judge: _Judge, tmp: Path, min_agreement: float, max_drop: float) -> tuple[dict, dict | None]:
+def _search_int8(judge: Judge, tmp: Path, min_agreement: float, max_drop: float) -> tuple[dict, dict | None]:
     """The most quantized int8 variant that passes the gate (training/export/int8.py), calibrated on training texts."""
     manifest = judge.manifest
     split, texts, pairs = judge.held_out.calibration()
