@@ -137,8 +137,8 @@ class TrainConfig(_Strict):
     epochs: int | Literal["auto"] = Field(3, description="Passes over the training data (early stopping may end "
                                           "sooner); 'auto' = until the validation metric stops improving "
                                           "(early_stopping.patience evaluations), at most max_epochs. The default "
-                                          "is the task's own: auto for the tasks with a head (classification, "
-                                          "regression, multilabel, token_classification), 3 for embedding and "
+                                          "is the task's own: auto for the tasks that score text (classification, "
+                                          "regression, multilabel, token_classification, embedding), 3 for "
                                           "generation.")
     max_epochs: int = Field(20, gt=0, description="epochs: auto: the most passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps, whatever the epochs.")

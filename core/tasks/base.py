@@ -466,7 +466,7 @@ class ScoringSpec(TaskSpec, ABC):
     writes = False
     # A new head on a pretrained body: 3 epochs at one rate stop while validation is still rising, with the head
     # behind (BENCHMARKS.md, defaults: three registry sets of each task with a head, 3 seeds each). Train until
-    # validation stops improving, the head at ten times the body's rate.
+    # validation stops improving, the head at ten times the body's rate (embeddings, with no head: one rate).
     train_defaults = {"epochs": "auto"}
     head_lr_factor = 10.0
 

@@ -209,8 +209,8 @@ class EmbeddingSpec(ScoringSpec):
     auto_model = "AutoModel"
     logits_axes = {0: "batch"}
     does = "embeds texts as unit vectors for semantic search"
-    # no new head: the pooled body is the model; 3 epochs, one rate (BENCHMARKS.md, defaults: embedding)
-    train_defaults = {}
+    # no new head: the pooled body is the model, at one rate; until validation stops improving, which matched 3
+    # epochs at the same cost on the sets tried (BENCHMARKS.md, defaults-embedding-auto)
     head_lr_factor = 1.0
     routes = ("/embed", "/rank")
     kind = "a model that embeds text"

@@ -114,6 +114,7 @@ def test_the_tasks_with_a_head_train_until_validation_stops_rising_with_a_faster
              for method in ("full", "lora", "ia3", "prompt", "freeze")}
     assert rates == {"full": pytest.approx(5e-4), "lora": pytest.approx(5e-3), "ia3": pytest.approx(5e-3),
                      "prompt": None, "freeze": None}
-    for task in ("embedding", "generation"):  # no new head: 3 epochs, one rate
+    # no new head, one rate: embeddings until validation stops improving, generation 3 epochs
+    for task, epochs in (("embedding", "auto"), ("generation", 3)):
         cfg = load_config(raw={"task": task, "data": {"train": "x.jsonl"}})
-        assert (cfg.train.epochs, cfg.head_lr) == (3, None)
+        assert (cfg.train.epochs, cfg.head_lr) == (epochs, None)
