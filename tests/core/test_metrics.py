@@ -194,6 +194,13 @@ def test_the_wilson_lower_bound_of_an_agreement():
     assert wilson_low(380, 380) < 0.99 <= wilson_low(381, 381)
     assert wilson_low(60, 60) == pytest.approx(60 / (60 + 1.959964**2))
     assert wilson_low(0, 0) == 0.0 and wilson_low(0, 10) == pytest.approx(0.0, abs=1e-12)
+    # how many may differ while 99% is still shown
+    from core.metrics import wilson_allowed
+
+    assert (wilson_allowed(380, 0.99), wilson_allowed(381, 0.99), wilson_allowed(1057, 0.99)) == (None, 0, 4)
+    for n in (381, 1057, 5000):
+        k = wilson_allowed(n, 0.99)
+        assert wilson_low(n - k, n) >= 0.99 > wilson_low(n - k - 1, n)
     for agreeing, n in ((1050, 1057), (59, 60), (3, 4)):  # scipy's Wilson interval, the same figure
         from scipy import stats
 
