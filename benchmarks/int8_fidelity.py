@@ -41,17 +41,27 @@ def _shown(counts: tuple[int, int] | None) -> str:
             f"(≥ {wilson_low(decisions - differing, decisions):.2%})")
 
 
-def measure(artifact_dir: Path) -> list[dict]:
-    """One row per exported variant of ``artifact_dir``: the gate's record beside the test split's comparison."""
+def _judged(artifact_dir: Path):
+    """The manifest of an artifact this benchmark can judge: a scoring model whose gate measured on validation."""
     from core.manifest import read_manifest
-    from training.export.base import held_out_from_config
-    from training.export.encoder import Judge
-    from training.inference import load_artifact, predict_logits
 
     manifest = read_manifest(artifact_dir)
     if manifest.task.spec.writes:
         raise SystemExit(f"{artifact_dir}: a generation model; its decoders are judged by identical greedy outputs "
                          "(benchmarks/generation_quality.py), not here")
+    if manifest.export.held_out != "validation":
+        raise SystemExit(f"{artifact_dir}: its gate measured on the {manifest.export.held_out} split (the run had no "
+                         "validation split): no split is left that the gate never saw")
+    return manifest
+
+
+def measure(artifact_dir: Path) -> list[dict]:
+    """One row per exported variant of ``artifact_dir``: the gate's record beside the test split's comparison."""
+    from training.export.base import held_out_from_config
+    from training.export.encoder import Judge
+    from training.inference import load_artifact, predict_logits
+
+    manifest = _judged(artifact_dir)
     loaded = load_artifact(artifact_dir)
     test = held_out_from_config(manifest, artifact_dir, split="test")
     texts, pairs = manifest.task.spec.judged_inputs(test.texts, test.pairs, test.targets)
@@ -80,13 +90,12 @@ def search(artifact_dir: Path, max_drop: float = 0.005) -> list[dict]:
     import shutil
     import tempfile
 
-    from core.manifest import read_manifest
     from training.export.base import held_out_from_config
     from training.export.encoder import FP32_FILE, Judge
     from training.export.int8 import activation_ranges, search_int8
     from training.inference import load_artifact, predict_logits
 
-    manifest = read_manifest(artifact_dir)
+    manifest = _judged(artifact_dir)
     if manifest.export.parity["onnx"].decisions is None:
         raise SystemExit(f"{artifact_dir}: its outputs are values, not decisions; the search compares decisions")
     loaded = load_artifact(artifact_dir)
