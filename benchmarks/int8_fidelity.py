@@ -20,15 +20,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GOAL = 0.99  # the agreement an int8 variant must keep (export.int8_min_agreement's default)
+
+def _default(field: str) -> float:
+    from training.config import ExportConfig
+
+    return ExportConfig.model_fields[field].default
 
 
-def _agreement(report) -> tuple[int, int] | None:
-    """(decisions, how many differ) of a parity report (a dict or the manifest's record), None for values."""
-    get = report.get if isinstance(report, dict) else lambda key: getattr(report, key, None)
-    if get("decisions") is None:
+GOAL = _default("int8_min_agreement")  # the agreement an int8 variant must keep
+MAX_DROP = _default("int8_max_metric_drop")  # and the most of the primary metric it may lose
+
+
+def _agreement(report: dict) -> tuple[int, int] | None:
+    """(decisions, how many differ) of a parity report, None for a model whose outputs are values."""
+    if report.get("decisions") is None:
         return None
-    return int(get("decisions")), int(get("disagreements"))
+    return int(report["decisions"]), int(report["disagreements"])
 
 
 def _shown(counts: tuple[int, int] | None) -> str:
@@ -55,24 +62,30 @@ def _judged(artifact_dir: Path):
     return manifest
 
 
-def measure(artifact_dir: Path) -> list[dict]:
-    """One row per exported variant of ``artifact_dir``: the gate's record beside the test split's comparison."""
+def _judge(manifest, loaded, artifact_dir: Path, split: str):
+    """The export gate's judge (PyTorch's scores as the reference) on one split of the run's data."""
     from training.export.base import held_out_from_config
     from training.export.encoder import Judge
-    from training.inference import load_artifact, predict_logits
+    from training.inference import predict_logits
+
+    held_out = held_out_from_config(manifest, artifact_dir, split=split)
+    texts, pairs = manifest.task.spec.judged_inputs(held_out.texts, held_out.pairs, held_out.targets)
+    return Judge(manifest, loaded.encoder, held_out, predict_logits(loaded, texts, pairs, batch_size=64))
+
+
+def measure(artifact_dir: Path) -> list[dict]:
+    """One row per exported variant of ``artifact_dir``: the gate's record beside the test split's comparison."""
+    from training.inference import load_artifact
 
     manifest = _judged(artifact_dir)
-    loaded = load_artifact(artifact_dir)
-    test = held_out_from_config(manifest, artifact_dir, split="test")
-    texts, pairs = manifest.task.spec.judged_inputs(test.texts, test.pairs, test.targets)
-    judge = Judge(manifest, loaded.encoder, test, predict_logits(loaded, texts, pairs, batch_size=64))
+    judge = _judge(manifest, load_artifact(artifact_dir), artifact_dir, "test")
     primary = manifest.primary_metric
     rows = []
     for variant in manifest.export.variants:
         if variant.name not in ("onnx", "onnx-int8"):
             continue  # the shared base's variant is judged by benchmarks/model_sets.py's runs
         report = judge.compare(artifact_dir / variant.path)
-        gate, unseen = _agreement(variant.parity), _agreement(report)
+        gate, unseen = _agreement(variant.parity.model_dump()), _agreement(report)
         both = (gate[0] + unseen[0], gate[1] + unseen[1]) if gate and unseen else None
         rows.append({"artifact": str(artifact_dir), "name": manifest.name, "task": manifest.task.value,
                      "variant": variant.name, "method": variant.method or variant.precision, "gate": gate,
@@ -83,28 +96,24 @@ def measure(artifact_dir: Path) -> list[dict]:
     return rows
 
 
-def search(artifact_dir: Path, max_drop: float = 0.005) -> list[dict]:
+def search(artifact_dir: Path) -> list[dict]:
     """The export's int8 search (``training.export.int8.search_int8``) rerun on ``artifact_dir``'s fp32 graph, each
     variant judged on validation as the gate judges it and measured on test too; which variant each gate would keep:
-    the measured agreement against ``GOAL`` (today's gate), or the lower end of its 95% Wilson interval."""
+    the measured agreement (today's gate), or the lower end of its 95% Wilson interval, each against the export's
+    default thresholds."""
     import shutil
     import tempfile
 
-    from training.export.base import held_out_from_config
-    from training.export.encoder import FP32_FILE, Judge
+    from training.export.encoder import FP32_FILE, gate_failure
     from training.export.int8 import activation_ranges, search_int8
-    from training.inference import load_artifact, predict_logits
+    from training.inference import load_artifact
 
     manifest = _judged(artifact_dir)
     if manifest.export.parity["onnx"].decisions is None:
         raise SystemExit(f"{artifact_dir}: its outputs are values, not decisions; the search compares decisions")
     loaded = load_artifact(artifact_dir)
-    spec, primary = manifest.task.spec, manifest.primary_metric
-    judges = {}
-    for split in ("validation", "test"):
-        held_out = held_out_from_config(manifest, artifact_dir, split=split)
-        texts, pairs = spec.judged_inputs(held_out.texts, held_out.pairs, held_out.targets)
-        judges[split] = Judge(manifest, loaded.encoder, held_out, predict_logits(loaded, texts, pairs, batch_size=64))
+    primary = manifest.primary_metric
+    judges = {split: _judge(manifest, loaded, artifact_dir, split) for split in ("validation", "test")}
     _, calibration_texts, calibration_pairs = judges["validation"].held_out.calibration()
     attempts: list[dict] = []
 
@@ -112,10 +121,9 @@ def search(artifact_dir: Path, max_drop: float = 0.005) -> list[dict]:
         reports = {split: j.compare(candidate) for split, j in judges.items()}
         validation = reports["validation"]
         counts = {split: _agreement(r) for split, r in reports.items()}
-        drop = spec.metric_drop(primary, validation)
-        invariant = not validation["batch_invariance"]["decision_changes"]
-        point = validation["label_agreement"] >= GOAL and drop <= max_drop and invariant
-        bound = validation["agreement_low"] >= GOAL and drop <= max_drop and invariant
+        point = gate_failure(manifest, validation, GOAL, MAX_DROP) is None
+        bound = gate_failure(manifest, {**validation, "label_agreement": validation["agreement_low"]}, GOAL,
+                             MAX_DROP) is None
         attempts.append({"validation": counts["validation"], "test": counts["test"], "point": point, "bound": bound,
                          "test_delta": reports["test"]["metric_delta"].get(primary)})
         # the search goes on as the bound's gate decides: the variants the measured agreement keeps come first
@@ -133,7 +141,8 @@ def search(artifact_dir: Path, max_drop: float = 0.005) -> list[dict]:
         # the floor the int8 weights set: each weight matrix rounded to int8 per output channel, activations in fp32
         weights_only(fp32, Path(scratch) / "weights.onnx")
         judge(Path(scratch) / "weights.onnx")
-        attempts[-1]["method"] = "int8 weights alone, activations fp32 (the weights' floor; not a variant the export makes)"
+        attempts[-1]["method"] = ("int8 weights alone, activations fp32 (the weights' floor; not a variant the export "
+                                  "makes)")
     return attempts
 
 
@@ -158,8 +167,14 @@ def weights_only(fp32: Path, out: Path) -> None:
 
 
 def search_table(name: str, attempts: list[dict]) -> str:
+    from core.metrics import wilson_allowed
+
+    decisions = attempts[0]["validation"][0]
+    allowed = wilson_allowed(decisions, GOAL)
+    lets = (f"at most {allowed:,} of its {decisions:,} validation decisions may differ" if allowed is not None
+            else f"its {decisions:,} validation decisions cannot show {GOAL:.0%} even with none differing")
     lines = [f"The int8 search on {name}, in the order the export tries its variants (it stops at the first the "
-             "bound's gate keeps), then the floor that int8 weights alone set:", "",
+             f"bound's gate keeps; by the bound, {lets}), then the floor that int8 weights alone set:", "",
              "| variant | validation (the gate) | test | passes today's gate (measured ≥ 99%) | "
              "passes by the bound (≥ 99% at 95%) | primary metric change on test |", "|---" * 6 + "|"]
     for a in attempts:

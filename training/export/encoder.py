@@ -68,7 +68,7 @@ def _opened(candidate: Candidate):
     return OnnxModel(candidate)
 
 
-def _gate(manifest: Manifest, report: dict, min_agreement: float, max_drop: float) -> str | None:
+def gate_failure(manifest: Manifest, report: dict, min_agreement: float, max_drop: float) -> str | None:
     """Why a variant fails (None when it passes)."""
     invariance = report.get("batch_invariance")
     if invariance and (invariance["decision_changes"] or invariance["max_abs_diff"] > BATCH_INVARIANCE_TOLERANCE):
@@ -193,7 +193,7 @@ def export_encoder(artifact_dir: Path, manifest: Manifest, held_out: HeldOut, tm
     logger.info("ONNX fp32: label agreement with PyTorch %s, largest score difference %.2e, batch invariance %.1e",
                 parity["onnx"].get("label_agreement", "n/a"), parity["onnx"]["max_abs_diff"],
                 parity["onnx"]["batch_invariance"]["max_abs_diff"])
-    failure = _gate(manifest, parity["onnx"], FP32_MIN_AGREEMENT, 0.001)
+    failure = gate_failure(manifest, parity["onnx"], FP32_MIN_AGREEMENT, 0.001)
     if failure:
         raise ExportError(f"{artifact_dir}: ONNX fp32 does not match PyTorch on {held_out.name} "
                           f"({len(held_out.targets)} examples): {failure}; nothing was written")
@@ -213,7 +213,8 @@ def export_encoder(artifact_dir: Path, manifest: Manifest, held_out: HeldOut, tm
         variants.append(variant("onnx-int8", tmp, INT8_FILE, "int8", parity["onnx-int8"], int8_report["method"]))
     runnable: dict[str, Candidate] = {v["name"]: tmp / Path(v["files"][0]).name for v in variants}
     shared_parity, why_not_shared, shared = export_shared(
-        artifact_dir, manifest, tmp, judge, lambda report: _gate(manifest, report, min_int8_agreement, max_int8_drop))
+        artifact_dir, manifest, tmp, judge,
+        lambda report: gate_failure(manifest, report, min_int8_agreement, max_int8_drop))
     if shared_parity is not None:
         variants.append({"name": SHARED_VARIANT, "runtime": "onnxruntime", "files": shared_files(), "precision": "fp32",
                          "method": f"{manifest.method} over a shared base", "base": shared.base, "gate": "passed",
@@ -251,7 +252,7 @@ def _search_int8(judge: Judge, tmp: Path, min_agreement: float, max_drop: float)
 
     def passes(candidate: Path) -> tuple[str | None, dict]:
         report = judge.compare(candidate)
-        return _gate(manifest, report, min_agreement, max_drop), report
+        return gate_failure(manifest, report, min_agreement, max_drop), report
 
     report, parity = search_int8(tmp / FP32_FILE, tmp / INT8_FILE, calibrate=calibrate, damage=judge.damage,
                                  judge=passes, metric=manifest.primary_metric)
