@@ -117,10 +117,11 @@ def open_storage(url: str | None, output_dir: Path) -> optuna.storages.BaseStora
             with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
-        except sqlalchemy.exc.IntegrityError:
-            # Workers started together on an empty database race to create Optuna's tables; the loser finds them
-            # made on its next try.
-            if attempt == 3:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            # Workers started together on an empty database race to create Optuna's tables (PostgreSQL says so as a
+            # unique violation or as "relation ... already exists"); the loser finds them made on its next try.
+            if attempt == 3 or (isinstance(error, sqlalchemy.exc.ProgrammingError)
+                                and "already exists" not in str(error)):
                 raise
             logger.info("another worker is creating the study's tables; trying again")
             time.sleep(attempt)
