@@ -45,6 +45,11 @@ class PooledTurns(ABC):
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # outputs per recent pass, for tests and benchmarks
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to its tasks
 
+    @property
+    def busy(self) -> bool:
+        """A pass is running or requests are queued."""
+        return self._running or bool(self._queue)
+
     def _start(self) -> None:
         if not self._running:
             self._running = True

@@ -4,6 +4,7 @@ service/service.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,6 +108,18 @@ class Scorer:
                                f"(TUNESERVE_MAX_EXAMPLES); post at most {n * limit // read:,} examples per "
                                "request, or score a whole file with `tuneserve evaluate ARTIFACT --data FILE`")
         return await self.scores(texts, pairs)
+
+    async def scores_and_truncation(self, texts: Sequence[str], pairs: Sequence[str] | None) -> tuple:
+        """:meth:`scores` and :meth:`truncated` (None for a model that reads long texts in windows). When the model
+        is idle, the tokens are counted in a second worker thread while the pass runs, so that a lone request does
+        not wait for one more hop to a thread after its pass; under load, after it, so that the counting threads do
+        not contend with the passes (BENCHMARKS.md, where a request's time goes)."""
+        if self.spec.windows:
+            return await self.scores(texts, pairs), None
+        if self.batcher.busy:
+            scores = await self.scores(texts, pairs)
+            return scores, await self.truncated(texts, pairs)
+        return tuple(await asyncio.gather(self.scores(texts, pairs), self.truncated(texts, pairs)))
 
     async def truncated(self, texts: Sequence[str], pairs: Sequence[str] | None) -> list[bool]:
         """Whether each text (or pair) is longer than the model reads (its first max_length tokens)."""

@@ -364,14 +364,14 @@ class Tuneserve:
         except RequestError as exc:
             return _bad_request(exc)
         try:
-            scores = await served.engine.scores(texts, text_pairs)
+            scores, truncated = await served.engine.scores_and_truncation(texts, text_pairs)
         except NonFiniteOutputs:
             return _not_finite()
         except RequestError as exc:  # the model was removed while the request waited
             return _bad_request(exc)
         predictions = served.spec.shape(served.manifest, scores, top_k=top_k)
-        if not served.spec.windows:  # say which texts were longer than the model reads
-            for prediction, cut in zip(predictions, await served.engine.truncated(texts, text_pairs)):
+        if truncated is not None:  # say which texts were longer than the model reads
+            for prediction, cut in zip(predictions, truncated):
                 prediction["truncated"] = cut
         return PredictResponse(predictions=predictions, model=served.tag, backend=served.backend.name)
 
@@ -501,7 +501,7 @@ class Tuneserve:
         try:
             served = self._serving(model, "/embed", ", which does not embed text")
             check_texts("texts", texts, self.settings, limit=self.settings.max_texts)
-            vectors = await served.engine.scores(texts)
+            vectors, cut = await served.engine.scores_and_truncation(texts, None)
             if dimensions is not None and dimensions > vectors.shape[1]:
                 raise RequestError(f"dimensions: {dimensions} is more than the model's {vectors.shape[1]}")
         except RequestError as exc:
@@ -510,7 +510,6 @@ class Tuneserve:
             return _not_finite()
         if dimensions is not None:
             vectors = served.spec.scores(vectors[:, :dimensions])
-        cut = await served.engine.truncated(texts, None)
         return EmbedResponse(embeddings=vectors.tolist(), dimensions=vectors.shape[1],
                              truncated=[i for i, was_cut in enumerate(cut) if was_cut], model=served.tag,
                              backend=served.backend.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -303,6 +304,32 @@ def test_each_answer_says_when_its_text_was_longer_than_the_model_reads(artifact
     assert [a["truncated"] for a in answers] == [False, True, True]
     # what the model reads of a long text is its beginning: the same answer however much more follows
     assert answers[1]["scores"] == answers[2]["scores"]
+
+
+def test_truncation_is_the_same_counted_beside_a_lone_pass_or_after_a_busy_one(artifacts):
+    """An idle model counts a request's tokens in a second thread while its pass runs; a busy one after the pass."""
+    from service.backends import OnnxBackend
+    from service.scorer import Scorer
+    from service.settings import Settings
+
+    directory = artifacts["classification"]
+    manifest = read_manifest(directory)
+    scorer = Scorer(OnnxBackend(directory, manifest, int8=False, threads=1, batch_size=8), manifest, Settings())
+    texts = ["a fine film", "a fine film " * manifest.max_length]
+
+    async def alone_and_busy():
+        assert not scorer.batcher.busy
+        alone = await scorer.scores_and_truncation(texts, None)
+        other = asyncio.ensure_future(scorer.scores(["a dull film"] * 64))  # another request keeps the model busy
+        await asyncio.sleep(0)
+        assert scorer.batcher.busy
+        busy = await scorer.scores_and_truncation(texts, None)
+        await other
+        return alone, busy
+
+    (scores, cut), (busy_scores, busy_cut) = asyncio.run(alone_and_busy())
+    assert cut == busy_cut == [False, True]
+    np.testing.assert_allclose(busy_scores, scores, atol=1e-6)
 
 
 def test_every_4xx_has_one_body_shape_and_unknown_fields_are_refused_on_every_route(artifacts, serve):
