@@ -124,7 +124,9 @@ def main() -> None:
     print(table)
     if not args.no_write:
         command = (f"python benchmarks/fairness.py {shown(args.artifact)} --requests {args.requests} "
-                   f"--seconds {args.seconds:g}" + (f" --before {args.before}" if args.before else ""))
+                   f"--seconds {args.seconds:g}" + (f" --before {args.before}" if args.before else "")
+                   + (" --also-turn-tokens " + " ".join(map(str, args.also_turn_tokens)) if args.also_turn_tokens
+                      else ""))
         body = (f"One-text `/predict` requests, one after another, alone and while large requests ({args.large_texts} "
                 f"texts of {args.large_chars:,} characters, one at a time) keep arriving; the same artifact in "
                 f"{len(results)} `bentoml serve` processes, one after the other in this run. As shipped, a request "

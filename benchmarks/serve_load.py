@@ -157,6 +157,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300, help="sentences for in-process batch-1 latency")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment of the service (e.g. TUNESERVE_THREADS=1)")
+    parser.add_argument("--also-env", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="also serve with these settings, in the same run (rows of their own; the targets read "
+                             "the service as configured by --env alone)")
     parser.add_argument("--skip-naive", action="store_true", help="measure the service only")
     parser.add_argument("--service-python", default=sys.executable,
                         help="interpreter that runs `bentoml serve` (e.g. .venv-serve/bin/python: no torch)")
@@ -197,19 +200,29 @@ def main() -> None:
     results = {}
     env_service = {**env, "TUNESERVE_ARTIFACT": str(artifact), "TUNESERVE_BACKEND": "auto",
                    **dict(item.split("=", 1) for item in args.env)}
-    service, url = start_service(args.service_python, env_service)
-    try:
-        cold = wait_ready(url, service)
-        backend_name = __import__("httpx").get(url + "/metadata").json()["backend"]
-        rss_start = tree_rss_mb(service.pid)
-        asyncio.run(load(url, texts, 8, 200, 20))  # warm-up, not counted
-        for concurrency in (1, 32):
-            results[("service", concurrency)] = measured_load(url, service.pid, texts, concurrency, args.requests,
-                                                              args.seconds)
-            print("service", concurrency, results[("service", concurrency)], flush=True)
-        rss_end = tree_rss_mb(service.pid)
-    finally:
-        stop(service)
+
+    def serve(key: str, settings: dict) -> tuple[float, str, float, float]:
+        """The service under load at concurrency 1 and 32 (results[(key, c)]): cold start, backend, RSS before and
+        after."""
+        service, url = start_service(args.service_python, {**env_service, **settings})
+        try:
+            cold = wait_ready(url, service)
+            backend_name = __import__("httpx").get(url + "/metadata").json()["backend"]
+            rss_start = tree_rss_mb(service.pid)
+            asyncio.run(load(url, texts, 8, 200, 20))  # warm-up, not counted
+            for concurrency in (1, 32):
+                results[(key, concurrency)] = measured_load(url, service.pid, texts, concurrency, args.requests,
+                                                            args.seconds)
+                print(key, concurrency, results[(key, concurrency)], flush=True)
+            return cold, backend_name, rss_start, tree_rss_mb(service.pid)
+        finally:
+            stop(service)
+
+    cold, backend_name, rss_start, rss_end = serve("service", {})
+    variants = {", ".join(variant.split(",")): dict(item.split("=", 1) for item in variant.split(","))
+                for variant in args.also_env}
+    for label, settings in variants.items():
+        serve(label, settings)
 
     if args.skip_naive:
         inproc_runs.append(in_process())
@@ -254,7 +267,7 @@ concurrency 32 reaches {100 * s32['throughput'] / inproc['offline']:.0f}% of tha
 
 | server | concurrency | requests | failed | throughput | p50 | p99 | server CPU per request | client CPU per request |
 |---|---|---|---|---|---|---|---|---|
-{chr(10).join(row(name, c, results[(key, c)]) for key, name in (("service", f"tuneserve ({backend_name})"), ("naive", "naive (torch pipeline)")) for c in (1, 32))}
+{chr(10).join(row(name, c, results[(key, c)]) for key, name in (("service", f"tuneserve ({backend_name})"), *((label, f"tuneserve, {label}") for label in variants), ("naive", "naive (torch pipeline)")) for c in (1, 32))}
 | {backend_name} in-process | batch 1 / calls of 32 | | | {inproc['throughput']:.0f} /s (calls of 32) | {inproc['p50_ms']:.2f} ms (batch 1) | | | |
 
 | target | measured | met |
