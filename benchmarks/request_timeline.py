@@ -172,7 +172,7 @@ def served(python: str, root: Path, target: str, cwd: Path, env: dict, texts: li
            seconds: float) -> tuple[float, Path | None]:
     """p50 (ms) of one-sentence requests at concurrency 1 to ``bentoml serve target`` (or uvicorn for a bare app)."""
     port = free_port()
-    stamps = cwd / f"stamps-{port}.json"
+    stamps = cwd / f"stamps-{port}.jsonl"
     env = {**env, "PYTHONPATH": str(root), "TIMELINE_OUT": str(stamps)}
     if target.endswith(":app"):
         command = [python, "-m", "uvicorn", target, "--port", str(port), "--http", "httptools", "--loop", "uvloop",
@@ -191,9 +191,13 @@ def served(python: str, root: Path, target: str, cwd: Path, env: dict, texts: li
     return p50, stamps if stamps.exists() else None
 
 
-def stages(path: Path, skip: int = 200) -> dict[str, float]:
+def stages(path: Path | None, skip: int = 200) -> dict[str, float]:
     """Median milliseconds of each stage over the requests after the warm-up."""
-    rows = [r for r in map(json.loads, path.read_text().splitlines()[skip:]) if all(k in r for _, a, b in STAGES for k in (a, b))]
+    if path is None:
+        sys.exit("the timed service answered but wrote no stamps; `bentoml serve .` with the same settings shows "
+                 "what its worker says")
+    rows = [r for r in map(json.loads, path.read_text().splitlines()[skip:])
+            if all(k in r for _, a, b in STAGES for k in (a, b))]
     out = {label: 1000 * statistics.median(r[b] - r[a] for r in rows) for label, a, b in STAGES}
     out["sending: BentoML's send middleware (metrics, tracing) and uvicorn"] = 1000 * statistics.median(
         r["send"] for r in rows)
@@ -268,7 +272,8 @@ def main() -> None:
         mean = statistics.mean(values)
         over = f"{mean - reference_ms:+.2f} ms" if label.startswith("tuneserve") else "(no model)"
         lines.append(f"| {label} | {', '.join(f'{v:.2f}' for v in values)} | {mean:.2f} | {over} |")
-    lines += ["", "Where the service's time goes (medians over the timed requests of all starts, ms):", "",
+    lines += ["", "Where the service's time goes (ms: each start's median over its timed requests, the mean of the "
+                  "starts):", "",
               "| stage | " + " | ".join(timelines) + " |", "|---|" + "---:|" * len(timelines)]
     labels = list(next(iter(timelines.values()))[0])
     for stage in labels:
