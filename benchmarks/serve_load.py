@@ -166,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     artifact = Path(args.artifact).resolve()
 
-    from benchmarks._report import latency_and_throughput, shown, write_section
+    from benchmarks._report import latency_and_throughput, write_section
     from core.manifest import read_manifest
     from service.backends import choose_backend
     from training.data.demo import demo_path
@@ -228,6 +228,15 @@ def main() -> None:
         inproc_runs.append(in_process())
         print(f"cold start {cold:.2f} s, RSS {rss_start:.0f} -> {rss_end:.0f} MB (naive server skipped; nothing written)")
         return
+    naive_load(artifact, env, texts, args.requests, args.seconds, results)
+    inproc_runs.append(in_process())
+    table = section(results, list(variants), inproc_runs, backend_name, cold, (rss_start, rss_end), args)
+    print(table)
+    write_section("serve-load", "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]), table)
+
+
+def naive_load(artifact: Path, env: dict, texts: list[str], requests: int, seconds: float, results: dict) -> None:
+    """The naive FastAPI + pipeline server under load at concurrency 1 and 32 (results[("naive", c)])."""
     naive_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"tuneserve-naive-{os.getpid()}"
     naive_dir.mkdir(exist_ok=True)
     (naive_dir / "naive_app.py").write_text(NAIVE_APP)
@@ -240,21 +249,32 @@ def main() -> None:
         wait_ready(url, naive)
         asyncio.run(load(url, texts, 8, 100, 20))
         for concurrency in (1, 32):
-            results[("naive", concurrency)] = measured_load(url, naive.pid, texts, concurrency, args.requests, args.seconds)
+            results[("naive", concurrency)] = measured_load(url, naive.pid, texts, concurrency, requests, seconds)
             print("naive", concurrency, results[("naive", concurrency)], flush=True)
     finally:
         stop(naive)
-    inproc_runs.append(in_process())
+
+
+def section(results: dict, variants: list[str], inproc_runs: list[dict], backend_name: str, cold: float,
+            rss: tuple[float, float], args: argparse.Namespace) -> str:
+    """BENCHMARKS.md's section: the rows of every server, the in-process reference and the targets (which read the
+    service as configured by --env)."""
+    from benchmarks._report import shown
+
     inproc = {key: statistics.mean(r[key] for r in inproc_runs) for key in ("p50_ms", "throughput", "offline")}
     before, after = (f"{r['throughput']:.0f}" for r in inproc_runs)
+    rss_start, rss_end = rss
 
     def row(name: str, concurrency: int, r: dict) -> str:
         return (f"| {name} | {concurrency} | {r['requests']} | {r['failures']} | {r['throughput']:.0f} /s | "
                 f"{r['p50_ms']:.2f} ms | {r['p99_ms']:.1f} ms | {r['server_cpu_ms']:.1f} ms | {r['client_cpu_ms']:.1f} ms |")
 
+    servers = [("service", f"tuneserve ({backend_name})"), *((label, f"tuneserve, {label}") for label in variants),
+               ("naive", "naive (torch pipeline)")]
+    rows = "\n".join(row(name, c, results[(key, c)]) for key, name in servers for c in (1, 32))
     s1, s32 = results[("service", 1)], results[("service", 32)]
     n32 = results[("naive", 32)]
-    table = f"""## Serving under load: the service against a naive FastAPI + transformers pipeline server
+    return f"""## Serving under load: the service against a naive FastAPI + transformers pipeline server
 
 Single-sentence requests over loopback (aiohttp clients on the same 2 cores), at most {args.requests} requests or
 {args.seconds:.0f} s per row; the service ran `bentoml serve` with TUNESERVE_BACKEND=auto, which chose
@@ -267,7 +287,7 @@ concurrency 32 reaches {100 * s32['throughput'] / inproc['offline']:.0f}% of tha
 
 | server | concurrency | requests | failed | throughput | p50 | p99 | server CPU per request | client CPU per request |
 |---|---|---|---|---|---|---|---|---|
-{chr(10).join(row(name, c, results[(key, c)]) for key, name in (("service", f"tuneserve ({backend_name})"), *((label, f"tuneserve, {label}") for label in variants), ("naive", "naive (torch pipeline)")) for c in (1, 32))}
+{rows}
 | {backend_name} in-process | batch 1 / calls of 32 | | | {inproc['throughput']:.0f} /s (calls of 32) | {inproc['p50_ms']:.2f} ms (batch 1) | | | |
 
 | target | measured | met |
@@ -278,9 +298,6 @@ concurrency 32 reaches {100 * s32['throughput'] / inproc['offline']:.0f}% of tha
 | cold start to ready ≤ 5 s | {cold:.2f} s | {'yes' if cold <= 5 else 'no'} |
 | resident memory ≤ 600 MB (server process tree) | {rss_start:.0f} MB after start, {rss_end:.0f} MB after the load | {'yes' if max(rss_start, rss_end) <= 600 else 'no'} |
 """
-    print(table)
-    write_section("serve-load", "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]), table)
-
 
 if __name__ == "__main__":
     main()
