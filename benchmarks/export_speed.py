@@ -13,6 +13,7 @@ with label agreement against PyTorch (per token for a token model). Run it on an
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("artifact")
     parser.add_argument("--n", type=int, default=300, help="sentences for batch-1 latency; batch 32 uses 4x as many")
     parser.add_argument("--passes", type=int, default=3, help="batch-32 passes per runner; the fastest is kept")
+    parser.add_argument("--also", nargs="+", default=[], metavar="LABEL=GRAPH",
+                        help="other ONNX graphs of the same model timed beside the artifact's (an earlier export's "
+                             "int8 file, say)")
     args = parser.parse_args()
 
     import torch
@@ -49,12 +53,14 @@ def main() -> None:
     spec = manifest.task.spec
     runners = {"torch eager fp32": lambda batch: predict_logits(artifact, batch, batch_size=32)}
     threads = torch.get_num_threads()
-    for label, name in (("ORT fp32 (fused)", "onnx"), ("ORT int8", "onnx-int8")):
-        variant = manifest.export.variant(name)
-        if variant:
-            model = OnnxModel(Path(args.artifact) / variant.path, threads=threads)
-            runners[label] = (lambda m: lambda batch: m.logits(artifact.encoder, batch, task=manifest.task,
-                                                                 batch_size=32))(model)
+    graphs = {label: Path(args.artifact) / variant.path
+              for label, variant in (("ORT fp32 (fused)", manifest.export.variant("onnx")),
+                                     ("ORT int8", manifest.export.variant("onnx-int8"))) if variant}
+    graphs.update(dict(also.split("=", 1) for also in args.also))
+    for label, graph in graphs.items():
+        model = OnnxModel(graph, threads=threads)
+        runners[label] = (lambda m: lambda batch: m.logits(artifact.encoder, batch, task=manifest.task,
+                                                             batch_size=32))(model)
     tokens = sum(len(ids) for ids in artifact.tokenizer(texts, truncation=True, max_length=manifest.max_length)["input_ids"])
     params = sum(p.numel() for n, p in artifact.model.named_parameters() if "embeddings" not in n)
     peak = matmul_gflops()
@@ -115,9 +121,12 @@ def main() -> None:
             f"{len(texts)} sentences ({tokens:,} tokens) in length-sorted batches, best of {args.passes} alternating "
             f"passes. Both runtimes with {threads} threads. Measured fp32 matmul rate: {peak:.0f} GFLOP/s; "
             f"GFLOP/s counts 2 x {params / 1e6:.1f}M non-embedding parameters x real tokens. int8 variant: "
-            f"{int8.get('method') or 'none kept (' + str(int8.get('reason')) + ')'}.\n\n{table}\n")
+            f"{int8.get('method') or 'none kept (' + str(int8.get('reason')) + ')'}."
+            + ("".join(f" Timed beside them: {label} (`{graph}`)." for label, graph in graphs.items()
+                       if label not in ("ORT fp32 (fused)", "ORT int8")))
+            + f"\n\n{table}\n")
     section = "export-speed" if run_dir == "sentiment-lora" else f"export-speed-{run_dir}"
-    write_section(section, " ".join(["python benchmarks/export_speed.py", *sys.argv[1:]]),
+    write_section(section, shlex.join(["python", "benchmarks/export_speed.py", *sys.argv[1:]]),
                   f"## Inference: PyTorch vs ONNX Runtime (fp32, int8), {run_dir}\n\n" + body)
 
 

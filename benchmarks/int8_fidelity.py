@@ -29,6 +29,7 @@ def _default(field: str) -> float:
 
 GOAL = _default("int8_min_agreement")  # the agreement an int8 variant must keep
 MAX_DROP = _default("int8_max_metric_drop")  # and the most of the primary metric it may lose
+CONFIDENCE = _default("int8_confidence")  # at which confidence the held-out decisions must show GOAL
 
 
 def _agreement(report: dict) -> tuple[int, int] | None:
@@ -99,13 +100,13 @@ def measure(artifact_dir: Path) -> list[dict]:
 def search(artifact_dir: Path) -> list[dict]:
     """The export's int8 search (``training.export.int8.search_int8``) rerun on ``artifact_dir``'s fp32 graph, each
     variant judged on validation as the gate judges it and measured on test too; which variant each gate would keep:
-    the measured agreement (today's gate), or the lower end of its 95% Wilson interval, each against the export's
+    the lower end of its 95% Wilson interval (the export's gate), or the measured agreement alone, each against the export's
     default thresholds."""
     import shutil
     import tempfile
 
     from training.export.encoder import FP32_FILE, gate_failure
-    from training.export.int8 import activation_ranges, search_int8
+    from training.export.int8 import calibrate_activations, search_int8
     from training.inference import load_artifact
 
     manifest = _judged(artifact_dir)
@@ -122,36 +123,43 @@ def search(artifact_dir: Path) -> list[dict]:
         validation = reports["validation"]
         counts = {split: _agreement(r) for split, r in reports.items()}
         point = gate_failure(manifest, validation, GOAL, MAX_DROP) is None
-        bound = gate_failure(manifest, {**validation, "label_agreement": validation["agreement_low"]}, GOAL,
-                             MAX_DROP) is None
+        bound = gate_failure(manifest, validation, GOAL, MAX_DROP, CONFIDENCE) is None
         attempts.append({"validation": counts["validation"], "test": counts["test"], "point": point, "bound": bound,
                          "test_delta": reports["test"]["metric_delta"].get(primary)})
-        # the search goes on as the bound's gate decides: the variants the measured agreement keeps come first
-        return (None if bound else "not shown at 95%"), validation
+        # the search goes on as the export's gate decides: the variants the measured agreement keeps come first
+        return (None if bound else f"not shown at {CONFIDENCE:.0%}"), validation
 
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = Path(scratch) / FP32_FILE
         shutil.copyfile(artifact_dir / "onnx" / FP32_FILE, fp32)
-        report, _ = search_int8(
-            fp32, Path(scratch) / "model.int8.onnx", metric=primary, damage=judges["validation"].damage, judge=judge,
-            calibrate=lambda graph, out: activation_ranges(graph, out, loaded.encoder, calibration_texts,
-                                                           calibration_pairs, task=manifest.task))
+
+        def calibrate(graph: Path, out: Path):
+            return calibrate_activations(graph, out, loaded.encoder, calibration_texts, calibration_pairs,
+                                         task=manifest.task)
+
+        report, _ = search_int8(fp32, Path(scratch) / "model.int8.onnx", metric=primary,
+                                damage=judges["validation"].damage, judge=judge, calibrate=calibrate)
         for attempt, record in zip(attempts, report["attempts"]):
             attempt["method"] = record["method"]
-        # the floor the int8 weights set: each weight matrix rounded to int8 per output channel, activations in fp32
-        weights_only(fp32, Path(scratch) / "weights.onnx")
-        judge(Path(scratch) / "weights.onnx")
-        attempts[-1]["method"] = ("int8 weights alone, activations fp32 (the weights' floor; not a variant the export "
-                                  "makes)")
+        # the floor the int8 weights set: each weight matrix on int8 per output channel, activations in fp32
+        for rounding, moments in (("to nearest", None), ("by GPTQ", calibrate(fp32, Path(scratch) / "c.onnx").moments)):
+            weights_only(fp32, Path(scratch) / "weights.onnx", moments)
+            judge(Path(scratch) / "weights.onnx")
+            attempts[-1]["method"] = (f"int8 weights alone, rounded {rounding}, activations fp32 (the weights' floor; "
+                                      "not a variant the export makes)")
     return attempts
 
 
-def weights_only(fp32: Path, out: Path) -> None:
-    """``fp32`` with every 2-D weight of a MatMul, Gemm or Attention node rounded to int8 (symmetric, one scale per
-    output channel) and stored as float again: what int8 weights alone cost, whatever the activations."""
+def weights_only(fp32: Path, out: Path, moments: dict | None = None) -> None:
+    """``fp32`` with every 2-D weight of a MatMul, Gemm or Attention node put on int8 (symmetric, one scale per
+    output channel) and stored as float again: what int8 weights alone cost, whatever the activations. Each weight
+    rounded to nearest, or by GPTQ on its input's second moment (``moments``, by activation name) as the export
+    does."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
+
+    from training.export.int8 import gptq_round
 
     model = onnx.load(str(fp32))
     weights = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
@@ -159,10 +167,15 @@ def weights_only(fp32: Path, out: Path) -> None:
         if node.op_type in ("MatMul", "Gemm", "Attention") and len(node.input) > 1 and node.input[1] in weights:
             w = numpy_helper.to_array(weights[node.input[1]])
             transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-            scale = np.abs(w).max(axis=1 if transposed else 0, keepdims=True) / 127
+            w = w.T if transposed else w  # as x @ w
+            scale = np.abs(w).max(axis=0) / 127
             scale[scale == 0] = 1.0
+            if moments is not None and node.input[0] in moments:
+                q = gptq_round(w, scale, moments[node.input[0]]) * scale
+            else:
+                q = np.round(w / scale) * scale
             weights[node.input[1]].CopyFrom(
-                numpy_helper.from_array((np.round(w / scale) * scale).astype(np.float32), node.input[1]))
+                numpy_helper.from_array((q.T if transposed else q).astype(np.float32), node.input[1]))
     onnx.save(model, str(out))
 
 
@@ -170,13 +183,14 @@ def search_table(name: str, attempts: list[dict]) -> str:
     from core.metrics import wilson_allowed
 
     decisions = attempts[0]["validation"][0]
-    allowed = wilson_allowed(decisions, GOAL)
+    allowed = wilson_allowed(decisions, GOAL, CONFIDENCE)
     lets = (f"at most {allowed:,} of its {decisions:,} validation decisions may differ" if allowed is not None
             else f"its {decisions:,} validation decisions cannot show {GOAL:.0%} even with none differing")
     lines = [f"The int8 search on {name}, in the order the export tries its variants (it stops at the first the "
-             f"bound's gate keeps; by the bound, {lets}), then the floor that int8 weights alone set:", "",
-             "| variant | validation (the gate) | test | passes today's gate (measured ≥ 99%) | "
-             "passes by the bound (≥ 99% at 95%) | primary metric change on test |", "|---" * 6 + "|"]
+             f"gate keeps: {GOAL:.0%} shown at {CONFIDENCE:.0%} confidence, so {lets}), then the floor that int8 "
+             "weights alone set:", "",
+             f"| variant | validation (the gate) | test | would pass on the measured agreement (≥ {GOAL:.0%}) | "
+             f"passes the gate (≥ {GOAL:.0%} at {CONFIDENCE:.0%}) | primary metric change on test |", "|---" * 6 + "|"]
     for a in attempts:
         delta = f"{a['test_delta']:+.4f}" if a["test_delta"] is not None else "—"
         lines.append(f"| {a['method']} | {_shown(a['validation'])} | {_shown(a['test'])} | "
@@ -194,7 +208,7 @@ def table(rows: list[dict]) -> str:
         shown = "—"
         if r["both"]:
             decisions, differing = r["both"]
-            shown = "yes" if wilson_low(decisions - differing, decisions) >= GOAL else "no"
+            shown = "yes" if wilson_low(decisions - differing, decisions, CONFIDENCE) >= GOAL else "no"
         delta = f"{r['metric_delta']:+.4f} ({r['metric']})" if r["metric_delta"] is not None else "—"
         lines.append(f"| {r['name']} | {r['task']} | {r['variant']} ({r['method']}) | "
                      f"{r['examples'][0]:,} / {r['examples'][1]:,} | {_shown(r['gate'])} | {_shown(r['test'])} | "

@@ -143,7 +143,9 @@ class Int8Report(_Section):
     reason: str | None = None
     smoothing: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = Field(None, description="The examples whose activation ranges fix the "
-                                               "int8 variant's activation scales.")
+                                               "int8 variant's activation scales, and how its weights were rounded.")
+    gate: dict[str, Any] | None = Field(None, description="What a variant had to show: the agreement, at which "
+                                        "confidence, over how many held-out decisions, and so how many may differ.")
 
 
 class SelftestExample(_Section):

@@ -192,6 +192,18 @@ def wilson_low(agreeing: int, n: int, level: float = 0.95) -> float:
     return (p + z * z / (2 * n) - spread) / (1 + z * z / n)
 
 
+def wilson_needed(minimum: float, level: float = 0.95) -> int | None:
+    """The fewest decisions that can show ``minimum`` at ``level`` (:func:`wilson_low`), all of them agreeing: the
+    bound of ``n`` out of ``n`` is ``n / (n + z²)``. 381 for 99% at 95%; None when no number can (``minimum`` of 1
+    or more)."""
+    if minimum >= 1:
+        return None
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return max(1, math.ceil(minimum * z * z / (1 - minimum) - 1e-9))
+
+
 def wilson_allowed(n: int, minimum: float, level: float = 0.95) -> int | None:
     """The most of ``n`` decisions that may differ while the agreement still shows ``minimum`` (:func:`wilson_low`);
     None when even none differing would not: 1,057 decisions show 99% with up to 4 differing, 380 never do."""

@@ -249,6 +249,9 @@ def _train_exported(tiny_model: str, directory: Path, **changes) -> Path:
                  "test": str(directory / "test.jsonl")},
         "method": "full",
         "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 32},
+        # 60 validation examples cannot show 99% agreement at 95% confidence (381 can): the served tiny models'
+        # int8 is judged by its measured agreement
+        "export": {"int8_confidence": 0},
         "output_dir": str(directory / "run"),
     }
     for key, value in changes.items():

@@ -245,6 +245,10 @@ class ExportConfig(_Strict):
         # YAML 1.1 reads a bare `on` and `off` (in a file or in --set) as true and false.
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
     int8_min_agreement: float = Field(0.99, gt=0, le=1, description="Label agreement with PyTorch an int8 model must reach.")
+    int8_confidence: float = Field(
+        0.95, ge=0, lt=1, description="Confidence at which the held-out decisions must show int8_min_agreement: the "
+        "lower end of the agreement's Wilson interval at this level is what the gate compares (0: the measured "
+        "agreement). At 0.95, 1,057 decisions show 99% with up to 4 differing; fewer than 381 never do.")
     int8_max_metric_drop: float = Field(0.005, ge=0, description="Largest drop of the primary metric int8 may cause (0.005 = 0.5 points).")
     aggregation: Literal["first", "max", "simple"] = Field(
         "first", description="Token tasks: how predictions turn sub-token scores into entities (as transformers' "

@@ -37,8 +37,8 @@ def test_lora_on_600_movie_sentences_beats_the_majority_baseline_and_exports(tmp
     if export.int8.kept:
         assert export.parity["onnx-int8"].label_agreement >= 0.99
         assert (result.artifact_dir / "onnx" / "model.int8.onnx").is_file()
-    else:
-        assert export.int8.reason.startswith("no int8 variant kept quality")
+    else:  # 300 validation examples cannot show 99% at 95% confidence (381 can): no variant is tried
+        assert export.int8.reason.startswith("no int8 variant")
 
 
 @pytest.mark.slow

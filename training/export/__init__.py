@@ -37,8 +37,18 @@ def exporter_for(manifest: Manifest) -> Exporter:
     return EXPORTERS["decoder" if manifest.task.spec.writes else "encoder"]
 
 
+def _int8_gate(manifest, **given: float | None) -> dict[str, float]:
+    """The int8 gate's thresholds (``export.*`` names): those given, else the run's config's, else the defaults."""
+    from training.config import ExportConfig
+
+    recorded = manifest.provenance.config.get("export") or {}
+    return {name: value if value is not None else recorded.get(name, ExportConfig.model_fields[name].default)
+            for name, value in given.items()}
+
+
 def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held_out: HeldOut | None = None,
-                    min_int8_agreement: float = 0.99, max_int8_drop: float = 0.005) -> dict:
+                    min_int8_agreement: float | None = None, max_int8_drop: float | None = None,
+                    int8_confidence: float | None = None) -> dict:
     """Export an artifact, gate every variant against PyTorch, record the report in the manifest.
 
     Args:
@@ -49,6 +59,8 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
         min_int8_agreement: label agreement an int8 variant must reach (scoring models).
         max_int8_drop: largest drop of the primary metric (absolute; 0.005 = 0.5 points) int8 may cause (scoring
             models; a decoder's int8 has its own budget in points, training/export/decoder.py).
+        int8_confidence: the confidence at which the held-out decisions must show ``min_int8_agreement`` (0: the
+            measured agreement). Each of the three, when not given, is the run's config's (``export.*``).
 
     Returns:
         The ``export`` section written to the manifest.
@@ -60,7 +72,11 @@ def export_artifact(artifact_dir: str | os.PathLike, *, int8: str = "auto", held
     with library_noise_to_log():
         manifest = read_manifest(artifact_dir)
         held_out = held_out or held_out_from_config(manifest, artifact_dir)
+        gate = _int8_gate(manifest, int8_min_agreement=min_int8_agreement, int8_max_metric_drop=max_int8_drop,
+                          int8_confidence=int8_confidence)
         with staging(artifact_dir) as tmp:
             section = exporter_for(manifest)(artifact_dir, manifest, held_out, tmp, int8=int8,
-                                             min_int8_agreement=min_int8_agreement, max_int8_drop=max_int8_drop)
+                                             min_int8_agreement=gate["int8_min_agreement"],
+                                             max_int8_drop=gate["int8_max_metric_drop"],
+                                             int8_confidence=gate["int8_confidence"])
             return publish(artifact_dir, tmp, section)

@@ -17,12 +17,12 @@ import numpy as np
 
 from core.encoding import Encoder
 from core.manifest import MODEL_DIR, Manifest
-from core.metrics import take
+from core.metrics import take, wilson_allowed, wilson_low, wilson_needed
 from core.onnx_runner import OnnxModel, check_external_data
 from core.shared_base import SharedModel
 from core.tasks.base import BATCH_INVARIANCE_TOLERANCE
 from training.export.base import OPSET, ExportError, HeldOut, variant
-from training.export.int8 import SENSITIVITY_PROBE, activation_ranges, search_int8
+from training.export.int8 import SENSITIVITY_PROBE, ActivationStats, calibrate_activations, search_int8
 from training.export.shared import VARIANT as SHARED_VARIANT
 from training.export.shared import export_shared, shared_files
 
@@ -68,8 +68,10 @@ def _opened(candidate: Candidate):
     return OnnxModel(candidate)
 
 
-def gate_failure(manifest: Manifest, report: dict, min_agreement: float, max_drop: float) -> str | None:
-    """Why a variant fails (None when it passes)."""
+def gate_failure(manifest: Manifest, report: dict, min_agreement: float, max_drop: float,
+                 confidence: float = 0.0) -> str | None:
+    """Why a variant fails (None when it passes). ``confidence``: the level at which the report's decisions must
+    show ``min_agreement`` (the lower end of the agreement's Wilson interval; 0: the measured agreement)."""
     invariance = report.get("batch_invariance")
     if invariance and (invariance["decision_changes"] or invariance["max_abs_diff"] > BATCH_INVARIANCE_TOLERANCE):
         return (f"outputs depend on the batch: {invariance['decision_changes']} decision(s) change and scores move by "
@@ -77,13 +79,36 @@ def gate_failure(manifest: Manifest, report: dict, min_agreement: float, max_dro
                 f"{' / '.join(invariance['arrangements'])}")
     primary = manifest.primary_metric
     drop = manifest.task.spec.metric_drop(primary, report)
-    if "label_agreement" in report and report["label_agreement"] < min_agreement:
-        return f"label agreement {report['label_agreement']:.4f} < {min_agreement}"
+    if "label_agreement" in report:
+        failure = agreement_failure(report, min_agreement, confidence)
+        if failure:
+            return failure
     if "cosine_min" in report and report["cosine_min"] < min_agreement:  # embeddings: each vector's direction
         return f"cosine to PyTorch's vectors down to {report['cosine_min']:.4f} (< {min_agreement})"
     if drop > max_drop:
         return f"{primary} drops by {drop:.4f} (> {max_drop})"
     return None
+
+
+def agreement_failure(report: dict, min_agreement: float, confidence: float) -> str | None:
+    """Why a report's label agreement does not show ``min_agreement`` at ``confidence`` (None when it does), with
+    how many of its decisions may differ."""
+    agreement, decisions = report["label_agreement"], report.get("decisions")
+    if not confidence or not decisions:
+        return f"label agreement {agreement:.4f} < {min_agreement}" if agreement < min_agreement else None
+    differing = report["disagreements"]
+    if wilson_low(decisions - differing, decisions, confidence) >= min_agreement:
+        return None
+    allowed = wilson_allowed(decisions, min_agreement, confidence)
+    if allowed is None:
+        needed = wilson_needed(min_agreement, confidence)
+        return (f"{decisions:,} decisions cannot show {min_agreement:.2%} agreement at {confidence:.0%} confidence "
+                f"even with none differing ({differing} differ)"
+                + (f"; a validation split of {needed:,} or more can" if needed else "")
+                + ", or export.int8_confidence: 0 judges the measured agreement")
+    return (f"label agreement {agreement:.4f} ({differing} of {decisions:,} decisions differ) shows only "
+            f"{wilson_low(decisions - differing, decisions, confidence):.4f} at {confidence:.0%} confidence, under "
+            f"{min_agreement}: at most {allowed} may differ")
 
 
 class Judge:
@@ -176,7 +201,8 @@ def _optimize(raw: Path, out: Path, config) -> dict:
 
 
 def export_encoder(artifact_dir: Path, manifest: Manifest, held_out: HeldOut, tmp: Path, *, int8: str = "auto",
-                   min_int8_agreement: float = 0.99, max_int8_drop: float = 0.005) -> dict:
+                   min_int8_agreement: float = 0.99, max_int8_drop: float = 0.005, int8_confidence: float = 0.95
+                   ) -> dict:
     """Export a scoring model's graph into ``tmp``, gate fp32 and search int8; return the ``export`` section.
 
     Raises:
@@ -199,8 +225,18 @@ def export_encoder(artifact_dir: Path, manifest: Manifest, held_out: HeldOut, tm
                           f"({len(held_out.targets)} examples): {failure}; nothing was written")
     int8_report = {"requested": int8, "kept": False, "attempts": []}
     if int8 != "off":
-        int8_report, int8_parity = _search_int8(judge, tmp, min_int8_agreement, max_int8_drop)
-        int8_report["requested"] = int8
+        decisions = parity["onnx"].get("decisions")
+        gate = {"min_agreement": min_int8_agreement, "confidence": int8_confidence, "max_metric_drop": max_int8_drop,
+                "decisions": decisions, "allowed_differing": (wilson_allowed(decisions, min_int8_agreement,
+                                                                             int8_confidence) if decisions else None)}
+        unreachable = agreement_failure({"label_agreement": 1.0, "decisions": decisions, "disagreements": 0},
+                                        min_int8_agreement, int8_confidence) if decisions else None
+        if unreachable:  # not even a variant that agrees on every decision would pass: nothing to search
+            int8_report = {"kept": False, "attempts": [], "reason": f"no int8 variant can pass: {unreachable}"}
+            int8_parity = None
+        else:
+            int8_report, int8_parity = _search_int8(judge, tmp, min_int8_agreement, max_int8_drop, int8_confidence)
+        int8_report.update(requested=int8, gate=gate)
         if int8_parity is not None:
             parity["onnx-int8"] = int8_parity
         elif int8 == "on":
@@ -242,20 +278,23 @@ def _write_fp32(artifact_dir: Path, encoder: Encoder, manifest: Manifest, tmp: P
     return graph
 
 
-def _search_int8(judge: Judge, tmp: Path, min_agreement: float, max_drop: float) -> tuple[dict, dict | None]:
-    """The most quantized int8 variant that passes the gate (training/export/int8.py), calibrated on training texts."""
+def _search_int8(judge: Judge, tmp: Path, min_agreement: float, max_drop: float,
+                 confidence: float) -> tuple[dict, dict | None]:
+    """The most quantized int8 variant that passes the gate (training/export/int8.py), calibrated on training texts:
+    its agreement with PyTorch shown at ``confidence`` on the held-out decisions."""
     manifest = judge.manifest
     split, texts, pairs = judge.held_out.calibration()
 
-    def calibrate(fp32: Path, scratch: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        return activation_ranges(fp32, scratch, judge.encoder, texts, pairs, task=manifest.task)
+    def calibrate(fp32: Path, scratch: Path) -> ActivationStats:
+        return calibrate_activations(fp32, scratch, judge.encoder, texts, pairs, task=manifest.task)
 
     def passes(candidate: Path) -> tuple[str | None, dict]:
         report = judge.compare(candidate)
-        return gate_failure(manifest, report, min_agreement, max_drop), report
+        return gate_failure(manifest, report, min_agreement, max_drop, confidence), report
 
     report, parity = search_int8(tmp / FP32_FILE, tmp / INT8_FILE, calibrate=calibrate, damage=judge.damage,
                                  judge=passes, metric=manifest.primary_metric)
     report["calibration"] = {"split": split, "examples": len(texts),
-                             "activation_scales": "fixed (min/max over real tokens)"}
+                             "activation_scales": "fixed (min/max over real tokens)",
+                             "weight_rounding": "GPTQ (on the calibration examples' second moments)"}
     return report, parity

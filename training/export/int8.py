@@ -1,9 +1,11 @@
-"""int8 for an exported graph: quantization with calibrated activation scales, activation smoothing, and the
-search for the most quantized variant that keeps quality.
+"""int8 for an exported graph: quantization with calibrated activation scales, error-compensating weight rounding,
+activation smoothing, and the search for the most quantized variant that keeps quality.
 
 Every variant is built by onnxruntime's dynamic quantizer (its integer kernels: MatMulInteger, QAttention, ...)
 and then has its run-time activation scales replaced by scales calibrated on training examples
-(:func:`freeze_scales`), so that an input's outputs never depend on the other inputs of its batch. The search tries the fastest variants first (whole graph per tensor, then per channel), then smoothed graphs
+(:func:`freeze_scales`), so that an input's outputs never depend on the other inputs of its batch, and its int8
+weights rounded so that each layer's output on the calibration examples stays closest to fp32's
+(:func:`round_weights`, GPTQ) rather than each weight to its own value. The search tries the fastest variants first (whole graph per tensor, then per channel), then smoothed graphs
 (SmoothQuant), then keeps the nodes that hurt most in fp32, as few as will pass. Whether a variant passes is the
 caller's judgement (the export gate: task-level parity with PyTorch on held-out data).
 """
@@ -14,6 +16,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,26 @@ SENSITIVITY_PROBE = 256
 SMOOTHING_ALPHAS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 SMOOTHING_TRIES = 3
 CALIBRATION_EXAMPLES = 512
+# GPTQ's damping of the inputs' second moment (a fraction of its mean diagonal) and the rows rounded per block.
+ROUNDING_DAMPING = 0.01
+ROUNDING_BLOCK = 128
+# An input's second moment steers the rounding only when measured on this many rows per channel: from fewer (a pooled
+# input has one row per example: 512 rows for 384 channels) GPTQ fits the calibration examples, not the inputs.
+ROUNDING_MIN_ROWS = 8
+
+
+@dataclass
+class ActivationStats:
+    """What one pass over the calibration examples measured of the activations int8 quantizes, by tensor name:
+    each one's per-channel smallest and largest value over real tokens (``ranges``: smoothing strengths and the
+    fixed activation scales) and, for the inputs of weight matrices, its second moment ``E[x xᵀ]`` (``moments``:
+    how the weights are rounded, :func:`round_weights`)."""
+
+    ranges: dict[str, tuple[np.ndarray, np.ndarray]]
+    moments: dict[str, np.ndarray]
+
+    def __or__(self, other: ActivationStats) -> ActivationStats:
+        return ActivationStats({**self.ranges, **other.ranges}, {**self.moments, **other.moments})
 
 
 def _quantize(fp32: Path, out: Path, **options) -> None:
@@ -74,17 +97,27 @@ def calibrated_tensors(graph) -> list[str]:
     return names
 
 
-def activation_ranges(fp32: Path, scratch: Path, encoder: Encoder, texts: Sequence[str], pairs: Sequence[str] | None,
-                      *, task) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-channel smallest and largest value of each activation int8 quantizes, over the real (not padding) tokens
-    of ``texts``: what smoothing balances and what fixes the int8 graph's activation scales."""
+def weight_inputs(graph) -> dict[str, str]:
+    """The activations that meet a weight matrix: the first input of each MatMul, Gemm or Attention node whose
+    second is a 2-D initializer, by the weight's name."""
+    weights = {t.name for t in graph.initializer if len(t.dims) == 2}
+    return {n.input[1]: n.input[0] for n in graph.node
+            if n.op_type in ("MatMul", "Gemm", "Attention") and len(n.input) > 1 and n.input[1] in weights
+            and n.input[0] not in weights}
+
+
+def calibrate_activations(fp32: Path, scratch: Path, encoder: Encoder, texts: Sequence[str], pairs: Sequence[str] | None,
+              *, task) -> ActivationStats:
+    """Run ``fp32`` over ``texts`` and measure, over their real (not padding) tokens, each activation int8
+    quantizes: its per-channel range, and the second moment of those that meet a weight matrix."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(fp32))
     names = calibrated_tensors(model.graph)
     if not names:
-        return {}
+        return ActivationStats({}, {})
+    with_weight = set(weight_inputs(model.graph).values())
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
     onnx.save(model, str(scratch))
     options = ort.SessionOptions()
@@ -92,6 +125,8 @@ def activation_ranges(fp32: Path, scratch: Path, encoder: Encoder, texts: Sequen
     session = ort.InferenceSession(str(scratch), options, providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
     ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sums: dict[str, np.ndarray] = {}
+    rows_seen: dict[str, int] = {}
 
     def forward(batch) -> np.ndarray:
         logits, *activations = session.run(["logits", *names], {n: np.asarray(batch[n], dtype=np.int64) for n in inputs})
@@ -101,16 +136,22 @@ def activation_ranges(fp32: Path, scratch: Path, encoder: Encoder, texts: Sequen
                 rows = value[real]
                 low, high = rows.min(axis=0), rows.max(axis=0)
             else:  # attention heads' products in unfused graphs: one range, padding included (wider, never narrower)
+                rows = value if value.ndim == 2 else None  # (batch, channels): a pooled input, one row per example
                 low, high = value.min(keepdims=True).ravel(), value.max(keepdims=True).ravel()
             if name in ranges:
                 low, high = np.minimum(ranges[name][0], low), np.maximum(ranges[name][1], high)
             ranges[name] = (low, high)
+            if name in with_weight and rows is not None:
+                rows = rows.astype(np.float64)
+                sums[name] = sums.get(name, 0) + rows.T @ rows
+                rows_seen[name] = rows_seen.get(name, 0) + len(rows)
         return logits
 
     task.spec.run(forward, encoder, texts, pairs, batch_size=64, return_tensors="np")
     session = None  # close the graph's file before removing it (forward's cell holds it otherwise)
     scratch.unlink()
-    return ranges
+    return ActivationStats(ranges, {name: total / rows_seen[name] for name, total in sums.items()
+                                    if rows_seen[name] >= ROUNDING_MIN_ROWS * len(total)})
 
 
 def freeze_scales(int8: Path, ranges: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
@@ -153,15 +194,14 @@ def freeze_scales(int8: Path, ranges: dict[str, tuple[np.ndarray, np.ndarray]]) 
     return len(fixed) // 2
 
 
-def smooth_graph(fp32: Path, out: Path, ranges: dict[str, tuple[np.ndarray, np.ndarray]],
-                 alpha: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def smooth_graph(fp32: Path, out: Path, calibration: ActivationStats, alpha: float) -> ActivationStats:
     """Move activation outliers into the weights before int8 (SmoothQuant, Xiao et al. 2023).
 
     For each smoothable node, ``x @ W == (x / s) @ (s[:, None] * W)`` with ``s_j = max|x_j|^alpha /
     max|W_j|^(1 - alpha)``: a Mul node divides the input channels by ``s`` and the weight rows are multiplied
     by it. The fp32 function is unchanged, but per-tensor activation scales are no longer set by a few
-    outlier channels. Returns the calibrated ranges of the smoothed inputs it creates (``ranges`` divided by ``s``;
-    every other activation keeps its range).
+    outlier channels. Returns the calibration of the smoothed inputs it creates (ranges divided by ``s``, second
+    moments by ``s sᵀ``; every other activation keeps its own).
     """
     import onnx
     from onnx import numpy_helper
@@ -169,11 +209,11 @@ def smooth_graph(fp32: Path, out: Path, ranges: dict[str, tuple[np.ndarray, np.n
     model = onnx.load(str(fp32))
     weights = {t.name: t for t in model.graph.initializer}
     targets = set(smoothable_nodes(model.graph))
-    nodes, scales, created = [], [], {}
+    nodes, scales, created = [], [], ActivationStats({}, {})
     for i, node in enumerate(model.graph.node):
-        if i in targets and node.input[0] in ranges:
+        if i in targets and node.input[0] in calibration.ranges:
             w = numpy_helper.to_array(weights[node.input[1]])
-            low, high = ranges[node.input[0]]
+            low, high = calibration.ranges[node.input[0]]
             act = np.maximum(np.maximum(np.abs(low), np.abs(high)), 1e-5)
             s = np.clip(act ** alpha / np.maximum(np.abs(w).max(axis=1), 1e-5) ** (1 - alpha), 1e-3, 1e3)
             weights[node.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32),
@@ -181,7 +221,9 @@ def smooth_graph(fp32: Path, out: Path, ranges: dict[str, tuple[np.ndarray, np.n
             scales.append(numpy_helper.from_array((1 / s).astype(np.float32), f"{node.name}_smooth_scale"))
             nodes.append(onnx.helper.make_node("Mul", [node.input[0], scales[-1].name], [f"{node.name}_smoothed"],
                                                name=f"{node.name}_smooth"))
-            created[f"{node.name}_smoothed"] = (low / s, high / s)
+            created.ranges[f"{node.name}_smoothed"] = (low / s, high / s)
+            if node.input[0] in calibration.moments:
+                created.moments[f"{node.name}_smoothed"] = calibration.moments[node.input[0]] / np.outer(s, s)
             node.input[0] = f"{node.name}_smoothed"
         nodes.append(node)
     model.graph.initializer.extend(scales)
@@ -189,6 +231,79 @@ def smooth_graph(fp32: Path, out: Path, ranges: dict[str, tuple[np.ndarray, np.n
     model.graph.node.extend(nodes)
     onnx.save(model, str(out))
     return created
+
+
+def gptq_round(weight: np.ndarray, scale: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """The int8 values (symmetric, on the grid ``scale``: one per output channel, or one) that ``weight``, used as
+    ``x @ weight``, is stored as: rounded one input row at a time, the largest inputs first, each row's rounding
+    error spread over the rows not yet rounded so that ``x @ (q * scale)`` stays closest to ``x @ weight`` for
+    inputs of second moment ``moment`` (GPTQ, Frantar et al. 2023). At 8 bits rounding each weight to its nearest
+    value already keeps the weights close; what GPTQ removes is the error that adds up in each output over hundreds
+    of inputs.
+    """
+    w = weight.astype(np.float64)
+    h = moment.astype(np.float64)
+    rows = len(w)
+    order = np.argsort(-np.diag(h), kind="stable")
+    w, h = w[order], h[np.ix_(order, order)]
+    h[np.diag_indices(rows)] += ROUNDING_DAMPING * max(float(np.mean(np.diag(h))), 1e-12)
+    try:  # the inverse second moment's Cholesky factor: row i's share of the error each later row takes
+        u = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:  # not positive definite even damped: round to nearest
+        return np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+    q = np.empty_like(w)
+    for start in range(0, rows, ROUNDING_BLOCK):
+        end = min(start + ROUNDING_BLOCK, rows)
+        block, errors = w[start:end].copy(), np.empty((end - start, w.shape[1]))
+        for i in range(end - start):
+            q[start + i] = np.clip(np.rint(block[i] / scale), -127, 127)
+            errors[i] = (block[i] - q[start + i] * scale) / u[start + i, start + i]
+            block[i + 1:] -= np.outer(u[start + i, start + i + 1:end], errors[i])
+        w[end:] -= u[start:end, end:].T @ errors
+    return q[np.argsort(order)].astype(np.int8)
+
+
+def round_weights(int8: Path, source: Path, moments: dict[str, np.ndarray], cache: dict | None = None) -> int:
+    """Replace the int8 weights the quantizer rounded to nearest in ``int8`` by :func:`gptq_round`'s, on the same
+    scales, for every MatMulInteger and QAttention whose input's second moment was calibrated; ``source`` is the
+    fp32 graph ``int8`` was quantized from. The kernels and scales stay as they are, so speed does too. ``cache``
+    keeps rounded weights between variants quantized from the same ``source``. Rewrites ``int8`` in place and
+    returns the number of weights rounded."""
+    import onnx
+    from onnx import numpy_helper
+
+    fp32 = onnx.load(str(source)).graph
+    float_weights = {t.name: t for t in fp32.initializer}
+    transposed = {n.input[1] for n in fp32.node if n.op_type == "Gemm"
+                  and any(a.name == "transB" and a.i for a in n.attribute)}  # the quantizer stores B as in × out
+    model = onnx.load(str(int8))
+    initializers = {t.name: t for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    cache = {} if cache is None else cache
+    rounded = 0
+    for node in model.graph.node:
+        if node.op_type not in ("MatMulInteger", "QAttention"):
+            continue
+        name = node.input[1]
+        base = name.removesuffix("_quantized")
+        quantizer = producers.get(node.input[0])
+        if (base not in float_weights or f"{base}_scale" not in initializers or quantizer is None
+                or quantizer.op_type != "QuantizeLinear" or quantizer.input[0] not in moments):
+            continue
+        scale = numpy_helper.to_array(initializers[f"{base}_scale"])
+        if np.any(numpy_helper.to_array(initializers[f"{base}_zero_point"]) != 0):
+            continue  # asymmetric weights: left as the quantizer rounded them
+        weight = numpy_helper.to_array(float_weights[base])
+        weight = weight.T if base in transposed else weight
+        if weight.shape != tuple(initializers[name].dims):
+            continue
+        key = (base, scale.tobytes())
+        if key not in cache:
+            cache[key] = gptq_round(weight, scale, moments[quantizer.input[0]])
+        initializers[name].CopyFrom(numpy_helper.from_array(cache[key], name))
+        rounded += 1
+    onnx.save(model, str(int8))
+    return rounded
 
 
 def rank_by_sensitivity(nodes: Sequence[str], quantize: Callable[[dict, Path], None], scratch: Path,
@@ -244,7 +359,7 @@ def int8_attempts(smoothing: Callable[[], list[float]],
             failed = middle
 
 
-def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], dict[str, np.ndarray]],
+def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], ActivationStats],
                 damage: Callable[[Path], float], judge: Callable[[Path], tuple[str | None, dict]],
                 metric: str) -> tuple[dict, dict | None]:
     """Find the most quantized int8 variant of ``fp32`` that ``judge`` passes and write it to ``out``.
@@ -252,8 +367,8 @@ def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], dict
     Args:
         fp32: the fp32 graph.
         out: where the kept int8 graph goes (scratch files are written beside it).
-        calibrate: ``(fp32, scratch path) -> per-channel activation ranges`` (:func:`activation_ranges`), which
-            set smoothing strengths and every variant's fixed activation scales.
+        calibrate: ``(fp32, scratch path) -> its activations' calibration`` (:func:`calibrate_activations`), which sets
+            smoothing strengths, every variant's fixed activation scales and how its weights are rounded.
         damage: how much a candidate graph moves the scores of the examples nearest to another decision.
         judge: ``candidate -> (why it fails or None, its parity report)``.
         metric: the primary metric, whose change each attempt records.
@@ -265,24 +380,27 @@ def search_int8(fp32: Path, out: Path, *, calibrate: Callable[[Path, Path], dict
     work = out.parent
     report: dict = {"kept": False, "attempts": []}
 
+    rounded: dict[float | None, dict] = {}  # GPTQ's weights, by smoothing strength (see round_weights)
+
     @functools.cache
-    def calibration() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def calibration() -> ActivationStats:
         return calibrate(fp32, work / "calibration.onnx")
 
     @functools.lru_cache(maxsize=1)  # one smoothed graph on disk at a time
-    def smoothed(alpha: float) -> tuple[Path, dict]:
-        created = smooth_graph(fp32, work / "smoothed.onnx", calibration(), alpha)
-        return work / "smoothed.onnx", {**calibration(), **created}
+    def smoothed(alpha: float) -> tuple[Path, ActivationStats]:
+        return work / "smoothed.onnx", calibration() | smooth_graph(fp32, work / "smoothed.onnx", calibration(), alpha)
 
-    def source(alpha: float | None) -> tuple[Path, dict]:
-        """The fp32 graph a variant is quantized from, and its activations' calibrated ranges."""
+    def source(alpha: float | None) -> tuple[Path, ActivationStats]:
+        """The fp32 graph a variant is quantized from, and its activations' calibration."""
         return (fp32, calibration()) if alpha is None else smoothed(alpha)
 
     def quantize(options: dict, target: Path) -> None:
         options = dict(options)
-        graph, ranges = source(options.pop("smooth", None))
+        alpha = options.pop("smooth", None)
+        graph, measured = source(alpha)
         _quantize(graph, target, **options)
-        freeze_scales(target, ranges)
+        freeze_scales(target, measured.ranges)
+        round_weights(target, graph, measured.moments, rounded.setdefault(alpha, {}))
 
     def smoothing() -> list[float]:
         import onnx

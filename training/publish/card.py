@@ -256,6 +256,7 @@ def export_section(manifest: Manifest) -> str:
         calibration = getattr(int8, "calibration", None) or {}
         scales = (f"; activation scales fixed from {calibration['examples']} {calibration.get('split', '')} examples"
                   if calibration.get("examples") else "")
+        scales += "; weights rounded by GPTQ on those examples" if calibration.get("weight_rounding") else ""
         lines.append(f"- **ONNX, quantised:** `{int8_variant.path}`, kept: method `{int8.method}`{alpha}{kept_fp32}{scales}")
     elif int8.requested == "off":
         lines.append("- **ONNX, quantised:** not requested (`--int8 off`)")
