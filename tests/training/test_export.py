@@ -128,7 +128,8 @@ def test_the_int8_gate_judges_what_the_decisions_show_at_its_confidence():
     assert export_module.gate_failure(manifest, four, 0.99, 0.005, confidence=0.95) is None
     assert export_module.gate_failure(manifest, report, 0.99, 0.005, confidence=0) is None  # the measured 99.53%
     small = {"label_agreement": 1.0, "decisions": 380, "disagreements": 0, "metric_delta": {}}
-    assert "a validation split of 381 or more can" in export_module.gate_failure(manifest, small, 0.99, 0.005, 0.95)
+    assert "381 or more can (a larger validation split)" in export_module.gate_failure(manifest, small, 0.99, 0.005,
+                                                                                       0.95)
 
 
 def test_int8_is_not_searched_when_the_split_cannot_show_the_agreement(base_config):

@@ -104,7 +104,7 @@ def agreement_failure(report: dict, min_agreement: float, confidence: float) -> 
         needed = wilson_needed(min_agreement, confidence)
         return (f"{decisions:,} decisions cannot show {min_agreement:.2%} agreement at {confidence:.0%} confidence "
                 f"even with none differing ({differing} differ)"
-                + (f"; a validation split of {needed:,} or more can" if needed else "")
+                + (f"; {needed:,} or more can (a larger validation split)" if needed else "")
                 + ", or export.int8_confidence: 0 judges the measured agreement")
     return (f"label agreement {agreement:.4f} ({differing} of {decisions:,} decisions differ) shows only "
             f"{wilson_low(decisions - differing, decisions, confidence):.4f} at {confidence:.0%} confidence, under "
