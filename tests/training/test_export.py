@@ -136,6 +136,9 @@ def test_int8_is_not_searched_when_the_split_cannot_show_the_agreement(base_conf
     """The tiny run's 60 validation examples cannot show 99% at 95% confidence even if every one agrees: int8 is
     not kept, without trying a variant, and the report says how many would do."""
     result = _train(base_config)
+    # not given, the thresholds are the run's config's (`tuneserve export` passes none): here confidence 0
+    searched = export_artifact(result.artifact_dir)["int8"]
+    assert searched["gate"]["confidence"] == 0 and searched["attempts"]
     int8 = export_artifact(result.artifact_dir, int8_confidence=0.95)["int8"]
     assert not int8["kept"] and int8["attempts"] == []
     assert "60 decisions cannot show 99.00% agreement at 95% confidence" in int8["reason"]
