@@ -40,6 +40,10 @@ def test_export_passes_the_gate_for_every_task_and_method(base_config, task, met
     art = result.artifact_dir
     section = read_manifest(art).export.model_dump(mode="json", exclude_none=True)
     assert (art / "onnx" / "model.onnx").is_file()
+    # readable by every user (a server may run as another, as the Docker image's does): safetensors writes its files
+    # 0600 and a staging directory is 0700
+    unreadable = [str(p.relative_to(art)) for p in (art, *art.rglob("*")) if p.stat().st_mode & 0o044 != 0o044]
+    assert not unreadable, unreadable
     variants = {v["name"]: v for v in section["variants"]}
     assert variants["onnx"]["files"] == ["onnx/model.onnx"] and variants["onnx"]["precision"] == "fp32"
     fp32 = variants["onnx"]["parity"]
