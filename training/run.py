@@ -39,10 +39,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, labels:
         if cfg.export.onnx:
             from training.export import HeldOut, export_artifact
 
-            result.export = export_artifact(result.artifact_dir, int8=cfg.export.int8,
-                                            held_out=HeldOut.from_splits(trained.data.validation, trained.data.train),
-                                            min_int8_agreement=cfg.export.int8_min_agreement,
-                                            max_int8_drop=cfg.export.int8_max_metric_drop)
+            result.export = export_artifact(result.artifact_dir, int8=cfg.export.int8,  # the gate: cfg.export's
+                                            held_out=HeldOut.from_splits(trained.data.validation, trained.data.train))
         trained.tracking.log_results(result, step=trained.step)  # test metrics, baselines, plots, the manifest
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -246,9 +246,6 @@ def quantize_decoder(fp32_path: Path, out_path: Path, options: dict | None = Non
         quantizer = MatMulNBitsQuantizer(model, **(QUANTIZATION if options is None else options))
         quantizer.process()
         quantizer.model.save_model_to_file(str(out_path), use_external_data_format=True)
-    for path in (out_path, out_path.with_name(out_path.name + ".data")):  # the weights file is written 0600
-        if path.is_file():
-            path.chmod(0o644)
     return out_path
 
 
@@ -269,9 +266,6 @@ def as_onnx_runtime_runs_it(raw: Path, out: Path) -> Path:
     with library_noise_to_log():
         ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"],
                              disabled_optimizers=["ConstantFolding"])
-    for path in (out, out.with_name(f"{out.name}.data")):  # no .data where every weight is small
-        if path.is_file():
-            path.chmod(0o644)
     return out
 
 

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from core.errors import ConfigError
 from training.data.demo import cache_dir
+from training.files import readable
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,7 @@ def derived_model(alias: str) -> Path:
                                               for name in ("transformers", "torch")})
             record["seconds"] = round(time.perf_counter() - started, 1)
             (partial / CONVERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            for path in (partial, *partial.iterdir()):  # mkdtemp's 0700 (and 0600 weights) would hide a shared cache
-                path.chmod(0o755 if path.is_dir() else 0o644)
+            readable(partial)  # mkdtemp's 0700 (and 0600 weights) would hide a shared cache
             if target.exists():  # a directory without its conversion.json is not a finished conversion
                 shutil.rmtree(target)
             os.replace(partial, target)  # atomic on one file system: the cache holds a whole model or none
