@@ -65,33 +65,7 @@ def main() -> None:
     params = sum(p.numel() for n, p in artifact.model.named_parameters() if "embeddings" not in n)
     peak = matmul_gflops()
 
-    # Side by side: blocks of 10 sentences, every runner in turn on each block (batch 1), then whole passes in
-    # turn (batch 32), so that a noisy neighbour on the machine slows all runners alike. After a runner's turn its
-    # idle threads keep spinning and tax the next runner on these 2 cores (without a pause the first three
-    # sentences of a turn took 2-3x the rest), so each turn starts after a pause and WARMUP untimed sentences:
-    # every runner is timed in the steady state a server running only that runtime would see.
-    for run in runners.values():
-        run(texts[:8])  # warm up
-    latencies: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    for block, first in enumerate(range(0, args.n, 10)):
-        for name in names[block % len(names):] + names[:block % len(names)]:
-            time.sleep(PAUSE)
-            for text in texts[first:first + WARMUP]:
-                runners[name]([text])
-            for text in texts[first:min(first + 10, args.n)]:
-                start = time.perf_counter()
-                runners[name]([text])
-                latencies[name].append(time.perf_counter() - start)
-    passes: dict[str, list[float]] = {name: [] for name in runners}
-    outputs = {}
-    for _ in range(args.passes):
-        for name, run in runners.items():
-            time.sleep(PAUSE)
-            run(texts[:32])  # untimed, as at batch 1
-            start = time.perf_counter()
-            outputs[name] = run(texts)
-            passes[name].append(time.perf_counter() - start)
+    latencies, passes, outputs = time_side_by_side(runners, texts, args.n, args.passes)
     reference = outputs["torch eager fp32"]
     results = {}
     for name in runners:
@@ -102,16 +76,7 @@ def main() -> None:
                                                                 spec.scores(outputs[name])))}
         print(name, results[name], flush=True)
 
-    base = results["torch eager fp32"]
-    measure = "lowest cosine to torch" if manifest.task.spec.pools else "label agreement"
-    lines = [f"| runner | batch 1 p50 | vs torch | batch 32 throughput | vs torch | GFLOP/s (batch 32) | {measure} |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        agreement = f"{r['agreement']:.4f}" if manifest.task.spec.pools else f"{r['agreement']:.2%}"
-        lines.append(f"| {name} | {r['p50_ms']:.1f} ms | {base['p50_ms'] / r['p50_ms']:.2f}x | {r['per_s']:.0f} /s | "
-                     f"{r['per_s'] / base['per_s']:.2f}x | {r['gflops']:.0f} ({r['gflops'] / peak:.0%} of peak) | "
-                     f"{agreement} |")
-    table = "\n".join(lines)
+    table = results_table(results, peak, pools=manifest.task.spec.pools)
     print("\n" + table)
     int8 = manifest.export.int8.model_dump()
     run_dir = Path(args.artifact).resolve().parent.name  # configs/<run_dir>.yaml made it
@@ -128,6 +93,53 @@ def main() -> None:
     section = "export-speed" if run_dir == "sentiment-lora" else f"export-speed-{run_dir}"
     write_section(section, shlex.join(["python", "benchmarks/export_speed.py", *sys.argv[1:]]),
                   f"## Inference: PyTorch vs ONNX Runtime (fp32, int8), {run_dir}\n\n" + body)
+
+
+def time_side_by_side(runners: dict, texts: list[str], n: int, rounds: int) -> tuple[dict, dict, dict]:
+    """Each runner's batch-1 latencies over the first ``n`` texts, its batch-32 pass times over all of them
+    (``rounds`` passes) and its outputs of the last pass."""
+    # Side by side: blocks of 10 sentences, every runner in turn on each block (batch 1), then whole passes in
+    # turn (batch 32), so that a noisy neighbour on the machine slows all runners alike. After a runner's turn its
+    # idle threads keep spinning and tax the next runner on these 2 cores (without a pause the first three
+    # sentences of a turn took 2-3x the rest), so each turn starts after a pause and WARMUP untimed sentences:
+    # every runner is timed in the steady state a server running only that runtime would see.
+    for run in runners.values():
+        run(texts[:8])  # warm up
+    latencies: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for block, first in enumerate(range(0, n, 10)):
+        for name in names[block % len(names):] + names[:block % len(names)]:
+            time.sleep(PAUSE)
+            for text in texts[first:first + WARMUP]:
+                runners[name]([text])
+            for text in texts[first:min(first + 10, n)]:
+                start = time.perf_counter()
+                runners[name]([text])
+                latencies[name].append(time.perf_counter() - start)
+    passes: dict[str, list[float]] = {name: [] for name in runners}
+    outputs = {}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            time.sleep(PAUSE)
+            run(texts[:32])  # untimed, as at batch 1
+            start = time.perf_counter()
+            outputs[name] = run(texts)
+            passes[name].append(time.perf_counter() - start)
+    return latencies, passes, outputs
+
+
+def results_table(results: dict, peak: float, *, pools: bool) -> str:
+    """The Markdown table of each runner's figures, against PyTorch's (the first runner)."""
+    base = results["torch eager fp32"]
+    measure = "lowest cosine to torch" if pools else "label agreement"
+    lines = [f"| runner | batch 1 p50 | vs torch | batch 32 throughput | vs torch | GFLOP/s (batch 32) | {measure} |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        agreement = f"{r['agreement']:.4f}" if pools else f"{r['agreement']:.2%}"
+        lines.append(f"| {name} | {r['p50_ms']:.1f} ms | {base['p50_ms'] / r['p50_ms']:.2f}x | {r['per_s']:.0f} /s | "
+                     f"{r['per_s'] / base['per_s']:.2f}x | {r['gflops']:.0f} ({r['gflops'] / peak:.0%} of peak) | "
+                     f"{agreement} |")
+    return "\n".join(lines)
 
 
 def _agreement(report: dict) -> float:

@@ -149,7 +149,7 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact")
     parser.add_argument("--requests", type=int, default=1500, help="most requests per load run")
@@ -163,7 +163,11 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true", help="measure the service only")
     parser.add_argument("--service-python", default=sys.executable,
                         help="interpreter that runs `bentoml serve` (e.g. .venv-serve/bin/python: no torch)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _arguments()
     artifact = Path(args.artifact).resolve()
 
     from benchmarks._report import latency_and_throughput, write_section
