@@ -110,6 +110,7 @@ def main() -> None:
                         "several, e.g. .venv/bin/python and .venv-serve/bin/python; default: this one)")
     parser.add_argument("--before", help="also start the service as it was at this commit (e.g. HEAD~1)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--section", default="cold-start", help="the BENCHMARKS.md section to write")
     args = parser.parse_args()
 
     pythons = [str(Path(p).absolute()) for p in args.python or [sys.executable]]  # run from either checkout
@@ -148,8 +149,9 @@ def main() -> None:
     if not args.no_write:
         command = ("python benchmarks/cold_start.py " + " ".join(",".join(map(shown, a.split(","))) for a in args.artifacts)
                    + "".join(f" --python {shown(p)}" for p in pythons) + f" --runs {args.runs}"
-                   + (f" --before {args.before}" if args.before else ""))
-        write_section("cold-start", command, body)
+                   + (f" --before {args.before}" if args.before else "")
+                   + (f" --section {args.section}" if args.section != "cold-start" else ""))
+        write_section(args.section, command, body)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,10 @@ class ExportRecord(_Section):
     int8: Int8Report
     shared_base: dict[str, Any] | None = Field(None, description="Whether a variant over a shared base was kept "
                                                "(kept) and why not (reason).")
+    tokenizer: dict[str, Any] | None = Field(None, description="Whether the artifact's tokenizer.json alone, run by "
+                                             "the tokenizers library, encodes as its transformers tokenizer does "
+                                             "(reproduces, the texts checked, the input names; else the reason): a "
+                                             "server of the ONNX graph then reads texts without transformers.")
     selftest: list[SelftestExample]
 
     def variant(self, name: str) -> ExportVariant | None:

@@ -96,15 +96,21 @@ _ENCODERS_LOCK = threading.Lock()
 _NOT_TOKENIZER = {"config.json", "generation_config.json"}
 
 
-def scoring_encoder(artifact_dir: Path, manifest: Manifest) -> Encoder:
+def scoring_encoder(artifact_dir: Path, manifest: Manifest, *, file_alone: bool = True) -> Encoder:
     """The artifact's tokenizer with its settings. Models whose tokenizer files are identical (fine-tunes of one
     base) share one tokenizer, about 10 MB each (BENCHMARKS.md, model sets), and the lock its calls take: a fast
-    tokenizer must not be called from two threads at once, and each call sets the truncation it needs."""
+    tokenizer must not be called from two threads at once, and each call sets the truncation it needs.
+
+    With ``file_alone`` (the ONNX backends), an artifact whose export found that its ``tokenizer.json`` alone encodes
+    as its transformers tokenizer does (``export.tokenizer``) is read by the tokenizers library, without importing
+    transformers (core/tokenizer_file.py); else, and for the torch backend, by transformers' ``AutoTokenizer``."""
     import hashlib
     import json
 
     model_dir = artifact_dir / MODEL_DIR
-    digest = hashlib.sha256()
+    record = (manifest.export.tokenizer if manifest.export is not None else None) or {}
+    alone = file_alone and bool(record.get("reproduces"))
+    digest = hashlib.sha256(f"alone={alone} inputs={record.get('inputs') if alone else None}".encode())
     try:
         digest.update(str(json.loads((model_dir / "config.json").read_text()).get("model_type")).encode())
         for path in sorted(model_dir.iterdir()):
@@ -114,9 +120,20 @@ def scoring_encoder(artifact_dir: Path, manifest: Manifest) -> Encoder:
         raise ArtifactError(f"{artifact_dir}: cannot read {MODEL_DIR}/ ({exc})") from None
     with _ENCODERS_LOCK:
         if digest.hexdigest() not in _ENCODERS:
-            _ENCODERS[digest.hexdigest()] = (load_tokenizer(artifact_dir), threading.RLock())
+            tokenizer = (_tokenizer_file(artifact_dir, record["inputs"]) if alone else load_tokenizer(artifact_dir))
+            _ENCODERS[digest.hexdigest()] = (tokenizer, threading.RLock())
         tokenizer, lock = _ENCODERS[digest.hexdigest()]
     return Encoder.from_manifest(tokenizer, manifest, lock=lock)
+
+
+def _tokenizer_file(artifact_dir: Path, inputs: list[str]):
+    from core.tokenizer_file import TokenizerFile
+
+    try:
+        return TokenizerFile.load(artifact_dir / MODEL_DIR, inputs)
+    except Exception as exc:  # the tokenizers library raises its own Exception for a file it cannot parse
+        raise ArtifactError(f"{artifact_dir}: cannot load the tokenizer from {MODEL_DIR}/ "
+                            f"({str(exc).splitlines()[0][:300]})") from None
 
 
 class OnnxBackend:
@@ -288,7 +305,7 @@ class TorchBackend:
         import torch
 
         self.model, self.half_precision = _load_torch_model(artifact_dir, manifest, device=device, threads=threads)
-        self.encoder = scoring_encoder(artifact_dir, manifest)
+        self.encoder = scoring_encoder(artifact_dir, manifest, file_alone=False)
         self.spec = manifest.task.spec
         self.batch_size = batch_size
         self.device = device

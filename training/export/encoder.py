@@ -25,6 +25,7 @@ from training.export.base import OPSET, ExportError, HeldOut, variant
 from training.export.int8 import SENSITIVITY_PROBE, ActivationStats, calibrate_activations, search_int8
 from training.export.shared import VARIANT as SHARED_VARIANT
 from training.export.shared import export_shared, shared_files
+from training.export.tokenizer import tokenizer_file_record
 
 logger = logging.getLogger(__name__)
 
@@ -256,9 +257,11 @@ def export_encoder(artifact_dir: Path, manifest: Manifest, held_out: HeldOut, tm
                          "method": f"{manifest.method} over a shared base", "base": shared.base, "gate": "passed",
                          "parity": shared_parity})
         runnable[SHARED_VARIANT] = shared.model_for(manifest.name)
+    tokenizer = tokenizer_file_record(artifact_dir, manifest, loaded.encoder, list(texts),
+                                      list(pairs) if pairs is not None else None)
     return {"backend": "onnx", "held_out": held_out.name, "graph": {"opset": OPSET, **graph}, "variants": variants,
             "int8": int8_report, "shared_base": {"kept": shared_parity is not None, "reason": why_not_shared},
-            "selftest": judge.selftest(runnable)}
+            "tokenizer": tokenizer, "selftest": judge.selftest(runnable)}
 
 
 def _write_fp32(artifact_dir: Path, encoder: Encoder, manifest: Manifest, tmp: Path) -> dict:
