@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
@@ -462,7 +463,15 @@ def _torch_installed() -> bool:
     return find_spec("torch") is not None
 
 
+# Where a GPU driver shows itself: NVIDIA's, WSL2's GPU paravirtualisation, AMD's ROCm (which torch also calls cuda).
+_GPU_DRIVER_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/dxg", "/dev/kfd")
+
+
 def _cuda_available() -> bool:
+    """Whether torch sees a CUDA device. On Linux torch is asked only where a GPU driver shows itself: importing it
+    to hear "no" took about 0.7 s of a CPU server's start where torch is installed (BENCHMARKS.md, cold start)."""
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _GPU_DRIVER_FILES):
+        return False
     try:
         import torch
     except ImportError:

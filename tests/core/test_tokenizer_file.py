@@ -3,9 +3,6 @@ and an export that finds otherwise keeps the server on transformers."""
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -100,31 +97,3 @@ def test_a_file_that_encodes_otherwise_is_found_and_not_used(artifacts, tmp_path
     encoder = scoring_encoder(artifact, read_manifest(artifact))
     assert not isinstance(encoder.tokenizer, TokenizerFile)
     assert encoder.encode(["A Gorgeous Film"]) == reference.encode(["A Gorgeous Film"])
-
-
-@pytest.mark.parametrize("name", ["pair", "token"])
-def test_an_onnx_server_never_imports_transformers(artifacts, name):
-    """In a fresh interpreter, the ONNX backend loads and predicts without transformers, with the same logits as
-    the same graph fed by transformers' tokenizer."""
-    script = textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        import numpy as np
-        from core.manifest import read_manifest
-        from service.backends import OnnxBackend, scoring_encoder
-        artifact = Path({str(artifacts[name])!r})
-        backend = OnnxBackend(artifact, read_manifest(artifact), int8=False, threads=1, batch_size=4)
-        texts = ["the plot was good", "an awful, DULL ending naïve 東京 " * 9, "x"]
-        pairs = ["a note", "the cast", "y"] if {name!r} == "pair" else None
-        def flat(out):  # logits, or per text its sub-tokens' offsets and logits (token tasks)
-            if isinstance(out, list):
-                return np.concatenate([np.ravel(np.r_[o.offsets.ravel(), o.values.ravel()]) for o in out])
-            return np.asarray(out).ravel()
-        alone = flat(backend.logits(texts, pairs))
-        print(type(backend.encoder.tokenizer).__name__, "transformers" in sys.modules)
-        backend.encoder = scoring_encoder(artifact, read_manifest(artifact), file_alone=False)
-        print(np.array_equal(alone, flat(backend.logits(texts, pairs))))
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["TokenizerFile", "False", "True"], done.stdout
