@@ -91,6 +91,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _print_export(section: dict) -> None:
+    from training.publish.card import int8_gate_text
+
     variants = {v["name"]: v for v in section["variants"]}
     if "onnx" not in variants:
         print(f"onnx: not exported ({section.get('reason')}); served by {section.get('backend')}")
@@ -109,6 +111,9 @@ def _print_export(section: dict) -> None:
             figures.append(f"max |score diff| {report['max_abs_diff']:.2e}")
         print(f"  parity {variant}: {', '.join(figures)} on {report['examples']} {section['held_out']} examples")
     int8 = section["int8"]
+    gate = int8_gate_text(int8.get("gate"))
+    if gate:
+        print(f"  int8 gate: {gate}")
     if int8["kept"]:
         print(f"  int8 kept ({int8['method']}): {variants['onnx-int8']['files'][0]}")
     elif int8["requested"] != "off":

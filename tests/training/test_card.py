@@ -212,6 +212,22 @@ def test_the_export_section_gives_batch_invariance_and_calibration_where_recorde
     assert "| onnx-int8 | 151 | 0.9934 | 1 of 151 (≥ 0.9635) | 2.00e-06 | 3.00e-07 | -0.0021 | 3.00e-07 | 0 |" in body
     assert "| onnx | 151 | 1.0000 | — | 2.00e-06 | 3.00e-07 | 0.0000 | — | — |" in body  # a report without the bound
     assert "activation scales fixed from 200 train examples" in body
+    assert "the gate:" not in body  # an export from before the gate was recorded
+
+
+@pytest.mark.parametrize("confidence, says", [
+    (0.9, "the gate: at most 4 of 1,057 held-out decisions may differ from PyTorch (99% shown at 90% confidence)"),
+    (0.0, None),  # judged on the measured agreement: no bound to state
+])
+def test_the_card_states_the_int8_gate_at_its_own_confidence(confidence, says):
+    export = _export(int8_kept=True)
+    export["int8"]["gate"] = {"min_agreement": 0.99, "confidence": confidence, "max_metric_drop": 0.005,
+                              "decisions": 1057, "allowed_differing": 4 if confidence else None}
+    _, body = _split(model_card(_manifest(export=export)))
+    if says:
+        assert says in body
+    else:
+        assert "the gate:" not in body
 
 
 def _request_and_response(body: str) -> tuple[dict, dict]:

@@ -144,6 +144,14 @@ def card_header(manifest: Manifest) -> dict[str, Any]:
     return header
 
 
+def int8_gate_text(gate: dict | None) -> str | None:
+    """What the int8 gate asked of a variant, in words (None for a gate on the measured agreement, or none)."""
+    if not gate or not gate.get("confidence") or gate.get("allowed_differing") is None:
+        return None
+    return (f"at most {gate['allowed_differing']:,} of {gate['decisions']:,} held-out decisions may differ from "
+            f"PyTorch ({gate['min_agreement']:.0%} shown at {gate['confidence']:.0%} confidence)")
+
+
 def _figure(value: Any) -> str:
     if value is None:
         return "—"
@@ -257,7 +265,9 @@ def export_section(manifest: Manifest) -> str:
         scales = (f"; activation scales fixed from {calibration['examples']} {calibration.get('split', '')} examples"
                   if calibration.get("examples") else "")
         scales += "; weights rounded by GPTQ on those examples" if calibration.get("weight_rounding") else ""
-        lines.append(f"- **ONNX, quantised:** `{int8_variant.path}`, kept: method `{int8.method}`{alpha}{kept_fp32}{scales}")
+        gate = int8_gate_text(int8.gate)
+        lines.append(f"- **ONNX, quantised:** `{int8_variant.path}`, kept: method `{int8.method}`{alpha}{kept_fp32}{scales}"
+                     + (f"; the gate: {gate}" if gate else ""))
     elif int8.requested == "off":
         lines.append("- **ONNX, quantised:** not requested (`--int8 off`)")
     else:
