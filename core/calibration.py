@@ -192,7 +192,7 @@ def measure(calibration: Calibration, split: str, logits: np.ndarray, targets: n
 
 
 # -- multi-label thresholds ------------------------------------------------------------------------------------
-def _decision_metric(metric: str, targets: np.ndarray, pred: np.ndarray) -> float:
+def decision_metric(metric: str, targets: np.ndarray, pred: np.ndarray) -> float:
     """``metric`` of multi-hot decisions (higher is better; Hamming loss negated), as core.metrics computes it."""
     tp = (pred & targets).sum(axis=0).astype(np.float64)
     fp = (pred & ~targets).sum(axis=0).astype(np.float64)
@@ -225,7 +225,7 @@ def fit_thresholds(scores: np.ndarray, targets: np.ndarray, metric: str) -> tupl
     scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets).astype(bool)
     order = np.argsort(np.abs(THRESHOLD_GRID - 0.5), kind="stable")  # nearest 0.5 first: wins ties
     grid = THRESHOLD_GRID[order]
-    global_t = float(grid[np.argmax([_decision_metric(metric, targets, scores >= t) for t in grid])])
+    global_t = float(grid[np.argmax([decision_metric(metric, targets, scores >= t) for t in grid])])
     thresholds = np.full(scores.shape[1], global_t)
     own = targets.sum(axis=0) >= MIN_EXAMPLES_PER_LABEL
     pred = scores >= thresholds
@@ -234,7 +234,7 @@ def fit_thresholds(scores: np.ndarray, targets: np.ndarray, metric: str) -> tupl
             values = []
             for t in grid:
                 pred[:, j] = scores[:, j] >= t
-                values.append(_decision_metric(metric, targets, pred))
+                values.append(decision_metric(metric, targets, pred))
             thresholds[j] = grid[int(np.argmax(values))]
             pred[:, j] = scores[:, j] >= thresholds[j]
     return global_t, thresholds, own

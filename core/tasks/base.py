@@ -452,9 +452,21 @@ class TaskSpec(ABC):
         example[self.label_key] = self.example_label(manifest)
         return {self.route: predict, "/evaluate": {"examples": [example]}}
 
+    def cross_fitted_delta(self, manifest: ModelRecord, reference: Any, candidate: Any, targets: Any
+                           ) -> dict[str, float] | None:
+        """For a model whose decisions were fitted on these very examples (multi-label thresholds fitted on the
+        validation split): the primary metric's change with the decisions fitted on the other half of the examples,
+        each half in turn. Fitted to PyTorch's scores on the same examples, the model's own decisions make any change
+        of those scores look like a loss (every flip of a decision near a fitted threshold undoes a choice made for
+        that example); fitted on the other half, they judge both backends as unseen data would. None: nothing was
+        fitted (the change as measured is unbiased)."""
+        return None
+
     def metric_drop(self, metric: str, report: dict) -> float:
-        """How much worse ``metric`` got in a :meth:`compare` report (positive = worse)."""
-        drop = -report["metric_delta"].get(metric, 0.0)
+        """How much worse ``metric`` got in a :meth:`compare` report (positive = worse); the cross-fitted change
+        where the report has one (:meth:`cross_fitted_delta`)."""
+        delta = {**report["metric_delta"], **(report.get("metric_delta_cross_fitted") or {})}
+        drop = -delta.get(metric, 0.0)
         return -drop if metric in LOWER_IS_BETTER else drop
 
 

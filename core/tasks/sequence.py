@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from core.calibration import fit_thresholds
+from core.calibration import DECISION_METRICS, decision_metric, fit_thresholds
 from core.metrics import (
     Evaluation,
     classification_metrics,
@@ -252,6 +252,22 @@ class MultiLabelSpec(ScoringSpec):
     @property
     def prediction_model(self) -> type[BaseModel]:
         return MultiLabelPrediction
+
+    def cross_fitted_delta(self, manifest: ModelRecord, reference, candidate, targets) -> dict[str, float] | None:
+        metric = manifest.primary_metric
+        if manifest.thresholds is None or metric not in DECISION_METRICS:  # fixed thresholds, or a ranking metric
+            return None
+        reference, candidate = np.asarray(reference, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
+        targets = np.asarray(targets).astype(bool)
+        halves = np.array_split(np.random.default_rng(0).permutation(len(targets)), 2)
+        decided = {"reference": np.zeros_like(targets), "candidate": np.zeros_like(targets)}
+        for half, other in zip(halves, halves[::-1]):
+            thresholds = fit_thresholds(reference[other], targets[other], metric)[1]
+            decided["reference"][half] = reference[half] >= thresholds
+            decided["candidate"][half] = candidate[half] >= thresholds
+        change = decision_metric(metric, targets, decided["candidate"]) - decision_metric(metric, targets,
+                                                                                          decided["reference"])
+        return {metric: -change if metric == "hamming_loss" else change}  # decision_metric negates the loss
 
     def agreement(self, manifest: ModelRecord, reference, candidate) -> dict:
         threshold = manifest.decision_threshold

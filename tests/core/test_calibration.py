@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from core.calibration import (MIN_EXAMPLES_PER_LABEL, _decision_metric, apply, calibration_metrics, fit_calibration, fit_thresholds,
+from core.calibration import (MIN_EXAMPLES_PER_LABEL, decision_metric, apply, calibration_metrics, fit_calibration, fit_thresholds,
                               fit_temperature, measure)
 from core.errors import ArtifactError
 from core.manifest import Manifest, read_manifest, write_manifest
@@ -101,7 +101,7 @@ def test_thresholds_fit_each_label_and_keep_the_global_one_for_rare_labels():
     # a ranking metric does not depend on thresholds: fitted for f1_micro then
     assert np.array_equal(fit_thresholds(scores, targets, "lrap")[1], thresholds)
     with pytest.raises(ValueError, match="choose one of"):
-        _decision_metric("roc_auc_macro", targets.astype(bool), scores >= 0.5)
+        decision_metric("roc_auc_macro", targets.astype(bool), scores >= 0.5)
 
 
 def _multilabel_manifest(**changes) -> Manifest:

@@ -87,7 +87,11 @@ def gate_failure(manifest: Manifest, report: dict, min_agreement: float, max_dro
     if "cosine_min" in report and report["cosine_min"] < min_agreement:  # embeddings: each vector's direction
         return f"cosine to PyTorch's vectors down to {report['cosine_min']:.4f} (< {min_agreement})"
     if drop > max_drop:
-        return f"{primary} drops by {drop:.4f} (> {max_drop})"
+        if primary not in (report.get("metric_delta_cross_fitted") or {}):
+            return f"{primary} drops by {drop:.4f} (> {max_drop})"
+        as_fitted = manifest.task.spec.metric_drop(primary, {"metric_delta": report["metric_delta"]})
+        return (f"{primary} drops by {drop:.4f} (> {max_drop}) with the thresholds fitted on the other half of the "
+                f"split, each half in turn (by {as_fitted:.4f} at the thresholds fitted on it)")
     return None
 
 
@@ -140,6 +144,10 @@ class Judge:
         spec, manifest = self.spec, self.manifest
         candidate = self.run(path)
         report = spec.compare(manifest, self.scores, candidate, self.held_out.targets)
+        if self.held_out.name == "validation":  # the split a model's decision thresholds are fitted on
+            refit = spec.cross_fitted_delta(manifest, self.scores, candidate, self.held_out.targets)
+            if refit is not None:
+                report["metric_delta_cross_fitted"] = refit
         shuffled = self.run(path, self.pooled, batch_size=POOLED_BATCH, by_length=False)
         report["batch_invariance"] = spec.invariance(manifest, candidate, {
             f"shuffled batches of {POOLED_BATCH} (mixed lengths)": take(shuffled, np.argsort(self.pooled)),
