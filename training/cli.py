@@ -101,7 +101,8 @@ def _print_export(section: dict) -> None:
     fusions = ", ".join(f"{k} {v}" for k, v in graph.get("fusions", {}).items()) or graph.get("note", "none")
     print(f"onnx: {variants['onnx']['files'][0]} (fusions: {fusions})")
     for variant, report in ((name, v["parity"]) for name, v in variants.items()):
-        figures = [f"{name} {report[key]:.4%}" for key, name in (("label_agreement", "label agreement"),
+        noun = report.get("agreement_noun", "label")
+        figures = [f"{name} {report[key]:.4%}" for key, name in (("label_agreement", f"{noun} agreement"),
                                                                   ("output_agreement", "identical greedy outputs"))
                    if report.get(key) is not None]
         if report.get("agreement_low") is not None:

@@ -28,6 +28,10 @@ from core.tasks.base import LabelError, ModelRecord, Task, ScoringSpec, rounded,
 
 # TF-IDF features of the bag-of-words baselines: word uni- and bigrams, sublinear counts.
 TFIDF = dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=200_000)
+# Regression: another backend's value agrees with PyTorch's when it moves by at most this share of the standard
+# deviation of PyTorch's values on the same examples (for a rating model of spread 1.6: 0.16), so that an int8
+# variant is held, as a classifier's is, to agreeing on 99% of its inputs, not only to keeping R².
+VALUE_TOLERANCE = 0.1
 
 
 def joined(texts: Sequence[str], pairs: Sequence[str] | None) -> list[str]:
@@ -347,3 +351,10 @@ class RegressionSpec(ScoringSpec):
     @property
     def prediction_model(self) -> type[BaseModel]:
         return RegressionPrediction
+
+    def agreement(self, manifest: ModelRecord, reference, candidate) -> dict:
+        reference, candidate = np.ravel(np.asarray(reference, dtype=np.float64)), np.ravel(np.asarray(candidate))
+        tolerance = max(VALUE_TOLERANCE * float(np.std(reference)), 1e-4)  # the floor: fp32's own rounding
+        same = np.abs(candidate - reference) <= tolerance
+        return {"label_agreement": float(same.mean()) if same.size else 1.0, "decisions": int(same.size),
+                "agreement_noun": "value", "value_tolerance": tolerance}

@@ -48,8 +48,9 @@ def test_export_passes_the_gate_for_every_task_and_method(base_config, task, met
     assert variants["onnx"]["files"] == ["onnx/model.onnx"] and variants["onnx"]["precision"] == "fp32"
     fp32 = variants["onnx"]["parity"]
     assert fp32["examples"] == 60 and fp32["max_abs_diff"] < 1e-3
-    if task == "regression":
-        assert "label_agreement" not in fp32 and abs(fp32["metric_delta"]["r2"]) < 1e-3
+    if task == "regression":  # values within a tenth of their spread count as agreeing
+        assert fp32["agreement_noun"] == "value" and fp32["label_agreement"] >= 0.999
+        assert abs(fp32["metric_delta"]["r2"]) < 1e-3
     else:
         assert fp32["label_agreement"] >= 0.999
     if task == "multilabel":
@@ -177,6 +178,25 @@ def test_multilabel_thresholds_fitted_on_the_split_are_not_held_against_a_varian
     assert export_module.gate_failure(manifest, report, 0.99, 0.005) == (
         "f1_micro drops by 0.0090 (> 0.005) with the thresholds fitted on the other half of the split, each half in "
         "turn (by 0.0120 at the thresholds fitted on it)")
+
+
+def test_a_regression_variant_is_held_to_agreeing_values_not_only_to_r2():
+    """Values that move by more than a tenth of the spread of PyTorch's count as differing, and the gate judges them
+    as it judges labels; R² alone hardly moves for noise of that size."""
+    manifest = Manifest(name="m", task=Task.REGRESSION, problem_type="regression", labels=None, text_fields=["text"],
+                        label_field="score", max_length=64, postprocess="identity", base_model="x", method="lora",
+                        trainable_parameters=1, total_parameters=2, metrics={}, baselines={}, primary_metric="r2")
+    rng = np.random.default_rng(0)
+    targets = rng.normal(0, 2, 1000)
+    reference = targets + rng.normal(0, 1, 1000)  # sd about 2.24: values within 0.224 agree
+    candidate = reference + np.where(np.arange(1000) < 30, 0.5, 0.01)  # 30 values move by 0.5
+    report = manifest.task.spec.compare(manifest, reference, candidate, targets)
+    assert report["decisions"] == 1000 and report["disagreements"] == 30
+    assert report["value_tolerance"] == pytest.approx(0.1 * reference.std())
+    assert abs(report["metric_delta"]["r2"]) < 0.01
+    failure = export_module.gate_failure(manifest, report, 0.99, 0.005, confidence=0.95)
+    assert failure.startswith(f"value agreement (within {report['value_tolerance']:.3g}) 0.9700 (30 of 1,000 "
+                              "decisions differ)"), failure
 
 
 def test_int8_is_not_searched_when_the_split_cannot_show_the_agreement(base_config):

@@ -95,12 +95,20 @@ def gate_failure(manifest: Manifest, report: dict, min_agreement: float, max_dro
     return None
 
 
+def _agreement_name(report: dict) -> str:
+    """What a report's ``label_agreement`` counts: labels, or (regression) values within the report's tolerance."""
+    if report.get("agreement_noun") == "value":
+        return f"value agreement (within {report['value_tolerance']:.3g})"
+    return "label agreement"
+
+
 def agreement_failure(report: dict, min_agreement: float, confidence: float) -> str | None:
     """Why a report's label agreement does not show ``min_agreement`` at ``confidence`` (None when it does), with
     how many of its decisions may differ."""
     agreement, decisions = report["label_agreement"], report.get("decisions")
+    what = _agreement_name(report)
     if not confidence or not decisions:
-        return f"label agreement {agreement:.4f} < {min_agreement}" if agreement < min_agreement else None
+        return f"{what} {agreement:.4f} < {min_agreement}" if agreement < min_agreement else None
     differing = report["disagreements"]
     if wilson_low(decisions - differing, decisions, confidence) >= min_agreement:
         return None
@@ -111,7 +119,7 @@ def agreement_failure(report: dict, min_agreement: float, confidence: float) -> 
                 f"even with none differing ({differing} differ)"
                 + (f"; {needed:,} or more can (a larger validation split)" if needed else "")
                 + ", or export.int8_confidence: 0 judges the measured agreement")
-    return (f"label agreement {agreement:.4f} ({differing} of {decisions:,} decisions differ) shows only "
+    return (f"{what} {agreement:.4f} ({differing} of {decisions:,} decisions differ) shows only "
             f"{wilson_low(decisions - differing, decisions, confidence):.4f} at {confidence:.0%} confidence, under "
             f"{min_agreement}: at most {allowed} may differ")
 
