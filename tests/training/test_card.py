@@ -215,6 +215,14 @@ def test_the_export_section_gives_batch_invariance_and_calibration_where_recorde
     assert "the gate:" not in body  # an export from before the gate was recorded
 
 
+def test_a_regression_agreement_says_its_tolerance():
+    export = _export(int8_kept=True)
+    export["variants"][1]["parity"].update(agreement_noun="value", value_tolerance=0.17912)
+    _, body = _split(model_card(_manifest(export=export)))
+    assert "| onnx-int8 | 151 | 0.9934 (values within 0.179) | 1 of 151 (≥ 0.9635) |" in body
+    assert "| onnx | 151 | 1.0000 |" in body  # a report of labels says nothing more
+
+
 @pytest.mark.parametrize("confidence, says", [
     (0.9, "the gate: at most 4 of 1,057 held-out decisions may differ from PyTorch (99% shown at 90% confidence)"),
     (0.0, None),  # judged on the measured agreement: no bound to state

@@ -284,7 +284,10 @@ def export_section(manifest: Manifest) -> str:
                           if a is not None), None)
         low = report.agreement_low
         differing = f"{report.disagreements:,} of {report.decisions:,} (≥ {low:.4f})" if low is not None else "—"
-        cells = [variant, f"{report.examples:,}", _figure(agreement), differing,
+        shown = _figure(agreement)
+        if getattr(report, "agreement_noun", None) == "value":  # regression: values within a tolerance agree
+            shown += f" (values within {report.value_tolerance:.3g})"
+        cells = [variant, f"{report.examples:,}", shown, differing,
                  *(f"{d:.2e}" if d is not None else "—" for d in (report.max_abs_diff, report.mean_abs_diff)),
                  _figure(report.metric_delta.get(primary))]
         if batching:
