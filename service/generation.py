@@ -54,6 +54,25 @@ def max_new_tokens_cap(manifest: Manifest, settings: Settings) -> int:
     return min(MAX_NEW_TOKENS_FACTOR * default_max_new_tokens(manifest), settings.max_new_tokens)
 
 
+def check_prompt_count(field: str, count: int, max_new_tokens: int, settings: Settings) -> None:
+    """Refuse, before a single prompt is tokenized, a request whose new tokens alone come to more than
+    TUNESERVE_MAX_REQUEST_TOKENS: ten thousand prompts are refused at once rather than after reading them all.
+
+    Raises:
+        RequestError: ``count`` times ``max_new_tokens`` is over the budget; the message says how many prompts fit
+            at most.
+    """
+    budget = settings.max_request_tokens
+    if count * max_new_tokens <= budget:
+        return
+    fits = budget // max_new_tokens
+    split = (f"send at most {fits} per request (fewer as their prompts' tokens count too)" if fits else
+             "ask for fewer new tokens (max_new_tokens)")
+    raise RequestError(f"{field}: {count} prompts x up to {max_new_tokens} new tokens = {count * max_new_tokens:,} "
+                       f"tokens before their prompts are read, over this service's budget of {budget:,} per request "
+                       f"(TUNESERVE_MAX_REQUEST_TOKENS); {split}, or {_OFFLINE}")
+
+
 def check_token_budget(field: str, ids: Sequence[Sequence[int]], max_new_tokens: int, settings: Settings) -> None:
     """Refuse a request whose prompts and new tokens come to more tokens than TUNESERVE_MAX_REQUEST_TOKENS: a writer
     reads every prompt token and writes up to max_new_tokens per prompt, and one request of hundreds of long prompts
@@ -73,8 +92,10 @@ def check_token_budget(field: str, ids: Sequence[Sequence[int]], max_new_tokens:
              "send shorter prompts or ask for fewer new tokens (max_new_tokens)")
     raise RequestError(f"{field}: {count} prompts of {read:,} tokens in all and up to {count} x {max_new_tokens} new "
                        f"tokens = {total:,} tokens, over this service's budget of {budget:,} per request "
-                       f"(TUNESERVE_MAX_REQUEST_TOKENS); {split}, or score a whole file offline with "
-                       "`tuneserve evaluate ARTIFACT --data FILE`")
+                       f"(TUNESERVE_MAX_REQUEST_TOKENS); {split}, or {_OFFLINE}")
+
+
+_OFFLINE = "score a whole file offline with `tuneserve evaluate ARTIFACT --data FILE`"
 
 
 @dataclass(frozen=True)

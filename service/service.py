@@ -44,6 +44,7 @@ from service.generation import (
     MAX_STOP_CHARS,
     MAX_STOPS,
     EventStream,
+    check_prompt_count,
     check_token_budget,
     decoding_options,
     prompt_token_ids,
@@ -472,13 +473,15 @@ class Tuneserve:
                 check_messages_size(messages, self.settings)
             decoding = decoding_options(served.manifest, self.settings, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, top_k=top_k, stop=stop)
+            field = "prompts" if prompts is not None else "messages"
+            check_prompt_count(field, len(prompts if prompts is not None else messages or ()),
+                               decoding.max_new_tokens, self.settings)
             backend = served.backend
             ids = await anyio.to_thread.run_sync(lambda: prompt_token_ids(
                 backend.prompter, prompts=prompts, messages=messages, raw=raw,
                 max_new_tokens=decoding.max_new_tokens, max_positions=backend.max_positions,
                 encoder_decoder=backend.layout.encoder_decoder))
-            check_token_budget("prompts" if prompts is not None else "messages", ids, decoding.max_new_tokens,
-                               self.settings)
+            check_token_budget(field, ids, decoding.max_new_tokens, self.settings)
             if stream and len(ids) != 1:
                 raise RequestError(f"stream: streams one prompt at a time; this request has {len(ids)}")
         except RequestError as exc:

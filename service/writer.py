@@ -15,6 +15,7 @@ from core.tasks.generation import GeneratedText
 from service.generation import (
     Decoding,
     GenerationBatcher,
+    check_prompt_count,
     check_token_budget,
     default_max_new_tokens,
     max_new_tokens_cap,
@@ -57,6 +58,7 @@ class Writer:
             RequestError: the examples' prompts and new tokens are more than the service's budget per request.
         """
         max_new_tokens = default_max_new_tokens(self.manifest)
+        check_prompt_count("examples", len(texts), max_new_tokens, self.settings)
         prompts = await anyio.to_thread.run_sync(self.backend.prompter.all, texts)
         check_token_budget("examples", prompts, max_new_tokens, self.settings)
         return await self.batcher(prompts, Decoding(max_new_tokens))

@@ -219,19 +219,27 @@ def test_evaluate_scores_generations_as_the_trainer_did(server, artifact):
 def test_a_writers_requests_are_bounded_by_a_token_budget(server):
     _, url, _ = server
     budget = 8192  # TUNESERVE_MAX_REQUEST_TOKENS's default: prompt tokens plus max_new_tokens per prompt
-    examples = [{"input": "this tool will copy files", "reference": "copy files"}] * 200
+    # 120 prompts' new tokens fit (120 x 64 = 7,680); with their prompts' tokens they do not
+    examples = [{"input": "this tool will copy files", "reference": "copy files"}] * 120
     r = httpx.post(url + "/evaluate", json={"examples": examples}, timeout=TIMEOUT)
     assert r.status_code == 400
     error = r.json()["error"]
-    assert error.startswith("examples: 200 prompts of ") and f"200 x {DEFAULT_NEW_TOKENS} new tokens" in error
+    assert error.startswith("examples: 120 prompts of ") and f"120 x {DEFAULT_NEW_TOKENS} new tokens" in error
     assert "TUNESERVE_MAX_REQUEST_TOKENS" in error and "tuneserve evaluate" in error
     # the advice holds: as many examples as it says fit are answered
     fits = int(re.search(r"send at most (\d+) per request", error).group(1))
-    assert 0 < fits < 200
+    assert 0 < fits < 120
     r = httpx.post(url + "/evaluate", json={"examples": examples[:fits]}, timeout=TIMEOUT)
     assert r.status_code == 200 and r.json()["n"] == fits
-    r = _generate(url, {"prompts": ["this tool will copy files"] * 200})
-    assert r.status_code == 400 and r.json()["error"].startswith("prompts: 200 prompts of ")
+    r = _generate(url, {"prompts": ["this tool will copy files"] * 120})
+    assert r.status_code == 400 and r.json()["error"].startswith("prompts: 120 prompts of ")
+    # so many prompts that their new tokens alone are over the budget are refused before any is read
+    for path, body in (("/evaluate", {"examples": examples * 80}), ("/generate", {"prompts": ["copy files"] * 256})):
+        r = httpx.post(url + path, json=body, timeout=TIMEOUT)
+        error, count = r.json()["error"], len(next(iter(body.values())))
+        assert r.status_code == 400 and f"{count} prompts x up to {DEFAULT_NEW_TOKENS} new tokens = " in error
+        assert f"= {count * DEFAULT_NEW_TOKENS:,} tokens before their prompts are read" in error
+        assert f"send at most {budget // DEFAULT_NEW_TOKENS} per request" in error and "tuneserve evaluate" in error
     # with fewer new tokens each, as many prompts fit
     r = _generate(url, {"prompts": ["this tool will copy files"] * 200, "max_new_tokens": 1})
     assert r.status_code == 200 and all(g["tokens"] == 1 for g in r.json()["generations"])
