@@ -114,7 +114,8 @@ def test_the_tasks_with_a_head_train_until_validation_stops_rising_with_a_faster
              for method in ("full", "lora", "ia3", "prompt", "freeze")}
     assert rates == {"full": pytest.approx(5e-4), "lora": pytest.approx(5e-3), "ia3": pytest.approx(5e-3),
                      "prompt": None, "freeze": None}
-    # no new head, one rate: embeddings until validation stops improving, generation 3 epochs
+    # no new head, one rate: embeddings until validation stops improving, generation 3 epochs (a constant rate
+    # wrote worse at the same best epoch)
     for task, epochs in (("embedding", "auto"), ("generation", 3)):
         cfg = load_config(raw={"task": task, "data": {"train": "x.jsonl"}})
         assert (cfg.train.epochs, cfg.head_lr) == (epochs, None)
