@@ -92,7 +92,7 @@ def _mean(values: list[float]) -> float:
 
 def diagnose(verdict: BaselineVerdict, history: dict[str, list[dict]] | None, per_class: dict[str, dict] | None,
              *, method: str, cap: tuple[str, float], lr: float, stopped_early: bool,
-             head_lr: float | None = None) -> Diagnosis:
+             head_lr: float | None = None, threshold: float | None = None) -> Diagnosis:
     """Why the model did not beat ``verdict``'s baseline, in the order of what the run's history shows first:
     a training loss that did not fall (the learning rate), a validation metric still improving at the last
     evaluation (too few epochs), classes or tags that were never found (a new head far behind the body), else the
@@ -106,6 +106,8 @@ def diagnose(verdict: BaselineVerdict, history: dict[str, list[dict]] | None, pe
         lr: the learning rate the run used (the body's).
         stopped_early: early stopping ended the run (its patience ran out).
         head_lr: the task head's learning rate, where it had its own (None: lr).
+        threshold: the one decision threshold every label was held to (multi-label), where the config fixed it
+            (None: fitted per label, or a task without one).
     """
     history = history or {}
     losses = [float(e["loss"]) for e in history.get("train_loss", []) if e.get("loss") is not None]
@@ -135,6 +137,11 @@ def diagnose(verdict: BaselineVerdict, history: dict[str, list[dict]] | None, pe
                     if figures.get("support", 0) > 0 and figures.get("recall", 1.0) == 0.0)
     if missed:
         shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
+        if threshold is not None:
+            return Diagnosis(f"{len(missed)} of {len(per_class)} labels were never predicted on the test split "
+                             f"({shown}) at the fixed threshold {threshold:g}: a rare label's probability seldom "
+                             "reaches it, where a threshold fitted per label on validation would find it",
+                             "train.threshold=auto")
         return Diagnosis(f"{len(missed)} of {len(per_class)} classes were never found on the test split ({shown}): "
                          "the new head lags behind the pretrained body",
                          f"train.head_lr={max(3 * (head_lr or lr), 10 * lr, 1e-3):.1e}")

@@ -56,3 +56,17 @@ def test_a_lower_is_better_metric_still_falling_is_still_improving():
     settled = diagnose(losing, _history(FALLING, [2.0, 1.1, 1.2], "mse"), None, method="lora",
                        cap=("train.epochs", 2), lr=5e-4, stopped_early=False)
     assert "still improving" not in settled.reason
+
+
+def test_labels_never_predicted_at_a_fixed_threshold_are_told_to_fit_one_per_label():
+    per_label = {"drama": {"recall": 0.8, "support": 50}, "western": {"recall": 0.0, "support": 3},
+                 "musical": {"recall": 0.0, "support": 2}}
+    fixed = diagnose(LOSING, _history(FALLING, SETTLED), per_label, method="lora", cap=("train.epochs", 3), lr=5e-4,
+                     stopped_early=True, head_lr=5e-3, threshold=0.5)
+    assert fixed.reason.startswith("2 of 3 labels were never predicted on the test split (musical, western) at the "
+                                   "fixed threshold 0.5")
+    assert fixed.override == "train.threshold=auto"
+    # with thresholds fitted per label, the same misses point at the head
+    fitted = diagnose(LOSING, _history(FALLING, SETTLED), per_label, method="lora", cap=("train.epochs", 3), lr=5e-4,
+                      stopped_early=True, head_lr=5e-3)
+    assert fitted.override.startswith("train.head_lr=")

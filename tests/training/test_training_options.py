@@ -189,3 +189,14 @@ def test_prompt_tokens_must_fit_the_models_positions(base_config):
     base_config["train"]["max_length"] = 32
     with pytest.raises(ConfigError, match="prompt.num_virtual_tokens: 100 virtual tokens .* exceed the 128 positions"):
         build_model(load_config(raw=base_config), ["negative", "positive"])
+
+
+def test_the_diagnosis_hears_of_a_threshold_only_where_the_config_fixed_one_for_multilabel():
+    from training.publish.artifact import fixed_threshold
+
+    def config(task, **train):
+        return load_config(raw={"task": task, "data": {"train": "x.jsonl"}, "train": train})
+
+    assert fixed_threshold(config("multilabel", threshold=0.5)) == 0.5
+    assert fixed_threshold(config("multilabel")) is None  # auto: one per label, fitted on validation
+    assert fixed_threshold(config("classification", threshold=0.5)) is None  # a task that decides by argmax

@@ -105,6 +105,13 @@ def run_cap(tc, stopped_because: str | None) -> tuple[str, float]:
     return ("train.max_epochs", tc.max_epochs) if tc.epochs == "auto" else ("train.epochs", tc.epochs)
 
 
+def fixed_threshold(cfg) -> float | None:
+    """The one decision threshold the config holds every label to, where the task has one (None: fitted per label)."""
+    if "threshold" not in cfg.task.spec.options or cfg.train.threshold == "auto":
+        return None
+    return float(cfg.train.threshold)
+
+
 def build_manifest(cfg, built, data, result, training: dict) -> Manifest:
     """The manifest of a finished run: what the model does, how well beside the baselines, and how it was made."""
     primary = cfg.primary_metric
@@ -114,7 +121,8 @@ def build_manifest(cfg, built, data, result, training: dict) -> Manifest:
     if verdict and not verdict.beats:
         diagnosis = diagnose(verdict, training.get("history"), result.test.per_class, method=cfg.method,
                              cap=run_cap(cfg.train, training.get("stopped_because")), lr=cfg.lr,
-                             stopped_early=training.get("stopped_because") == "patience", head_lr=cfg.head_lr)
+                             stopped_early=training.get("stopped_because") == "patience", head_lr=cfg.head_lr,
+                             threshold=fixed_threshold(cfg))
         logger.warning("%s; %s: the artifact is written, and its manifest and card say so", verdict.message,
                        diagnosis.message)
     return Manifest(
