@@ -54,6 +54,9 @@ def max_new_tokens_cap(manifest: Manifest, settings: Settings) -> int:
     return min(MAX_NEW_TOKENS_FACTOR * default_max_new_tokens(manifest), settings.max_new_tokens)
 
 
+_OFFLINE = "score a whole file offline with `tuneserve evaluate ARTIFACT --data FILE`"
+
+
 def check_prompt_count(field: str, count: int, max_new_tokens: int, settings: Settings) -> None:
     """Refuse, before a single prompt is tokenized, a request whose new tokens alone come to more than
     TUNESERVE_MAX_REQUEST_TOKENS: ten thousand prompts are refused at once rather than after reading them all.
@@ -93,9 +96,6 @@ def check_token_budget(field: str, ids: Sequence[Sequence[int]], max_new_tokens:
     raise RequestError(f"{field}: {count} prompts of {read:,} tokens in all and up to {count} x {max_new_tokens} new "
                        f"tokens = {total:,} tokens, over this service's budget of {budget:,} per request "
                        f"(TUNESERVE_MAX_REQUEST_TOKENS); {split}, or {_OFFLINE}")
-
-
-_OFFLINE = "score a whole file offline with `tuneserve evaluate ARTIFACT --data FILE`"
 
 
 @dataclass(frozen=True)
